@@ -1,0 +1,64 @@
+"""rdzv: distributed key-value stores and rendezvous for multi-process jobs.
+
+The public names are importable from the top-level package; modules with heavier imports
+(the TCP client and server, etcd, rendezvous) load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from rdzv import errors
+from rdzv.errors import (
+    AuthError,
+    CounterError,
+    NetworkError,
+    ProtocolError,
+    QueueEmptyError,
+    RdzvError,
+    StoreError,
+    StoreTimeoutError,
+)
+from rdzv.store.base import Store
+from rdzv.store.hash import HashStore
+from rdzv.store.prefix import PrefixStore
+
+__version__ = "0.1.0"
+
+# name -> module that defines it, imported lazily by __getattr__.
+_LAZY = {
+    "FileStore": "rdzv.store.file",
+    "TCPStore": "rdzv.store.tcp",
+    "AsyncTCPStore": "rdzv.store.async_tcp",
+    "EtcdStore": "rdzv.store.etcd",
+    "rendezvous": "rdzv.rendezvous.url",
+    "register_rendezvous_handler": "rdzv.rendezvous.url",
+    "connect": "rdzv.launcher.worker",
+}
+
+__all__ = [
+    "AuthError",
+    "CounterError",
+    "HashStore",
+    "NetworkError",
+    "PrefixStore",
+    "ProtocolError",
+    "QueueEmptyError",
+    "RdzvError",
+    "Store",
+    "StoreError",
+    "StoreTimeoutError",
+    "__version__",
+    "errors",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rdzv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,1 @@
+"""The Store API and its backends (HashStore, PrefixStore, FileStore, TCPStore, EtcdStore)."""

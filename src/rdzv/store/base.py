@@ -1,0 +1,390 @@
+"""The abstract :class:`Store` API, with torch's method names, argument order and semantics.
+
+A backend implements a small core of protected methods that receive already validated
+arguments (``str`` keys, ``bytes`` values, timeouts as float seconds):
+
+``_set, _get, _add, _compare_set, _check, _wait, _delete_key, _num_keys`` and ``clone``.
+
+Everything else has a generic fallback here, written once (the same fallbacks as torch's
+``c10d::Store`` base class): ``append`` as a compare_set loop, ``multi_get``/``multi_set`` as
+sequences of get/set under one deadline, ``barrier`` as add + set + wait. ``list_keys`` and the
+queue operations raise :class:`NotImplementedError` unless the backend provides them.
+
+Timeouts: every timeout argument accepts a :class:`datetime.timedelta` or a number of seconds
+(``int``/``float``); ``None`` means the store's default (:attr:`Store.timeout`, 300 s unless
+changed). ``0`` means *do not block*: the operation succeeds only if it can complete at once,
+else it raises :class:`~rdzv.errors.StoreTimeoutError` immediately (torch's HashStore and
+FileStore read 0 as "forever"; rdzv has one meaning everywhere). ``math.inf`` waits forever.
+Negative or NaN timeouts raise :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import timedelta
+
+from rdzv.engine import INT64_MAX, INT64_MIN
+from rdzv.errors import CounterError, StoreTimeoutError
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "KeyLike",
+    "Store",
+    "TimeoutLike",
+    "ValueLike",
+    "key_to_str",
+    "keys_to_list",
+    "timeout_to_seconds",
+    "value_to_bytes",
+]
+
+#: Default store timeout in seconds, torch's ``kDefaultTimeout``.
+DEFAULT_TIMEOUT = 300.0
+
+KeyLike = str | bytes
+ValueLike = str | bytes | bytearray | memoryview
+TimeoutLike = timedelta | float | int
+
+
+def key_to_str(key: object) -> str:
+    """Validate a key: ``str`` as is, ``bytes`` decoded as UTF-8 (torch accepts both).
+
+    Raises TypeError for any other type and ValueError for bytes that are not UTF-8.
+    """
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bytes):
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"store keys must be UTF-8 text; {key[:64]!r} is not") from exc
+    raise TypeError(f"store keys must be str (or UTF-8 bytes), got {type(key).__name__}: {key!r}")
+
+
+def keys_to_list(keys: object, what: str = "keys") -> list[str]:
+    """Validate a list of keys. A lone ``str``/``bytes`` is refused (it would be iterated
+    character by character), as is any non-iterable; raises TypeError."""
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+        raise TypeError(
+            f"{what} must be a list of str keys, got {type(keys).__name__}: {keys!r}; "
+            f"wrap a single key in a list"
+        )
+    return [key_to_str(k) for k in keys]
+
+
+def value_to_bytes(value: object, what: str = "value") -> bytes:
+    """Validate a value: bytes-like as bytes, ``str`` encoded UTF-8; TypeError otherwise."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(
+        f"store {what}s must be bytes or str, got {type(value).__name__}: {value!r}; "
+        "encode numbers yourself (e.g. str(n)) or use add() for counters"
+    )
+
+
+def timeout_to_seconds(timeout: object, what: str = "timeout") -> float:
+    """Convert a timeout (timedelta or seconds) to float seconds.
+
+    Raises TypeError for other types (``bool`` included) and ValueError for negative or NaN
+    values. ``math.inf`` is allowed and means no limit.
+    """
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise TypeError(
+            f"{what} must be a datetime.timedelta or a number of seconds, "
+            f"got {type(timeout).__name__}: {timeout!r}"
+        )
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{what} must be >= 0 seconds, got {timeout!r}")
+    return seconds
+
+
+def _seconds_to_timedelta(seconds: float) -> timedelta:
+    return timedelta.max if math.isinf(seconds) else timedelta(seconds=seconds)
+
+
+def format_ms(seconds: float) -> str:
+    """``1.5`` -> ``"1500ms"``, as torch prints timeouts."""
+    return "unlimited" if math.isinf(seconds) else f"{round(seconds * 1000)}ms"
+
+
+class Deadline:
+    """A point on the monotonic clock, ``timeout`` seconds from now (``inf``: never)."""
+
+    __slots__ = ("at", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.at = time.monotonic() + timeout
+
+    def remaining(self) -> float:
+        """Seconds left, never negative (``inf`` for an unlimited deadline)."""
+        if math.isinf(self.timeout):
+            return math.inf
+        return max(0.0, self.at - time.monotonic())
+
+
+class Store(ABC):
+    """A key-value store shared by the processes of a job; torch's ``dist.Store`` API.
+
+    Keys are ``str`` (``bytes`` accepted, decoded as UTF-8); values are ``bytes`` (``str`` is
+    accepted and encoded UTF-8); counters are int64. Every method is safe to call from
+    several threads unless a backend says otherwise.
+    """
+
+    def __init__(self, timeout: TimeoutLike | None = None) -> None:
+        self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout_to_seconds(timeout)
+
+    # ----------------------------------------------------------------- timeouts
+    @property
+    def timeout(self) -> timedelta:
+        """The default timeout of blocking operations (read-only; use :meth:`set_timeout`)."""
+        return _seconds_to_timedelta(self._timeout)
+
+    def set_timeout(self, timeout: TimeoutLike) -> None:
+        """Set the default timeout used by get, wait without a timeout, multi_get, blocking
+        queue_pop and barrier without a timeout. Raises TypeError/ValueError as
+        :func:`timeout_to_seconds`."""
+        self._timeout = timeout_to_seconds(timeout)
+
+    def _resolve_timeout(self, timeout: TimeoutLike | None) -> float:
+        return self._timeout if timeout is None else timeout_to_seconds(timeout)
+
+    def _timeout_error(self, op: str, keys: Sequence[str], seconds: float) -> StoreTimeoutError:
+        return StoreTimeoutError(
+            f"{op} timeout after {format_ms(seconds)} on {self!r}, keys: {list(keys)!r}; "
+            "the keys were not set in time: check that the writing ranks are alive, "
+            "or raise the timeout"
+        )
+
+    # ----------------------------------------------------------------- public API
+    def set(self, key: KeyLike, value: ValueLike) -> None:
+        """Insert or overwrite ``key`` with ``value`` and wake the key's waiters.
+
+        Raises TypeError for a non-str key or a non-bytes/str value.
+        Same semantics as ``torch.distributed.Store.set``.
+        """
+        self._set(key_to_str(key), value_to_bytes(value))
+
+    def get(self, key: KeyLike) -> bytes:
+        """Return the value of ``key``, waiting up to :attr:`timeout` for it to be set.
+
+        Raises :class:`~rdzv.errors.StoreTimeoutError` if the key is still absent at the
+        deadline (at once when the timeout is 0). A key that only names a queue is not a value.
+        Same semantics as ``torch.distributed.Store.get``.
+        """
+        return self._get(key_to_str(key), self._timeout)
+
+    def add(self, key: KeyLike, amount: int) -> int:
+        """Atomically add ``amount`` (int64, may be 0 or negative) to the counter under ``key``
+        and return the new value. An absent key starts at 0. The counter is stored as ASCII
+        decimal and parsed with C ``strtoll`` rules (same semantics as torch's ``add``); unlike
+        torch's HashStore, ``add`` wakes the key's waiters.
+
+        Raises TypeError if ``amount`` is not an int, :class:`~rdzv.errors.CounterError` (a
+        ValueError) if the stored value is not an integer or the sum overflows int64.
+        """
+        if not isinstance(amount, int) or isinstance(amount, bool):
+            raise TypeError(f"add: amount must be an int, got {type(amount).__name__}: {amount!r}")
+        if not INT64_MIN <= amount <= INT64_MAX:
+            raise CounterError(
+                f"add: amount {amount} for key {key!r} is outside the int64 range "
+                f"[{INT64_MIN}, {INT64_MAX}]"
+            )
+        return self._add(key_to_str(key), amount)
+
+    def append(self, key: KeyLike, value: ValueLike) -> None:
+        """Concatenate ``value`` to the value of ``key``, creating it when absent; wakes its
+        waiters. Same semantics as ``torch.distributed.Store.append``."""
+        self._append(key_to_str(key), value_to_bytes(value))
+
+    def compare_set(self, key: KeyLike, expected: ValueLike, desired: ValueLike) -> bytes:
+        """Atomically set ``key`` to ``desired`` if its value equals ``expected``.
+
+        Same semantics as ``torch.distributed.Store.compare_set``:
+
+        * absent key, empty ``expected``: creates the key, returns ``desired``;
+        * absent key, non-empty ``expected``: changes nothing, returns ``expected``;
+        * value == ``expected``: sets ``desired``, returns ``desired``;
+        * value != ``expected``: changes nothing, returns the current value.
+        """
+        return self._compare_set(
+            key_to_str(key),
+            value_to_bytes(expected, "expected value"),
+            value_to_bytes(desired, "desired value"),
+        )
+
+    def check(self, keys: Sequence[KeyLike]) -> bool:
+        """Without blocking, return True iff every key exists (an empty list is True).
+        Same semantics as ``torch.distributed.Store.check``."""
+        return self._check(keys_to_list(keys))
+
+    def wait(self, keys: Sequence[KeyLike], timeout: TimeoutLike | None = None) -> None:
+        """Block until every key in ``keys`` exists.
+
+        ``timeout``: seconds or timedelta; ``None`` uses :attr:`timeout`; ``0`` does not
+        block. Raises :class:`~rdzv.errors.StoreTimeoutError` naming the keys at the deadline.
+        Same semantics as ``torch.distributed.Store.wait``.
+        """
+        key_list = keys_to_list(keys)
+        seconds = self._resolve_timeout(timeout)
+        if key_list:
+            self._wait(key_list, seconds)
+
+    def delete_key(self, key: KeyLike) -> bool:
+        """Delete ``key``; return True if it existed, False otherwise (truthfully, unlike
+        torch's FileStore). Does not wake waiters and does not touch queues."""
+        return self._delete_key(key_to_str(key))
+
+    def num_keys(self) -> int:
+        """The number of user keys in the store (queues excluded; internal bookkeeping keys
+        excluded, unlike torch's FileStore and TCPStore)."""
+        return self._num_keys()
+
+    def list_keys(self) -> list[str]:
+        """Every user key, in no particular order. Raises NotImplementedError on a backend
+        that cannot enumerate keys."""
+        return self._list_keys()
+
+    def multi_get(self, keys: Sequence[KeyLike]) -> list[bytes]:
+        """The values of ``keys`` in order, waiting up to :attr:`timeout` (one deadline for
+        the whole batch) for missing ones. Raises :class:`~rdzv.errors.StoreTimeoutError`."""
+        key_list = keys_to_list(keys)
+        return self._multi_get(key_list, self._timeout) if key_list else []
+
+    def multi_set(self, keys: Sequence[KeyLike], values: Sequence[ValueLike]) -> None:
+        """Set ``keys[i]`` to ``values[i]`` for every i.
+
+        Raises ValueError, before writing anything, if the lengths differ (torch's HashStore
+        has undefined behaviour there), TypeError for bad keys or values.
+        """
+        key_list = keys_to_list(keys)
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"multi_set: values must be a list, got {type(values).__name__}")
+        if len(key_list) != len(values):
+            raise ValueError(
+                f"multi_set: got {len(key_list)} keys but {len(values)} values; "
+                "pass one value per key"
+            )
+        if key_list:
+            self._multi_set(key_list, [value_to_bytes(v) for v in values])
+
+    def queue_push(self, key: KeyLike, value: ValueLike) -> None:
+        """Append ``value`` to the FIFO queue ``key`` and wake one blocked popper. Queues are a
+        namespace separate from values. Raises NotImplementedError where unsupported."""
+        self._queue_push(key_to_str(key), value_to_bytes(value))
+
+    def queue_pop(self, key: KeyLike, block: bool = True) -> bytes:
+        """Pop the front of the FIFO queue ``key``.
+
+        ``block=True`` waits up to :attr:`timeout` for an item and raises
+        :class:`~rdzv.errors.StoreTimeoutError` at the deadline; ``block=False`` raises
+        :class:`~rdzv.errors.QueueEmptyError` at once on an empty queue. With several blocked
+        poppers, one push releases exactly one of them.
+        """
+        if not isinstance(block, bool):
+            raise TypeError(f"queue_pop: block must be a bool, got {type(block).__name__}")
+        return self._queue_pop(key_to_str(key), self._timeout if block else None)
+
+    def queue_len(self, key: KeyLike) -> int:
+        """The number of items in the FIFO queue ``key`` (0 for a queue never used)."""
+        return self._queue_len(key_to_str(key))
+
+    def barrier(self, key: KeyLike, world_size: int, timeout: TimeoutLike | None = None) -> None:
+        """Block until ``world_size`` callers have reached the barrier ``key``.
+
+        ``timeout`` as in :meth:`wait`. The key can be reused: the next ``world_size``
+        arrivals form the next barrier (torch releases a reused key at once). Raises
+        ValueError for ``world_size < 1``, :class:`~rdzv.errors.StoreTimeoutError` at the
+        deadline (the arrival stays counted, as in torch).
+        """
+        if not isinstance(world_size, int) or isinstance(world_size, bool):
+            raise TypeError(f"barrier: world_size must be an int, got {world_size!r}")
+        if world_size < 1:
+            raise ValueError(f"barrier: world_size must be >= 1, got {world_size}")
+        self._barrier(key_to_str(key), world_size, self._resolve_timeout(timeout))
+
+    def has_extended_api(self) -> bool:
+        """True when append, multi_get and multi_set are native rather than fallbacks."""
+        return False
+
+    @abstractmethod
+    def clone(self) -> Store:
+        """A new handle on the same data that another thread may use independently."""
+
+    # ----------------------------------------------------------------- backend core
+    @abstractmethod
+    def _set(self, key: str, value: bytes) -> None: ...
+
+    @abstractmethod
+    def _get(self, key: str, timeout: float) -> bytes: ...
+
+    @abstractmethod
+    def _add(self, key: str, amount: int) -> int: ...
+
+    @abstractmethod
+    def _compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes: ...
+
+    @abstractmethod
+    def _check(self, keys: list[str]) -> bool: ...
+
+    @abstractmethod
+    def _wait(self, keys: list[str], timeout: float) -> None: ...
+
+    @abstractmethod
+    def _delete_key(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _num_keys(self) -> int: ...
+
+    # ----------------------------------------------------------------- generic fallbacks
+    def _list_keys(self) -> list[str]:
+        raise NotImplementedError(f"{type(self).__name__} cannot list its keys")
+
+    def _append(self, key: str, value: bytes) -> None:
+        # compare_set loop, as torch's c10d::Store::append.
+        expected = value
+        current = self._compare_set(key, b"", value)
+        while current != expected:
+            expected = current + value
+            current = self._compare_set(key, current, expected)
+
+    def _multi_get(self, keys: list[str], timeout: float) -> list[bytes]:
+        deadline = Deadline(timeout)
+        return [self._get(key, deadline.remaining()) for key in keys]
+
+    def _multi_set(self, keys: list[str], values: list[bytes]) -> None:
+        for key, value in zip(keys, values, strict=True):
+            self._set(key, value)
+
+    def _barrier(self, key: str, world_size: int, timeout: float) -> None:
+        # torch's base-class barrier (add + set + wait), made reusable: arrival c belongs to
+        # generation ceil(c / world_size); generation 1 uses torch's key names.
+        count = self._add(f"{key}/num_members", 1)
+        generation = -(-count // world_size)
+        last = f"{key}/last_member" + ("" if generation == 1 else f"/{generation}")
+        if count == generation * world_size:
+            self._set(last, b"1")
+        try:
+            self._wait([last], timeout)
+        except StoreTimeoutError:
+            raise self._timeout_error("barrier", [key], timeout) from None
+
+    def _queue_push(self, key: str, value: bytes) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support queues")
+
+    def _queue_pop(self, key: str, timeout: float | None) -> bytes:
+        raise NotImplementedError(f"{type(self).__name__} does not support queues")
+
+    def _queue_len(self, key: str) -> int:
+        raise NotImplementedError(f"{type(self).__name__} does not support queues")

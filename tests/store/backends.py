@@ -1,0 +1,33 @@
+"""The registry of Store backends the contract suite runs against.
+
+Each entry is a context-manager factory ``(tmp_path) -> Iterator[Store]`` that yields a fresh,
+empty store with a 5 s default timeout and cleans up after itself. A new backend adds one
+entry here and gets the whole contract suite for free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
+
+from rdzv import HashStore, PrefixStore, Store
+
+Factory = Callable[[Path], ContextManager[Store]]
+
+
+@contextlib.contextmanager
+def hash_store(tmp_path: Path) -> Iterator[Store]:
+    yield HashStore(timeout=5)
+
+
+@contextlib.contextmanager
+def prefix_over_hash(tmp_path: Path) -> Iterator[Store]:
+    yield PrefixStore("pre", HashStore(timeout=5))
+
+
+BACKENDS: dict[str, Factory] = {
+    "hash": hash_store,
+    "prefix": prefix_over_hash,
+}
