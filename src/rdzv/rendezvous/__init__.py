@@ -1,0 +1,1 @@
+"""Rendezvous: URL rendezvous (tcp://, file://, env://) and elastic rendezvous handlers."""
