@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
 from rdzv import HashStore, PrefixStore, Store
+from rdzv.store.tcp import TCPStore
 
 Factory = Callable[[Path], ContextManager[Store]]
 
@@ -27,7 +28,25 @@ def prefix_over_hash(tmp_path: Path) -> Iterator[Store]:
     yield PrefixStore("pre", HashStore(timeout=5))
 
 
+@contextlib.contextmanager
+def tcp_store(tmp_path: Path) -> Iterator[Store]:
+    """A client of an ``is_master`` server on an ephemeral loopback port."""
+    with (
+        TCPStore("127.0.0.1", 0, is_master=True, timeout=5) as master,
+        TCPStore("127.0.0.1", master.port, timeout=5) as client,
+    ):
+        yield client
+
+
+@contextlib.contextmanager
+def prefix_over_tcp(tmp_path: Path) -> Iterator[Store]:
+    with tcp_store(tmp_path) as store:
+        yield PrefixStore("pre", store)
+
+
 BACKENDS: dict[str, Factory] = {
     "hash": hash_store,
     "prefix": prefix_over_hash,
+    "tcp": tcp_store,
+    "prefix-tcp": prefix_over_tcp,
 }
