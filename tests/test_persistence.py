@@ -22,6 +22,13 @@ def state(engine: Engine) -> tuple[dict[bytes, bytes], dict[bytes, list[bytes]]]
     return dict(engine.items()), {k: list(v) for k, v in engine.queues()}
 
 
+def journaled(data_dir: Path, **options: object) -> tuple[Engine, DurableJournal]:
+    engine = Engine()
+    journal = DurableJournal(data_dir, **options)  # type: ignore[arg-type]
+    journal.open(engine)
+    return engine, journal
+
+
 def reopen(data_dir: Path) -> Engine:
     engine = Engine()
     recover(data_dir, engine)
@@ -29,9 +36,7 @@ def reopen(data_dir: Path) -> Engine:
 
 
 def test_every_kind_of_change_survives(tmp_path: Path) -> None:
-    engine = Engine()
-    journal = DurableJournal(tmp_path)
-    journal.open(engine)
+    engine, journal = journaled(tmp_path)
     engine.set(b"a", b"1")
     engine.append(b"a", b"2")
     engine.add(b"c", 5)
@@ -51,9 +56,7 @@ def test_every_kind_of_change_survives(tmp_path: Path) -> None:
 
 
 def test_uncommitted_records_are_not_on_disk(tmp_path: Path) -> None:
-    engine = Engine()
-    journal = DurableJournal(tmp_path)
-    journal.open(engine)
+    engine, journal = journaled(tmp_path)
     engine.set(b"acked", b"1")
     journal.commit()
     engine.set(b"not-acked", b"1")  # buffered, never committed: like a crash before reply
@@ -61,9 +64,7 @@ def test_uncommitted_records_are_not_on_disk(tmp_path: Path) -> None:
 
 
 def test_torn_tail_is_dropped_and_truncated(tmp_path: Path) -> None:
-    engine = Engine()
-    journal = DurableJournal(tmp_path)
-    journal.open(engine)
+    engine, journal = journaled(tmp_path)
     engine.set(b"k", b"v")
     journal.commit()
     journal.close()
@@ -76,9 +77,7 @@ def test_torn_tail_is_dropped_and_truncated(tmp_path: Path) -> None:
 
 
 def test_corruption_in_the_middle_is_reported(tmp_path: Path) -> None:
-    engine = Engine()
-    journal = DurableJournal(tmp_path)
-    journal.open(engine)
+    engine, journal = journaled(tmp_path)
     for i in range(3):
         engine.set(f"k{i}".encode(), b"value")
     journal.commit()
@@ -92,9 +91,7 @@ def test_corruption_in_the_middle_is_reported(tmp_path: Path) -> None:
 
 
 def test_snapshots_rotate_and_recover(tmp_path: Path) -> None:
-    engine = Engine()
-    journal = DurableJournal(tmp_path, fsync="never", snapshot_bytes=2048)
-    journal.open(engine)
+    engine, journal = journaled(tmp_path, fsync="never", snapshot_bytes=2048)
     for i in range(500):
         engine.set(f"k{i % 50}".encode(), str(i).encode())
         engine.queue_push(b"q", str(i).encode())
@@ -132,9 +129,7 @@ OPS = st.lists(
 @given(ops=OPS)
 def test_replay_equals_live_state(tmp_path_factory: pytest.TempPathFactory, ops: list) -> None:  # type: ignore[type-arg]
     data_dir = tmp_path_factory.mktemp("journal")
-    engine = Engine()
-    journal = DurableJournal(data_dir, fsync="never", snapshot_bytes=300)
-    journal.open(engine)
+    engine, journal = journaled(data_dir, fsync="never", snapshot_bytes=300)
     for op, key, value in ops:
         try:
             if op == "set":
