@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
 from rdzv import HashStore, PrefixStore, Store
+from rdzv.store.file import FileStore
 from rdzv.store.tcp import TCPStore
 
 Factory = Callable[[Path], ContextManager[Store]]
@@ -44,9 +45,23 @@ def prefix_over_tcp(tmp_path: Path) -> Iterator[Store]:
         yield PrefixStore("pre", store)
 
 
+@contextlib.contextmanager
+def file_store(tmp_path: Path) -> Iterator[Store]:
+    with FileStore(tmp_path / "store", timeout=5) as store:
+        yield store
+
+
+@contextlib.contextmanager
+def prefix_over_file(tmp_path: Path) -> Iterator[Store]:
+    with FileStore(tmp_path / "store", timeout=5) as store:
+        yield PrefixStore("pre", store)
+
+
 BACKENDS: dict[str, Factory] = {
     "hash": hash_store,
     "prefix": prefix_over_hash,
+    "file": file_store,
+    "prefix_file": prefix_over_file,
     "tcp": tcp_store,
-    "prefix-tcp": prefix_over_tcp,
+    "prefix_tcp": prefix_over_tcp,
 }
