@@ -36,13 +36,20 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from rdzv import wire
-from rdzv.errors import NetworkError, ProtocolError, StoreError
+from rdzv.errors import NetworkError, ProtocolError
 from rdzv.server import ServerThread, format_endpoint
 from rdzv.store import tcp_ops as ops
-from rdzv.store.base import Deadline, Store, TimeoutLike, format_ms, timeout_to_seconds
+from rdzv.store.base import (
+    Deadline,
+    Store,
+    TimeoutLike,
+    key_to_str,
+    timeout_to_seconds,
+    value_to_bytes,
+)
 from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
 
-__all__ = ["TCPStore"]
+__all__ = ["TCPStore", "check_endpoint", "connect_host"]
 
 logger = logging.getLogger("rdzv.store.tcp")
 
@@ -281,11 +288,8 @@ class TCPStore(Store):
                 last: BaseException = exc
             remaining = deadline.remaining()
             if remaining <= 0:
-                raise NetworkError(
-                    f"could not connect to the TCPStore server at "
-                    f"{format_endpoint(*address)} within {format_ms(timeout)} "
-                    f"({attempts} attempts); last error: {_describe(last)}. Is the server "
-                    "running and reachable, and is this the right host and port?"
+                raise ops.connect_error(
+                    format_endpoint(*address), timeout, attempts, last
                 ) from last
             time.sleep(min(next(delays), remaining))
 
@@ -297,17 +301,11 @@ class TCPStore(Store):
                 raise NetworkError(f"{self!r} cannot be used: {self._broken}")
             try:
                 return self._drive(op)
-            except ReadTimeout as exc:
-                raise self._fail(
-                    f"no reply within {format_ms(self._session.io_timeout)} while awaiting "
-                    f"{exc.read.what}; the server is alive but silent"
-                ) from None
-            except ProtocolError as exc:
-                raise self._fail(str(exc)) from exc
-            except StoreError:
-                raise  # an operation's own error (timeout, counter...): connection intact
-            except OSError as exc:  # includes NetworkError
-                raise self._fail(_describe(exc)) from exc
+            except Exception as exc:
+                reason = ops.failure_reason(self._session, exc)
+                if reason is None:
+                    raise
+                raise self._fail(reason) from exc
 
     def _fail(self, reason: str) -> NetworkError:
         sock, self._sock = self._sock, None
@@ -375,7 +373,7 @@ class TCPStore(Store):
             try:
                 sock.sendall(data)
             except OSError as exc:
-                raise self._fail(_describe(exc)) from exc
+                raise self._fail(ops.describe_error(exc)) from exc
 
     def _get(self, key: str, timeout: float) -> bytes:
         return self._run(ops.get(self._session, key, timeout))
@@ -431,21 +429,10 @@ class TCPStore(Store):
         """Set ``key`` bound to this connection: the server deletes it when the connection
         closes (a crashed process's liveness key disappears). rdzv servers only: raises
         StoreError on a torch server. A later plain write makes the key ordinary again."""
-        from rdzv.store.base import key_to_str, value_to_bytes
-
         self._run(ops.set_ephemeral(self._session, key_to_str(key), value_to_bytes(value)))
 
     def set_lease(self, key: str, value: bytes | str, ttl: TimeoutLike) -> None:
         """Set ``key`` with a lease: the server deletes it ``ttl`` (seconds or timedelta)
         after this call unless it is set again (renewal). rdzv servers only."""
-        from rdzv.store.base import key_to_str, value_to_bytes
-
         seconds = timeout_to_seconds(ttl, "ttl")
         self._run(ops.set_lease(self._session, key_to_str(key), value_to_bytes(value), seconds))
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return (
-        text if isinstance(exc, (NetworkError, ProtocolError)) else f"{type(exc).__name__}: {text}"
-    )

@@ -143,6 +143,44 @@ def user_key(raw: bytes) -> str | None:
     return raw[1:].decode("utf-8", "backslashreplace")
 
 
+def describe_error(exc: BaseException) -> str:
+    """An exception as text for messages (rdzv's own errors without their class name)."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, (NetworkError, ProtocolError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def failure_reason(s: Session, exc: BaseException) -> str | None:
+    """Why ``exc``, raised by an operation, leaves the connection unusable; None when it is
+    the operation's own outcome (a timeout on keys, a CounterError...) and the connection is
+    intact. Drivers close the connection when this returns a reason."""
+    if isinstance(exc, ReadTimeout):
+        return (
+            f"no reply within {s.io_timeout:g} s while awaiting {exc.read.what}; "
+            "the server is alive but silent"
+        )
+    if isinstance(exc, ProtocolError):
+        return str(exc)
+    if isinstance(exc, StoreError):
+        return None
+    if isinstance(exc, OSError):  # NetworkError included
+        return describe_error(exc)
+    return None
+
+
+def connect_error(
+    endpoint: str, timeout: float, attempts: int, last: BaseException
+) -> NetworkError:
+    """The error of a connect loop that ran out of time."""
+    return NetworkError(
+        f"could not connect to the TCPStore server at {endpoint} within "
+        f"{'unlimited time' if math.isinf(timeout) else f'{timeout:g} s'} ({attempts} attempts); "
+        f"last error: {describe_error(last)}. Is the server running and reachable, and are "
+        "the host and port right?"
+    )
+
+
 # --------------------------------------------------------------------------- building blocks
 
 
