@@ -544,6 +544,7 @@ class StoreServer:
         self.limits = limits
         self.allow_extensions = allow_extensions
         self._servers: list[asyncio.Server] = []
+        self._endpoints: list[tuple[str, int]] = []
         self._connections: set[_Connection] = set()
         self._fired: list[Waiter] = []
         # key -> the connection (ephemeral) or lease timer handle it is bound to.
@@ -568,6 +569,8 @@ class StoreServer:
                     lambda: _Connection(self), sock=sock, backlog=LISTEN_BACKLOG
                 )
                 self._servers.append(server)
+                name = sock.getsockname()
+                self._endpoints.append((str(name[0]), int(name[1])))
         except BaseException:
             for sock in socks:
                 sock.close()
@@ -626,20 +629,14 @@ class StoreServer:
     @property
     def port(self) -> int:
         """The port listened on (the ephemeral one when started with port 0)."""
-        if not self._servers:
+        if not self._endpoints:
             raise RuntimeError("the server is not started")
-        sockets = self._servers[0].sockets
-        return int(sockets[0].getsockname()[1])
+        return self._endpoints[0][1]
 
     @property
     def endpoints(self) -> list[str]:
         """Every ``host:port`` listened on."""
-        out = []
-        for server in self._servers:
-            for sock in server.sockets:
-                name = sock.getsockname()
-                out.append(format_endpoint(str(name[0]), int(name[1])))
-        return out
+        return [format_endpoint(host, port) for host, port in self._endpoints]
 
     @property
     def num_connections(self) -> int:
