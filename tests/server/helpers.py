@@ -63,6 +63,18 @@ class Raw:
         self.sock.close()
 
 
+def raw_get(port: int, key: bytes) -> bytes | None:
+    """The value of wire key ``key`` (no prefix added), None when absent."""
+    c = Raw(port)
+    try:
+        if c.call(wire.encode_keys(wire.Op.CHECK, [key]), 1) != b"\x00":
+            return None
+        n = int.from_bytes(c.call(wire.encode_key(wire.Op.GET, key), 8), "little")
+        return c.recv_exact(n)
+    finally:
+        c.close()
+
+
 def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
     """Poll ``predicate`` (bounded) until true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -16,23 +16,13 @@ from rdzv.errors import NetworkError, StoreError, StoreTimeoutError
 from rdzv.server import ServerThread
 from rdzv.store import tcp_ops
 from rdzv.store.tcp import TCPStore
-from tests.server.helpers import Raw, eventually
+from tests.server.helpers import eventually, raw_get
 
 
 @pytest.fixture
 def master() -> Iterator[TCPStore]:
     with TCPStore("127.0.0.1", 0, is_master=True, timeout=5) as store:
         yield store
-
-
-def _raw_get(port: int, key: bytes) -> bytes:
-    c = Raw(port)
-    c.send(wire.encode_keys(wire.Op.CHECK, [key]))
-    if c.recv_exact(1) != b"\x00":
-        return b"<absent>"
-    c.send(wire.encode_key(wire.Op.GET, key))
-    n = int.from_bytes(c.recv_exact(8), "little")
-    return c.recv_exact(n)
 
 
 # --------------------------------------------------------------------------- constructor
@@ -96,7 +86,7 @@ def test_world_size_counting_and_wait_for_workers() -> None:
     workers = [TCPStore("127.0.0.1", port, world_size=3, timeout=10) for _ in range(2)]
     thread.join(15)
     master = box["master"]
-    assert _raw_get(port, b"init/") == b"3"
+    assert raw_get(port, b"init/") == b"3"
     # init/ is internal: hidden by list_keys and (unlike torch) not counted by num_keys.
     assert master.num_keys() == 0
     assert master.list_keys() == []
@@ -115,7 +105,7 @@ def test_master_times_out_waiting_for_workers() -> None:
 def test_wait_for_workers_false_does_not_count(master: TCPStore) -> None:
     TCPStore("127.0.0.1", master.port, world_size=2, wait_for_workers=False, timeout=2)
     TCPStore("127.0.0.1", master.port, world_size=-1, timeout=2)
-    assert _raw_get(master.port, b"init/") == b"<absent>"
+    assert raw_get(master.port, b"init/") is None
 
 
 # --------------------------------------------------------------------------- servers
