@@ -62,6 +62,7 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 LISTEN_BACKLOG = 65535
 
 _I64 = wire._I64.pack
+_U64 = wire._U64.pack
 _EXT_OK = b"\x00"
 _EMPTY_BLOB = wire.reply_blob(b"")
 
@@ -193,31 +194,25 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        parser = self.parser
-        if parser.error is not None or self._closed:
+        if self._closed:
             return  # closing; ignore whatever still arrives
-        requests = parser.receive(data)
+        requests = self.parser.receive(data)
         if self._backlog is not None:
             self._backlog += requests  # keep the order behind the postponed ones
-        elif requests:
+        else:
             self._execute(requests)
-        elif parser.error is not None:
-            self.close(f"protocol violation: {parser.error}")
 
     def _execute(self, requests: list[Request]) -> None:
+        """Run ``requests`` in order, until the connection pauses (the rest is postponed)."""
         server = self.server
-        handlers = _HANDLERS
-        fired = server._fired
         i = 0
-        n = len(requests)
         try:
-            while i < n:
-                req = requests[i]
+            for req in requests:
                 i += 1
-                handlers[req.op](server, self, req)
-                if fired:
+                _HANDLERS[req.op](server, self, req)
+                if server._fired:
                     server._drain()
-                if self._paused and i < n:
+                if self._paused and i < len(requests):
                     self._backlog = requests[i:]
                     return
         except _Close as exc:
@@ -226,7 +221,7 @@ class _Connection(asyncio.Protocol):
         except (StoreError, ValueError) as exc:
             # A torch opcode failed (e.g. ADD on a non-integer): torch's protocol has no
             # error reply, so, like torch's server, close this connection.
-            if fired:
+            if server._fired:
                 server._drain()
             self.close(f"{type(exc).__name__}: {exc}")
             return
@@ -280,7 +275,7 @@ def _h_compare_set(server: StoreServer, conn: _Connection, req: wire.CompareSet)
 def _h_get(server: StoreServer, conn: _Connection, req: wire.Get) -> None:
     value = server.engine.get(req.key)
     # Missing key: an empty blob, as torch's libuv server (its legacy server closes).
-    conn.write(_EMPTY_BLOB if value is None else wire.reply_blob(value))
+    conn.write(_EMPTY_BLOB if value is None else _U64(len(value)) + value)
 
 
 def _h_add(server: StoreServer, conn: _Connection, req: wire.Add) -> None:
@@ -294,7 +289,12 @@ def _h_check(server: StoreServer, conn: _Connection, req: wire.Check) -> None:
 
 
 def _h_wait(server: StoreServer, conn: _Connection, req: wire.Wait) -> None:
-    waiter = server.engine.wait(req.keys, server._on_fire, (conn, _WAIT, None))
+    keys = req.keys
+    engine = server.engine
+    if len(keys) == 1 and engine.get(keys[0]) is not None:  # fast path: torch's get()
+        conn.write(STOP_WAITING)
+        return
+    waiter = engine.wait(keys, server._on_fire, (conn, _WAIT, None))
     if waiter is None:
         conn.write(STOP_WAITING)
     else:
