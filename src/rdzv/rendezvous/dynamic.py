@@ -217,6 +217,8 @@ class _Pending:
     prev_members: list[int] | None = None
     prev_size: SizeRecord | None = None
     monitor: bool = False
+    #: This node was a member of the previous round (so it is not a spare).
+    was_member: bool = False
     quorum_at: float | None = None
     size_seen_at: float | None = None
 
@@ -703,7 +705,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         number = hint if previous is None else max(hint, previous.keys.number + 1)
         left_previous = previous is None
         while True:
-            pending, late = self._join(number)
+            pending, late = self._join(number, previous)
             if not left_previous:
                 assert previous is not None
                 self._leave_member_round(store, previous, evaluate=number)
@@ -714,7 +716,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 continue
             return self._complete(pending, outcome)
 
-    def _join(self, number: int) -> tuple[_Pending, bool]:
+    def _join(self, number: int, previous: _Membership | None = None) -> tuple[_Pending, bool]:
         """Take a slot in round ``number`` and write this node's descriptor and heartbeat.
         Returns the pending state and whether the round had already completed without us."""
         store = self._store
@@ -731,7 +733,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
         store.multi_set([k for k, _ in entries], [v for _, v in entries])
         assert self._keep_alive is not None
         self._keep_alive.track(alive)
-        pending = _Pending(keys, slot, self._liveness.observer(self._token), gate_open=number == 0)
+        pending = _Pending(
+            keys,
+            slot,
+            self._liveness.observer(self._token),
+            gate_open=number == 0,
+            was_member=previous is not None and previous.keys.number == number - 1,
+        )
         self._pending = pending
         logger.debug("node %s took slot %d of round %d", self.node, slot, number)
         if store.check([keys.size]):
@@ -1021,7 +1029,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _is_redundant(self, store: Store, pending: _Pending) -> bool:
         """torch's redundancy list: the previous round is still running with max_nodes
         members, none of which has left; such a node waits without timeout."""
-        if pending.number == 0 or pending.gate_open or store.check([pending.keys.gate]):
+        if pending.number == 0 or pending.was_member or pending.gate_open:
+            return False
+        if store.check([pending.keys.gate]):
             return False
         prev_keys = self._keys.of(pending.number - 1)
         if pending.prev_size is None:
