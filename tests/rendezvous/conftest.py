@@ -120,9 +120,7 @@ class Join:
         self.handler = handler
         self.started = time.monotonic()
         self.finished: float | None = None
-        self._out: queue.Queue[tuple[RendezvousInfo | None, BaseException | None]] = (
-            queue.Queue()
-        )
+        self._out: queue.Queue[tuple[RendezvousInfo | None, BaseException | None]] = queue.Queue()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -150,7 +148,9 @@ class Join:
         return self.finished is not None
 
 
-def join_all(handlers: list[DynamicRendezvousHandler], timeout: float = 30.0) -> list[RendezvousInfo]:
+def join_all(
+    handlers: list[DynamicRendezvousHandler], timeout: float = 30.0
+) -> list[RendezvousInfo]:
     joins = [Join(h) for h in handlers]
     return [j.result(timeout) for j in joins]
 

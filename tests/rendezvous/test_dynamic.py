@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
-
 from bench.counting import CountingStore, OpCounter
+
 from rdzv import HashStore, events
 from rdzv.errors import (
     RendezvousClosedError,
@@ -16,7 +17,7 @@ from rdzv.errors import (
     RendezvousTimeoutError,
 )
 from rdzv.events import NodeState, RdzvEvent
-from rdzv.rendezvous.api import RendezvousParameters
+from rdzv.rendezvous.api import RendezvousInfo, RendezvousParameters
 from rdzv.rendezvous.dynamic import (
     DynamicRendezvousHandler,
     RendezvousTimeout,
@@ -33,11 +34,29 @@ from tests.rendezvous.conftest import (
 )
 
 
-def handlers(backend: Backend, n: int, min_nodes: int, max_nodes: int, start: int = 0, **kw: object) -> list[DynamicRendezvousHandler]:
+def handlers(
+    backend: Backend, n: int, min_nodes: int, max_nodes: int, start: int = 0, **kw: Any
+) -> list[DynamicRendezvousHandler]:
     return [
-        make_handler(backend.connect(), min_nodes, max_nodes, index=start + i, **kw)  # type: ignore[arg-type]
+        make_handler(backend.connect(), min_nodes, max_nodes, index=start + i, **kw)
         for i in range(n)
     ]
+
+
+def endpoints(infos: list[RendezvousInfo]) -> set[tuple[str, int]]:
+    """The distinct bootstrap endpoints in ``infos``."""
+    out = set()
+    for info in infos:
+        boot = info.bootstrap_store_info
+        assert boot is not None
+        out.add((boot.master_addr, boot.master_port))
+    return out
+
+
+def rank0_of(
+    hs: list[DynamicRendezvousHandler], infos: list[RendezvousInfo]
+) -> DynamicRendezvousHandler:
+    return next(h for h, i in zip(hs, infos, strict=True) if i.rank == 0)
 
 
 def stop(*hs: DynamicRendezvousHandler) -> None:
@@ -135,11 +154,9 @@ def test_min_equals_max_all_join(backend: Backend, n: int) -> None:
     assert time.monotonic() - started < 5  # a full round does not wait for the last call
     assert sorted(i.rank for i in infos) == list(range(n))
     assert {i.world_size for i in infos} == {n}
-    boots = {(i.bootstrap_store_info.master_addr, i.bootstrap_store_info.master_port) for i in infos if i.bootstrap_store_info}
-    assert len(boots) == 1
     # Rank 0 publishes its own endpoint, the others read it.
-    rank0 = next(h for h, i in zip(hs, infos) if i.rank == 0)
-    assert boots == {rank0._master_endpoint}
+    rank0 = rank0_of(hs, infos)
+    assert endpoints(infos) == {rank0._master_endpoint}
     # The returned stores are one shared namespace for the round.
     infos[0].store.set("hello", b"world")
     assert all(i.store.get("hello") == b"world" for i in infos)
@@ -188,7 +205,9 @@ def test_late_arrival_is_waiting_then_joins_next_round(backend: Backend) -> None
     assert {i.world_size for i in first} == {2}
     assert [h.num_nodes_waiting() for h in hs[:2]] == [0, 0]
     late = Join(hs[2])
-    eventually(lambda: all(h.num_nodes_waiting() == 1 for h in hs[:2]), what="num_nodes_waiting == 1")
+    eventually(
+        lambda: all(h.num_nodes_waiting() == 1 for h in hs[:2]), what="num_nodes_waiting == 1"
+    )
     assert not late.done()
     again = join_all(hs[:2])
     infos = [*again, late.result()]
@@ -306,12 +325,11 @@ def test_shutdown_closes_and_stops_heartbeats(backend: Backend) -> None:
 def test_bootstrap_endpoint_follows_the_new_rank0(backend: Backend) -> None:
     hs = handlers(backend, 3, 2, 3, last_call=0.2)
     infos = join_all(hs)
-    rank0 = next(h for h, i in zip(hs, infos) if i.rank == 0)
+    rank0 = rank0_of(hs, infos)
     stop(rank0)
     rest = [h for h in hs if h is not rank0]
     again = join_all(rest)
-    new0 = next(h for h, i in zip(rest, again) if i.rank == 0)
-    assert {(i.bootstrap_store_info.master_addr, i.bootstrap_store_info.master_port) for i in again if i.bootstrap_store_info} == {new0._master_endpoint}
+    assert endpoints(again) == {rank0_of(rest, again)._master_endpoint} != endpoints(infos)
 
 
 def test_old_rounds_are_cleaned_up(backend: Backend) -> None:
@@ -354,7 +372,8 @@ def test_events_for_every_step(backend: Backend) -> None:
     msgs = [e.message for e in seen]
     assert sum("attempts to join" in m for m in msgs) == 3
     joined = [e for e in seen if "has joined round 0" in e.message]
-    assert len(joined) == 2 and all(e.duration_ms is not None and e.rank is not None for e in joined)
+    assert len(joined) == 2
+    assert all(e.duration_ms is not None and e.rank is not None for e in joined)
     failed = [e for e in seen if e.node_state is NodeState.FAILED]
     assert any("RendezvousTimeoutError" in e.message and e.duration_ms for e in failed)
     assert any("has closed the rendezvous" in m for m in msgs)
