@@ -47,7 +47,7 @@ class CountingStore(Store):
         return f"CountingStore({self.inner!r})"
 
     def clone(self) -> CountingStore:
-        return CountingStore(self.inner.clone(), self.counter)
+        return type(self)(self.inner.clone(), self.counter)
 
     def has_extended_api(self) -> bool:
         return self.inner.has_extended_api()

@@ -345,6 +345,48 @@ def test_old_rounds_are_cleaned_up(backend: Backend) -> None:
     assert round_keys(3)
 
 
+class _DyingCounter(OpCounter):
+    dead = False
+
+    def bump(self, op: str) -> None:
+        if self.dead:
+            raise OSError("this node is dead")
+        super().bump(op)
+
+
+class _DiesWhenPublishingRanks(CountingStore):
+    """A node's store that 'kills' the node when it publishes rank records: the closer
+    dies right after its compare_set froze the round."""
+
+    def _multi_set(self, keys: list[str], values: list[bytes]) -> None:
+        if any("/rank/" in k for k in keys):
+            assert isinstance(self.counter, _DyingCounter)
+            self.counter.dead = True
+            raise OSError("killed")
+        super()._multi_set(keys, values)
+
+
+def test_closer_dies_before_publishing_ranks(backend: Backend) -> None:
+    hs = handlers(backend, 2, 2, 3, last_call=1.5)
+    joins = [Join(h) for h in hs]
+    eventually(lambda: backend.admin.check(["rdzv/job/r0/hb/2"]), what="two slots")
+    closer = make_handler(
+        _DiesWhenPublishingRanks(backend.connect(), _DyingCounter()), 2, 3, index=5, last_call=1.5
+    )
+    _, exc = Join(closer).outcome()
+    assert exc is not None and "killed" in str(exc)
+    frozen_at = time.monotonic()
+    infos = [j.result() for j in joins]
+    # The others published the ranks themselves once they had been missing for the
+    # liveness expiry; the dead closer is a member of that round (it froze it).
+    assert {i.world_size for i in infos} == {3}
+    assert len({i.rank for i in infos}) == 2
+    assert time.monotonic() - frozen_at < EXPIRY + INTERVAL + 1.0
+    # The next round goes on without it.
+    again = join_all(hs)
+    assert {i.world_size for i in again} == {2}
+
+
 # ---------------------------------------------------------------------------- costs and events
 @pytest.mark.parametrize("n", [16, 64])
 def test_store_operations_per_node_do_not_grow_with_n(backend: Backend, n: int) -> None:
