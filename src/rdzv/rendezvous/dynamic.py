@@ -253,6 +253,7 @@ class _KeepAlive:
         self._record = record
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the mode changed, or stop
         self._key: str | None = None
         # Running mode: the keys whose existence means "nodes are waiting", the counters
         # that say how many, and the cached answer.
@@ -288,6 +289,7 @@ class _KeepAlive:
             self._count_keys = (joined, ngone)
             self._rung = False
             self._waiting = 0
+        self._wake.set()
 
     def waiting(self) -> int:
         with self._lock:
@@ -295,6 +297,7 @@ class _KeepAlive:
 
     def stop(self, join: bool = False) -> None:
         self._stop.set()
+        self._wake.set()
         if join and self._thread is not threading.current_thread():
             self._thread.join(self._interval + 1.0)
 
@@ -310,16 +313,16 @@ class _KeepAlive:
                 self._waiting = max(0, joined - ngone)
 
     def _run(self) -> None:
-        store: Store | None = None
+        store: Store | None = None  # cloned when first needed: most nodes never need it
         next_beat = time.monotonic() + self._interval
         while not self._stop.is_set():
             try:
-                if store is None:
-                    store = self._origin.clone()
                 with self._lock:
                     doorbells = self._doorbells if not self._rung else []
                 timeout = max(0.0, next_beat - time.monotonic())
                 if doorbells:
+                    if store is None:
+                        store = self._origin.clone()
                     try:
                         store.wait(doorbells, timeout)
                     except StoreTimeoutError:
@@ -330,11 +333,14 @@ class _KeepAlive:
                                 self._rung = True
                         self._refresh(store)
                         continue
-                elif self._stop.wait(timeout):
-                    break
+                else:
+                    self._wake.wait(timeout)
+                    self._wake.clear()
                 if time.monotonic() < next_beat or self._stop.is_set():
                     continue
                 next_beat = time.monotonic() + self._interval
+                if store is None:
+                    store = self._origin.clone()
                 self._beat(store)
                 with self._lock:
                     rung = self._rung
