@@ -220,6 +220,7 @@ class _Pending:
     #: This node was a member of the previous round (so it is not a spare).
     was_member: bool = False
     quorum_at: float | None = None
+    #: When this node first saw the round frozen (its ``size`` record) without its rank.
     size_seen_at: float | None = None
 
     @property
@@ -676,7 +677,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._keep_alive = keep_alive
         return self._keep_alive
 
-    def _descriptor(self, round_: int) -> NodeDesc:
+    def _descriptor(self) -> NodeDesc:
         member = self._membership
         master = self._master_endpoint
         if master is None and self._bootstrap_info is not None and self._bootstrap_server:
@@ -733,7 +734,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 f"the slot counter {keys.joined!r} returned {slot}: the rendezvous state is "
                 "corrupt or hostile"
             )
-        desc = self._descriptor(number)
+        desc = self._descriptor()
         alive = keys.alive(slot)
         entries = [(keys.node(slot), desc.encode()), *self._liveness.announce(alive)]
         store.multi_set([k for k, _ in entries], [v for _, v in entries])
@@ -880,6 +881,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             watch_quorum = (
                 pending.monitor
                 and pending.quorum_at is None
+                and pending.size_seen_at is None
                 and settings.min_nodes < settings.max_nodes
             )
             key = keys.quorum if watch_quorum else rank_key
@@ -908,6 +910,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
                     # joiner brings the round back to min_nodes (torch clears its deadline).
                     store.delete_key(keys.quorum)
                     pending.quorum_at = None
+                    if store.check([keys.size]):  # closed meanwhile (set_closed)
+                        pending.size_seen_at = time.monotonic()
                 continue
             if now >= next_tick or (observed is not None and now >= observed):
                 self._tick(store, pending)
@@ -936,7 +940,6 @@ class DynamicRendezvousHandler(RendezvousHandler):
             joined = store.add(keys.joined, 0)
             watched = [s for s in range(1, joined + 1) if s != pending.slot]
         else:
-            joined = pending.slot
             watched = [s for s in range(1, pending.slot) if s not in pending.gone][:2]
         targets = {keys.alive(s): (keys, s) for s in watched if s not in pending.gone}
         prev_keys: RoundKeys | None = None
