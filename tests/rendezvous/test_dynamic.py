@@ -348,10 +348,10 @@ def test_old_rounds_are_cleaned_up(backend: Backend) -> None:
 class _DyingCounter(OpCounter):
     dead = False
 
-    def bump(self, op: str) -> None:
+    def bump(self, op: str, value_bytes: int = 0) -> None:
         if self.dead:
             raise OSError("this node is dead")
-        super().bump(op)
+        super().bump(op, value_bytes)
 
 
 class _DiesWhenPublishingRanks(CountingStore):
