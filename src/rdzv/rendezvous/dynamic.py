@@ -875,7 +875,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
         last_call = settings.timeout.last_call.total_seconds()
         monitor_tick = self._interval / 2
         self._update_role(store, pending)
-        next_tick = time.monotonic() + (monitor_tick if pending.monitor else self._interval)
+        # A monitor looks at once: a peer that died before we came is declared one expiry
+        # after this first look (nobody can know how long it has been silent already).
+        next_tick = time.monotonic() + (0.0 if pending.monitor else self._interval)
         while True:
             now = time.monotonic()
             watch_quorum = (
