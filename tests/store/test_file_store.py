@@ -137,8 +137,7 @@ def test_processes_adding_to_one_counter(path: Path) -> None:
     FileStore(path).close()  # create the file before the workers race to it
     with util.spawn_pool(parties) as pool:
         futures = [
-            pool.submit(util.rdzv_add, str(path), "counter", times, parties)
-            for _ in range(parties)
+            pool.submit(util.rdzv_add, str(path), "counter", times, parties) for _ in range(parties)
         ]
         results = [f.result(timeout=90) for f in futures]
     seen = sorted(v for r in results for v in r)
