@@ -109,19 +109,17 @@ def test_waits_released_across_implementations(path: Path) -> None:
         reader.join(10)
         assert got == [b"hello"]
 
-        waited: list[bool] = []
-
-        def torch_wait() -> None:
-            t.clone().wait(["from-rdzv"], timedelta(seconds=10))
-            waited.append(True)
-
-        waiter = threading.Thread(target=torch_wait)
+        t_waiter = t.clone()
+        waiter = threading.Thread(
+            target=t_waiter.wait, args=(["from-rdzv"], timedelta(seconds=10)), daemon=True
+        )
+        start = time.monotonic()
         waiter.start()
         time.sleep(0.05)
         r.set("from-rdzv", b"hi")
         waiter.join(15)
-        assert waited == [True]
-        del t
+        assert not waiter.is_alive()
+        assert time.monotonic() - start < 5  # released by the write, not the 10 s timeout
 
 
 @pytest.mark.parametrize("torch_closes_first", [True, False])

@@ -450,11 +450,14 @@ class FileStore(Store):
         replayed to the end). On failure the file is cut back to where it was, the replica
         is dropped (the next call replays from scratch) and StoreError is raised."""
         start = self._offset
-        data = memoryview(b"".join(records))
+        data = records[0] if len(records) == 1 else b"".join(records)
         written = 0
         try:
-            while written < len(data):
-                written += os.pwrite(fd, data[written:], start + written)
+            written = os.pwrite(fd, data, start)
+            if written < len(data):  # short write: continue from where it stopped
+                view = memoryview(data)
+                while written < len(data):
+                    written += os.pwrite(fd, view[written:], start + written)
         except OSError as exc:
             try:
                 os.ftruncate(fd, start)
