@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch.distributed as dist
 from rdzv.store.file import FileStore
 from tests.store import filestore_util as util
 from tests.store.filestore_util import last_value
+from tests.store.test_contract import Background
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,25 +101,18 @@ def test_queue_records_are_invisible_to_torch(path: Path) -> None:
 def test_waits_released_across_implementations(path: Path) -> None:
     with FileStore(path, timeout=10) as r:
         t = torch_store(path)
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(r.clone().get("from-torch")))
-        reader.start()
+        reader = r.clone()
+        got = Background(lambda: reader.get("from-torch"))
         time.sleep(0.05)
         t.set("from-torch", "hello")
-        reader.join(10)
-        assert got == [b"hello"]
+        assert got.result() == b"hello"
 
         t_waiter = t.clone()
-        waiter = threading.Thread(
-            target=t_waiter.wait, args=(["from-rdzv"], timedelta(seconds=10)), daemon=True
-        )
-        start = time.monotonic()
-        waiter.start()
+        waited = Background(lambda: t_waiter.wait(["from-rdzv"], timedelta(seconds=10)))
         time.sleep(0.05)
         r.set("from-rdzv", b"hi")
-        waiter.join(15)
-        assert not waiter.is_alive()
-        assert time.monotonic() - start < 5  # released by the write, not the 10 s timeout
+        assert waited.result() is None
+        assert waited.elapsed < 5  # released by the write, not by the 10 s timeout
 
 
 @pytest.mark.parametrize("torch_closes_first", [True, False])
