@@ -1,13 +1,16 @@
 """Local stores benchmark: rdzv HashStore/FileStore next to torch's, measured in one run.
 
 Prints one JSON document: operations per second of ``set``, ``get``, ``add`` and an
-alternating set/get mix for each store (one thread, one handle), the time a new FileStore
-handle needs to replay a file of many keys, and the CPU seconds used by a process blocked in
-``FileStore.wait`` on a key that never comes (rdzv polls with back-off; torch every 10 ms).
+alternating set/get mix for each store (one thread, one handle; median of a few
+measurements), the time a new FileStore handle needs to replay a file of many keys, the
+aggregate ``add`` rate of several processes on one FileStore counter, and the CPU seconds used
+by a process blocked in ``FileStore.wait`` on a key that never comes (rdzv polls with
+back-off; torch every 10 ms). The default run takes about 40 s.
 
 Usage (from the repository root)::
 
-    python bench/store_local.py [--seconds 1.0] [--dir /tmp] [--replay-keys 100000]
+    python bench/store_local.py [--seconds 0.5] [--repeats 3] [--dir /tmp]
+        [--replay-keys 100000] [--procs 2] [--adds 5000] [--wait-seconds 2]
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,7 +74,7 @@ def workloads(store: Any) -> dict[str, Callable[[int], None]]:
     }
 
 
-def bench_stores(directory: str, seconds: float) -> dict[str, dict[str, float]]:
+def bench_stores(directory: str, seconds: float, repeats: int) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=directory, prefix="rdzv-bench-") as tmp:
         factories: dict[str, Callable[[], Any]] = {
@@ -81,7 +85,10 @@ def bench_stores(directory: str, seconds: float) -> dict[str, dict[str, float]]:
         }
         for name, factory in factories.items():
             store = factory()
-            results[name] = {op: round(measure(fn, seconds)) for op, fn in workloads(store).items()}
+            results[name] = {
+                op: round(statistics.median(measure(fn, seconds) for _ in range(repeats)))
+                for op, fn in workloads(store).items()
+            }
             if isinstance(store, FileStore):
                 store.close()
             del store
@@ -109,6 +116,55 @@ def bench_replay(directory: str, n: int) -> dict[str, float]:
         del torch_reader
         writer.close()
     return out
+
+
+_ADD_SCRIPT = """
+import json, sys, time
+kind, path, parties, times = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if kind == "rdzv":
+    from rdzv import FileStore
+    store = FileStore(path, timeout=60)
+else:
+    from datetime import timedelta
+    import torch.distributed as dist
+    store = dist.FileStore(path, -1)
+    store.set_timeout(timedelta(seconds=60))
+store.add("arrived", 1)
+while int(store.get("arrived")) < parties:  # start together (both stores: same keys)
+    time.sleep(0.001)
+start = time.time()
+for _ in range(times):
+    store.add("counter", 1)
+print(json.dumps({"start": start, "end": time.time()}))
+"""
+
+
+def bench_contended_add(directory: str, parties: int, times: int) -> dict[str, Any]:
+    """Aggregate add/s of ``parties`` processes hammering one counter in one file."""
+    out: dict[str, Any] = {"processes": parties, "adds_per_process": times}
+    with tempfile.TemporaryDirectory(dir=directory, prefix="rdzv-bench-") as tmp:
+        for kind in ("rdzv", "torch"):
+            path = os.path.join(tmp, f"{kind}.store")
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", _ADD_SCRIPT, kind, path, str(parties), str(times)],
+                    env=_env(),
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(parties)
+            ]
+            spans = [
+                json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs
+            ]
+            wall = max(s["end"] for s in spans) - min(s["start"] for s in spans)
+            out[f"{kind}_adds_per_second"] = round(parties * times / wall)
+    return out
+
+
+def _env() -> dict[str, str]:
+    paths = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
 
 
 _WAIT_SCRIPT = """
@@ -139,17 +195,13 @@ print(json.dumps({"wall_s": round(time.monotonic() - wall0, 3),
 
 def bench_blocked_wait(directory: str, seconds: float) -> dict[str, Any]:
     """CPU used by a fresh process blocked ``seconds`` in FileStore.wait (rdzv vs torch)."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-    )
     out: dict[str, Any] = {"requested_timeout_s": seconds}
     with tempfile.TemporaryDirectory(dir=directory, prefix="rdzv-bench-") as tmp:
         for kind in ("rdzv", "torch"):
             path = os.path.join(tmp, f"{kind}.store")
             proc = subprocess.run(
                 [sys.executable, "-c", _WAIT_SCRIPT, kind, path, str(seconds)],
-                env=env,
+                env=_env(),
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -179,10 +231,13 @@ def filesystem_of(directory: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=1.0, help="time per (store, op) figure")
+    parser.add_argument("--seconds", type=float, default=0.5, help="time per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (median)")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the store files go")
     parser.add_argument("--replay-keys", type=int, default=100_000)
     parser.add_argument("--wait-seconds", type=float, default=2.0)
+    parser.add_argument("--procs", type=int, default=2, help="processes in the contended add")
+    parser.add_argument("--adds", type=int, default=5000, help="adds per contending process")
     args = parser.parse_args()
     started = time.perf_counter()
     report = {
@@ -202,7 +257,8 @@ def main() -> None:
             "threads": 1,
             "keys": KEYS,
             "value_bytes": len(VALUE),
-            "seconds_per_figure": args.seconds,
+            "seconds_per_measurement": args.seconds,
+            "figure": f"median of {args.repeats} measurements",
             "ops": {
                 "set": "set(key/i % 1000, 32 B)",
                 "get": "get(key/i % 1000) of a present key",
@@ -210,8 +266,9 @@ def main() -> None:
                 "set_get_mix": "alternating set and get over the same keys",
             },
         },
-        "ops_per_second": bench_stores(args.dir, args.seconds),
+        "ops_per_second": bench_stores(args.dir, args.seconds, args.repeats),
         "file_open_replay": bench_replay(args.dir, args.replay_keys),
+        "file_contended_add": bench_contended_add(args.dir, args.procs, args.adds),
         "blocked_wait_cpu": bench_blocked_wait(args.dir, args.wait_seconds),
     }
     report["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -475,7 +475,8 @@ class FileStore(Store):
                 st = os.fstat(fd)
                 if st.st_nlink == 0:
                     raise self._gone_error()
-                self._replay(fd, st.st_size)
+                if st.st_size != self._offset:
+                    self._replay(fd, st.st_size)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             return fn()
@@ -490,7 +491,8 @@ class FileStore(Store):
                 st = os.fstat(fd)
                 if st.st_nlink == 0:
                     raise self._gone_error()
-                self._replay(fd, st.st_size)
+                if st.st_size != self._offset:
+                    self._replay(fd, st.st_size)
                 result, records = fn()
                 if records:
                     self._write_records(fd, records)
