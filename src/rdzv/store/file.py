@@ -464,6 +464,14 @@ class FileStore(Store):
         self._offset = start + written
 
     # ----------------------------------------------------------------- locked operations
+    def _catch_up(self, fd: int) -> None:
+        """Caller holds a flock: check that the file still exists, replay its new tail."""
+        st = os.fstat(fd)
+        if st.st_nlink == 0:
+            raise self._gone_error()
+        if st.st_size != self._offset:
+            self._replay(fd, st.st_size)
+
     def _read_op(self, fn: Callable[[], T]) -> T:
         """Under the shared flock, replay the new tail (if any); then run ``fn`` on the
         replica. The flock is taken even when nothing changed: on NFS, taking a lock is what
@@ -472,11 +480,7 @@ class FileStore(Store):
             fd = self._descriptor()
             fcntl.flock(fd, fcntl.LOCK_SH)
             try:
-                st = os.fstat(fd)
-                if st.st_nlink == 0:
-                    raise self._gone_error()
-                if st.st_size != self._offset:
-                    self._replay(fd, st.st_size)
+                self._catch_up(fd)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             return fn()
@@ -488,11 +492,7 @@ class FileStore(Store):
             fd = self._descriptor()
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                st = os.fstat(fd)
-                if st.st_nlink == 0:
-                    raise self._gone_error()
-                if st.st_size != self._offset:
-                    self._replay(fd, st.st_size)
+                self._catch_up(fd)
                 result, records = fn()
                 if records:
                     self._write_records(fd, records)
