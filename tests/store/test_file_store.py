@@ -301,6 +301,13 @@ def test_missing_directory_fails_fast(tmp_path: Path) -> None:
     assert not missing.exists()
 
 
+def test_directory_part_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_bytes(b"")
+    with pytest.raises(StoreError, match="not a directory") as info:
+        FileStore(tmp_path / "plain" / "store")
+    assert str(tmp_path / "plain" / "store") in str(info.value)
+
+
 def test_not_a_regular_file(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

@@ -281,6 +281,8 @@ class FileStore(Store):
             )
         elif exc.errno == errno.ENOENT:
             why = "the file does not exist any more (it was removed while this handle was open)"
+        elif exc.errno == errno.ENOTDIR:
+            why = "a component of its directory part is a file, not a directory"
         elif exc.errno == errno.EISDIR:
             why = "it is a directory; pass the path of a file (e.g. a name inside it)"
         elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
