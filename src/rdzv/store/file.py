@@ -33,6 +33,12 @@ Blocking calls (get, wait, multi_get, queue_pop, barrier) poll the file with a b
 sleep (1 ms doubling to 50 ms): a blocked process uses almost no CPU, and a write is noticed
 at most 50 ms late. Timeouts are exact to about a millisecond.
 
+Files are created with mode 0600 (torch: 0644). A process that dies without :meth:`close`
+leaves its handle counted in ``refcount/``, so the file is never removed and the next job on
+the same path sees the old keys (as with torch); a process killed mid-write leaves at most one
+incomplete record at the end, which every handle then reports (StoreError with the offset)
+instead of appending after it. See ``docs/stores.md``.
+
 POSIX only (it needs ``fcntl.flock``). Over NFS, ``flock`` works on Linux clients (emulated
 with byte-range locks) but consult your server's locking support.
 """
