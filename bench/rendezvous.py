@@ -45,9 +45,8 @@ HOST = "127.0.0.1"
 def _ours_nodes(
     port: int, count: int, n: int, run_id: str, budget: float
 ) -> tuple[list[Any], OpCounter, OpCounter]:
-    from rdzv.store.tcp import TCPStore  # type: ignore[import-not-found]
-
     from rdzv.rendezvous.dynamic import DynamicRendezvousHandler, RendezvousTimeout
+    from rdzv.store.tcp import TCPStore
 
     counter, background = OpCounter(), OpCounter()
     handlers = []

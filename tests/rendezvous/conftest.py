@@ -1,8 +1,10 @@
 """Fixtures of the dynamic rendezvous tests: store backends, thread nodes, process nodes.
 
 ``backend`` is parametrized over the stores the suite runs on: ``hash`` (threads of this
-process sharing a HashStore) and, for cross-process tests, ``file`` (a FileStore on disk);
-each node gets its own handle from :meth:`Backend.connect`.
+process sharing a HashStore), ``file`` (a FileStore on disk) and ``tcp`` (rdzv's TCPStore
+server on 127.0.0.1, a client connection per node); ``process_backend`` over the ones other
+processes can reach (``file``, ``tcp``). Each node gets its own handle from
+:meth:`Backend.connect`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rdzv.rendezvous.api import RendezvousInfo
 from rdzv.rendezvous.dynamic import DynamicRendezvousHandler, RendezvousTimeout
 from rdzv.store.base import Store
 from rdzv.store.file import FileStore
+from rdzv.store.tcp import TCPStore
 from tests.conftest import subprocess_env
 
 # Small liveness settings keep the failure tests fast: a node is dead after 0.3 s.
@@ -69,8 +72,25 @@ def _file_backend(tmp_path: Path) -> Iterator[Backend]:
             store.close()
 
 
-THREAD_BACKENDS = {"hash": _hash_backend}
-PROCESS_BACKENDS = {"file": _file_backend}
+@contextlib.contextmanager
+def _tcp_backend(tmp_path: Path) -> Iterator[Backend]:
+    server = TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=False, timeout=20)
+    opened: list[TCPStore] = [server]
+
+    def connect() -> Store:
+        client = TCPStore("127.0.0.1", server.port, timeout=20)
+        opened.append(client)
+        return client
+
+    try:
+        yield Backend("tcp", connect, {"kind": "tcp", "host": "127.0.0.1", "port": server.port})
+    finally:
+        for store in reversed(opened):
+            store.close()
+
+
+THREAD_BACKENDS = {"hash": _hash_backend, "file": _file_backend, "tcp": _tcp_backend}
+PROCESS_BACKENDS = {"file": _file_backend, "tcp": _tcp_backend}
 
 
 @pytest.fixture(params=sorted(THREAD_BACKENDS))
@@ -83,6 +103,20 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 def process_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     with PROCESS_BACKENDS[request.param](tmp_path) as b:
         yield b
+
+
+_created: list[DynamicRendezvousHandler] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_keep_alives() -> Iterator[None]:
+    """Stop the keep-alive threads of the handlers a test created (no stray heartbeats
+    to the next test's stores)."""
+    yield
+    while _created:
+        keep_alive = _created.pop()._keep_alive
+        if keep_alive is not None:
+            keep_alive.stop()
 
 
 def make_handler(
@@ -100,7 +134,7 @@ def make_handler(
     **kwargs: Any,
 ) -> DynamicRendezvousHandler:
     kwargs.setdefault("master_endpoint", (f"127.0.0.{index + 1}", 29400 + index))
-    return DynamicRendezvousHandler(
+    handler = DynamicRendezvousHandler(
         run_id,
         store,
         min_nodes,
@@ -111,6 +145,8 @@ def make_handler(
         keep_alive_max_attempt=attempts,
         **kwargs,
     )
+    _created.append(handler)
+    return handler
 
 
 class Join:

@@ -61,7 +61,7 @@ def open_store(spec: dict[str, Any]) -> Store:
         from rdzv.store.file import FileStore
 
         return FileStore(spec["path"], timeout=30)
-    from rdzv.store.tcp import TCPStore  # type: ignore[import-not-found]
+    from rdzv.store.tcp import TCPStore
 
     store: Store = TCPStore(spec["host"], spec["port"], is_master=False, timeout=30)
     return store

@@ -390,19 +390,25 @@ def test_closer_dies_before_publishing_ranks(backend: Backend) -> None:
 # ---------------------------------------------------------------------------- costs and events
 @pytest.mark.parametrize("n", [16, 64])
 def test_store_operations_per_node_do_not_grow_with_n(backend: Backend, n: int) -> None:
-    counter = OpCounter()
+    # The keep-alive threads work on clones, counted apart (they wait for late arrivals).
+    counter, background = OpCounter(), OpCounter()
     hs = [
-        make_handler(CountingStore(backend.connect(), counter), n, n, index=i, interval=30)
+        make_handler(
+            CountingStore(backend.connect(), counter, background), n, n, index=i, interval=30
+        )
         for i in range(n)
     ]
     join_all(hs)
     per_node = counter.total() / n
-    assert per_node <= 8, counter.snapshot()
+    # 6 per node, plus a handful for the closer and the two monitors
+    assert 6 <= per_node <= 6 + 32 / n, counter.snapshot()
 
 
 def test_events_for_every_step(backend: Backend) -> None:
     seen: list[RdzvEvent] = []
-    remove = events.add_callback(lambda e: seen.append(e) if isinstance(e, RdzvEvent) else None)
+    remove = events.add_callback(
+        lambda e: seen.append(e) if isinstance(e, RdzvEvent) and e.run_id.startswith("ev") else None
+    )
     try:
         hs = handlers(backend, 2, 2, 2, run_id="ev")
         join_all(hs)
@@ -419,7 +425,6 @@ def test_events_for_every_step(backend: Backend) -> None:
     failed = [e for e in seen if e.node_state is NodeState.FAILED]
     assert any("RendezvousTimeoutError" in e.message and e.duration_ms for e in failed)
     assert any("has closed the rendezvous" in m for m in msgs)
-    assert all(e.run_id in ("ev", "ev2") for e in seen)
 
 
 def test_node_lost_event(backend: Backend) -> None:

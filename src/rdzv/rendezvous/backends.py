@@ -71,7 +71,7 @@ def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple
         matches_machine_hostname,
         parse_rendezvous_endpoint,
     )
-    from rdzv.store.tcp import TCPStore  # type: ignore[import-not-found]
+    from rdzv.store.tcp import TCPStore
 
     host, port = parse_rendezvous_endpoint(params.endpoint, default_port=C10D_DEFAULT_PORT)
     explicit = params.get_as_bool("is_host")

@@ -348,6 +348,8 @@ class _KeepAlive:
                 if rung:
                     self._refresh(store)
             except (RendezvousError, StoreError, OSError) as exc:
+                if self._stop.is_set():
+                    break  # stopped while blocked: the store may be gone already
                 msg = f"The keep-alive of {self.name} has failed: {type(exc).__name__}: {exc}"
                 logger.warning(msg)
                 self._record(msg, NodeState.FAILED)
@@ -1126,7 +1128,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if rank == 0:
             if self.use_agent_store:
                 if self._bootstrap_server is None:
-                    from rdzv.store.tcp import TCPStore  # type: ignore[import-not-found]
+                    from rdzv.store.tcp import TCPStore
 
                     self._bootstrap_server = TCPStore(
                         self._addr, 0, is_master=True, multi_tenant=True

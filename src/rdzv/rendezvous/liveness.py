@@ -27,7 +27,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 
-from rdzv.errors import CounterError, RendezvousStateError, StoreTimeoutError
+from rdzv.errors import RendezvousStateError, StoreTimeoutError
 from rdzv.store.base import Store
 
 __all__ = [
@@ -129,9 +129,10 @@ def _counter(key: str, value: bytes) -> int:
 
 
 class HeartbeatLiveness(Liveness):
-    """Liveness by heartbeat counters, on any Store (add / compare_set / check / multi_get).
+    """Liveness by heartbeat counters, on any Store (compare_set, check, wait, multi_get).
 
-    The owner's key holds an ASCII counter that :meth:`keep_alive` increments with ``add``;
+    The owner's key holds an ASCII counter that :meth:`keep_alive` increments (a
+    compare_set from the value it wrote last: it fails on a retired or deleted key);
     ``left`` when its owner retired it; ``dead:<token>`` when an observer declared it dead.
     Declaring is a compare_set from the value the observer saw to its own marker: it fails if
     the owner beat in between (so a slow-but-alive node is never marked dead on a stale read)
@@ -166,26 +167,24 @@ class HeartbeatLiveness(Liveness):
         return [(key, b"0")]
 
     def keep_alive(self, store: Store, key: str) -> bool:
+        # compare_set rather than add: a retired key ("left"/"dead:...") makes add fail, and
+        # a torch server drops the connection on that; a deleted key must not be re-created.
         with self._lock:
             last = self._last.get(key)
         if last is None:
             return False
-        try:
-            value = store.add(key, 1)
-        except CounterError:
-            # "left" or "dead:...": no longer ours.
-            with self._lock:
-                self._last.pop(key, None)
-            return False
+        expected = str(last).encode()
+        desired = str(last + 1).encode()
+        current = store.compare_set(key, expected, desired)
         with self._lock:
-            if key not in self._last:  # retired concurrently
-                return False
-            if value != last + 1:
-                # The key was deleted and re-created by this add (its round was cleaned
-                # up): we are not part of that round any more.
+            if current != desired or key not in self._last:
+                # retired or declared dead (a marker), deleted with its round (compare_set
+                # returns `expected` for a missing key), or retired by us meanwhile
                 self._last.pop(key, None)
+                if current != desired and current != expected and not _is_gone(current):
+                    _counter(key, current)  # not a liveness value at all: corrupt
                 return False
-            self._last[key] = value
+            self._last[key] = last + 1
         return True
 
     def retire(self, store: Store, key: str) -> bool:
@@ -232,15 +231,27 @@ class HeartbeatLiveness(Liveness):
 
 
 def _read(store: Store, keys: list[str]) -> dict[str, bytes | None]:
-    """The values of ``keys`` (None for missing ones) without blocking: one check and one
-    multi_get when all exist, one check per key otherwise."""
-    if store.check(keys):
-        return dict(zip(keys, store.multi_get(keys), strict=True))
-    present = [k for k in keys if store.check([k])]
+    """The values of ``keys`` (None for missing ones) without blocking: one ``check`` and
+    one ``multi_get`` when all exist; otherwise the missing ones are found by halving (a few
+    ``check`` calls: missing keys are rare, those of slots taken a moment ago)."""
     values: dict[str, bytes | None] = dict.fromkeys(keys)
+    missing = set() if store.check(keys) else set(_find_missing(store, keys))
+    present = [k for k in keys if k not in missing]
     if present:
         values.update(zip(present, store.multi_get(present), strict=True))
     return values
+
+
+def _find_missing(store: Store, keys: list[str]) -> list[str]:
+    """The missing keys among ``keys``, known not to all exist."""
+    if len(keys) == 1:
+        return keys
+    middle = len(keys) // 2
+    missing: list[str] = []
+    for half in (keys[:middle], keys[middle:]):
+        if not store.check(half):
+            missing.extend(_find_missing(store, half))
+    return missing
 
 
 class _HeartbeatObserver(LivenessObserver):
