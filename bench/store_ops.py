@@ -69,12 +69,9 @@ def start_server(kind: str) -> tuple[subprocess.Popen[str], int]:
 
 
 def stop_server(proc: subprocess.Popen[str]) -> None:
+    # torch's server script exits when its stdin closes; rdzv serve on SIGTERM.
     proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    proc.communicate(timeout=30)
 
 
 # --------------------------------------------------------------------------- client worker

@@ -665,59 +665,37 @@ _LIST_CLASSES: dict[Op, Callable[[list[bytes]], Request]] = {
 # request the server receives).
 
 
-def _key_parser(cls: Callable[[bytes], Request]) -> _Parse:
+_KEY_ONLY, _KEY_VALUE, _KEY_INT = range(3)
+
+
+def _key_parser(cls: Callable[..., Request], tail: int = _KEY_ONLY) -> _Parse:
+    """A parser of ``key`` [+ ``value`` blob | + i64] frames building ``cls``."""
+
     def parse(self: RequestParser, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
-        stop = pos + 8
-        if stop > end:
-            raise NeedData(stop)
-        n = _U64_FROM(buf, pos)[0]
-        if n > self._limits.max_key_bytes:
-            raise _too_big("key", n, self._limits.max_key_bytes)
-        stop += n
-        if stop > end:
-            raise NeedData(stop)
-        return cls(buf[pos + 8 : stop]), stop
-
-    return parse
-
-
-def _key_value_parser(cls: Callable[[bytes, bytes], Request]) -> _Parse:
-    def parse(self: RequestParser, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
-        stop = pos + 8
-        if stop > end:
-            raise NeedData(stop)
+        start = pos + 8
+        if start > end:
+            raise NeedData(start)
         n = _U64_FROM(buf, pos)[0]
         limits = self._limits
         if n > limits.max_key_bytes:
             raise _too_big("key", n, limits.max_key_bytes)
-        key_end = stop + n
+        key_end = start + n
+        if tail == _KEY_ONLY:
+            if key_end > end:
+                raise NeedData(key_end)
+            return cls(buf[start:key_end]), key_end
         stop = key_end + 8
         if stop > end:
             raise NeedData(stop)
+        if tail == _KEY_INT:
+            return cls(buf[start:key_end], _I64_FROM(buf, key_end)[0]), stop
         n = _U64_FROM(buf, key_end)[0]
         if n > limits.max_value_bytes:
             raise _too_big("value", n, limits.max_value_bytes)
-        stop += n
-        if stop > end:
-            raise NeedData(stop)
-        return cls(buf[pos + 8 : key_end], buf[key_end + 8 : stop]), stop
-
-    return parse
-
-
-def _key_int_parser(cls: Callable[[bytes, int], Request]) -> _Parse:
-    def parse(self: RequestParser, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
-        stop = pos + 8
-        if stop > end:
-            raise NeedData(stop)
-        n = _U64_FROM(buf, pos)[0]
-        if n > self._limits.max_key_bytes:
-            raise _too_big("key", n, self._limits.max_key_bytes)
-        key_end = stop + n
-        stop = key_end + 8
-        if stop > end:
-            raise NeedData(stop)
-        return cls(buf[pos + 8 : key_end], _I64_FROM(buf, key_end)[0]), stop
+        value_end = stop + n
+        if value_end > end:
+            raise NeedData(value_end)
+        return cls(buf[start:key_end], buf[stop:value_end]), value_end
 
     return parse
 
@@ -739,33 +717,33 @@ def _fixed(req: Request) -> _Parse:
 
 def _build_tables() -> tuple[list[_Parse | None], list[_Parse | None]]:
     torch: list[_Parse | None] = [None] * 256
-    torch[Op.SET] = _key_value_parser(Set)
+    torch[Op.SET] = _key_parser(Set, _KEY_VALUE)
     torch[Op.COMPARE_SET] = RequestParser._p_compare_set
     torch[Op.GET] = _key_parser(Get)
-    torch[Op.ADD] = _key_int_parser(Add)
+    torch[Op.ADD] = _key_parser(Add, _KEY_INT)
     torch[Op.CHECK] = _list_parser(Op.CHECK)
     torch[Op.WAIT] = _list_parser(Op.WAIT)
     torch[Op.GETNUMKEYS] = _fixed(GetNumKeys())
     torch[Op.DELETE_KEY] = _key_parser(DeleteKey)
-    torch[Op.APPEND] = _key_value_parser(Append)
+    torch[Op.APPEND] = _key_parser(Append, _KEY_VALUE)
     torch[Op.MULTI_GET] = _list_parser(Op.MULTI_GET)
     torch[Op.MULTI_SET] = _list_parser(Op.MULTI_SET)
     torch[Op.CANCEL_WAIT] = _fixed(CancelWait())
     torch[Op.PING] = RequestParser._p_ping
-    torch[Op.QUEUE_PUSH] = _key_value_parser(QueuePush)
+    torch[Op.QUEUE_PUSH] = _key_parser(QueuePush, _KEY_VALUE)
     torch[Op.QUEUE_POP] = _key_parser(QueuePop)
     torch[Op.QUEUE_LEN] = _key_parser(QueueLen)
     torch[Op.LIST_KEYS] = _fixed(ListKeys())
-    torch[Op.BARRIER] = _key_int_parser(Barrier)
+    torch[Op.BARRIER] = _key_parser(Barrier, _KEY_INT)
     ext = list(torch)
-    ext[Op.EXT_ADD] = _key_int_parser(ExtAdd)
-    ext[Op.EXT_BARRIER] = _key_int_parser(ExtBarrier)
+    ext[Op.EXT_ADD] = _key_parser(ExtAdd, _KEY_INT)
+    ext[Op.EXT_BARRIER] = _key_parser(ExtBarrier, _KEY_INT)
     ext[Op.EXT_GET_WAIT] = _key_parser(ExtGetWait)
     ext[Op.EXT_MULTI_GET_WAIT] = _list_parser(Op.EXT_MULTI_GET_WAIT)
     ext[Op.EXT_QUEUE_POP_WAIT] = _key_parser(ExtQueuePopWait)
     ext[Op.EXT_LIST_KEYS] = _key_parser(ExtListKeys)
     ext[Op.EXT_NUM_KEYS] = _key_parser(ExtNumKeys)
-    ext[Op.EXT_SET_EPHEMERAL] = _key_value_parser(ExtSetEphemeral)
+    ext[Op.EXT_SET_EPHEMERAL] = _key_parser(ExtSetEphemeral, _KEY_VALUE)
     ext[Op.EXT_SET_LEASE] = RequestParser._p_set_lease
     return torch, ext
 

@@ -14,14 +14,17 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch.distributed as dist
 
+from rdzv import PrefixStore
 from rdzv.errors import NetworkError, QueueEmptyError, StoreTimeoutError
 from rdzv.store.tcp import TCPStore
 from tests.conftest import subprocess_env
 from tests.server.helpers import raw_get, rdzv_serve
+from tests.store.test_contract import Background
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,18 +45,21 @@ def torch_client(rdzv_port: int, request: pytest.FixtureRequest) -> dist.TCPStor
 
 
 # --------------------------------------------------------------------------- torch -> rdzv
-def test_torch_client_basic_ops(torch_client: dist.Store) -> None:
-    s = torch_client
+def exercise(s: Any, peer: Any) -> None:
+    """Every non-blocking operation through ``s``; ``peer``, another client of the same
+    server (the other implementation), reads what ``s`` wrote and writes what ``s`` reads."""
     s.set("k", b"v")
     s.set("s", "text")
-    assert s.get("k") == b"v"
+    assert peer.get("k") == b"v"
     assert s.get("s") == b"text"
+    peer.set("t", b"from peer")
+    assert s.get("t") == b"from peer"
     assert s.add("c", 5) == 5
     assert s.add("c", -7) == -2
-    assert s.get("c") == b"-2"
+    assert peer.get("c") == b"-2"
     s.append("ap", b"ab")
     s.append("ap", b"cd")
-    assert s.get("ap") == b"abcd"
+    assert peer.get("ap") == b"abcd"
     s.multi_set(["m1", "m2"], [b"x", b"yz"])
     assert s.multi_get(["m1", "m2"]) == [b"x", b"yz"]
     assert s.check(["k", "c"]) is True
@@ -64,17 +70,23 @@ def test_torch_client_basic_ops(torch_client: dist.Store) -> None:
     s.wait(["c"], T(seconds=1))
     s.set("", b"")
     s.set("unié", b"\x00\xff")
-    assert s.get("unié") == b"\x00\xff"
-    assert s.has_extended_api()
-
-
-def test_torch_client_compare_set_truth_table(torch_client: dist.Store) -> None:
-    s = torch_client
+    assert peer.get("unié") == b"\x00\xff"
+    # compare_set truth table
     assert s.compare_set("cs", "", "new") == b"new"
     assert s.compare_set("cs2", "x", "y") == b"x"
     assert s.check(["cs2"]) is False
     assert s.compare_set("cs", "new", "newer") == b"newer"
     assert s.compare_set("cs", "zzz", "q") == b"newer"
+    assert peer.get("cs") == b"newer"
+    assert sorted(s.list_keys()) == sorted(peer.list_keys())
+    assert s.has_extended_api()
+
+
+def test_torch_client_on_rdzv_server(rdzv_port: int, request: pytest.FixtureRequest) -> None:
+    theirs = dist.TCPStore("127.0.0.1", rdzv_port, timeout=T(seconds=10))
+    ours = TCPStore("127.0.0.1", rdzv_port, timeout=10)
+    prefix = request.node.name
+    exercise(dist.PrefixStore(prefix, theirs), PrefixStore(prefix, ours))
 
 
 def test_torch_client_timeouts_and_cancel(torch_client: dist.Store) -> None:
@@ -117,24 +129,20 @@ def test_torch_client_queues(rdzv_port: int, torch_client: dist.Store) -> None:
     assert s.queue_len("never") == 0
 
 
+def _pop_or_error(store: dist.TCPStore) -> object:
+    try:
+        return store.queue_pop("one")
+    except dist.DistStoreError as exc:
+        return exc
+
+
 def test_torch_client_queue_wakes_exactly_one(rdzv_port: int) -> None:
     poppers = [dist.TCPStore("127.0.0.1", rdzv_port, timeout=T(seconds=1)) for _ in range(2)]
     pusher = dist.TCPStore("127.0.0.1", rdzv_port, timeout=T(seconds=10))
-    results: list[object] = []
-
-    def pop(store: dist.TCPStore) -> None:
-        try:
-            results.append(store.queue_pop("one"))
-        except dist.DistStoreError as exc:
-            results.append(exc)
-
-    threads = [threading.Thread(target=pop, args=(p,)) for p in poppers]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)
+    tasks = [Background(lambda p=p: _pop_or_error(p)) for p in poppers]  # type: ignore[misc]
+    time.sleep(0.2)  # let both block (if not, one pops at once and the other times out too)
     pusher.queue_push("one", b"item")
-    for t in threads:
-        t.join(10)
+    results = [t.result() for t in tasks]
     assert results.count(b"item") == 1
     assert sum(isinstance(r, dist.DistStoreError) for r in results) == 1
 
@@ -208,27 +216,7 @@ def torch_server(request: pytest.FixtureRequest) -> Iterator[tuple[dist.TCPStore
 def test_rdzv_client_on_torch_server(torch_server: tuple[dist.TCPStore, TCPStore]) -> None:
     master, s = torch_server
     assert s.extensions is False
-    s.set("k", b"v")
-    assert master.get("k") == b"v"
-    master.set("t", b"from torch")
-    assert s.get("t") == b"from torch"
-    assert s.add("c", 5) == 5
-    assert s.add("c", -7) == -2
-    assert master.get("c") == b"-2"
-    s.append("ap", b"ab")
-    s.append("ap", b"cd")
-    assert s.get("ap") == b"abcd"
-    assert s.compare_set("cs", b"", b"new") == b"new"
-    assert s.compare_set("cs2", b"x", b"y") == b"x"
-    assert s.compare_set("cs", b"new", b"newer") == b"newer"
-    assert s.compare_set("cs", b"zzz", b"q") == b"newer"
-    s.multi_set(["m1", "m2"], [b"x", b"yz"])
-    assert s.multi_get(["m1", "m2"]) == [b"x", b"yz"]
-    assert s.check(["k", "c"])
-    assert not s.check(["nope"])
-    assert s.delete_key("k") is True
-    assert s.delete_key("k") is False
-    assert sorted(s.list_keys()) == sorted(master.list_keys())
+    exercise(s, master)
     assert s.num_keys() == master.num_keys()
     assert sorted(s.list_key_sizes("m")) == [("m1", 1), ("m2", 2)]
 
