@@ -43,6 +43,7 @@ def test_set_get_add_delete(store: TCPStore) -> None:
 
 def test_keys_with_sizes_and_json(store: TCPStore) -> None:
     store.multi_set(["a/1", "a/2", "b"], [b"x", b"yy", b"\xff\x00"])
+    store.multi_get(["a/1", "a/2", "b"])  # round trip: the writes have run
     assert rdzv(store, "keys").stdout == "a/1\t1\na/2\t2\nb\t2\n"
     assert rdzv(store, "keys", "a/").stdout == "a/1\t1\na/2\t2\n"
     listed = json.loads(rdzv(store, "--json", "keys").stdout)
@@ -65,6 +66,7 @@ def test_wait_and_errors(store: TCPStore) -> None:
     assert "wait timeout after 200ms" in out.stderr
     assert "missing" in out.stderr
     store.set("text", b"abc")
+    assert store.get("text") == b"abc"
     out = rdzv(store, "add", "text", "1")
     assert out.returncode == 1
     assert "not a base-10 integer" in out.stderr

@@ -91,6 +91,7 @@ def test_world_size_counting_and_wait_for_workers() -> None:
     assert master.num_keys() == 0
     assert master.list_keys() == []
     workers[0].set("a", b"1")
+    assert workers[0].get("a") == b"1"  # round trip: the set has run
     assert workers[1].num_keys() == 1
     master.close()
 

@@ -59,6 +59,9 @@ def exercise(s: Any, peer: Any) -> None:
     assert peer.get("c") == b"-2"
     s.append("ap", b"ab")
     s.append("ap", b"cd")
+    # Writes without a reply are ordered per connection only: a round trip on s's own
+    # connection makes sure both appends ran before peer looks.
+    assert s.get("ap") == b"abcd"
     assert peer.get("ap") == b"abcd"
     s.multi_set(["m1", "m2"], [b"x", b"yz"])
     assert s.multi_get(["m1", "m2"]) == [b"x", b"yz"]
