@@ -27,7 +27,28 @@ def prefix_over_hash(tmp_path: Path) -> Iterator[Store]:
     yield PrefixStore("pre", HashStore(timeout=5))
 
 
+@contextlib.contextmanager
+def etcd_store(tmp_path: Path) -> Iterator[Store]:
+    # A fresh random prefix per test on the session's shared etcd member, whose limits
+    # (--max-txn-ops, --max-request-bytes) the client is told about.
+    from rdzv.store.etcd import EtcdStore
+    from tests.etcd_fixtures import MAX_REQUEST_BYTES, MAX_TXN_OPS, fresh_prefix, shared_member
+
+    store = EtcdStore(
+        shared_member().endpoint,
+        fresh_prefix(),
+        timeout=5,
+        max_txn_ops=MAX_TXN_OPS,
+        max_request_bytes=MAX_REQUEST_BYTES,
+    )
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 BACKENDS: dict[str, Factory] = {
     "hash": hash_store,
     "prefix": prefix_over_hash,
+    "etcd": etcd_store,
 }
