@@ -416,6 +416,11 @@ class EtcdClient:
                 f"etcd at {endpoint} refused {what}: permission denied for {who} ({details}); "
                 "grant the user's role read/write access to the key prefix"
             ) from None
+        if "user name is empty" in details or "invalid auth token" in details:
+            raise AuthError(
+                f"etcd at {endpoint} refused {what}: authentication is enabled on the cluster "
+                "and no valid credentials were given; pass user and password"
+            ) from None
         if _NO_ROOM.search(details):
             raise StoreError(
                 f"etcd at {endpoint} refused {what}: {details}. etcd limits one request to "
