@@ -175,6 +175,24 @@ class EtcdMember:
             result: dict[str, object] = json.loads(response.read())
             return result
 
+    def metric(self, name: str) -> float:
+        """The value of a Prometheus metric of the member (``/metrics``), 0 if absent."""
+        with urllib.request.urlopen(
+            self.client_url + "/metrics", timeout=2, context=self._ssl()
+        ) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def wait_metric(self, name: str, at_least: float, timeout: float = 10.0) -> None:
+        """Wait (bounded) until metric ``name`` reaches ``at_least``."""
+        deadline = time.monotonic() + timeout
+        while self.metric(name) < at_least:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd {self.name}: {name} stayed below {at_least}")
+            time.sleep(0.02)
+
     def healthy(self) -> bool:
         try:
             return self.http("/health").get("health") == "true"
