@@ -51,14 +51,18 @@ applied"), never apply twice.
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
 import math
 import os
+import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from rdzv.engine import INT64_MAX, INT64_MIN, format_counter, parse_counter, show_key
-from rdzv.errors import CounterError, QueueEmptyError, StoreError
+from rdzv.errors import CounterError, NetworkError, QueueEmptyError, StoreError
 from rdzv.store.base import Deadline, Store, TimeoutLike, ValueLike, key_to_str, value_to_bytes
 from rdzv.store.etcd_client import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -81,7 +85,11 @@ DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
 _PUT, _DELETE = 0, 1
 _CMP = etcdrpc.Compare
 _LIST_PAGE = 10_000
+log = logging.getLogger("rdzv.store.etcd")
 _CACHE_SIZE = 4096
+#: TTL of a client's session key (seconds); renewed lazily by the next guarded write after
+#: half of it has passed, re-created after it lapsed.
+_SESSION_TTL = 600
 
 
 class LeaseExpiredError(StoreError):
@@ -233,6 +241,15 @@ class EtcdStore(Store):
         self._max_request_bytes = max_request_bytes
         # key -> (value, mod revision) last seen by this client: the first guess of add.
         self._seen: dict[bytes, tuple[bytes, int]] = {}
+        self._watch_losses = 0
+        # The session key: see _guarded().
+        self._session_key = raw + b"s/" + uuid.uuid4().hex.encode("ascii")
+        self._session_lock = threading.Lock()
+        self._session_value: bytes | None = None
+        self._session_lease = 0
+        self._session_renewed = 0.0
+        self._session_seq = 0
+        self._pending = b""
         try:
             self._unary(
                 "KV",
@@ -384,8 +401,8 @@ class EtcdStore(Store):
                 qp = self._qprefix(missing[0]) if len(missing) == 1 else self._queues
                 ranges.append((qp, prefix_range_end(qp)))
             wanted = set(missing)
-            try:
-                for events in self._client.watch(ranges, revision + 1, deadline):
+            with self._watching(ranges, revision, deadline) as batches:
+                for events in batches:
                     for event in events:
                         if event.type != _PUT:
                             continue
@@ -396,15 +413,151 @@ class EtcdStore(Store):
                                 found.setdefault(name, event.kv.value)
                     if not wanted:
                         return found
-            except WatchLostError:
-                missing = list(wanted)
-                continue
-            raise self._timeout_error(op, sorted(wanted), timeout)
+            missing = list(wanted)  # deadline, or watch lost: read again
+
+    @contextlib.contextmanager
+    def _watching(
+        self, ranges: list[tuple[bytes, bytes]], revision: int, deadline: Deadline
+    ) -> Iterator[Generator[Sequence[Any], None, None]]:
+        """Watch ``ranges`` from ``revision + 1``: yields the batches of events. A lost watch
+        (failover, compaction) ends the batches early after a short growing pause (so a
+        flapping endpoint cannot make the caller spin); callers then read again."""
+        batches = self._client.watch(ranges, revision + 1, deadline)
+        try:
+            yield batches
+            self._watch_losses = 0
+        except WatchLostError as exc:
+            self._watch_losses = min(self._watch_losses + 1, 10)
+            log.debug("%r: %s; reading again", self, exc)
+            time.sleep(min(0.01 * 2**self._watch_losses, 1.0, deadline.remaining()))
+        finally:
+            batches.close()  # cancels the gRPC stream at once
 
     def _name_of(self, etcd_key: bytes) -> str | None:
         if etcd_key.startswith(self._values):
             return etcd_key[len(self._values) :].decode("utf-8", "replace")
         return self._queue_name(etcd_key)
+
+    # ----------------------------------------------------------------- exactly-once writes
+    # A transaction that compares (add, append, compare_set, queue_pop) or reports what it
+    # did (delete_key) must not be applied twice, yet the request can die mid-flight (the
+    # member in use crashes; a follower's proposal times out when the leader dies) and then
+    # it may or may not have been applied -- and may even still be applied later.
+    # Each client therefore owns a session key ``P + "s/" + uuid`` (on a lease, so a dead
+    # client's key expires). Every guarded transaction also compares the session key with
+    # its last value and, on success, writes a new sequence number into it. After an
+    # ambiguous failure the client *fences*: a transaction that moves the session key on
+    # if and only if it still holds the old value. If the fence succeeds, the lost
+    # transaction was not applied and never can be (its compare now fails); if the session
+    # key holds the lost transaction's number, it was applied. Either way the client knows,
+    # so these operations ride through the loss of an endpoint like reads and puts do.
+
+    def _session_ready(self) -> bytes:
+        """The session key's current value, (re)creating or renewing its lease when due.
+        Called with the session lock held."""
+        now = time.monotonic()
+        if self._session_value is not None and now - self._session_renewed < _SESSION_TTL / 2:
+            return self._session_value
+        if self._session_value is not None and self._client.lease_keepalive(
+            self._session_lease, self._deadline()
+        ):
+            self._session_renewed = now
+            return self._session_value
+        grant = etcdrpc.LeaseGrantRequest(TTL=_SESSION_TTL, ID=0)
+        self._session_lease = int(self._unary("Lease", "LeaseGrant", grant, "session").ID)
+        self._session_seq += 1
+        value = b"%d" % self._session_seq
+        put = etcdrpc.PutRequest(key=self._session_key, value=value, lease=self._session_lease)
+        self._unary("KV", "Put", put, "session")
+        self._session_value, self._session_renewed = value, now
+        return value
+
+    def _guarded(
+        self,
+        compare: list[Any],
+        success: list[Any],
+        failure: list[Any],
+        what: str,
+        build: Callable[[Any, Any], tuple[list[Any], list[Any], list[Any]]] | None = None,
+    ) -> tuple[bool, Any, int]:
+        """Run a transaction exactly once (see above). Returns ``(succeeded, response,
+        revision)``; ``response`` is None when the outcome was recovered after a lost
+        request (then the caller reads what it needs again), ``revision`` is the
+        transaction's revision when it succeeded. ``build(session_compare, session_put)``,
+        when given, returns (compare, success, failure) instead (for nested transactions that
+        must move the session key too)."""
+        with self._session_lock:
+            while True:
+                try:
+                    current = self._session_ready()
+                    same, move, read = self._session_ops(current)
+                    if build is not None:
+                        compare, success, failure = build(same, move)
+                    response = self._txn([*compare, same], [*success, move], [*failure, read], what)
+                except NetworkError as exc:
+                    if "may or may not have been applied" not in str(exc):
+                        raise
+                    applied, revision = self._fence(current, what)
+                    return applied, None, revision
+                except StoreError as exc:
+                    if "lease not found" not in str(exc):
+                        raise
+                    self._session_value = None  # the session lapsed: start a new one
+                    continue
+                moved = self._session_moved(response)
+                if response.succeeded or moved:
+                    self._session_value = self._pending
+                    return True, response, response.header.revision
+                held = response.responses[-1].response_range.kvs
+                if not held or held[0].value != current:
+                    self._session_value = None  # lapsed or disturbed: retry in a new one
+                    continue
+                return False, response, 0
+
+    def _session_ops(self, current: bytes) -> tuple[Any, Any, Any]:
+        """(compare, put, read) of the session key for one guarded transaction."""
+        self._session_seq += 1
+        self._pending = b"%d" % self._session_seq
+        return (
+            _CMP(key=self._session_key, target=_CMP.VALUE, result=_CMP.EQUAL, value=current),
+            _put(self._session_key, self._pending, self._session_lease),
+            _range(self._session_key),
+        )
+
+    def _session_moved(self, response: Any) -> bool:
+        """Whether a nested transaction in the failure branch succeeded (compare_set)."""
+        for item in response.responses:
+            if item.WhichOneof("response") == "response_txn" and item.response_txn.succeeded:
+                return True
+        return False
+
+    def _fence(self, current: bytes, what: str) -> tuple[bool, int]:
+        """After a lost guarded transaction: (was it applied, its revision)."""
+        lost = self._pending
+        self._session_seq += 1
+        fence = b"%d" % self._session_seq
+        compare = _CMP(key=self._session_key, target=_CMP.VALUE, result=_CMP.EQUAL, value=current)
+        response = self._txn(
+            [compare],
+            [_put(self._session_key, fence, self._session_lease)],
+            [_range(self._session_key)],
+            f"{what} (recovery)",
+            idempotent=True,  # a repeated fence finds its own value and says "not applied"
+        )
+        if response.succeeded:
+            self._session_value = fence
+            return False, 0
+        held = response.responses[0].response_range.kvs
+        if held and held[0].value == lost:
+            self._session_value = lost
+            return True, int(held[0].mod_revision)
+        self._session_value = None if not held else bytes(held[0].value)
+        if held and held[0].value == fence:
+            return False, 0
+        raise StoreError(
+            f"etcd {what}: the session key {self._session_key!r} was changed by someone else "
+            "while the outcome of a lost request was being recovered"
+        )
 
     def _modify(self, key: str, update: Any, what: str) -> tuple[bytes, int]:
         """Read-modify-write ``key`` with ``update(old value or None) -> new value`` in a
@@ -413,13 +566,17 @@ class EtcdStore(Store):
         old, mod = self._seen.get(vkey, (None, 0))
         while True:
             new = update(old)
-            response = self._txn(
+            done, response, revision = self._guarded(
                 [_mod_is(vkey, mod)], [_put(vkey, new)], [_range(vkey)], f"{what} {key!r}"
             )
-            if response.succeeded:
-                self._remember(vkey, new, response.header.revision)
-                return new, response.header.revision
-            kvs = response.responses[0].response_range.kvs
+            if done:
+                self._remember(vkey, new, revision)
+                return new, revision
+            if response is None:
+                response = self._unary("KV", "Range", etcdrpc.RangeRequest(key=vkey), what)
+                kvs = response.kvs
+            else:
+                kvs = response.responses[0].response_range.kvs
             old, mod = (kvs[0].value, kvs[0].mod_revision) if kvs else (None, 0)
 
     # ----------------------------------------------------------------- core
@@ -515,35 +672,48 @@ class EtcdStore(Store):
     def _compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
         vkey = self._vkey(key)
         what = f"compare_set {key!r}"
-        if expected:
-            value_is = _CMP(key=vkey, target=_CMP.VALUE, result=_CMP.EQUAL, value=expected)
-            response = self._txn([value_is], [_put(vkey, desired)], [_range(vkey)], what)
-            if response.succeeded:
-                return desired
-            kvs = response.responses[0].response_range.kvs
-            return bytes(kvs[0].value) if kvs else expected
-        # Empty expected: create the key if absent, else swap if its value is empty.
         absent = _CMP(key=vkey, target=_CMP.VERSION, result=_CMP.EQUAL, version=0)
         empty = _CMP(key=vkey, target=_CMP.VALUE, result=_CMP.EQUAL, value=b"")
-        inner = etcdrpc.TxnRequest(
-            compare=[empty], success=[_put(vkey, desired)], failure=[_range(vkey)]
-        )
-        response = self._txn(
-            [absent], [_put(vkey, desired)], [etcdrpc.RequestOp(request_txn=inner)], what
-        )
-        if response.succeeded:
-            return desired
-        nested = response.responses[0].response_txn
-        if nested.succeeded:
-            return desired
-        return bytes(nested.responses[0].response_range.kvs[0].value)
+        while True:
+            if expected:
+                value_is = _CMP(key=vkey, target=_CMP.VALUE, result=_CMP.EQUAL, value=expected)
+                done, response, _ = self._guarded(
+                    [value_is], [_put(vkey, desired)], [_range(vkey)], what
+                )
+                if done:
+                    return desired
+                if response is not None:
+                    kvs = response.responses[0].response_range.kvs
+                    return bytes(kvs[0].value) if kvs else expected
+                continue  # not applied (recovered): decide again on fresh data
+
+            # Empty expected: create the key if absent, else swap if its value is empty
+            # (a nested transaction, which moves the session key as well).
+            def build(same: Any, move: Any) -> tuple[list[Any], list[Any], list[Any]]:
+                inner = etcdrpc.TxnRequest(
+                    compare=[empty, same],
+                    success=[_put(vkey, desired), move],
+                    failure=[_range(vkey)],
+                )
+                return [absent], [_put(vkey, desired)], [etcdrpc.RequestOp(request_txn=inner)]
+
+            done, response, _ = self._guarded([], [], [], what, build)
+            if done:
+                return desired
+            if response is not None:
+                kvs = response.responses[0].response_txn.responses[0].response_range.kvs
+                if kvs:
+                    return bytes(kvs[0].value)
 
     def _delete_key(self, key: str) -> bool:
-        request = etcdrpc.DeleteRangeRequest(key=self._vkey(key))
-        response = self._unary(
-            "KV", "DeleteRange", request, f"delete_key {key!r}", idempotent=False
-        )
-        return bool(response.deleted)
+        vkey = self._vkey(key)
+        delete = etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=vkey))
+        _, response, revision = self._guarded([], [delete], [], f"delete_key {key!r}")
+        if response is not None:
+            return bool(response.responses[0].response_delete_range.deleted)
+        # Applied, but the reply was lost: did the key exist just before our revision?
+        before = etcdrpc.RangeRequest(key=vkey, count_only=True, revision=revision - 1)
+        return bool(self._unary("KV", "Range", before, "delete_key").count)
 
     def _count(self, start: bytes, end: bytes, what: str) -> int:
         request = etcdrpc.RangeRequest(key=start, range_end=end, count_only=True)
@@ -589,26 +759,23 @@ class EtcdStore(Store):
         while count < target:
             if deadline.remaining() <= 0:
                 raise self._timeout_error("barrier", [key], timeout)
-            try:
-                for events in self._client.watch([(vkey, b"")], revision + 1, deadline):
+            with self._watching([(vkey, b"")], revision, deadline) as batches:
+                for events in batches:
                     for event in events:
                         if event.type == _PUT:
                             count = max(count, parse_counter(bkey, event.kv.value))
+                            revision = max(revision, event.kv.mod_revision)
                     if count >= target:
                         return
-            except WatchLostError:
-                response = self._unary("KV", "Range", etcdrpc.RangeRequest(key=vkey), "barrier")
-                revision = response.header.revision
-                if response.kvs:
-                    count = max(count, parse_counter(bkey, response.kvs[0].value))
-                continue
-            raise self._timeout_error("barrier", [key], timeout)
+            response = self._unary("KV", "Range", etcdrpc.RangeRequest(key=vkey), "barrier")
+            revision = response.header.revision
+            if response.kvs:
+                count = max(count, parse_counter(bkey, response.kvs[0].value))
 
     # ----------------------------------------------------------------- queues
     def _queue_push(self, key: str, value: bytes) -> None:
         item = self._qprefix(key) + uuid.uuid4().hex.encode("ascii")
-        request = etcdrpc.PutRequest(key=item, value=value)
-        self._unary("KV", "Put", request, f"queue_push {key!r}", idempotent=False)
+        self._guarded([], [_put(item, value)], [], f"queue_push {key!r}")
 
     def _queue_pop(self, key: str, timeout: float | None) -> bytes:
         qp = self._qprefix(key)
@@ -628,22 +795,20 @@ class EtcdStore(Store):
                 delete = etcdrpc.RequestOp(
                     request_delete_range=etcdrpc.DeleteRangeRequest(key=kv.key)
                 )
-                taken = self._txn([_mod_is(kv.key, kv.mod_revision)], [delete], [], "queue_pop")
-                if taken.succeeded:
+                taken, _, _ = self._guarded(
+                    [_mod_is(kv.key, kv.mod_revision)], [delete], [], f"queue_pop {key!r}"
+                )
+                if taken:
                     return bytes(kv.value)
                 continue  # another popper took it: look again at once
             if timeout is None:
                 raise QueueEmptyError(f"queue_pop: queue {key!r} is empty on {self!r}")
             if deadline.remaining() <= 0:
                 raise self._timeout_error("queue_pop", [key], timeout)
-            try:
-                for events in self._client.watch(
-                    [(qp, end)], response.header.revision + 1, deadline
-                ):
+            with self._watching([(qp, end)], response.header.revision, deadline) as batches:
+                for events in batches:
                     if any(e.type == _PUT for e in events):
                         break
-            except WatchLostError:
-                continue
 
     def _queue_len(self, key: str) -> int:
         qp = self._qprefix(key)

@@ -34,7 +34,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 DEFAULT_REQUEST_TIMEOUT = 30.0
 #: Every endpoint gets at least one attempt this long, even for a call with timeout 0.
 _MIN_ATTEMPT = 1.0
+#: A watch that ends this close to its deadline ended because of it (clocks of the client's
+#: and the server's view of the gRPC deadline differ slightly).
+_DEADLINE_SLACK = 0.05
 #: Back-off after every endpoint failed once, doubling up to the maximum (seconds).
 _BACKOFF_START, _BACKOFF_MAX = 0.05, 1.0
 
@@ -451,12 +454,13 @@ class EtcdClient:
         ranges: Sequence[tuple[bytes, bytes]],
         start_revision: int,
         deadline: Deadline,
-    ) -> Iterator[Sequence[Any]]:
+    ) -> Generator[Sequence[Any], None, None]:
         """Watch the key ranges ``[key, range_end)`` (``range_end`` empty: the single key)
         from ``start_revision`` on, on one gRPC stream; yield each non-empty batch of etcd
         events (``mvccpb.Event``: ``type`` 0 = PUT, 1 = DELETE, ``kv``).
 
-        Returns when the deadline passes (or the caller stops iterating). Raises
+        Returns when the deadline passes (or the caller stops iterating); callers check
+        their deadline again rather than assume it has passed. Raises
         :class:`WatchLostError` when the stream breaks or the server cancels the watch;
         the caller re-reads and watches again from its new revision.
         """
@@ -499,8 +503,13 @@ class EtcdClient:
                 if response.events:
                     yield response.events
         except grpc.RpcError as exc:
-            if deadline.remaining() <= 0:
-                return
+            details = exc.details() or ""
+            if (
+                deadline.remaining() <= _DEADLINE_SLACK
+                or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                or "deadline exceeded" in details
+            ):
+                return  # our deadline (as seen by the client or by the server)
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.user is not None:
                 self._token = None
             elif exc.code() == grpc.StatusCode.PERMISSION_DENIED:
@@ -511,7 +520,7 @@ class EtcdClient:
         finally:
             call.cancel()
             stop.set()
-        if deadline.remaining() > 0:
+        if deadline.remaining() > _DEADLINE_SLACK:
             self._switch(index)
             raise WatchLostError(f"watch stream on {endpoint} ended early")
 

