@@ -192,3 +192,28 @@ def test_lost_quorum_is_reported_then_recovers(etcd_cluster: EtcdCluster) -> Non
     store.set_timeout(20)
     store.set("k", b"x")
     assert store.get("k") == b"x"
+
+
+def test_adds_are_applied_exactly_once_across_a_leader_crash(etcd_cluster: EtcdCluster) -> None:
+    # Two clients count on one key; the one talking to the leader loses it mid-stream.
+    # Lost requests are recovered (session fence), never re-applied: the counter ends at
+    # exactly the number of acknowledged adds, and nobody got an error.
+    prefix = fresh_prefix()
+    leader = etcd_cluster.leader()
+    follower = next(m for m in etcd_cluster.members if m is not leader)
+
+    def add(s: EtcdStore, i: int) -> None:
+        s.add("n", 1)
+
+    writers = [
+        Writer(_client(etcd_cluster.endpoints, prefix, first=leader.endpoint), add),
+        Writer(_client(etcd_cluster.endpoints, prefix, first=follower.endpoint), add),
+    ]
+    for w in writers:
+        w.wait_acks(30)
+    leader.stop(kill=True)
+    for w in writers:
+        w.wait_acks(30)
+    acked = sum(len(w.stop()) for w in writers)
+    reader = _client(_survivors(etcd_cluster, leader), prefix)
+    assert reader.add("n", 0) == acked

@@ -498,6 +498,13 @@ class EtcdStore(Store):
                     if "may or may not have been applied" not in str(exc):
                         raise
                     applied, revision = self._fence(current, what)
+                    log.warning(
+                        "%r: %s lost mid-flight (%s); recovered: %s",
+                        self,
+                        what,
+                        exc,
+                        "it was applied" if applied else "it was not applied",
+                    )
                     return applied, None, revision
                 except StoreError as exc:
                     if "lease not found" not in str(exc):
