@@ -125,7 +125,7 @@ class EtcdMember:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, state: str = "new", wait: bool = True) -> None:
+    def start(self, state: str = "new", wait: bool = True, attempts: int = 3) -> None:
         args = [
             str(etcd_binary()),
             "--name", self.name,
@@ -158,7 +158,15 @@ class EtcdMember:
         if self not in _started:
             _started.append(self)
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except RuntimeError:
+                retry = state == "existing" and "address already in use" in self.log_tail(3)
+                if not retry or attempts <= 1:
+                    raise
+                # A restart can race the kernel releasing the old process's sockets.
+                time.sleep(0.5)
+                self.start(state, wait, attempts - 1)
 
     def _ssl(self) -> ssl.SSLContext | None:
         if not self.tls:
