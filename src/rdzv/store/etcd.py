@@ -211,28 +211,23 @@ class EtcdStore(Store):
         for name, limit in (("max_txn_ops", max_txn_ops), ("max_request_bytes", max_request_bytes)):
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
                 raise ValueError(f"EtcdStore: {name} must be a positive int, got {limit!r}")
-        self._config: dict[str, Any] = {
+        client_options: dict[str, Any] = {
             "ca_cert": ca_cert,
             "cert": cert,
             "key": key,
             "user": user,
             "password": password,
-            "max_txn_ops": max_txn_ops,
-            "max_request_bytes": max_request_bytes,
             "max_message_bytes": max_message_bytes,
             "request_timeout": request_timeout,
         }
+        # Everything clone() passes on.
+        self._config = {
+            **client_options,
+            "max_txn_ops": max_txn_ops,
+            "max_request_bytes": max_request_bytes,
+        }
         self._endpoints_spec = endpoints
-        self._client = EtcdClient(
-            endpoints,
-            ca_cert=ca_cert,
-            cert=cert,
-            key=key,
-            user=user,
-            password=password,
-            max_message_bytes=max_message_bytes,
-            request_timeout=request_timeout,
-        )
+        self._client = EtcdClient(endpoints, **client_options)
         self._prefix = prefix if prefix.endswith("/") else prefix + "/"
         raw = self._prefix.encode("utf-8")
         self._values = raw + b"k/"
