@@ -136,6 +136,23 @@ def test_clone_is_a_new_client_on_the_same_data(store: EtcdStore) -> None:
     assert store.get("c") == b"1"
 
 
+def test_session_key_is_private_and_removed_on_close(
+    store: EtcdStore, etcd_member: EtcdMember
+) -> None:
+    writer = store.clone()
+    writer.add("n", 1)  # a guarded write creates the writer's session key
+    raw = store.prefix.encode() + b"s/"
+    count = {
+        "key": base64.b64encode(raw).decode(),
+        "range_end": base64.b64encode(prefix_range_end(raw)).decode(),
+        "count_only": True,
+    }
+    assert etcd_member.http("/v3/kv/range", count).get("count") == "1"
+    assert store.list_keys() == ["n"]
+    writer.close()
+    assert etcd_member.http("/v3/kv/range", count).get("count") is None  # zero is omitted
+
+
 def test_a_write_between_read_and_watch_is_not_missed(store: EtcdStore) -> None:
     # Many short waits racing with writes: each wait either sees the key in its read or
     # gets the write from the watch that starts at the read's revision + 1.

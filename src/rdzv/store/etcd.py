@@ -284,7 +284,15 @@ class EtcdStore(Store):
         return EtcdStore(self._endpoints_spec, self._prefix, self._timeout, **self._config)
 
     def close(self) -> None:
-        """Close the gRPC channels. Later calls raise NetworkError."""
+        """Revoke this client's session lease (best effort, so its session key goes at once
+        rather than when the lease expires) and close the gRPC channels. Later calls raise
+        NetworkError."""
+        with self._session_lock:
+            lease, self._session_lease, self._session_value = self._session_lease, 0, None
+        if lease:
+            with contextlib.suppress(Exception):
+                revoke = etcdrpc.LeaseRevokeRequest(ID=lease)
+                self._unary("Lease", "LeaseRevoke", revoke, "close", Deadline(1.0))
         self._client.close()
 
     def __enter__(self) -> EtcdStore:
