@@ -63,7 +63,15 @@ from typing import Any
 
 from rdzv.engine import INT64_MAX, INT64_MIN, format_counter, parse_counter, show_key
 from rdzv.errors import CounterError, NetworkError, QueueEmptyError, StoreError
-from rdzv.store.base import Deadline, Store, TimeoutLike, ValueLike, key_to_str, value_to_bytes
+from rdzv.store.base import (
+    Deadline,
+    Store,
+    TimeoutLike,
+    ValueLike,
+    key_to_str,
+    keys_to_list,
+    value_to_bytes,
+)
 from rdzv.store.etcd_client import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_REQUEST_TIMEOUT,
@@ -629,6 +637,15 @@ class EtcdStore(Store):
                     f"set {key!r}: etcd lease {lease_id:#x} has expired or was revoked"
                 ) from None
             raise
+
+    def lookup(self, keys: Sequence[str | bytes]) -> list[bytes | None]:
+        """Extension: the values of ``keys`` now (None for an absent key), without waiting;
+        one transaction per ``max_txn_ops`` keys."""
+        key_list = keys_to_list(keys)
+        if not key_list:
+            return []
+        _, values, _ = self._read(list(dict.fromkeys(key_list)), queues=False)
+        return [values.get(k) for k in key_list]
 
     def lease(self, ttl: float) -> EtcdLease:
         """Grant a new etcd lease of ``ttl`` seconds (rounded up to whole seconds; etcd
