@@ -13,9 +13,13 @@ Record format (little-endian)::
     u32 crc32(payload) | u32 len(payload) | payload
     payload = u8 op | u32 len(key) | key [| u32 len(value) | value]
 
-with ``op`` one of SET, APPEND, DELETE, QUEUE_PUSH, QUEUE_POP. Counters, barriers and
-compare_set are logged as the SET of their result, so replay is deterministic. A snapshot is
-a header (magic ``RDZVSNP1``) followed by SET and QUEUE_PUSH records of the same format.
+with ``op`` one of SET (1), APPEND (2), DELETE (3), QUEUE_PUSH (4), QUEUE_POP (5),
+VOLATILE (6, no value). Counters, barriers and compare_set are logged as the SET of their
+result, so replay is deterministic. VOLATILE follows the SET of a connection-bound
+(``set_ephemeral``) or leased (``set_lease``) key: such a key does not survive a restart
+(its connection is gone, its lease clock was the dead server's); any later SET, APPEND or
+DELETE of the key makes it ordinary again. A snapshot is a header (magic ``RDZVSNP1``)
+followed by SET, QUEUE_PUSH and VOLATILE records of the same format.
 
 Recovery (:func:`recover`) loads the newest snapshot whose checksums verify, then replays its
 log generation. A record cut short or failing its checksum at the *end* of the log is a write
@@ -49,7 +53,7 @@ _log = logging.getLogger("rdzv.persistence")
 
 FSYNC_POLICIES = ("always", "interval", "never")
 
-_SET, _APPEND, _DELETE, _QPUSH, _QPOP = 1, 2, 3, 4, 5
+_SET, _APPEND, _DELETE, _QPUSH, _QPOP, _VOLATILE = 1, 2, 3, 4, 5, 6
 _OPS_WITH_VALUE = (_SET, _APPEND, _QPUSH)
 _HEAD = struct.Struct("<II")
 _LEN = struct.Struct("<I")
@@ -71,7 +75,7 @@ def _parse_payload(payload: bytes) -> tuple[int, bytes, bytes | None]:
     if len(key) != klen:
         raise ValueError("key runs past the record")
     if op not in _OPS_WITH_VALUE:
-        if 5 + klen != len(payload) or op not in (_DELETE, _QPOP):
+        if 5 + klen != len(payload) or op not in (_DELETE, _QPOP, _VOLATILE):
             raise ValueError(f"bad record (op {op})")
         return op, key, None
     at = 5 + klen
@@ -130,7 +134,12 @@ def _looks_like_torn_tail(data: bytes, at: int) -> bool:
     return True
 
 
-def _apply(engine: Engine, op: int, key: bytes, value: bytes | None) -> None:
+def _apply(engine: Engine, op: int, key: bytes, value: bytes | None, volatile: set[bytes]) -> None:
+    if op == _VOLATILE:
+        volatile.add(key)
+        return
+    if op in (_SET, _APPEND, _DELETE):
+        volatile.discard(key)
     if op == _SET and value is not None:
         engine.apply_set(key, value)
     elif op == _APPEND and value is not None:
@@ -161,6 +170,7 @@ def recover(data_dir: str | os.PathLike[str], engine: Engine) -> int:
     to continue in (0 for an empty directory). Raises StoreError on unrecoverable
     corruption, naming the file and offset."""
     root = Path(data_dir)
+    volatile: set[bytes] = set()
     snapshots = _generations(root, "snapshot")
     generation = 0
     for candidate in reversed(snapshots):
@@ -175,7 +185,7 @@ def recover(data_dir: str | os.PathLike[str], engine: Engine) -> int:
             _log.warning("%s: corrupt snapshot, trying an older one", path)
             continue
         for _, op, key, value in records:
-            _apply(engine, op, key, value)
+            _apply(engine, op, key, value, volatile)
         generation = candidate
         break
     log_path = _path(root, "log", generation)
@@ -183,11 +193,15 @@ def recover(data_dir: str | os.PathLike[str], engine: Engine) -> int:
         data = log_path.read_bytes()
         good = 0
         for end, op, key, value in _records(data, log_path):
-            _apply(engine, op, key, value)
+            _apply(engine, op, key, value, volatile)
             good = end
         if good < len(data):
             with open(log_path, "r+b") as f:
                 f.truncate(good)
+    for key in volatile:  # connection-bound and leased keys die with the old server
+        engine.apply_delete(key)
+    if volatile:
+        _log.info("%d connection-bound or leased keys dropped at recovery", len(volatile))
     return generation
 
 
@@ -223,6 +237,7 @@ class DurableJournal:
         self._generation = 0
         self._log_size = 0
         self._last_fsync = 0.0
+        self._volatile: set[bytes] = set()
 
     def open(self, engine: Engine) -> None:
         """Recover ``engine`` from the directory, then journal its changes from now on."""
@@ -246,14 +261,31 @@ class DurableJournal:
             self._generation,
         )
 
+    @property
+    def dirty(self) -> bool:
+        """True while changes are buffered that :meth:`commit` has not written yet."""
+        return bool(self._pending)
+
+    def mark_volatile(self, key: bytes) -> None:
+        """Record that ``key`` (just set) is connection-bound or leased: recovery drops it.
+        A later set, append or delete of the key makes it ordinary again."""
+        self._volatile.add(key)
+        self._pending.append(_record(_VOLATILE, key))
+
     # Journal protocol: buffer records until commit().
     def on_set(self, key: bytes, value: bytes) -> None:
+        if self._volatile:
+            self._volatile.discard(key)
         self._pending.append(_record(_SET, key, value))
 
     def on_append(self, key: bytes, value: bytes) -> None:
+        if self._volatile:
+            self._volatile.discard(key)
         self._pending.append(_record(_APPEND, key, value))
 
     def on_delete(self, key: bytes) -> None:
+        if self._volatile:
+            self._volatile.discard(key)
         self._pending.append(_record(_DELETE, key))
 
     def on_queue_push(self, key: bytes, value: bytes) -> None:
@@ -292,6 +324,8 @@ class DurableJournal:
             for key, items in self._engine.queues():
                 for item in items:
                     f.write(_record(_QPUSH, key, item))
+            for key in self._volatile:
+                f.write(_record(_VOLATILE, key))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)

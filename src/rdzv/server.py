@@ -14,6 +14,11 @@ Byte-compatible with torch 2.13's TCPStore clients (and rdzv's), following
   a logged reason; rdzv clients get error replies instead and keep their connection;
 * per-connection buffers: a half-sent request stalls nobody else; a client that does not
   read its replies is paused (``pause_reading``) by transport flow control;
+* with ``data_dir``, every change is journaled (:class:`rdzv.persistence.DurableJournal`)
+  and the journal is committed before any reply that could reveal it is written: replies
+  produced while changes are uncommitted are held per connection and released by one commit
+  per event-loop iteration (group commit over every connection served in that iteration);
+  see ``docs/durability.md``;
 * binds exactly the host it is given (torch binds every interface, whatever ``host_name``
   says); IPv4, IPv6, port 0 and pre-bound listening sockets are supported.
 
@@ -28,6 +33,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -36,6 +42,7 @@ from typing import Any, TypeVar, cast
 from rdzv import wire
 from rdzv.engine import Engine, Waiter
 from rdzv.errors import NetworkError, StoreError
+from rdzv.persistence import DurableJournal
 from rdzv.wire import (
     CHECK_NOT_READY,
     CHECK_READY,
@@ -123,7 +130,9 @@ class _Connection(asyncio.Protocol):
         "_backlog",
         "_closed",
         "_paused",
+        "_queued",
         "bound",
+        "out",
         "parser",
         "peer",
         "server",
@@ -144,12 +153,15 @@ class _Connection(asyncio.Protocol):
         self._backlog: list[Request] | None = None
         self._paused = False
         self._closed = False
+        self.out: list[bytes] = []  # replies held until the journal is committed
+        self._queued = False  # in server._outbox
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.write = self.transport.write
+        server = self.server
+        self.write = self.transport.write if server.journal is None else self._hold
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = format_endpoint(str(peer[0]), int(peer[1]))
@@ -227,6 +239,23 @@ class _Connection(asyncio.Protocol):
             return
         if self.parser.error is not None:
             self.close(f"protocol violation: {self.parser.error}")
+        elif server.journal is not None and server.journal.dirty:
+            server._schedule_commit()  # commit writes nobody awaits a reply to, promptly
+
+    def _hold(self, data: bytes) -> None:
+        """``write`` of a durable server: send now when nothing is uncommitted, else hold the
+        reply until the next group commit (keeping this connection's reply order)."""
+        server = self.server
+        journal = server.journal
+        assert journal is not None
+        if not journal.dirty and not self.out:
+            self.transport.write(data)
+            return
+        self.out.append(data)
+        if not self._queued:
+            self._queued = True
+            server._outbox.append(self)
+        server._schedule_commit()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport (and, through connection_lost, drop waiters)
@@ -242,6 +271,8 @@ class _Connection(asyncio.Protocol):
         if self._closed:
             return
         logger.warning("closing connection from %s: %s", self.peer, reason)
+        if self.out:
+            self.server._commit()  # flush the replies held for this connection first
         self._closed = True
         self._backlog = None
         self.transport.close()
@@ -449,6 +480,8 @@ def _h_ext_num_keys(server: StoreServer, conn: _Connection, req: wire.ExtNumKeys
 def _h_ext_set_ephemeral(server: StoreServer, conn: _Connection, req: wire.ExtSetEphemeral) -> None:
     server._unbind(req.key)
     server.engine.set(req.key, req.value)
+    if server.journal is not None:
+        server.journal.mark_volatile(req.key)
     server._bound[req.key] = conn
     conn.bound.add(req.key)
     conn.write(_EXT_OK)
@@ -460,6 +493,8 @@ def _h_ext_set_lease(server: StoreServer, conn: _Connection, req: wire.ExtSetLea
         return
     server._unbind(req.key)
     server.engine.set(req.key, req.value)
+    if server.journal is not None:
+        server.journal.mark_volatile(req.key)
     loop = asyncio.get_running_loop()
     handle = loop.call_later(req.ttl_ms / 1000.0, server._expire, req.key)
     server._bound[req.key] = handle
@@ -522,9 +557,18 @@ class StoreServer:
         engine: the state to serve (a fresh :class:`~rdzv.engine.Engine` by default).
         limits: request limits (:data:`rdzv.wire.DEFAULT_LIMITS`: torch libuv's).
         allow_extensions: offer rdzv's protocol extensions to clients that ask for them.
+        data_dir: make the state durable in this directory (created if missing): recovered
+            by :meth:`start`, every change journaled and committed before any reply that
+            depends on it is sent (see ``docs/durability.md``). None: in memory only.
+        fsync: with ``data_dir``: ``"always"`` (fsync at every group commit; survives power
+            loss), ``"interval"`` (at most every ``fsync_interval`` seconds; survives a
+            killed server) or ``"never"`` (the OS decides).
+        fsync_interval: seconds between fsyncs for ``fsync="interval"``.
 
     Raises :class:`~rdzv.errors.NetworkError` from :meth:`start` when binding fails (the
-    message names the endpoint and the OS error).
+    message names the endpoint and the OS error); :class:`~rdzv.errors.StoreError` from
+    :meth:`start` when ``data_dir`` is unusable or corrupt (the message names the file and
+    offset); ValueError for an unknown ``fsync`` policy.
     """
 
     def __init__(
@@ -536,6 +580,9 @@ class StoreServer:
         engine: Engine | None = None,
         limits: Limits = DEFAULT_LIMITS,
         allow_extensions: bool = True,
+        data_dir: str | os.PathLike[str] | None = None,
+        fsync: str = "always",
+        fsync_interval: float = 0.05,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -550,11 +597,27 @@ class StoreServer:
         # key -> the connection (ephemeral) or lease timer handle it is bound to.
         self._bound: dict[bytes, object] = {}
         self._closed: asyncio.Event | None = None
+        self.journal: DurableJournal | None = None
+        if data_dir is not None:
+            self.journal = DurableJournal(data_dir, fsync=fsync, fsync_interval=fsync_interval)
+        self._outbox: list[_Connection] = []
+        self._commit_scheduled = False
+        self._recovered = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
-        """Bind and start accepting connections."""
-        loop = asyncio.get_running_loop()
+        """Recover the durable state (with ``data_dir``), bind, start accepting connections."""
+        loop = self._loop = asyncio.get_running_loop()
+        if self.journal is not None and not self._recovered:
+            self._recovered = True
+            self.journal.open(self.engine)  # StoreError on a corrupt or unusable directory
+            logger.info(
+                "recovered %d keys from %s (fsync=%s)",
+                self.engine.num_keys(),
+                self.journal.data_dir,
+                self.journal.fsync,
+            )
         self._closed = asyncio.Event()
         raise_fd_limit()
         socks = [self._sock] if self._sock is not None else self._bind()
@@ -655,6 +718,9 @@ class StoreServer:
             if not isinstance(owner, _Connection):
                 cast(asyncio.TimerHandle, owner).cancel()
         self._servers.clear()
+        if self.journal is not None:
+            self._commit()
+            self.journal.close()
         if self._closed is not None:
             self._closed.set()
         logger.info("server closed")
@@ -663,6 +729,41 @@ class StoreServer:
         """Return once :meth:`close` has run."""
         if self._closed is not None:
             await self._closed.wait()
+
+    # ------------------------------------------------------------------ group commit
+    def _schedule_commit(self) -> None:
+        if not self._commit_scheduled and self._loop is not None:
+            self._commit_scheduled = True
+            # call_soon runs after every connection readable in this loop iteration was
+            # served: one commit (one fsync) for all of them.
+            self._loop.call_soon(self._commit)
+
+    def _commit(self) -> None:
+        """Commit the journal, then send every reply held for it."""
+        self._commit_scheduled = False
+        journal = self.journal
+        outbox, self._outbox = self._outbox, []
+        if journal is None:
+            return
+        try:
+            journal.commit()
+        except OSError as exc:
+            # Nothing held may be acknowledged: drop those connections (their clients see
+            # a lost connection: the outcome of their last writes is unknown to them).
+            logger.error("cannot write the journal in %s: %s", journal.data_dir, exc)
+            for conn in outbox:
+                conn.out.clear()
+                conn._queued = False
+                conn.close(f"the journal could not be written ({exc.strerror or exc})")
+            return
+        for conn in outbox:
+            conn._queued = False
+            if conn.out and not conn._closed:
+                data = b"".join(conn.out) if len(conn.out) > 1 else conn.out[0]
+                conn.out.clear()
+                conn.transport.write(data)
+            else:
+                conn.out.clear()
 
     # ------------------------------------------------------------------ waiters
     def _on_fire(self, waiter: Waiter) -> None:
@@ -739,6 +840,8 @@ class StoreServer:
                 del self._bound[key]
                 self.engine.delete_key(key)
                 logger.debug("deleted ephemeral key %r of %s", key, conn.peer)
+        if self.journal is not None and self.journal.dirty:
+            self._schedule_commit()
 
     def _expire(self, key: bytes) -> None:
         owner = self._bound.get(key)
@@ -746,6 +849,8 @@ class StoreServer:
             del self._bound[key]
             self.engine.delete_key(key)
             logger.debug("lease of key %r expired", key)
+            if self.journal is not None:
+                self._schedule_commit()
 
 
 def _has_family(family: int) -> bool:

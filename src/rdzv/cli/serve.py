@@ -36,6 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
             on_listening=listening,
             limits=limits,
             allow_extensions=not args.no_extensions,
+            data_dir=args.data_dir,
+            fsync=args.fsync,
+            fsync_interval=args.fsync_interval,
         )
     except (RdzvError, ValueError, OSError) as exc:
         print(f"rdzv serve: error: {exc}", file=sys.stderr)
@@ -77,6 +80,27 @@ def register(subparsers: Any) -> None:
         "--no-extensions",
         action="store_true",
         help="behave as a plain torch server (no rdzv protocol extensions)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="make the store durable in this directory: recovered at start, every change "
+        "written to a log before any reply depends on it (default: in memory only; see "
+        "docs/durability.md)",
+    )
+    parser.add_argument(
+        "--fsync",
+        choices=("always", "interval", "never"),
+        default="always",
+        help="with --data-dir: fsync the log at every commit (always: survives power loss), "
+        "at most every --fsync-interval (interval: survives a killed server), or leave it "
+        "to the OS (never) (default: always)",
+    )
+    parser.add_argument(
+        "--fsync-interval",
+        type=float,
+        default=0.05,
+        help="seconds between fsyncs with --fsync interval (default: 0.05)",
     )
     parser.add_argument("--quiet", action="store_true", help="do not log connections")
     parser.set_defaults(func=_serve)
