@@ -261,7 +261,7 @@ def test_silent_server_after_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_server_death_fails_pending_and_later_calls() -> None:
     thread = ServerThread("127.0.0.1", 0).start()
-    store = TCPStore("127.0.0.1", thread.port, timeout=30)
+    store = TCPStore("127.0.0.1", thread.port, timeout=30, reconnect=False)
     store.set("k", b"v")
     waiter = store.clone()
     errors: list[BaseException] = []

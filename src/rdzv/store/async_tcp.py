@@ -11,16 +11,18 @@ key never blocks the event loop::
 ``is_master=True`` starts a :class:`~rdzv.server.StoreServer` on the running event loop
 (no thread), closed with the store. Calls on one store are serialised by an
 :class:`asyncio.Lock` (torch keeps one request in flight per connection too); use
-:meth:`clone` for concurrent calls.
+:meth:`clone` for concurrent calls. Reconnects after a server restart exactly as
+:class:`~rdzv.store.tcp.TCPStore` (``reconnect=True``; see ``docs/durability.md``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import socket
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -49,14 +51,20 @@ from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
 
 __all__ = ["AsyncTCPStore"]
 
+logger = logging.getLogger("rdzv.store.async_tcp")
+
 _T = TypeVar("_T")
 _RECV_SIZE = 256 * 1024
+
+
+class _Retry(Exception):
+    """Internal: the connection was lost; reconnect and perform the operation again."""
 
 
 class AsyncTCPStore:
     """An asyncio client of a TCPStore server (torch's or rdzv's).
 
-    Args: as :class:`~rdzv.store.tcp.TCPStore`, minus ``multi_tenant``,
+    Args: as :class:`~rdzv.store.tcp.TCPStore` (``reconnect`` included), minus ``multi_tenant``,
     ``master_listen_fd`` and ``use_libuv``. Nothing happens until :meth:`connect` (or
     ``async with``, or the first call, which connects on demand).
 
@@ -72,6 +80,7 @@ class AsyncTCPStore:
         is_master: bool = False,
         timeout: TimeoutLike = timedelta(seconds=300),
         wait_for_workers: bool = True,
+        reconnect: bool = True,
     ) -> None:
         self._host, self._port = check_endpoint(host_name, port)
         if world_size == 0:
@@ -87,6 +96,8 @@ class AsyncTCPStore:
         self._rbuf = wire.ReplyBuffer()
         self._server: StoreServer | None = None
         self._broken: str | None = None
+        self._reconnect = bool(reconnect)
+        self._lost = False  # the connection was lost (reconnectable), not broken
 
     def __repr__(self) -> str:
         return f"AsyncTCPStore({format_endpoint(connect_host(self._host), self._port)})"
@@ -126,7 +137,7 @@ class AsyncTCPStore:
     async def _open(self) -> None:
         if self._writer is not None:
             return
-        if self._broken is not None:
+        if self._broken is not None and not self._lost:
             raise NetworkError(f"{self!r} cannot be used: {self._broken}")
         if self._is_master and self._server is None:
             self._server = StoreServer(self._host, self._port)
@@ -136,11 +147,11 @@ class AsyncTCPStore:
         await self._connect(self._timeout)
         counting = self._world_size is not None and self._world_size > 0
         if counting and self._wait_for_workers:
-            await self._guarded(ops.register_worker(self._session))
+            await self._guarded(ops.register_worker(self._session), "add to the worker count")
             if self._server is not None:
                 assert self._world_size is not None
                 op = ops.wait_for_workers(self._session, self._world_size, self._timeout)
-                await self._guarded(op)
+                await self._guarded(op, "the wait for workers")
 
     async def _connect(self, timeout: float) -> None:
         deadline = Deadline(timeout)
@@ -159,6 +170,7 @@ class AsyncTCPStore:
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._reader, self._writer, self._broken = reader, writer, None
+                self._lost = False
                 self._rbuf.clear()
                 await self._drive(ops.handshake(self._session))
                 return
@@ -180,6 +192,7 @@ class AsyncTCPStore:
         """Close the connection, and the server when this store started it."""
         self._drop()
         self._broken = "the store was closed"
+        self._lost = False
         if self._server is not None:
             server, self._server = self._server, None
             await server.close()
@@ -192,31 +205,55 @@ class AsyncTCPStore:
 
     async def clone(self) -> AsyncTCPStore:
         """A new, connected store on the same server (no worker counting)."""
-        twin = AsyncTCPStore(self._host, self._port, timeout=self._timeout, wait_for_workers=False)
+        twin = AsyncTCPStore(
+            self._host,
+            self._port,
+            timeout=self._timeout,
+            wait_for_workers=False,
+            reconnect=self._reconnect,
+        )
         return await twin.connect()
 
     # ------------------------------------------------------------------ driver
-    async def _run(self, op: Generator[Any, Any, _T]) -> _T:
+    async def _run(
+        self, make: Callable[[], Generator[Any, Any, _T]], unsafe: str | None = None
+    ) -> _T:
+        """Perform the operation ``make()`` builds; after a lost connection, reconnect and
+        perform it again unless ``unsafe`` names it (as :meth:`TCPStore._run`)."""
+        recovery: Deadline | None = None
         async with self._lock:
-            try:
-                await self._open()
-            except BaseException:
-                op.close()
-                raise
-            return await self._guarded(op)
+            while True:
+                if self._lost and self._writer is None:
+                    recovery = recovery or Deadline(self._timeout)
+                    await self._connect(recovery.remaining())  # NetworkError when out of time
+                    logger.info("%r: reconnected", self)
+                else:
+                    await self._open()
+                try:
+                    return await self._guarded(make(), unsafe)
+                except _Retry:
+                    continue
 
-    async def _guarded(self, op: Generator[Any, Any, _T]) -> _T:
-        """Drive ``op``, turning I/O failures into NetworkError (the connection is dropped)."""
+    async def _guarded(self, op: Generator[Any, Any, _T], unsafe: str | None = None) -> _T:
+        """Drive ``op``, turning I/O failures into NetworkError (the connection is dropped);
+        raise :class:`_Retry` when the connection was lost and ``op`` may be performed again."""
         try:
             return await self._drive(op)
         except Exception as exc:
             reason = ops.failure_reason(self._session, exc)
             if reason is None:
                 raise
-            raise self._fail(reason) from exc
+            error = self._fail(reason, self._reconnect and ops.connection_lost(exc))
+            if not self._lost:
+                raise error from exc
+            if unsafe is not None:
+                raise ops.outcome_unknown(self._session, unsafe, reason) from exc
+            logger.warning("%r: %s; reconnecting to retry", self, reason)
+            raise _Retry from exc
 
-    def _fail(self, reason: str) -> NetworkError:
+    def _fail(self, reason: str, lost: bool = False) -> NetworkError:
         self._drop()
+        self._lost = lost
         self._broken = f"the connection failed earlier: {reason}"
         return NetworkError(f"{self!r}: {reason}; this store object is no longer usable")
 
@@ -270,62 +307,61 @@ class AsyncTCPStore:
                     )
                 buf.feed(data)
 
-    async def _send(self, data: bytes) -> None:
-        async with self._lock:
-            await self._open()
-            assert self._writer is not None
-            try:
-                self._writer.write(data)
-                await self._writer.drain()
-            except OSError as exc:
-                raise self._fail(ops.describe_error(exc)) from exc
+    async def _send(self, data: bytes, unsafe: str | None = None) -> None:
+        await self._run(lambda: ops.send(data), unsafe)
 
     # ------------------------------------------------------------------ Store API
     async def set(self, key: KeyLike, value: ValueLike) -> None:
         await self._send(wire.encode_set(ops.wire_key(key_to_str(key)), value_to_bytes(value)))
 
     async def get(self, key: KeyLike) -> bytes:
-        return await self._run(ops.get(self._session, key_to_str(key), self._timeout))
+        k, deadline = key_to_str(key), Deadline(self._timeout)
+        return await self._run(lambda: ops.get(self._session, k, deadline.remaining()))
 
     async def add(self, key: KeyLike, amount: int) -> int:
         wkey = ops.wire_key(key_to_str(key))
-        return await self._run(ops.add(self._session, wkey, check_amount(key, amount)))
+        n = check_amount(key, amount)
+        return await self._run(lambda: ops.add(self._session, wkey, n), "add")
 
     async def append(self, key: KeyLike, value: ValueLike) -> None:
         wkey = ops.wire_key(key_to_str(key))
-        await self._send(wire.encode_set(wkey, value_to_bytes(value), wire.Op.APPEND))
+        await self._send(wire.encode_set(wkey, value_to_bytes(value), wire.Op.APPEND), "append")
 
     async def compare_set(self, key: KeyLike, expected: ValueLike, desired: ValueLike) -> bytes:
         exp = value_to_bytes(expected, "expected value")
         des = value_to_bytes(desired, "desired value")
-        return await self._run(ops.compare_set(self._session, key_to_str(key), exp, des))
+        k = key_to_str(key)
+        return await self._run(lambda: ops.compare_set(self._session, k, exp, des), "compare_set")
 
     async def check(self, keys: Sequence[KeyLike]) -> bool:
-        return await self._run(ops.check(self._session, keys_to_list(keys)))
+        key_list = keys_to_list(keys)
+        return await self._run(lambda: ops.check(self._session, key_list))
 
     async def wait(self, keys: Sequence[KeyLike], timeout: TimeoutLike | None = None) -> None:
         key_list = keys_to_list(keys)
-        seconds = self._resolve(timeout)
+        deadline = Deadline(self._resolve(timeout))
         if key_list:
-            await self._run(ops.wait(self._session, key_list, seconds))
+            await self._run(lambda: ops.wait(self._session, key_list, deadline.remaining()))
 
     async def delete_key(self, key: KeyLike) -> bool:
-        return await self._run(ops.delete_key(self._session, key_to_str(key)))
+        k = key_to_str(key)
+        return await self._run(lambda: ops.delete_key(self._session, k))
 
     async def num_keys(self) -> int:
-        return await self._run(ops.num_keys(self._session))
+        return await self._run(lambda: ops.num_keys(self._session))
 
     async def list_keys(self) -> list[str]:
-        return await self._run(ops.list_keys(self._session))
+        return await self._run(lambda: ops.list_keys(self._session))
 
     async def list_key_sizes(self, prefix: str = "") -> list[tuple[str, int]]:
-        return await self._run(ops.list_key_sizes(self._session, prefix))
+        return await self._run(lambda: ops.list_key_sizes(self._session, prefix))
 
     async def multi_get(self, keys: Sequence[KeyLike]) -> list[bytes]:
         key_list = keys_to_list(keys)
         if not key_list:
             return []
-        return await self._run(ops.multi_get(self._session, key_list, self._timeout))
+        deadline = Deadline(self._timeout)
+        return await self._run(lambda: ops.multi_get(self._session, key_list, deadline.remaining()))
 
     async def multi_set(self, keys: Sequence[KeyLike], values: Sequence[ValueLike]) -> None:
         key_list = keys_to_list(keys)
@@ -336,30 +372,35 @@ class AsyncTCPStore:
 
     async def queue_push(self, key: KeyLike, value: ValueLike) -> None:
         wkey = ops.wire_key(key_to_str(key))
-        await self._send(wire.encode_set(wkey, value_to_bytes(value), wire.Op.QUEUE_PUSH))
+        request = wire.encode_set(wkey, value_to_bytes(value), wire.Op.QUEUE_PUSH)
+        await self._send(request, "queue_push")
 
     async def queue_pop(self, key: KeyLike, block: bool = True) -> bytes:
         timeout = self._timeout if check_block(block) else None
-        return await self._run(ops.queue_pop(self._session, key_to_str(key), timeout))
+        k = key_to_str(key)
+        return await self._run(lambda: ops.queue_pop(self._session, k, timeout), "queue_pop")
 
     async def queue_len(self, key: KeyLike) -> int:
-        return await self._run(ops.queue_len(self._session, key_to_str(key)))
+        k = key_to_str(key)
+        return await self._run(lambda: ops.queue_len(self._session, k))
 
     async def barrier(
         self, key: KeyLike, world_size: int, timeout: TimeoutLike | None = None
     ) -> None:
         size = check_world_size(world_size)
-        await self._run(ops.barrier(self._session, key_to_str(key), size, self._resolve(timeout)))
+        k, seconds = key_to_str(key), self._resolve(timeout)
+        await self._run(lambda: ops.barrier(self._session, k, size, seconds), "barrier")
 
     async def set_ephemeral(self, key: KeyLike, value: ValueLike) -> None:
         """See :meth:`rdzv.store.tcp.TCPStore.set_ephemeral`."""
-        await self._run(ops.set_ephemeral(self._session, key_to_str(key), value_to_bytes(value)))
+        k, v = key_to_str(key), value_to_bytes(value)
+        await self._run(lambda: ops.set_ephemeral(self._session, k, v))
 
     async def set_lease(self, key: KeyLike, value: ValueLike, ttl: TimeoutLike) -> None:
         """See :meth:`rdzv.store.tcp.TCPStore.set_lease`."""
         seconds = timeout_to_seconds(ttl, "ttl")
-        op = ops.set_lease(self._session, key_to_str(key), value_to_bytes(value), seconds)
-        await self._run(op)
+        k, v = key_to_str(key), value_to_bytes(value)
+        await self._run(lambda: ops.set_lease(self._session, k, v, seconds))
 
     def has_extended_api(self) -> bool:
         return True

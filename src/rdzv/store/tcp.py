@@ -19,7 +19,15 @@ Differences from ``torch.distributed.TCPStore`` (each on purpose):
   non-integer raises :class:`~rdzv.errors.CounterError` and the connection stays usable
   (torch's server drops it), ``get`` is one round trip and waits for a *value* (a queue of
   the same name does not count), a blocking ``queue_pop`` is atomic;
-* barriers are reusable (see :meth:`~rdzv.store.base.Store.barrier`) on an rdzv server.
+* barriers are reusable (see :meth:`~rdzv.store.base.Store.barrier`) on an rdzv server;
+* it reconnects (``reconnect=True``, the default) when the server closes or resets the
+  connection (a restart of a durable ``rdzv serve --data-dir``): with back-off, within the
+  store timeout; idempotent operations in flight (set, get, check, wait, multi_get,
+  multi_set, delete_key, num_keys, list_keys, queue_len, set_ephemeral, set_lease) are
+  re-sent, so a blocked ``get``/``wait`` keeps waiting on the new connection; the others
+  (add, append, compare_set, queue_push, queue_pop, barrier) raise
+  :class:`~rdzv.errors.NetworkError` saying their outcome is unknown. torch's client never
+  reconnects. See ``docs/durability.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -144,6 +152,8 @@ class TCPStore(Store):
         multi_tenant: masters of the same port in this process share one server.
         master_listen_fd: an already bound socket for the master's server to adopt.
         use_libuv: accepted for compatibility and ignored (reported by :attr:`libuvBackend`).
+        reconnect: reconnect after the server closed or reset the connection (see the
+            module docstring); False: the store is unusable after that, like torch's.
 
     Raises:
         TypeError / ValueError: bad arguments (as torch).
@@ -166,6 +176,7 @@ class TCPStore(Store):
         multi_tenant: bool = False,
         master_listen_fd: int | None = None,
         use_libuv: bool = True,
+        reconnect: bool = True,
     ) -> None:
         host_name, port = check_endpoint(host_name, port)
         if not isinstance(is_master, bool):
@@ -182,6 +193,8 @@ class TCPStore(Store):
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._broken: str | None = None
+        self._reconnect = bool(reconnect)
+        self._lost = False  # the connection was lost (reconnectable), not broken
         self._rbuf = wire.ReplyBuffer()
         self._server: _ServerRef | None = None
         if is_master:
@@ -196,10 +209,10 @@ class TCPStore(Store):
         self._connect(self._timeout)
         counting = world_size is not None and world_size > 0 and wait_for_workers
         if counting:
-            self._run(ops.register_worker(self._session))
+            self._run(lambda: ops.register_worker(self._session), "add to the worker count")
         if counting and is_master and self._server is not None:
             assert world_size is not None
-            self._run(ops.wait_for_workers(self._session, world_size, self._timeout))
+            self._run(lambda: ops.wait_for_workers(self._session, world_size, self._timeout))
 
     # ------------------------------------------------------------------ properties
     def __repr__(self) -> str:
@@ -240,6 +253,7 @@ class TCPStore(Store):
             timeout=self._timeout,
             wait_for_workers=False,
             use_libuv=self._use_libuv,
+            reconnect=self._reconnect,
         )
 
     def close(self) -> None:
@@ -249,6 +263,7 @@ class TCPStore(Store):
                 self._sock.close()
                 self._sock = None
             self._broken = "the store was closed"
+            self._lost = False
             self._server = None
 
     def __enter__(self) -> TCPStore:
@@ -277,7 +292,7 @@ class TCPStore(Store):
                     address, timeout=min(limit, ops.MIN_IO_TIMEOUT) if limit > 0 else 1.0
                 )
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._sock, self._broken = sock, None
+                self._sock, self._broken, self._lost = sock, None, False
                 self._rbuf.clear()
                 self._drive(ops.handshake(self._session))
                 return
@@ -293,24 +308,40 @@ class TCPStore(Store):
                 ) from last
             time.sleep(min(next(delays), remaining))
 
-    def _run(self, op: Generator[Any, Any, _T]) -> _T:
-        """Perform one operation under the connection lock."""
-        with self._lock:
-            if self._sock is None:
-                op.close()
-                raise NetworkError(f"{self!r} cannot be used: {self._broken}")
-            try:
-                return self._drive(op)
-            except Exception as exc:
-                reason = ops.failure_reason(self._session, exc)
-                if reason is None:
-                    raise
-                raise self._fail(reason) from exc
+    def _run(self, make: Callable[[], Generator[Any, Any, _T]], unsafe: str | None = None) -> _T:
+        """Perform the operation ``make()`` builds, under the connection lock.
 
-    def _fail(self, reason: str) -> NetworkError:
+        When the connection is lost (and ``reconnect``), reconnect within the store timeout
+        and perform it again, unless ``unsafe`` names it (not idempotent): then raise
+        NetworkError saying its outcome is unknown.
+        """
+        recovery: Deadline | None = None
+        with self._lock:
+            while True:
+                if self._sock is None:
+                    if not self._lost:
+                        raise NetworkError(f"{self!r} cannot be used: {self._broken}")
+                    recovery = recovery or Deadline(self._timeout)
+                    self._connect(recovery.remaining())  # NetworkError when out of time
+                    logger.info("%r: reconnected", self)
+                try:
+                    return self._drive(make())
+                except Exception as exc:
+                    reason = ops.failure_reason(self._session, exc)
+                    if reason is None:
+                        raise
+                    error = self._fail(reason, self._reconnect and ops.connection_lost(exc))
+                    if not self._lost:
+                        raise error from exc
+                    if unsafe is not None:
+                        raise ops.outcome_unknown(self._session, unsafe, reason) from exc
+                    logger.warning("%r: %s; reconnecting to retry", self, reason)
+
+    def _fail(self, reason: str, lost: bool = False) -> NetworkError:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+        self._lost = lost
         self._broken = f"the connection failed earlier: {reason}"
         return NetworkError(f"{self!r}: {reason}; this TCPStore object is no longer usable")
 
@@ -365,74 +396,74 @@ class TCPStore(Store):
     def _set(self, key: str, value: bytes) -> None:
         self._send(wire.encode_set(ops.wire_key(key), value))
 
-    def _send(self, data: bytes) -> None:
-        with self._lock:
-            sock = self._sock
-            if sock is None:
-                raise NetworkError(f"{self!r} cannot be used: {self._broken}")
-            try:
-                sock.sendall(data)
-            except OSError as exc:
-                raise self._fail(ops.describe_error(exc)) from exc
+    def _send(self, data: bytes, unsafe: str | None = None) -> None:
+        self._run(lambda: ops.send(data), unsafe)
 
     def _get(self, key: str, timeout: float) -> bytes:
-        return self._run(ops.get(self._session, key, timeout))
+        deadline = Deadline(timeout)
+        return self._run(lambda: ops.get(self._session, key, deadline.remaining()))
 
     def _add(self, key: str, amount: int) -> int:
-        return self._run(ops.add(self._session, ops.wire_key(key), amount))
+        return self._run(lambda: ops.add(self._session, ops.wire_key(key), amount), "add")
 
     def _append(self, key: str, value: bytes) -> None:
-        self._send(wire.encode_set(ops.wire_key(key), value, wire.Op.APPEND))
+        self._send(wire.encode_set(ops.wire_key(key), value, wire.Op.APPEND), "append")
 
     def _compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
-        return self._run(ops.compare_set(self._session, key, expected, desired))
+        op = ops.compare_set
+        return self._run(lambda: op(self._session, key, expected, desired), "compare_set")
 
     def _check(self, keys: list[str]) -> bool:
-        return self._run(ops.check(self._session, keys))
+        return self._run(lambda: ops.check(self._session, keys))
 
     def _wait(self, keys: list[str], timeout: float) -> None:
-        self._run(ops.wait(self._session, keys, timeout))
+        deadline = Deadline(timeout)
+        self._run(lambda: ops.wait(self._session, keys, deadline.remaining()))
 
     def _delete_key(self, key: str) -> bool:
-        return self._run(ops.delete_key(self._session, key))
+        return self._run(lambda: ops.delete_key(self._session, key))
 
     def _num_keys(self) -> int:
-        return self._run(ops.num_keys(self._session))
+        return self._run(lambda: ops.num_keys(self._session))
 
     def _list_keys(self) -> list[str]:
-        return self._run(ops.list_keys(self._session))
+        return self._run(lambda: ops.list_keys(self._session))
 
     def _multi_get(self, keys: list[str], timeout: float) -> list[bytes]:
-        return self._run(ops.multi_get(self._session, keys, timeout))
+        deadline = Deadline(timeout)
+        return self._run(lambda: ops.multi_get(self._session, keys, deadline.remaining()))
 
     def _multi_set(self, keys: list[str], values: list[bytes]) -> None:
         self._send(wire.encode_multi_set([ops.wire_key(k) for k in keys], values))
 
     def _barrier(self, key: str, world_size: int, timeout: float) -> None:
-        self._run(ops.barrier(self._session, key, world_size, timeout))
+        op = ops.barrier
+        self._run(lambda: op(self._session, key, world_size, timeout), "barrier")
 
     def _queue_push(self, key: str, value: bytes) -> None:
-        self._send(wire.encode_set(ops.wire_key(key), value, wire.Op.QUEUE_PUSH))
+        self._send(wire.encode_set(ops.wire_key(key), value, wire.Op.QUEUE_PUSH), "queue_push")
 
     def _queue_pop(self, key: str, timeout: float | None) -> bytes:
-        return self._run(ops.queue_pop(self._session, key, timeout))
+        return self._run(lambda: ops.queue_pop(self._session, key, timeout), "queue_pop")
 
     def _queue_len(self, key: str) -> int:
-        return self._run(ops.queue_len(self._session, key))
+        return self._run(lambda: ops.queue_len(self._session, key))
 
     # ------------------------------------------------------------------ rdzv extras
     def list_key_sizes(self, prefix: str = "") -> list[tuple[str, int]]:
         """``(key, size of its value in bytes)`` for every key starting with ``prefix``."""
-        return self._run(ops.list_key_sizes(self._session, prefix))
+        return self._run(lambda: ops.list_key_sizes(self._session, prefix))
 
     def set_ephemeral(self, key: str, value: bytes | str) -> None:
         """Set ``key`` bound to this connection: the server deletes it when the connection
         closes (a crashed process's liveness key disappears). rdzv servers only: raises
         StoreError on a torch server. A later plain write makes the key ordinary again."""
-        self._run(ops.set_ephemeral(self._session, key_to_str(key), value_to_bytes(value)))
+        k, v = key_to_str(key), value_to_bytes(value)
+        self._run(lambda: ops.set_ephemeral(self._session, k, v))
 
     def set_lease(self, key: str, value: bytes | str, ttl: TimeoutLike) -> None:
         """Set ``key`` with a lease: the server deletes it ``ttl`` (seconds or timedelta)
         after this call unless it is set again (renewal). rdzv servers only."""
         seconds = timeout_to_seconds(ttl, "ttl")
-        self._run(ops.set_lease(self._session, key_to_str(key), value_to_bytes(value), seconds))
+        k, v = key_to_str(key), value_to_bytes(value)
+        self._run(lambda: ops.set_lease(self._session, k, v, seconds))

@@ -169,6 +169,27 @@ def failure_reason(s: Session, exc: BaseException) -> str | None:
     return None
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """True when ``exc`` means the connection was reset or closed by the peer (a server
+    restart): a reconnecting client may reconnect. A silent server (:class:`ReadTimeout`) or
+    a protocol violation are not: they leave the store unusable."""
+    return isinstance(exc, ConnectionError) and not isinstance(exc, NetworkError)
+
+
+def outcome_unknown(s: Session, what: str, reason: str) -> NetworkError:
+    """The error of a non-idempotent operation whose connection was lost mid-flight."""
+    return NetworkError(
+        f"{s.where}: the connection was lost during {what} ({reason}); it may or may not "
+        "have been applied, and is not retried because retrying it is not safe (not "
+        "idempotent). The store reconnects on its next call; check the state before retrying."
+    )
+
+
+def send(request: bytes) -> OpGen[None]:
+    """A request without a reply (SET, APPEND, MULTI_SET, QUEUE_PUSH)."""
+    yield request
+
+
 def connect_error(
     endpoint: str, timeout: float, attempts: int, last: BaseException
 ) -> NetworkError:
