@@ -57,10 +57,6 @@ _T = TypeVar("_T")
 _RECV_SIZE = 256 * 1024
 
 
-class _Retry(Exception):
-    """Internal: the connection was lost; reconnect and perform the operation again."""
-
-
 class AsyncTCPStore:
     """An asyncio client of a TCPStore server (torch's or rdzv's).
 
@@ -98,6 +94,7 @@ class AsyncTCPStore:
         self._broken: str | None = None
         self._reconnect = bool(reconnect)
         self._lost = False  # the connection was lost (reconnectable), not broken
+        self._unacked = ops.Unacked()
 
     def __repr__(self) -> str:
         return f"AsyncTCPStore({format_endpoint(connect_host(self._host), self._port)})"
@@ -216,40 +213,67 @@ class AsyncTCPStore:
 
     # ------------------------------------------------------------------ driver
     async def _run(
-        self, make: Callable[[], Generator[Any, Any, _T]], unsafe: str | None = None
+        self,
+        make: Callable[[], Generator[Any, Any, _T]],
+        unsafe: str | None = None,
+        sent: bytes | None = None,
     ) -> _T:
-        """Perform the operation ``make()`` builds; after a lost connection, reconnect and
-        perform it again unless ``unsafe`` names it (as :meth:`TCPStore._run`)."""
+        """Perform the operation ``make()`` builds; after a lost connection, reconnect,
+        replay and perform it again unless ``unsafe`` names it (as ``TCPStore._run``)."""
         recovery: Deadline | None = None
+        unacked = self._unacked
+        dropped: str | None = None
         async with self._lock:
             while True:
+                fresh = False
                 if self._lost and self._writer is None:
                     recovery = recovery or Deadline(self._timeout)
                     await self._connect(recovery.remaining())  # NetworkError when out of time
                     logger.info("%r: reconnected", self)
+                    fresh = True
+                    dropped = unacked.drop_unsafe() or dropped
                 else:
                     await self._open()
                 try:
-                    return await self._guarded(make(), unsafe)
-                except _Retry:
+                    if fresh and unacked:
+                        await self._drive(ops.send(unacked.replay()))
+                    if dropped is not None or (sent is not None and unacked.full()):
+                        await self._drive(ops.ping(self._session))
+                        unacked.clear()
+                    if dropped is None:
+                        result = await self._drive(make())
+                except Exception as exc:
+                    self._failed(exc, None if dropped is not None else unsafe)
                     continue
+                if dropped is not None:
+                    raise ops.outcome_unknown(self._session, dropped, "no reply had confirmed them")
+                if sent is None:
+                    unacked.clear()
+                elif self._reconnect:
+                    unacked.add(sent, unsafe)
+                return result
 
     async def _guarded(self, op: Generator[Any, Any, _T], unsafe: str | None = None) -> _T:
-        """Drive ``op``, turning I/O failures into NetworkError (the connection is dropped);
-        raise :class:`_Retry` when the connection was lost and ``op`` may be performed again."""
+        """Drive ``op`` (no retry), turning I/O failures into NetworkError."""
         try:
             return await self._drive(op)
         except Exception as exc:
-            reason = ops.failure_reason(self._session, exc)
-            if reason is None:
-                raise
-            error = self._fail(reason, self._reconnect and ops.connection_lost(exc))
-            if not self._lost:
-                raise error from exc
-            if unsafe is not None:
-                raise ops.outcome_unknown(self._session, unsafe, reason) from exc
-            logger.warning("%r: %s; reconnecting to retry", self, reason)
-            raise _Retry from exc
+            self._failed(exc, unsafe or "the operation")
+            raise  # not reached: _failed raises
+
+    def _failed(self, exc: Exception, unsafe: str | None) -> None:
+        """Handle ``exc`` from an operation: re-raise it (its own outcome), raise the
+        NetworkError of a broken connection or of an ``unsafe`` operation interrupted by a
+        lost one, or return (the connection was lost: reconnect and retry)."""
+        reason = ops.failure_reason(self._session, exc)
+        if reason is None:
+            raise exc
+        error = self._fail(reason, self._reconnect and ops.connection_lost(exc))
+        if not self._lost:
+            raise error from exc
+        if unsafe is not None:
+            raise ops.outcome_unknown(self._session, unsafe, reason) from exc
+        logger.warning("%r: %s; reconnecting to retry", self, reason)
 
     def _fail(self, reason: str, lost: bool = False) -> NetworkError:
         self._drop()
@@ -308,7 +332,7 @@ class AsyncTCPStore:
                 buf.feed(data)
 
     async def _send(self, data: bytes, unsafe: str | None = None) -> None:
-        await self._run(lambda: ops.send(data), unsafe)
+        await self._run(lambda: ops.send(data), unsafe, data)
 
     # ------------------------------------------------------------------ Store API
     async def set(self, key: KeyLike, value: ValueLike) -> None:

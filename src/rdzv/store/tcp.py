@@ -195,6 +195,7 @@ class TCPStore(Store):
         self._broken: str | None = None
         self._reconnect = bool(reconnect)
         self._lost = False  # the connection was lost (reconnectable), not broken
+        self._unacked = ops.Unacked()
         self._rbuf = wire.ReplyBuffer()
         self._server: _ServerRef | None = None
         if is_master:
@@ -308,24 +309,42 @@ class TCPStore(Store):
                 ) from last
             time.sleep(min(next(delays), remaining))
 
-    def _run(self, make: Callable[[], Generator[Any, Any, _T]], unsafe: str | None = None) -> _T:
+    def _run(
+        self,
+        make: Callable[[], Generator[Any, Any, _T]],
+        unsafe: str | None = None,
+        sent: bytes | None = None,
+    ) -> _T:
         """Perform the operation ``make()`` builds, under the connection lock.
 
-        When the connection is lost (and ``reconnect``), reconnect within the store timeout
-        and perform it again, unless ``unsafe`` names it (not idempotent): then raise
-        NetworkError saying its outcome is unknown.
+        When the connection is lost (and ``reconnect``): reconnect within the store timeout,
+        send again the idempotent requests that no reply acknowledged (:class:`Unacked`),
+        and perform the operation again, unless ``unsafe`` names it (not idempotent): then
+        raise NetworkError saying its outcome is unknown. ``sent``: the operation is that
+        request without a reply.
         """
         recovery: Deadline | None = None
+        unacked = self._unacked
+        dropped: str | None = None
         with self._lock:
             while True:
+                fresh = False
                 if self._sock is None:
                     if not self._lost:
                         raise NetworkError(f"{self!r} cannot be used: {self._broken}")
                     recovery = recovery or Deadline(self._timeout)
                     self._connect(recovery.remaining())  # NetworkError when out of time
                     logger.info("%r: reconnected", self)
+                    fresh = True
+                    dropped = unacked.drop_unsafe() or dropped
                 try:
-                    return self._drive(make())
+                    if fresh and unacked:
+                        self._drive(ops.send(unacked.replay()))
+                    if dropped is not None or (sent is not None and unacked.full()):
+                        self._drive(ops.ping(self._session))  # acknowledges what came before
+                        unacked.clear()
+                    if dropped is None:
+                        result = self._drive(make())
                 except Exception as exc:
                     reason = ops.failure_reason(self._session, exc)
                     if reason is None:
@@ -333,9 +352,17 @@ class TCPStore(Store):
                     error = self._fail(reason, self._reconnect and ops.connection_lost(exc))
                     if not self._lost:
                         raise error from exc
-                    if unsafe is not None:
+                    if unsafe is not None and dropped is None:
                         raise ops.outcome_unknown(self._session, unsafe, reason) from exc
                     logger.warning("%r: %s; reconnecting to retry", self, reason)
+                    continue
+                if dropped is not None:
+                    raise ops.outcome_unknown(self._session, dropped, "no reply had confirmed them")
+                if sent is None:
+                    unacked.clear()
+                elif self._reconnect:
+                    unacked.add(sent, unsafe)
+                return result
 
     def _fail(self, reason: str, lost: bool = False) -> NetworkError:
         sock, self._sock = self._sock, None
@@ -397,7 +424,7 @@ class TCPStore(Store):
         self._send(wire.encode_set(ops.wire_key(key), value))
 
     def _send(self, data: bytes, unsafe: str | None = None) -> None:
-        self._run(lambda: ops.send(data), unsafe)
+        self._run(lambda: ops.send(data), unsafe, data)
 
     def _get(self, key: str, timeout: float) -> bytes:
         deadline = Deadline(timeout)

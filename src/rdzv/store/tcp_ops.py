@@ -185,6 +185,62 @@ def outcome_unknown(s: Session, what: str, reason: str) -> NetworkError:
     )
 
 
+class Unacked:
+    """Requests without a reply (SET, MULTI_SET, APPEND, QUEUE_PUSH) sent since the last
+    reply on this connection: a durable server may have lost them in a crash, so a
+    reconnecting client sends the idempotent ones again (at least once) and reports the
+    others (outcome unknown). Bounded: when :meth:`full`, the driver round-trips a PING,
+    whose reply acknowledges everything sent before it."""
+
+    MAX_REQUESTS = 1024
+    MAX_BYTES = 1 << 20
+
+    __slots__ = ("requests", "size", "unsafe")
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self.unsafe: list[str] = []
+        self.size = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+    def add(self, request: bytes, unsafe: str | None) -> None:
+        if unsafe is not None:
+            self.unsafe.append(unsafe)
+        else:
+            self.requests.append(request)
+            self.size += len(request)
+
+    def full(self) -> bool:
+        n = len(self.requests) + len(self.unsafe)
+        return n >= self.MAX_REQUESTS or self.size >= self.MAX_BYTES
+
+    def clear(self) -> None:
+        if self.requests or self.unsafe:
+            self.requests.clear()
+            self.unsafe.clear()
+            self.size = 0
+
+    def replay(self) -> bytes:
+        """The idempotent requests to send again on a new connection (kept until a reply)."""
+        return b"".join(self.requests)
+
+    def drop_unsafe(self) -> str | None:
+        """Forget the non-idempotent requests; describe them for an error (None: none)."""
+        if not self.unsafe:
+            return None
+        names = sorted(set(self.unsafe))
+        count = len(self.unsafe)
+        self.unsafe.clear()
+        return f"{count} earlier {'/'.join(names)} request(s)"
+
+
+def ping(s: Session) -> OpGen[None]:
+    """A PING round trip: its reply proves every request sent before it was processed."""
+    yield from call(s, wire.encode_ping(0x5A), wire.read_u32, "the reply to PING")
+
+
 def send(request: bytes) -> OpGen[None]:
     """A request without a reply (SET, APPEND, MULTI_SET, QUEUE_PUSH)."""
     yield request
