@@ -151,7 +151,7 @@ def test_fsync_policy(
     try:
         store = TCPStore("127.0.0.1", server.port, timeout=10)
         calls.clear()
-        for i in range(10):
+        for _ in range(10):
             store.add("n", 1)  # one reply per write: one commit each
         if expect == "each":
             assert len(calls) >= 10
@@ -162,7 +162,9 @@ def test_fsync_policy(
         server.stop()
 
 
-def test_fsync_interval_bounds_the_fsync_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fsync_interval_bounds_the_fsync_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])

@@ -304,7 +304,7 @@ def test_rdzv_client_add_on_non_integer_on_torch_server(
 ) -> None:
     master, s = torch_server
     master.set("notint", b"abc")
-    with pytest.raises(NetworkError, match="closed the connection.*may or may not"):
+    with pytest.raises(NetworkError, match=r"closed the connection.*may or may not"):
         s.add("notint", 1)
     assert s.get("notint") == b"abc"  # reconnected (reconnect=True, the default)
 
