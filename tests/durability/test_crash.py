@@ -24,7 +24,9 @@ WRITERS = 4
 WRITES = 2500  # per writer: 10,000 in all
 
 
-def start_server(data_dir: Path, port: int = 0, fsync: str = "always") -> tuple[subprocess.Popen[str], int]:
+def start_server(
+    data_dir: Path, port: int = 0, fsync: str = "always"
+) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "rdzv", "serve", "--port", str(port), "--quiet",
          "--data-dir", str(data_dir), "--fsync", fsync],

@@ -345,7 +345,7 @@ class AsyncTCPStore:
     async def add(self, key: KeyLike, amount: int) -> int:
         wkey = ops.wire_key(key_to_str(key))
         n = check_amount(key, amount)
-        return await self._run(lambda: ops.add(self._session, wkey, n), "add")
+        return await self._run(lambda: ops.add(self._session, wkey, n), "add" if n else None)
 
     async def append(self, key: KeyLike, value: ValueLike) -> None:
         wkey = ops.wire_key(key_to_str(key))

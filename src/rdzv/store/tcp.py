@@ -23,7 +23,8 @@ Differences from ``torch.distributed.TCPStore`` (each on purpose):
 * it reconnects (``reconnect=True``, the default) when the server closes or resets the
   connection (a restart of a durable ``rdzv serve --data-dir``): with back-off, within the
   store timeout; idempotent operations in flight (set, get, check, wait, multi_get,
-  multi_set, delete_key, num_keys, list_keys, queue_len, set_ephemeral, set_lease) are
+  multi_set, delete_key, num_keys, list_keys, queue_len, set_ephemeral, set_lease, and
+  ``add(key, 0)``, a read) are
   re-sent, so a blocked ``get``/``wait`` keeps waiting on the new connection; the others
   (add, append, compare_set, queue_push, queue_pop, barrier) raise
   :class:`~rdzv.errors.NetworkError` saying their outcome is unknown. torch's client never
@@ -431,7 +432,9 @@ class TCPStore(Store):
         return self._run(lambda: ops.get(self._session, key, deadline.remaining()))
 
     def _add(self, key: str, amount: int) -> int:
-        return self._run(lambda: ops.add(self._session, ops.wire_key(key), amount), "add")
+        # add(key, 0) reads the counter: safe to perform again after a reconnect.
+        unsafe = "add" if amount else None
+        return self._run(lambda: ops.add(self._session, ops.wire_key(key), amount), unsafe)
 
     def _append(self, key: str, value: bytes) -> None:
         self._send(wire.encode_set(ops.wire_key(key), value, wire.Op.APPEND), "append")
