@@ -54,7 +54,6 @@ __all__ = ["AsyncTCPStore"]
 logger = logging.getLogger("rdzv.store.async_tcp")
 
 _T = TypeVar("_T")
-_RECV_SIZE = 256 * 1024
 
 
 class AsyncTCPStore:
@@ -320,7 +319,7 @@ class AsyncTCPStore:
                     raise ReadTimeout(read)
                 try:
                     data = await asyncio.wait_for(
-                        reader.read(max(_RECV_SIZE, need - len(buf))),
+                        reader.read(ops.recv_size(need - len(buf))),
                         None if math.isinf(remaining) else remaining,
                     )
                 except asyncio.TimeoutError:

@@ -64,8 +64,6 @@ logger = logging.getLogger("rdzv.store.tcp")
 
 _T = TypeVar("_T")
 
-#: Receive size of one ``recv`` (bytes).
-_RECV_SIZE = 256 * 1024
 
 _WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
@@ -409,7 +407,7 @@ class TCPStore(Store):
                     raise ReadTimeout(read)
                 sock.settimeout(None if math.isinf(remaining) else remaining)
                 try:
-                    data = sock.recv(max(_RECV_SIZE, need - len(buf)))
+                    data = sock.recv(ops.recv_size(need - len(buf)))
                 except TimeoutError:
                     raise ReadTimeout(read) from None
                 if not data:

@@ -118,6 +118,17 @@ class Session:
         return Read(decoder, time.monotonic() + self.io_timeout, what)
 
 
+#: Receive sizes of one ``recv`` (bytes): at least the first, at most the second, whatever
+#: length a reply announces (a lying length costs no memory before its bytes arrive).
+RECV_MIN = 256 * 1024
+RECV_MAX = 16 * 1024 * 1024
+
+
+def recv_size(missing: int) -> int:
+    """How much to ask ``recv`` for when ``missing`` more bytes complete a reply."""
+    return min(max(RECV_MIN, missing), RECV_MAX)
+
+
 def io_timeout_for(store_timeout: float) -> float:
     """The reply deadline used with a given store timeout (see :data:`MIN_IO_TIMEOUT`)."""
     return max(store_timeout, MIN_IO_TIMEOUT)
