@@ -13,6 +13,12 @@ latency per call in microseconds, and the rdzv/torch throughput ratio per client
 Usage (from the repository root)::
 
     python bench/store_ops.py [--clients 1 16 64] [--seconds 3] [--procs 4] [--repeats 3]
+
+``--durability`` measures instead the cost of ``rdzv serve --data-dir`` (fsync always,
+interval, never) against the in-memory server, with rdzv's Python client (same workload;
+every get's reply waits for the group commit of the set before it)::
+
+    python bench/store_ops.py --durability [--durability-clients 1 16] [--seconds 3]
 """
 
 from __future__ import annotations
@@ -52,11 +58,11 @@ sys.stdin.read()
 """
 
 
-def start_server(kind: str) -> tuple[subprocess.Popen[str], int]:
+def start_server(kind: str, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], int]:
     if kind == "torch":
         cmd = [sys.executable, "-c", TORCH_SERVER]
     else:
-        cmd = [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--quiet"]
+        cmd = [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--quiet", *extra]
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env()
     )
@@ -210,6 +216,56 @@ def summarize(server: str, client: str, clients: int, runs: list[dict[str, Any]]
     }
 
 
+# --------------------------------------------------------------------------- durability
+DURABILITY_MODES = ("memory", "never", "interval", "always")
+
+
+def measure_durable(mode: str, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    """rdzv's Python client on ``rdzv serve`` in memory or with ``--data-dir --fsync mode``
+    (a fresh directory next to the repository's other temporary files)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rdzv-bench-") as data_dir:
+        extra = () if mode == "memory" else ("--data-dir", data_dir, "--fsync", mode)
+        proc, port = start_server("rdzv", extra)
+        try:
+            result = run_clients("rdzv", port, clients, args.procs, args.seconds, proc.pid)
+        finally:
+            stop_server(proc)
+    return {"durability": mode, **result}
+
+
+def durability_main(args: argparse.Namespace) -> None:
+    results = []
+    for clients in args.durability_clients:
+        rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in DURABILITY_MODES}
+        for _ in range(args.repeats):  # alternate modes: the machine's load drifts
+            for mode in DURABILITY_MODES:
+                rows[mode].append(measure_durable(mode, clients, args))
+        for mode in DURABILITY_MODES:
+            results.append({"durability": mode, **summarize("rdzv", "rdzv", clients, rows[mode])})
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    print(
+        json.dumps(
+            {
+                "figure": "rdzv serve --data-dir: cost of durability per fsync policy",
+                "workload": {
+                    "loop": "set(key, 64 B) then get(key), rdzv Python client (extensions)",
+                    "keys_per_client": KEYS_PER_CLIENT,
+                    "seconds": args.seconds,
+                    "op": "one set or get call",
+                    "repeats": args.repeats,
+                    "statistic": "median run by ops/s; latencies and CPU of that run",
+                    "data_dir": "tempfile.gettempdir(): " + __import__("tempfile").gettempdir(),
+                },
+                "machine": machine(),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -239,7 +295,15 @@ def main() -> None:
         "--python-clients", type=int, nargs="*", default=[1, 16],
         help="client counts for rdzv's Python client on rdzv's server",
     )  # fmt: skip
+    parser.add_argument(
+        "--durability", action="store_true",
+        help="measure rdzv serve --data-dir (fsync always/interval/never) vs in memory",
+    )  # fmt: skip
+    parser.add_argument("--durability-clients", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args()
+    if args.durability:
+        durability_main(args)
+        return
     results = []
     plan = [("torch", "torch"), ("rdzv", "torch")]
     for clients in args.clients:
