@@ -39,13 +39,30 @@ The torchrun plug-in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+
+# torchrun's entry point comes first, before torch is imported: importing this module
+# imports torch.distributed.elastic.rendezvous, whose __init__ loads the torchrun.handlers
+# entry points, this one included, while this module is still half-initialised.
+def torchrun_handler() -> Callable[[Any], Any]:
+    """The object of rdzv's ``torchrun.handlers`` entry point: torch calls it with no
+    argument and registers the returned creator, which runs
+    :func:`create_torchrun_handler`."""
+    return _torchrun_creator
+
+
+def _torchrun_creator(params: Any) -> Any:
+    return create_torchrun_handler(params)
+
+
 import logging
 import math
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.elastic.rendezvous import api as torch_api
@@ -626,9 +643,3 @@ def create_torchrun_handler(params: torch_api.RendezvousParameters) -> TorchRend
     handler = get_rendezvous_handler(rdzv_params)
     logger.info("torchrun backend %r uses rdzv backend %r: %r", params.backend, inner, handler)
     return TorchRendezvousHandler(handler, backend=params.backend, local_addr=params.local_addr)
-
-
-def torchrun_handler() -> Callable[[torch_api.RendezvousParameters], TorchRendezvousHandler]:
-    """The object of rdzv's ``torchrun.handlers`` entry point: torch calls it with no
-    argument and registers the returned creator (:func:`create_torchrun_handler`)."""
-    return create_torchrun_handler
