@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from datetime import timedelta
 
 from rdzv.errors import (
@@ -28,6 +29,7 @@ from rdzv.errors import (
     RendezvousTimeoutError,
     StoreTimeoutError,
 )
+from rdzv.events import NodeState, record_rdzv_event_fields
 from rdzv.rendezvous.api import (
     RendezvousHandler,
     RendezvousInfo,
@@ -134,14 +136,16 @@ class StaticTCPRendezvous(RendezvousHandler):
         """Return the (only) round: the first call connects (rank 0: hosts the store and
         waits for every node), later calls reuse the store.
 
+        Records rendezvous events (:mod:`rdzv.events`) named
+        ``StaticTCPRendezvous.next_rendezvous``: RUNNING when connecting starts, SUCCEEDED
+        with ``duration_ms`` when done, FAILED with the error otherwise.
+
         Raises RendezvousTimeoutError when the nodes do not all connect within ``timeout``,
         RendezvousConnectionError when the endpoint cannot be bound (rank 0) or reached.
         """
         with self._lock:
             if self._store is None:
-                logger.info("%r: joining", self)
-                self._store = self._connect()
-                logger.info("%r: complete", self)
+                self._store = self._connect_recorded()
             store = self._store
         port = getattr(store, "port", self.master_port) or self.master_port
         return RendezvousInfo(
@@ -150,6 +154,36 @@ class StaticTCPRendezvous(RendezvousHandler):
             self.world_size,
             RendezvousStoreInfo(self.master_addr, int(port)),
         )
+
+    def _record(self, message: str, state: NodeState, duration_ms: float | None = None) -> None:
+        record_rdzv_event_fields(
+            "StaticTCPRendezvous.next_rendezvous",
+            self.run_id,
+            message,
+            state,
+            rank=self.rank,
+            master_endpoint=f"{self.master_addr}:{self.master_port}",
+            duration_ms=duration_ms,
+        )
+
+    def _connect_recorded(self) -> Store:
+        started = time.monotonic()
+        msg = f"{self!r}: joining"
+        logger.info(msg)
+        self._record(msg, NodeState.RUNNING)
+        try:
+            store = self._connect()
+        except Exception as exc:
+            self._record(f"{self!r}: {type(exc).__name__}: {exc}", NodeState.FAILED)
+            raise
+        elapsed_ms = (time.monotonic() - started) * 1000
+        msg = (
+            f"{self!r}: complete, rank {self.rank} in a world of size {self.world_size} "
+            f"after {elapsed_ms:.0f} ms"
+        )
+        logger.info(msg)
+        self._record(msg, NodeState.SUCCEEDED, elapsed_ms)
+        return store
 
     def is_closed(self) -> bool:
         """Always False: a static rendezvous cannot be closed."""
