@@ -12,10 +12,11 @@ Stores
     ``DistStoreError``, ``NetworkError`` <-> ``DistNetworkError``, ``QueueEmptyError`` <->
     ``QueueEmptyError``).
 
-    torch keeps only the C++ half of a Python store alive: if the :class:`TorchStore` object
-    is garbage-collected while torch still uses it (e.g. ``dist.PrefixStore("p",
-    TorchStore(s))`` with no other reference), torch fails with "Tried to call pure virtual
-    function". Keep a reference for as long as torch uses the store.
+    torch keeps only the C++ half of a Python store alive: were the :class:`TorchStore`
+    object garbage-collected while torch still uses it (``init_process_group(store=
+    TorchStore(s))`` keeps no Python reference; neither do the clones torch makes), torch
+    would fail with "Tried to call pure virtual function". So every TorchStore keeps itself
+    alive until :meth:`TorchStore.release` is called (e.g. after ``destroy_process_group``).
 
 Rendezvous handlers
     :class:`TorchRendezvousHandler` presents an rdzv handler as a torchelastic
@@ -60,6 +61,7 @@ def _torchrun_creator(params: Any) -> Any:
 import logging
 import math
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -133,9 +135,9 @@ def _rdzv_store_errors(op: str, keys: Sequence[str]) -> Iterator[None]:
     try:
         yield
     except dist.QueueEmptyError as exc:
-        raise errors.QueueEmptyError(str(exc)) from exc
+        raise errors.QueueEmptyError(f"{op} {list(keys)!r}: {exc}") from exc
     except dist.DistNetworkError as exc:
-        raise errors.NetworkError(str(exc)) from exc
+        raise errors.NetworkError(f"{op} {list(keys)!r}: {exc}") from exc
     except (dist.DistStoreError, RuntimeError) as exc:
         if isinstance(exc, errors.RdzvError):
             raise
@@ -148,6 +150,11 @@ def _rdzv_store_errors(op: str, keys: Sequence[str]) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- stores
+# Every TorchStore until released (see the module docstring: torch holds only the C++ half).
+_live: dict[int, TorchStore] = {}
+_live_lock = threading.Lock()
+
+
 class TorchStore(_TORCH_STORE):  # type: ignore[misc]
     """A ``torch.distributed.Store`` that delegates every method to an rdzv ``store``.
 
@@ -167,6 +174,16 @@ class TorchStore(_TORCH_STORE):  # type: ignore[misc]
         super().__init__()
         self._store = store
         _TORCH_STORE.set_timeout(self, _timedelta(store.timeout.total_seconds()))
+        with _live_lock:
+            _live[id(self)] = self
+
+    def release(self) -> None:
+        """Stop keeping this adapter alive: call it once torch no longer uses the store
+        (after ``destroy_process_group``, or when the rendezvous round is over); it is then
+        collected like any object once unreferenced. Idempotent; clones are released
+        separately."""
+        with _live_lock:
+            _live.pop(id(self), None)
 
     def __repr__(self) -> str:
         return f"TorchStore({self._store!r})"
@@ -486,7 +503,10 @@ class TorchRendezvousHandler(torch_api.RendezvousHandler):
         with _translated(_RDZV_TO_TORCH):
             info = self._handler.next_rendezvous()
             bootstrap = info.bootstrap_store_info or self._self_hosted_bootstrap(info)
+        # The agent and this handler hold Python references to the round's store: no need
+        # for the global keep-alive (clones torch makes of it keep theirs).
         self._store = TorchStore(info.store)
+        self._store.release()
         return torch_api.RendezvousInfo(
             self._store,
             info.rank,
