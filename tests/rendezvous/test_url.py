@@ -161,6 +161,8 @@ def test_conflicting_rank_is_a_value_error(recorder: Recorder) -> None:
 def test_same_value_in_url_and_argument_is_fine(recorder: Recorder) -> None:
     _, rank, world_size = next(rendezvous("rec://h?rank=1&world_size=2", rank=1, world_size=2))
     assert (rank, world_size) == (1, 2)
+    _, rank, _ = next(rendezvous("rec://h?rank=01&world_size=2", rank=1))
+    assert rank == 1
 
 
 def test_one_in_url_other_as_argument(recorder: Recorder) -> None:

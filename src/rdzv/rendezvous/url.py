@@ -207,6 +207,13 @@ def rendezvous(
     return handler(url, timeout=timeout, **kwargs)
 
 
+def _as_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def _with_arguments(url: str, parts: SplitResult, rank: int, world_size: int) -> str:
     """``url`` with ``rank``/``world_size`` (those != -1) in its query; ValueError when the
     query already holds a different value."""
@@ -215,7 +222,7 @@ def _with_arguments(url: str, parts: SplitResult, rank: int, world_size: int) ->
         if value == -1:
             continue
         existing = query.get(name)
-        if existing is not None and existing.strip() != str(value):
+        if existing is not None and _as_int(existing) != value:
             raise ValueError(
                 f"conflicting {name}: the URL {url!r} says {name}={existing} but the "
                 f"{name} argument is {value}; give it in one place only"
