@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import rdzv
-from rdzv import FileStore, HashStore, Store
+from rdzv import FileStore, HashStore, Store, TCPStore
 from rdzv.errors import RendezvousError
 from rdzv.rendezvous import url as url_mod
 from rdzv.rendezvous.url import (
@@ -24,6 +24,7 @@ from rdzv.rendezvous.url import (
     rendezvous,
 )
 from tests.conftest import subprocess_env
+from tests.ports import reserved_port
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
 
@@ -386,3 +387,98 @@ def test_file_rendezvous_across_processes(tmp_path: Path) -> None:
             "rank_sum": 3,
             "store": "FileStore",
         }
+
+
+# --------------------------------------------------------------------------- tcp:// and env://
+def test_tcp_single_rank_on_ephemeral_port() -> None:
+    gen = rendezvous("tcp://127.0.0.1:0?rank=0&world_size=1", timeout=timedelta(seconds=9))
+    store, rank, world_size = next(gen)
+    assert isinstance(store, TCPStore) and (rank, world_size) == (0, 1)
+    assert store.timeout == timedelta(seconds=9)
+    assert store.port > 0
+    store.set("k", b"v")
+    assert TCPStore("127.0.0.1", store.port, None, False, 5).get("k") == b"v"
+    with pytest.raises(
+        RendezvousError, match=r"Unable to perform re-rendezvous using tcp:// method"
+    ):
+        next(gen)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+def test_tcp_rendezvous_across_processes(host: str) -> None:
+    bare = host.strip("[]")
+    with reserved_port(bare) as port:
+        url = f"tcp://{host}:{port}?world_size=3&use_libuv=0"
+        results = _run_job([(url, rank, -1) for rank in range(3)])
+    pids = results[0]["pids"]
+    assert len(set(pids)) == 3
+    for rank, result in enumerate(results):
+        assert result == {
+            "rank": rank,
+            "world_size": 3,
+            "pids": pids,
+            "rank_sum": 3,
+            "store": "TCPStore",
+        }
+
+
+def test_env_rendezvous_across_processes() -> None:
+    with reserved_port() as port:
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+        procs = []
+        for rank in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tests.rendezvous.url_worker", "env://", "-1", "-1"],
+                    env=subprocess_env(**env, RANK=str(rank)),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=90)
+            assert proc.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted((r["rank"], r["world_size"], r["rank_sum"]) for r in results) == [
+        (0, 2, 1),
+        (1, 2, 1),
+    ]
+
+
+@pytest.mark.parametrize("flag", ["True", "true", "1"])
+def test_agent_store_makes_every_rank_a_client(flag: str) -> None:
+    # The "agent" hosts the store here; rank 0 must connect to it instead of binding.
+    agent = TCPStore("127.0.0.1", 0, None, True, 30, wait_for_workers=False)
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(agent.port),
+        "WORLD_SIZE": "2",
+        "TORCHELASTIC_USE_AGENT_STORE": flag,
+    }
+    results = _run_job([("env://", rank, -1) for rank in range(2)], env=env)
+    assert [(r["rank"], r["rank_sum"]) for r in results] == [(0, 1), (1, 1)]
+    assert int(agent.get("pid/0")) == results[0]["pids"][0]
+
+
+@pytest.mark.parametrize("flag", ["False", "0", ""])
+def test_without_agent_store_rank_0_binds(flag: str) -> None:
+    agent = TCPStore("127.0.0.1", 0, None, True, 30, wait_for_workers=False)
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(agent.port),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "TORCHELASTIC_USE_AGENT_STORE": flag,
+    }
+    code = "import rdzv; next(rdzv.rendezvous('env://', timeout=5))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "NetworkError" in out.stderr and str(agent.port) in out.stderr
