@@ -19,6 +19,7 @@ import torch.distributed as dist
 from rdzv import CounterError, HashStore, NetworkError, QueueEmptyError, StoreTimeoutError
 from rdzv.interop.torch import StoreFromTorch, TorchStore, from_torch_store, to_torch_store
 from tests.conftest import subprocess_env
+from tests.ports import reserved_port
 
 
 def test_torch_prefix_store_over_torch_store() -> None:
@@ -182,4 +183,11 @@ def _run_workers(args: list[list[str]]) -> list[dict[str, Any]]:
 def test_gloo_process_group_on_rdzv_file_store(tmp_path: Path) -> None:
     path = str(tmp_path / "pg-store")
     results = _run_workers([["file", path, str(rank), "2"] for rank in range(2)])
+    assert [(r["rank"], r["world_size"], r["sum"]) for r in results] == [(0, 2, 3.0), (1, 2, 3.0)]
+
+
+def test_gloo_process_group_on_rdzv_url_rendezvous() -> None:
+    with reserved_port() as port:
+        url = f"tcp://127.0.0.1:{port}?world_size=2"
+        results = _run_workers([["url", f"{url}&rank={rank}"] for rank in range(2)])
     assert [(r["rank"], r["world_size"], r["sum"]) for r in results] == [(0, 2, 3.0), (1, 2, 3.0)]

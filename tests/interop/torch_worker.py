@@ -1,8 +1,8 @@
 """A torch worker process for interop tests.
 
 ``python -m tests.interop.torch_worker file PATH RANK WORLD``: an rdzv FileStore wrapped in
-TorchStore is the process group's store. ``python -m tests.interop.torch_worker tcp HOST PORT
-RANK WORLD``: an rdzv TCPStore (rank 0 hosts it) wrapped in TorchStore.
+TorchStore is the process group's store. ``python -m tests.interop.torch_worker url URL``:
+the store of ``rdzv.rendezvous(URL)`` wrapped in TorchStore.
 ``python -m tests.interop.torch_worker env``: torch's own ``env://`` (as under torchrun).
 
 Each does a gloo all_reduce of ``rank + 1`` and prints one JSON line.
@@ -32,8 +32,8 @@ def main(argv: list[str]) -> int:
             path, rank, world = argv[1], int(argv[2]), int(argv[3])
             keep = TorchStore(rdzv.FileStore(path, world, timeout=60))
         else:
-            host, port, rank, world = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
-            keep = TorchStore(rdzv.TCPStore(host, port, world, rank == 0, timedelta(seconds=60)))
+            store, rank, world = next(rdzv.rendezvous(argv[1], timeout=60))
+            keep = TorchStore(store)
         dist.init_process_group(
             "gloo", store=keep, rank=rank, world_size=world, timeout=timedelta(seconds=60)
         )
