@@ -96,3 +96,28 @@ def test_torchrun_static_rdzv_backend(tmp_path: Path) -> None:
         assert worker["use_agent_store"] == "True"
         assert worker["master"] == endpoint
         assert worker["group_rank"] == str(worker["rank"])
+
+
+def test_torchrun_dynamic_rdzv_backend(tmp_path: Path) -> None:
+    # Two elastic agents (--nnodes 1:2) meet through rdzv's dynamic rendezvous: the first
+    # agent on the endpoint serves it, the second connects; the round closes when both are in.
+    with reserved_port() as port:
+        endpoint = f"127.0.0.1:{port}"
+        args = [
+            "--nnodes",
+            "1:2",
+            "--rdzv-endpoint",
+            endpoint,
+            "--rdzv-id",
+            "dynamic-job",
+            "--rdzv-conf",
+            "join_timeout=60,last_call_timeout=30",
+        ]
+        outputs = run_agents(tmp_path, [args, args])
+    workers = sorted((w for out in outputs for w in out), key=lambda w: w["rank"])
+    assert [(w["rank"], w["world_size"], w["sum"]) for w in workers] == [(0, 2, 3.0), (1, 2, 3.0)]
+    assert sorted(w["group_rank"] for w in workers) == ["0", "1"]
+    masters = {w["master"] for w in workers}
+    assert len(masters) == 1
+    for worker in workers:
+        assert worker["use_agent_store"] == "True"
