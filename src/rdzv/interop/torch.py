@@ -76,7 +76,6 @@ from rdzv.store.base import (
     TimeoutLike,
     key_to_str,
     keys_to_list,
-    value_to_bytes,
 )
 
 __all__ = [
@@ -255,7 +254,7 @@ class TorchStore(_TORCH_STORE):  # type: ignore[misc]
 
     def queue_push(self, key: str | bytes, value: str | bytes) -> None:
         with _torch_store_errors():
-            self._store._queue_push(key_to_str(key), value_to_bytes(value))
+            self._store.queue_push(key, value)
 
     def queue_pop(self, key: str | bytes, block: bool = True) -> bytes:
         with _torch_store_errors():
