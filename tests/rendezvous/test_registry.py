@@ -17,7 +17,9 @@ from rdzv.rendezvous.api import (
     rendezvous_handler_registry,
 )
 from rdzv.rendezvous.static import StaticTCPRendezvous
+from tests.etcd_fixtures import EtcdMember, fresh_prefix
 from tests.plugins import make_distribution
+from tests.ports import reserved_port
 
 # A plug-in module: an rdzv handler whose backend name is given by the creator.
 HANDLER_MODULE = textwrap.dedent(
@@ -329,3 +331,39 @@ def test_handler_reporting_another_backend_is_refused(
         match=r"^The rendezvous backend 'other' does not match the requested backend 'liar'.$",
     ):
         registry.get_rendezvous_handler(params("liar"))
+
+
+# --------------------------------------------------------------------------- real backends
+def test_c10d_through_the_registry() -> None:
+    with reserved_port() as port:
+        handler = registry.get_rendezvous_handler(
+            RendezvousParameters("c10d", f"127.0.0.1:{port}", "reg-c10d", 1, 1, last_call_timeout=1)
+        )
+        try:
+            assert handler.get_backend() == "c10d"
+            info = handler.next_rendezvous()
+            assert (info.rank, info.world_size) == (0, 1)
+            info.store.set("k", b"v")
+            assert info.store.get("k") == b"v"
+        finally:
+            assert handler.shutdown() is True
+
+
+def test_etcd_through_the_registry(etcd_member: EtcdMember) -> None:
+    handler = registry.get_rendezvous_handler(
+        RendezvousParameters(
+            "etcd",
+            etcd_member.endpoint,
+            "reg-etcd",
+            1,
+            1,
+            prefix=fresh_prefix(),
+            last_call_timeout=1,
+        )
+    )
+    try:
+        assert handler.get_backend() == "etcd"
+        info = handler.next_rendezvous()
+        assert (info.rank, info.world_size) == (0, 1)
+    finally:
+        assert handler.shutdown() is True
