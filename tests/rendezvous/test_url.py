@@ -353,13 +353,25 @@ def test_file_store_single_rank(tmp_path: Path) -> None:
 
 
 def _run_job(
-    urls_and_args: list[tuple[str, int, int]], env: dict[str, str] | None = None
+    urls_and_args: list[tuple[str, int, int]],
+    env: dict[str, str] | None = None,
+    rank_env: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run one url_worker per (url, rank, world) and return their JSON results by rank."""
+    """Run one url_worker per (url, rank, world) and return their JSON results by rank.
+
+    ``env`` is added to every worker's environment; with ``rank_env``, the rank goes into
+    ``RANK`` and the worker's rank argument is -1 (env:// style)."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.rendezvous.url_worker", url, str(rank), str(world)],
-            env=subprocess_env(**(env or {})),
+            [
+                sys.executable,
+                "-m",
+                "tests.rendezvous.url_worker",
+                url,
+                "-1" if rank_env else str(rank),
+                str(world),
+            ],
+            env=subprocess_env(**(env or {}), **({"RANK": str(rank)} if rank_env else {})),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -374,19 +386,19 @@ def _run_job(
     return sorted(results, key=lambda r: r["rank"])
 
 
+def _check_job(results: list[dict[str, Any]], world_size: int, store: str) -> None:
+    """Every rank of a url_worker job saw the same world, every pid and every rank."""
+    pids = results[0]["pids"]
+    assert len(set(pids)) == world_size
+    rank_sum = world_size * (world_size - 1) // 2
+    for rank, result in enumerate(results):
+        expected = {"rank": rank, "world_size": world_size, "pids": pids, "rank_sum": rank_sum}
+        assert result == {**expected, "store": store}
+
+
 def test_file_rendezvous_across_processes(tmp_path: Path) -> None:
     url = f"file://{tmp_path}/shared?world_size=3"
-    results = _run_job([(url, rank, -1) for rank in range(3)])
-    pids = results[0]["pids"]
-    assert len(set(pids)) == 3
-    for rank, result in enumerate(results):
-        assert result == {
-            "rank": rank,
-            "world_size": 3,
-            "pids": pids,
-            "rank_sum": 3,
-            "store": "FileStore",
-        }
+    _check_job(_run_job([(url, rank, -1) for rank in range(3)]), 3, "FileStore")
 
 
 # --------------------------------------------------------------------------- tcp:// and env://
@@ -410,41 +422,14 @@ def test_tcp_rendezvous_across_processes(host: str) -> None:
     with reserved_port(bare) as port:
         url = f"tcp://{host}:{port}?world_size=3&use_libuv=0"
         results = _run_job([(url, rank, -1) for rank in range(3)])
-    pids = results[0]["pids"]
-    assert len(set(pids)) == 3
-    for rank, result in enumerate(results):
-        assert result == {
-            "rank": rank,
-            "world_size": 3,
-            "pids": pids,
-            "rank_sum": 3,
-            "store": "TCPStore",
-        }
+    _check_job(results, 3, "TCPStore")
 
 
 def test_env_rendezvous_across_processes() -> None:
     with reserved_port() as port:
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-        procs = []
-        for rank in range(2):
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "tests.rendezvous.url_worker", "env://", "-1", "-1"],
-                    env=subprocess_env(**env, RANK=str(rank)),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        results = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=90)
-            assert proc.returncode == 0, err
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    assert sorted((r["rank"], r["world_size"], r["rank_sum"]) for r in results) == [
-        (0, 2, 1),
-        (1, 2, 1),
-    ]
+        results = _run_job([("env://", rank, -1) for rank in range(2)], env, rank_env=True)
+    _check_job(results, 2, "TCPStore")
 
 
 @pytest.mark.parametrize("flag", ["True", "true", "1"])
