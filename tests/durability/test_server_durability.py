@@ -214,6 +214,19 @@ def test_serve_data_dir_recovers_and_logs_the_key_count(tmp_path: Path) -> None:
     assert "recovered 3 keys" in log and "fsync=interval" in log
 
 
+def serve_fails(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``rdzv serve --data-dir data_dir``, which must exit with status 1 at once."""
+    out = subprocess.run(
+        [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--data-dir", str(data_dir)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1, out
+    return out
+
+
 def test_serve_reports_a_corrupt_data_dir(tmp_path: Path) -> None:
     engine = Engine()
     journal = DurableJournal(tmp_path)
@@ -225,14 +238,7 @@ def test_serve_reports_a_corrupt_data_dir(tmp_path: Path) -> None:
     data = bytearray(log.read_bytes())
     data[10] ^= 0xFF  # inside the first record; valid records follow
     log.write_bytes(bytes(data))
-    out = subprocess.run(
-        [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--data-dir", str(tmp_path)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 1
+    out = serve_fails(tmp_path)
     assert str(log) in out.stderr and "corrupt at offset 0" in out.stderr
     assert "listening" not in out.stdout
 
@@ -240,12 +246,5 @@ def test_serve_reports_a_corrupt_data_dir(tmp_path: Path) -> None:
 def test_serve_reports_an_unusable_data_dir(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    out = subprocess.run(
-        [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--data-dir", str(blocker)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 1
+    out = serve_fails(blocker)
     assert str(blocker) in out.stderr and "--data-dir" in out.stderr

@@ -244,12 +244,7 @@ class AsyncTCPStore:
                 except Exception as exc:
                     self._failed(exc, None if dropped is not None else unsafe)
                     continue
-                if dropped is not None:
-                    raise ops.outcome_unknown(self._session, dropped, "no reply had confirmed them")
-                if sent is None:
-                    unacked.clear()
-                elif self._reconnect:
-                    unacked.add(sent, unsafe)
+                unacked.settle(self._session, dropped, sent, unsafe, self._reconnect)
                 return result
 
     async def _guarded(self, op: Generator[Any, Any, _T], unsafe: str | None = None) -> _T:

@@ -355,12 +355,7 @@ class TCPStore(Store):
                         raise ops.outcome_unknown(self._session, unsafe, reason) from exc
                     logger.warning("%r: %s; reconnecting to retry", self, reason)
                     continue
-                if dropped is not None:
-                    raise ops.outcome_unknown(self._session, dropped, "no reply had confirmed them")
-                if sent is None:
-                    unacked.clear()
-                elif self._reconnect:
-                    unacked.add(sent, unsafe)
+                unacked.settle(self._session, dropped, sent, unsafe, self._reconnect)
                 return result
 
     def _fail(self, reason: str, lost: bool = False) -> NetworkError:

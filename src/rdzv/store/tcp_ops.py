@@ -237,6 +237,20 @@ class Unacked:
         """The idempotent requests to send again on a new connection (kept until a reply)."""
         return b"".join(self.requests)
 
+    def settle(
+        self, s: Session, dropped: str | None, sent: bytes | None, unsafe: str | None, keep: bool
+    ) -> None:
+        """Bookkeeping once an operation was performed: raise the outcome-unknown error of
+        ``dropped`` requests (see :meth:`drop_unsafe`); a reply (``sent`` is None)
+        acknowledges everything sent before; a request without a reply joins the window
+        (when ``keep``: the client reconnects)."""
+        if dropped is not None:
+            raise outcome_unknown(s, dropped, "no reply had confirmed them")
+        if sent is None:
+            self.clear()
+        elif keep:
+            self.add(sent, unsafe)
+
     def drop_unsafe(self) -> str | None:
         """Forget the non-idempotent requests; describe them for an error (None: none)."""
         if not self.unsafe:
