@@ -238,6 +238,7 @@ class DurableJournal:
         self._log_size = 0
         self._last_fsync = 0.0
         self._volatile: set[bytes] = set()
+        self._unsynced = False  # written since the last fsync
 
     def open(self, engine: Engine) -> None:
         """Recover ``engine`` from the directory, then journal its changes from now on."""
@@ -306,8 +307,24 @@ class DurableJournal:
         ):
             os.fsync(self._file.fileno())
             self._last_fsync = now
+            self._unsynced = False
+        else:
+            self._unsynced = self.fsync == "interval"
         if self._log_size >= self.snapshot_bytes:
             self.snapshot()
+
+    @property
+    def unsynced(self) -> bool:
+        """True when the ``interval`` policy left written records without an fsync (call
+        :meth:`sync` within ``fsync_interval``, as the server does)."""
+        return self._unsynced
+
+    def sync(self) -> None:
+        """fsync what :meth:`commit` wrote without one (``interval`` policy)."""
+        if self._unsynced and self._file is not None:
+            os.fsync(self._file.fileno())
+            self._last_fsync = time.monotonic()
+            self._unsynced = False
 
     def snapshot(self) -> None:
         """Write the whole state as a new generation and drop the older files."""

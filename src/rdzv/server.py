@@ -602,6 +602,7 @@ class StoreServer:
             self.journal = DurableJournal(data_dir, fsync=fsync, fsync_interval=fsync_interval)
         self._outbox: list[_Connection] = []
         self._commit_scheduled = False
+        self._sync_timer: asyncio.TimerHandle | None = None
         self._recovered = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -718,6 +719,9 @@ class StoreServer:
             if not isinstance(owner, _Connection):
                 cast(asyncio.TimerHandle, owner).cancel()
         self._servers.clear()
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
         if self.journal is not None:
             self._commit()
             self.journal.close()
@@ -756,6 +760,10 @@ class StoreServer:
                 conn._queued = False
                 conn.close(f"the journal could not be written ({exc.strerror or exc})")
             return
+        if journal.unsynced and self._sync_timer is None and self._loop is not None:
+            # fsync=interval: the records just written get their fsync within the interval
+            # even if no further commit comes.
+            self._sync_timer = self._loop.call_later(journal.fsync_interval, self._sync)
         for conn in outbox:
             conn._queued = False
             if conn.out and not conn._closed:
@@ -764,6 +772,14 @@ class StoreServer:
                 conn.transport.write(data)
             else:
                 conn.out.clear()
+
+    def _sync(self) -> None:
+        self._sync_timer = None
+        if self.journal is not None:
+            try:
+                self.journal.sync()
+            except OSError as exc:
+                logger.error("cannot fsync the journal in %s: %s", self.journal.data_dir, exc)
 
     # ------------------------------------------------------------------ waiters
     def _on_fire(self, waiter: Waiter) -> None:

@@ -180,6 +180,28 @@ def test_fsync_interval_bounds_the_fsync_rate(
         server.stop()
 
 
+def test_fsync_interval_syncs_the_last_writes_without_further_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    server = durable(tmp_path, fsync="interval", fsync_interval=2.0)
+    try:
+        store = TCPStore("127.0.0.1", server.port, timeout=10)
+        store.add("n", 1)  # fsynced: the first commit
+        store.add("n", 1)  # written, its fsync is due within 2 s
+        count = len(calls)
+        journal = server.call(lambda s: s.journal)
+        assert isinstance(journal, DurableJournal)
+        assert server.call(lambda s: journal.unsynced)
+        eventually(lambda: not server.call(lambda s: journal.unsynced), timeout=10)
+        assert len(calls) == count + 1
+        store.close()
+    finally:
+        server.stop()
+
+
 def test_ephemeral_and_leased_keys_do_not_survive(tmp_path: Path) -> None:
     server = durable(tmp_path)
     port = server.port
