@@ -401,7 +401,9 @@ def test_store_operations_per_node_do_not_grow_with_n(backend: Backend, n: int) 
     join_all(hs)
     per_node = counter.total() / n
     # 6 per node, plus a handful for the closer and the two monitors
-    assert 6 <= per_node <= 6 + 32 / n, counter.snapshot()
+    # add(round, 0), add(joined, 1), multi_set(descriptor, heartbeat), get(rank) + a few for
+    # the closer and the two monitors
+    assert 4 <= per_node <= 4 + 32 / n, counter.snapshot()
 
 
 def test_events_for_every_step(backend: Backend) -> None:

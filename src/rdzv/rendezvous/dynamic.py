@@ -60,6 +60,7 @@ from rdzv.rendezvous.state import (
     CLOSED_RANK,
     CLOSED_SIZE,
     LATE_RANK,
+    SEAL,
     MasterRecord,
     NodeDesc,
     RankRecord,
@@ -68,6 +69,7 @@ from rdzv.rendezvous.state import (
     SizeRecord,
     assign_ranks,
     parse_counter_value,
+    slot_count,
 )
 from rdzv.store.base import Store
 from rdzv.store.prefix import PrefixStore
@@ -233,9 +235,10 @@ class _KeepAlive:
     """The background thread of a handler: heartbeats, and while the node is a member of a
     completed round, the pushed doorbells behind :meth:`num_nodes_waiting`.
 
-    It has its own store handle (``clone()``): the thread that runs ``next_rendezvous``
-    blocks in waits on the main one. It holds no reference to the handler, so a dropped
-    handler is collected and its finalizer stops the thread (as torch's ``_PeriodicTimer``).
+    It has its own store handle (``store``, a clone of the handler's): the thread that runs
+    ``next_rendezvous`` blocks in waits on the main one. It holds no reference to the
+    handler, so a dropped handler is collected and its finalizer stops the thread (as
+    torch's ``_PeriodicTimer``).
     """
 
     def __init__(
@@ -247,7 +250,7 @@ class _KeepAlive:
         name: str,
         record: Callable[[str, NodeState], None],
     ) -> None:
-        self._origin = store
+        self._store = store
         self._liveness = liveness
         self._interval = interval
         self._heartbeat_timeout = heartbeat_timeout
@@ -307,14 +310,14 @@ class _KeepAlive:
             count_keys = self._count_keys
         if count_keys is None:
             return
-        joined = store.add(count_keys[0], 0)
+        joined = slot_count(store.add(count_keys[0], 0))
         ngone = store.add(count_keys[1], 0)
         with self._lock:
             if self._count_keys == count_keys:
                 self._waiting = max(0, joined - ngone)
 
     def _run(self) -> None:
-        store: Store | None = None  # cloned when first needed: most nodes never need it
+        store = self._store
         next_beat = time.monotonic() + self._interval
         while not self._stop.is_set():
             try:
@@ -322,8 +325,6 @@ class _KeepAlive:
                     doorbells = self._doorbells if not self._rung else []
                 timeout = max(0.0, next_beat - time.monotonic())
                 if doorbells:
-                    if store is None:
-                        store = self._origin.clone()
                     try:
                         store.wait(doorbells, timeout)
                     except StoreTimeoutError:
@@ -340,8 +341,6 @@ class _KeepAlive:
                 if time.monotonic() < next_beat or self._stop.is_set():
                     continue
                 next_beat = time.monotonic() + self._interval
-                if store is None:
-                    store = self._origin.clone()
                 self._beat(store)
                 with self._lock:
                     rung = self._rung
@@ -666,7 +665,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _ensure_keep_alive(self) -> _KeepAlive:
         if self._keep_alive is None or not self._keep_alive.is_alive():
             keep_alive = _KeepAlive(
-                self._store,
+                self._store.clone(),
                 self._liveness,
                 self._interval,
                 self._settings.timeout.heartbeat.total_seconds(),
@@ -736,6 +735,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 f"the slot counter {keys.joined!r} returned {slot}: the rendezvous state is "
                 "corrupt or hostile"
             )
+        was_member = previous is not None and previous.keys.number == number - 1
+        if slot > SEAL:
+            # The round was frozen before our add: we are late, or it was closed.
+            pending = _Pending(keys, 0, self._liveness.observer(self._token), was_member=was_member)
+            if self._read_size(store, keys).closed:
+                self._raise_closed(pending, retire=False)
+            return pending, True
         desc = self._descriptor()
         alive = keys.alive(slot)
         entries = [(keys.node(slot), desc.encode()), *self._liveness.announce(alive)]
@@ -747,19 +753,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
             slot,
             self._liveness.observer(self._token),
             gate_open=number == 0,
-            was_member=previous is not None and previous.keys.number == number - 1,
+            was_member=was_member,
         )
         self._pending = pending
         logger.debug("node %s took slot %d of round %d", self.node, slot, number)
-        if store.check([keys.size]):
-            # The round completed meanwhile: our rank record tells us whether we made it
-            # (slot within the snapshot) or are late.
-            size = self._read_size(store, keys)
-            if size.closed:
-                self._raise_closed(pending)
-            if slot > size.joined:
-                return pending, True
-        elif slot >= self._settings.min_nodes:
+        if slot >= self._settings.min_nodes:
             self._evaluate(store, pending, joined=slot)
         return pending, False
 
@@ -790,6 +788,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
             pending.gate_open = True
         if joined is None:
             joined = store.add(keys.joined, 0)
+            if joined > SEAL:
+                return  # frozen already
         live = joined - store.add(keys.ngone, 0)
         settings = self._settings
         if live >= settings.max_nodes:
@@ -805,6 +805,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if keys.number > 0 and not store.check([keys.gate]):
             return _Close.NOT_READY
         joined = store.add(keys.joined, 0)
+        if joined > SEAL:
+            return _Close.TAKEN
         slots = list(range(1, joined + 1))
         token = self._token
         statuses = self._liveness.snapshot(store, [keys.alive(s) for s in slots], token)
@@ -842,6 +844,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _publish_ranks(self, store: Store, keys: RoundKeys, record: SizeRecord) -> None:
         """Write the rank record of every slot of a closed round (deterministic: any node can
         do it again from the size record and the descriptors, with the same result)."""
+        # Seal the slot counter first: a later joiner sees from its add alone that it is
+        # late; the slots taken since the snapshot get a "late" record below.
+        taken = slot_count(store.add(keys.joined, SEAL))
         members = record.members()
         raw_descs = store.multi_get([keys.node(s) for s in members]) if members else []
         descs = [
@@ -856,7 +861,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         for rank, (slot, _) in enumerate(ordered):
             out_keys.append(keys.rank(slot))
             out_values.append(RankRecord(rank, record.world_size, master).encode())
-        for slot in range(1, record.joined + 1):
+        for slot in range(1, max(record.joined, taken) + 1):
             if slot not in ranked:
                 out_keys.append(keys.rank(slot))
                 out_values.append(LATE_RANK)
@@ -898,12 +903,15 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 close_at = pending.quorum_at + last_call
                 wake = min(wake, close_at)
             try:
+                if key == rank_key:
+                    # One request that waits for the record and returns it (the Store core
+                    # call with an explicit timeout, as PrefixStore uses it).
+                    raw = store._get(rank_key, max(0.0, wake - now))
+                    return self._decode_rank(pending, raw)
                 store.wait([key], max(0.0, wake - now))
             except StoreTimeoutError:
                 pass
             else:
-                if key == rank_key:
-                    return self._read_rank(store, pending)
                 pending.quorum_at = time.monotonic()
                 continue
             now = time.monotonic()
@@ -941,7 +949,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         back; the other nodes watch the two monitors (so that a dead monitor is replaced)."""
         keys = pending.keys
         if pending.monitor:
-            joined = store.add(keys.joined, 0)
+            joined = slot_count(store.add(keys.joined, 0))
             watched = [s for s in range(1, joined + 1) if s != pending.slot]
         else:
             watched = [s for s in range(1, pending.slot) if s not in pending.gone][:2]
@@ -984,7 +992,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             and pending.quorum_at is None
             and not store.check([keys.size])
         ):
-            live = store.add(keys.joined, 0) - len(pending.gone)
+            live = slot_count(store.add(keys.joined, 0)) - len(pending.gone)
             if live >= self._settings.max_nodes:
                 self._attempt_close(store, keys, full=True)
             elif live >= self._settings.min_nodes:
@@ -1064,7 +1072,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if self._liveness.retire(store, keys.alive(pending.slot)):
             store.add(keys.ngone, 1)
         self._pending = None
-        live = store.add(keys.joined, 0) - store.add(keys.ngone, 0)
+        live = slot_count(store.add(keys.joined, 0)) - store.add(keys.ngone, 0)
         raise RendezvousTimeoutError(
             f"The node '{self.node}' timed out after "
             f"{self._settings.timeout.join.total_seconds():g}s waiting for round "
@@ -1074,8 +1082,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
         )
 
     def _read_rank(self, store: Store, pending: _Pending) -> RankRecord | None:
+        return self._decode_rank(pending, store.get(pending.keys.rank(pending.slot)))
+
+    def _decode_rank(self, pending: _Pending, raw: bytes) -> RankRecord | None:
+        """This node's rank record: the record of a member, None if late; raises if the
+        rendezvous was closed."""
         key = pending.keys.rank(pending.slot)
-        record = RankRecord.decode(key, store.get(key), self._settings.max_nodes)
+        record = RankRecord.decode(key, raw, self._settings.max_nodes)
         if record.closed:
             self._raise_closed(pending)
         if record.late:
@@ -1083,12 +1096,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
             return None
         return record
 
-    def _raise_closed(self, pending: _Pending) -> None:
+    def _raise_closed(self, pending: _Pending, retire: bool = True) -> None:
         store = self._store
         redundant = self._is_redundant(store, pending)
         assert self._keep_alive is not None
         self._keep_alive.track(None)
-        self._liveness.retire(store, pending.keys.alive(pending.slot))
+        if retire:
+            self._liveness.retire(store, pending.keys.alive(pending.slot))
         self._pending = None
         if redundant:
             raise RendezvousGracefulExitError(
@@ -1178,7 +1192,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 )
 
     def _publish_closed(self, store: Store, keys: RoundKeys) -> None:
-        joined = store.add(keys.joined, 0)
+        joined = slot_count(store.add(keys.joined, SEAL))
         out_keys = [keys.quorum] + [keys.rank(s) for s in range(1, joined + 1)]
         store.multi_set(out_keys, [b"1"] + [CLOSED_RANK] * joined)
 
@@ -1205,7 +1219,7 @@ def _clean_up_round(origin: Store, keys: RoundKeys) -> None:
         store = origin.clone()
         if not store.check([keys.joined]):
             return
-        joined = parse_counter_value(keys.joined, store.get(keys.joined))
+        joined = slot_count(parse_counter_value(keys.joined, store.get(keys.joined)))
         for slot in range(1, joined + 1):
             for key in keys.per_slot(slot):
                 store.delete_key(key)

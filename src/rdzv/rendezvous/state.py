@@ -26,6 +26,7 @@ from rdzv.errors import RendezvousStateError
 
 __all__ = [
     "MAX_RECORD_BYTES",
+    "SEAL",
     "MasterRecord",
     "NodeDesc",
     "RankRecord",
@@ -34,6 +35,7 @@ __all__ = [
     "SizeRecord",
     "assign_ranks",
     "parse_counter_value",
+    "slot_count",
 ]
 
 #: Largest record accepted from the store (bytes). A size record lists the excluded slots of
@@ -43,6 +45,9 @@ MAX_RECORD_BYTES = 1 << 20
 _MAX_ADDR = 255
 #: Largest slot or round number accepted (int64, as the store's counters).
 _MAX_INT = 2**63 - 1
+#: Added to a round's slot counter when the round is frozen: a joiner whose slot exceeds it
+#: knows from the ``add`` alone that it came too late; the count is ``value % SEAL``.
+SEAL = 1 << 40
 _ADDR_RE = re.compile(r"^[A-Za-z0-9_.:%\[\]-]{1,255}$")
 _NONCE_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
 
@@ -62,6 +67,11 @@ class RunKeys:
 
     def of(self, round_: int) -> RoundKeys:
         return RoundKeys(self.prefix, round_)
+
+
+def slot_count(value: int) -> int:
+    """The number of slots taken, from a (possibly sealed) slot counter value."""
+    return value % SEAL
 
 
 class RoundKeys:
