@@ -411,8 +411,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
             torch does.
         key_prefix: namespace of the rendezvous keys (default ``rdzv/<run_id>/``).
 
+    The handler opens a second handle on the store (``store.clone()``, a connection for a
+    TCPStore) for its keep-alive thread, and a third one on the first ``is_closed``,
+    ``set_closed`` or ``shutdown``.
+
     Raises ValueError for an empty run id, ``min_nodes < 1`` or ``max_nodes < min_nodes``
-    (torch's messages), TypeError for a store that is not an rdzv Store.
+    (torch's messages), TypeError for a store that is not an rdzv Store,
+    RendezvousConnectionError if the store cannot be cloned (server unreachable).
     """
 
     def __init__(
@@ -480,6 +485,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._bootstrap_server: Any = None
         self._bootstrap_info: RendezvousStoreInfo | None = None
         self._shut_down = False
+        # The keep-alive thread's own connection, opened now (like the store itself) rather
+        # than in the middle of a rendezvous.
+        self._keep_alive_store = self._guard(store.clone)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -665,7 +673,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _ensure_keep_alive(self) -> _KeepAlive:
         if self._keep_alive is None or not self._keep_alive.is_alive():
             keep_alive = _KeepAlive(
-                self._store.clone(),
+                self._keep_alive_store,
                 self._liveness,
                 self._interval,
                 self._settings.timeout.heartbeat.total_seconds(),
