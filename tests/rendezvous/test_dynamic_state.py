@@ -96,7 +96,11 @@ def test_hostile_heartbeat(backend: Backend, payload: tuple[bytes, Path], kind: 
     joins = [Join(h) for h in hs]
     eventually(lambda: backend.admin.check(["rdzv/job/r0/hb/2"]), what="the second slot")
     backend.admin.set("rdzv/job/r0/hb/2", _value(kind, payload))
-    _, exc = joins[0].outcome()
+    # The node in slot 1 watches slot 2 and finds the value.
+    eventually(lambda: any(j.done() for j in joins), what="a node to fail")
+    (failed,) = [j for j in joins if j.done()]
+    assert failed.handler._pending is not None and failed.handler._pending.slot == 1
+    _, exc = failed.outcome()
     assert isinstance(exc, RendezvousStateError), exc
     assert "rdzv/job/r0/hb/2" in str(exc)
     assert not payload[1].exists()

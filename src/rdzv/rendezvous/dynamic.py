@@ -834,7 +834,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
         world_size = min(len(live), settings.max_nodes)
         record = SizeRecord(joined, world_size, tuple(excluded), closer=token)
         raw = record.encode()
-        if store.compare_set(keys.size, b"", raw) != raw:
+        current = store.compare_set(keys.size, b"", raw)
+        if current != raw:
+            SizeRecord.decode(keys.size, current, settings.max_nodes)  # validate the winner's
             return _Close.TAKEN
         self._publish_ranks(store, keys, record)
         logger.info(
