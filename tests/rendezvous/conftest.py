@@ -32,8 +32,9 @@ from rdzv.store.file import FileStore
 from rdzv.store.tcp import TCPStore
 from tests.conftest import subprocess_env
 
-# Small liveness settings keep the failure tests fast: a node is dead after 0.3 s.
-INTERVAL = 0.1
+# Small liveness settings keep the failure tests fast: a node is dead after 0.6 s (short
+# enough for fast tests, long enough that a loaded CI machine does not starve a heartbeat).
+INTERVAL = 0.2
 ATTEMPTS = 3
 EXPIRY = INTERVAL * ATTEMPTS
 
