@@ -77,10 +77,9 @@ def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple
     explicit = params.get_as_bool("is_host")
     is_host = matches_machine_hostname(host) if explicit is None else explicit
     read_timeout = timedelta(seconds=timeout)
-    store: Store
     if is_host:
         try:
-            store = TCPStore(host, port, is_master=True, multi_tenant=True, timeout=read_timeout)
+            server = TCPStore(host, port, is_master=True, multi_tenant=True, timeout=read_timeout)
         except (OSError, RuntimeError, ValueError) as exc:
             if explicit:
                 raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
@@ -92,12 +91,12 @@ def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple
             record_rdzv_event_fields(
                 "backends.create_c10d_handler", params.run_id, msg, NodeState.INIT
             )
-            return store, (host, int(getattr(store, "port", port)))
+            return server, (host, server.port)
     try:
-        store = TCPStore(host, port, is_master=False, multi_tenant=True, timeout=read_timeout)
+        client = TCPStore(host, port, is_master=False, timeout=read_timeout)
     except (OSError, RuntimeError, ValueError) as exc:
         raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
-    return store, (host, int(getattr(store, "port", port)))
+    return client, (host, client.port)
 
 
 def _file_store(params: RendezvousParameters, timeout: int) -> Store:
