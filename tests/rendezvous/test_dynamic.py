@@ -199,6 +199,18 @@ def test_repeated_rounds_keep_ranks(backend: Backend) -> None:
     assert hs[0]._membership is not None and hs[0]._membership.keys.number == 3
 
 
+def test_survivors_keep_their_ranks_newcomers_follow(backend: Backend) -> None:
+    # Addresses 127.0.0.2 and .3 form round 0; 127.0.0.1 (first in torch's sorted order)
+    # arrives later and must not take rank 0 from the running job.
+    old = handlers(backend, 2, 2, 3, start=1, last_call=0.3)
+    first = join_all(old)
+    newcomer = make_handler(backend.connect(), 2, 3, index=0, last_call=0.3)
+    late = Join(newcomer)
+    again = join_all(old)
+    assert [i.rank for i in again] == [i.rank for i in first] == [0, 1]
+    assert late.result().rank == 2
+
+
 def test_late_arrival_is_waiting_then_joins_next_round(backend: Backend) -> None:
     hs = handlers(backend, 3, 2, 3, last_call=0.2)
     first = join_all(hs[:2])
@@ -231,6 +243,19 @@ def test_spare_nodes_do_not_count_as_waiting_and_exit_gracefully(backend: Backen
     assert hs[1].is_closed()
     with pytest.raises(RendezvousClosedError):
         hs[1].next_rendezvous()
+
+
+def test_members_keep_their_places_over_a_spare(backend: Backend) -> None:
+    hs = handlers(backend, 3, 2, 2)
+    first = join_all(hs[:2])
+    spare = Join(hs[2])  # takes slot 1 of round 1, before the members come back
+    eventually(lambda: backend.admin.check(["rdzv/job/r1/joined"]), what="the spare's slot")
+    again = join_all(hs[:2])  # e.g. a worker failed: both members re-rendezvous
+    assert [i.rank for i in again] == [i.rank for i in first]
+    assert not spare.done()  # still a spare, waiting for the next round
+    hs[0].set_closed()
+    _, exc = spare.outcome()
+    assert isinstance(exc, RendezvousGracefulExitError)
 
 
 def test_spare_becomes_waiting_when_a_member_dies(backend: Backend) -> None:

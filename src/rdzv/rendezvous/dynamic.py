@@ -68,6 +68,7 @@ from rdzv.rendezvous.state import (
     RunKeys,
     SizeRecord,
     assign_ranks,
+    choose_members,
     parse_counter_value,
     slot_count,
 )
@@ -686,8 +687,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._keep_alive = keep_alive
         return self._keep_alive
 
-    def _descriptor(self) -> NodeDesc:
-        member = self._membership
+    def _descriptor(self, member: _Membership | None) -> NodeDesc:
+        """This node's descriptor; ``member``: the round it completed last, if any."""
         master = self._master_endpoint
         if master is None and self._bootstrap_info is not None and self._bootstrap_server:
             master = (self._bootstrap_info.master_addr, self._bootstrap_info.master_port)
@@ -750,7 +751,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             if self._read_size(store, keys).closed:
                 self._raise_closed(pending, retire=False)
             return pending, True
-        desc = self._descriptor()
+        desc = self._descriptor(previous)
         alive = keys.alive(slot)
         entries = [(keys.node(slot), desc.encode()), *self._liveness.announce(alive)]
         store.multi_set([k for k, _ in entries], [v for _, v in entries])
@@ -831,8 +832,17 @@ class DynamicRendezvousHandler(RendezvousHandler):
         needed = settings.max_nodes if full else settings.min_nodes
         if len(live) < needed:
             return _Close.NOT_READY
-        world_size = min(len(live), settings.max_nodes)
-        record = SizeRecord(joined, world_size, tuple(excluded), closer=token)
+        late: list[int] = []
+        if len(live) > settings.max_nodes:
+            raw_descs = store.multi_get([keys.node(s) for s in live])
+            descs = [
+                (slot, NodeDesc.decode(keys.node(slot), raw))
+                for slot, raw in zip(live, raw_descs, strict=True)
+            ]
+            admitted = set(choose_members(keys.number, descs, settings.max_nodes))
+            late = [s for s in live if s not in admitted]
+        world_size = len(live) - len(late)
+        record = SizeRecord(joined, world_size, tuple(excluded), tuple(late), closer=token)
         raw = record.encode()
         current = store.compare_set(keys.size, b"", raw)
         if current != raw:
