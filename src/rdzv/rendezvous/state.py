@@ -175,6 +175,14 @@ def _obj(key: str, doc: Any, what: str, required: set[str], optional: set[str]) 
     return doc
 
 
+def _flag(key: str, doc: Any, what: str, name: str) -> bool:
+    """Whether ``doc`` is the marker record ``{name: true}`` (and nothing else)."""
+    if isinstance(doc, dict) and doc.get(name) is True:
+        _obj(key, doc, what, {name}, set())
+        return True
+    return False
+
+
 def _int(key: str, what: str, field: str, value: Any, lo: int, hi: int = _MAX_INT) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise _bad(key, what, f"field {field!r} must be an integer in [{lo}, {hi}], got {value!r}")
@@ -319,8 +327,7 @@ class SizeRecord:
     def decode(key: str, raw: bytes, max_nodes: int) -> SizeRecord:
         what = "round size record"
         doc = _load(key, raw, what)
-        if isinstance(doc, dict) and doc.get("closed") is True:
-            _obj(key, doc, what, {"closed"}, set())
+        if _flag(key, doc, what, "closed"):
             return SizeRecord(closed=True)
         doc = _obj(key, doc, what, {"joined", "world_size", "excluded", "late", "closer"}, set())
         joined = _int(key, what, "joined", doc["joined"], 1)
@@ -373,11 +380,9 @@ class RankRecord:
     def decode(key: str, raw: bytes, max_nodes: int) -> RankRecord:
         what = "rank record"
         doc = _load(key, raw, what)
-        if isinstance(doc, dict) and doc.get("late") is True:
-            _obj(key, doc, what, {"late"}, set())
+        if _flag(key, doc, what, "late"):
             return RankRecord(late=True)
-        if isinstance(doc, dict) and doc.get("closed") is True:
-            _obj(key, doc, what, {"closed"}, set())
+        if _flag(key, doc, what, "closed"):
             return RankRecord(closed=True)
         doc = _obj(key, doc, what, {"rank", "world_size", "master"}, set())
         world_size = _int(key, what, "world_size", doc["world_size"], 1, max_nodes)
