@@ -16,6 +16,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 #: Modules providing sub-commands, in the order ``rdzv --help`` lists them.
 COMMANDS: list[str] = [
     "rdzv.cli.demo",
+    "rdzv.cli.run",
 ]
 
 
