@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from rdzv.errors import CounterError
 
@@ -38,6 +39,7 @@ __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "Engine",
+    "Journal",
     "Waiter",
     "format_counter",
     "parse_counter",
@@ -120,16 +122,36 @@ class Waiter:
         return f"Waiter(missing={sorted(self.missing)!r}, barrier_target={self.barrier_target})"
 
 
+class Journal(Protocol):
+    """Receives every state change of an :class:`Engine`, after it is applied, in order.
+
+    Replaying the calls on an empty engine (:meth:`Engine.apply_set` and friends) rebuilds
+    the state; counters, barriers and compare_set arrive as the resulting ``on_set``, so
+    replay is deterministic. Used by :mod:`rdzv.persistence` for durability.
+    """
+
+    def on_set(self, key: bytes, value: bytes) -> None: ...
+
+    def on_append(self, key: bytes, value: bytes) -> None: ...
+
+    def on_delete(self, key: bytes) -> None: ...
+
+    def on_queue_push(self, key: bytes, value: bytes) -> None: ...
+
+    def on_queue_pop(self, key: bytes) -> None: ...
+
+
 class Engine:
     """In-memory store state machine; see the module docstring for the rules.
 
     Not thread-safe: the wrapper serialises calls (HashStore with a lock, the server by
-    running on one event loop).
+    running on one event loop). ``journal``, if given, is told every state change.
     """
 
-    __slots__ = ("_barriers", "_data", "_queues", "_waiters")
+    __slots__ = ("_barriers", "_data", "_journal", "_queues", "_waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Journal | None = None) -> None:
+        self._journal = journal
         self._data: dict[bytes, bytes] = {}
         self._queues: dict[bytes, deque[bytes]] = {}
         # key -> waiters registered on it, in registration order (dicts keep order).
@@ -145,6 +167,8 @@ class Engine:
     def set(self, key: bytes, value: bytes) -> None:
         """Insert or overwrite ``key`` and wake its waiters."""
         self._data[key] = value
+        if self._journal is not None:
+            self._journal.on_set(key, value)
         self._fire(key)
 
     def multi_set(self, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
@@ -166,6 +190,8 @@ class Engine:
         """Concatenate ``value`` to ``key`` (created when absent) and wake its waiters."""
         old = self._data.get(key)
         self._data[key] = value if old is None else old + value
+        if self._journal is not None:
+            self._journal.on_append(key, value)
         self._fire(key)
 
     def add(self, key: bytes, amount: int) -> int:
@@ -182,7 +208,9 @@ class Engine:
                 f"add: {old!r} + {amount} under key {show_key(key)} overflows int64 "
                 f"(limit {INT64_MAX if total > 0 else INT64_MIN})"
             )
-        self._data[key] = format_counter(total)
+        stored = self._data[key] = format_counter(total)
+        if self._journal is not None:
+            self._journal.on_set(key, stored)
         self._fire(key)
         self._release_barrier(key, total)
         return total
@@ -207,17 +235,25 @@ class Engine:
             if expected:
                 return expected
             self._data[key] = desired
+            if self._journal is not None:
+                self._journal.on_set(key, desired)
             self._fire(key)
             return desired
         if current == expected:
             self._data[key] = desired
+            if self._journal is not None:
+                self._journal.on_set(key, desired)
             return desired
         return current
 
     def delete_key(self, key: bytes) -> bool:
         """Remove ``key`` from the value map; True if it was there. Wakes nobody; queues are
         untouched."""
-        return self._data.pop(key, None) is not None
+        if self._data.pop(key, None) is None:
+            return False
+        if self._journal is not None:
+            self._journal.on_delete(key)
+        return True
 
     def check(self, keys: Iterable[bytes]) -> bool:
         """True iff every key is present: a value, or a non-empty queue (like torch)."""
@@ -242,6 +278,8 @@ class Engine:
         if queue is None:
             queue = self._queues[key] = deque()
         queue.append(value)
+        if self._journal is not None:
+            self._journal.on_queue_push(key, value)
         self._fire_one(key)
 
     def queue_pop(self, key: bytes) -> bytes | None:
@@ -252,12 +290,44 @@ class Engine:
         value = queue.popleft()
         if not queue:
             del self._queues[key]
+        if self._journal is not None:
+            self._journal.on_queue_pop(key)
         return value
 
     def queue_len(self, key: bytes) -> int:
         """Length of FIFO ``key`` (0 when unknown)."""
         queue = self._queues.get(key)
         return 0 if queue is None else len(queue)
+
+    def queues(self) -> Iterable[tuple[bytes, Iterable[bytes]]]:
+        """A read-only view of the non-empty queues (for snapshots and tooling)."""
+        return self._queues.items()
+
+    # ----------------------------------------------------------------- replay
+    # Applying journal records rebuilds state without journaling or waking anyone: replay
+    # happens before any client can wait.
+    def apply_set(self, key: bytes, value: bytes) -> None:
+        self._data[key] = value
+
+    def apply_append(self, key: bytes, value: bytes) -> None:
+        self._data[key] = self._data.get(key, b"") + value
+
+    def apply_delete(self, key: bytes) -> None:
+        self._data.pop(key, None)
+
+    def apply_queue_push(self, key: bytes, value: bytes) -> None:
+        self._queues.setdefault(key, deque()).append(value)
+
+    def apply_queue_pop(self, key: bytes) -> None:
+        queue = self._queues.get(key)
+        if queue:
+            queue.popleft()
+            if not queue:
+                del self._queues[key]
+
+    def set_journal(self, journal: Journal | None) -> None:
+        """Attach (or detach) the journal, e.g. after a replay."""
+        self._journal = journal
 
     # ----------------------------------------------------------------- waiting
     def wait(

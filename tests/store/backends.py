@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
 from rdzv import HashStore, PrefixStore, Store
+from rdzv.store.file import FileStore
 
 Factory = Callable[[Path], ContextManager[Store]]
 
@@ -27,7 +28,21 @@ def prefix_over_hash(tmp_path: Path) -> Iterator[Store]:
     yield PrefixStore("pre", HashStore(timeout=5))
 
 
+@contextlib.contextmanager
+def file_store(tmp_path: Path) -> Iterator[Store]:
+    with FileStore(tmp_path / "store", timeout=5) as store:
+        yield store
+
+
+@contextlib.contextmanager
+def prefix_over_file(tmp_path: Path) -> Iterator[Store]:
+    with FileStore(tmp_path / "store", timeout=5) as store:
+        yield PrefixStore("pre", store)
+
+
 BACKENDS: dict[str, Factory] = {
     "hash": hash_store,
     "prefix": prefix_over_hash,
+    "file": file_store,
+    "prefix_file": prefix_over_file,
 }

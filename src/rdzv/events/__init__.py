@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import TextIO
+from typing import Any, TextIO
 
 __all__ = [
     "ENV_VAR",
@@ -80,8 +80,30 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _load_json_object(data: str, what: str, enum_field: str, enum: type[Enum]) -> dict[str, Any]:
+    """Parse a serialized event: a JSON object whose ``enum_field`` holds an enum *name*.
+
+    Raises ValueError for malformed JSON or a non-object, KeyError for an unknown name.
+    """
+    raw = json.loads(data)
+    if not isinstance(raw, dict):
+        raise ValueError(f"an {what} must be a JSON object, got {type(raw).__name__}")
+    raw[enum_field] = enum[raw[enum_field]]
+    return raw
+
+
+class _Serializable:
+    """``serialize()`` = JSON of the dataclass fields (enums by value = name); ``str()`` too."""
+
+    def serialize(self) -> str:
+        return json.dumps(asdict(self))  # type: ignore[call-overload]
+
+    def __str__(self) -> str:
+        return self.serialize()
+
+
 @dataclass
-class Event:
+class Event(_Serializable):
     """A generic event (torch's ``Event``). ``timestamp`` is in milliseconds since the epoch;
     :func:`record` fills it when left at 0 (torch never fills it)."""
 
@@ -90,30 +112,20 @@ class Event:
     timestamp: int = 0
     metadata: dict[str, EventMetadataValue] = field(default_factory=dict)
 
-    def serialize(self) -> str:
-        """JSON with torch's shape: ``{"name", "source", "timestamp", "metadata"}``."""
-        return json.dumps(asdict(self))
-
-    def __str__(self) -> str:
-        return self.serialize()
-
     @staticmethod
     def deserialize(data: str | Event) -> Event:
-        """Parse :meth:`serialize` output (an Event is returned unchanged).
+        """Parse :meth:`serialize` output (torch's JSON shape: ``{"name", "source",
+        "timestamp", "metadata"}``); an Event is returned unchanged.
 
-        Raises ValueError on malformed JSON or an unknown source.
+        Raises ValueError on malformed JSON, KeyError on an unknown source.
         """
         if isinstance(data, Event):
             return data
-        raw = json.loads(data)
-        if not isinstance(raw, dict):
-            raise ValueError(f"an Event must be a JSON object, got {type(raw).__name__}")
-        raw["source"] = EventSource[raw["source"]]
-        return Event(**raw)
+        return Event(**_load_json_object(data, "Event", "source", EventSource))
 
 
 @dataclass
-class RdzvEvent:
+class RdzvEvent(_Serializable):
     """A rendezvous event (torch's ``RdzvEvent`` plus ``duration_ms`` and ``timestamp``).
 
     ``duration_ms``: how long the step took, in milliseconds (None if not a timed step).
@@ -133,26 +145,16 @@ class RdzvEvent:
     duration_ms: float | None = None
     timestamp: int = 0
 
-    def serialize(self) -> str:
-        """JSON of every field (``node_state`` by name)."""
-        return json.dumps(asdict(self))
-
-    def __str__(self) -> str:
-        return self.serialize()
-
     @staticmethod
     def deserialize(data: str | RdzvEvent) -> RdzvEvent:
-        """Parse :meth:`serialize` output (an RdzvEvent is returned unchanged).
+        """Parse :meth:`serialize` output (every field, ``node_state`` by name); an
+        RdzvEvent is returned unchanged.
 
-        Raises ValueError on malformed JSON or an unknown node state.
+        Raises ValueError on malformed JSON, KeyError on an unknown node state.
         """
         if isinstance(data, RdzvEvent):
             return data
-        raw = json.loads(data)
-        if not isinstance(raw, dict):
-            raise ValueError(f"an RdzvEvent must be a JSON object, got {type(raw).__name__}")
-        raw["node_state"] = NodeState[raw["node_state"]]
-        return RdzvEvent(**raw)
+        return RdzvEvent(**_load_json_object(data, "RdzvEvent", "node_state", NodeState))
 
 
 AnyEvent = Event | RdzvEvent
