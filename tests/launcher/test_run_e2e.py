@@ -1,0 +1,249 @@
+"""``rdzv run`` end to end: real agents, real workers, real TCPStore, real rendezvous."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launcher.cluster import (
+    agents_cleanup,
+    attempts,
+    finish,
+    pids_alive,
+    records,
+    run_agent,
+    start_agent,
+    store_server,
+    wait_records,
+    write_worker,
+)
+from tests.launcher.procs import alive_with_marker, wait_for
+
+# Short rendezvous windows so elastic tests take seconds, not minutes.
+FAST = "last_call_timeout=1,join_timeout=60,is_host=false"
+
+
+def _c10d(port: int, run_id: str, nnodes: str, nproc: int = 2, *extra: str) -> list[str]:
+    return [
+        "--nnodes",
+        nnodes,
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        run_id,
+        "--rdzv-conf",
+        FAST,
+        "--local-addr",
+        "127.0.0.1",
+        "--monitor-interval",
+        "0.1",
+        *extra,
+    ]
+
+
+def test_standalone_four_workers_allgather_example() -> None:
+    proc = run_agent("--standalone", "--nproc-per-node", "4", "examples/allgather_sum.py")
+    assert proc.returncode == 0, proc.stderr
+    assert "[0]: sum of ranks: 6 (expected 6)" in proc.stdout
+    assert "[0]: all-gather over 4 ranks: rank 0 pid" in proc.stdout
+    assert "[1]:" not in proc.stdout  # only rank 0 prints
+
+
+def test_standalone_env_and_connect(tmp_path: Path) -> None:
+    script = write_worker(tmp_path)
+    out = tmp_path / "out"
+    proc = run_agent("--standalone", "--nproc-per-node", "4", str(script), str(out), "allgather")
+    assert proc.returncode == 0, proc.stderr
+    recs = records(out)
+    assert sorted(int(r["RANK"]) for r in recs) == [0, 1, 2, 3]
+    assert {r["WORLD_SIZE"] for r in recs} == {"4"}
+    assert {r["MASTER_ADDR"] for r in recs} == {"127.0.0.1"}
+    assert {r["TORCHELASTIC_USE_AGENT_STORE"] for r in recs} == {"True"}
+    assert len({r["TORCHELASTIC_RUN_ID"] for r in recs}) == 1
+    for rank in range(4):
+        assert f"[{rank}]: gathered [0, 1, 2, 3]" in proc.stdout
+
+
+def test_torch_gloo_example() -> None:
+    proc = run_agent(
+        "--standalone", "--nproc-per-node", "2", "examples/torch_allreduce.py", timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "[0]: rank 0/2: all_reduce sum = 3 (expected 3)" in proc.stdout
+    assert "[1]: rank 1/2: all_reduce sum = 3 (expected 3)" in proc.stdout
+
+
+def test_two_agents_form_one_world(tmp_path: Path) -> None:
+    script = write_worker(tmp_path)
+    out = tmp_path / "out"
+    with store_server() as port:
+        args = [*_c10d(port, "two", "2"), str(script), str(out), "allgather"]
+        a, b = start_agent(*args), start_agent(*args)
+        with agents_cleanup(a, b):
+            (code_a, out_a, err_a), (code_b, out_b, err_b) = finish(a), finish(b)
+    assert code_a == 0, err_a
+    assert code_b == 0, err_b
+    recs = records(out)
+    assert sorted(int(r["RANK"]) for r in recs) == [0, 1, 2, 3]
+    assert {r["WORLD_SIZE"] for r in recs} == {"4"}
+    assert {r["GROUP_WORLD_SIZE"] for r in recs} == {"2"}
+    for r in recs:  # RANK = GROUP_RANK * nproc + LOCAL_RANK
+        assert int(r["RANK"]) == int(r["GROUP_RANK"]) * 2 + int(r["LOCAL_RANK"])
+    assert len({r["agent_pid"] for r in recs}) == 2
+    assert len({r["RDZV_ATTEMPT_ID"] for r in recs}) == 1
+    assert out_a.count("gathered [0, 1, 2, 3]") + out_b.count("gathered [0, 1, 2, 3]") == 4
+
+
+def test_crash_once_then_success(tmp_path: Path) -> None:
+    script = tmp_path / "flaky.py"
+    script.write_text(
+        "import os, sys\n"
+        "import rdzv\n"
+        "store = rdzv.connect(timeout=30)\n"
+        "if os.environ['RANK'] == '1' and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0':\n"
+        "    sys.exit('rank 1 crashes on the first attempt')\n"
+        "store.barrier('ok', int(os.environ['WORLD_SIZE']))\n"
+        "print('attempt', os.environ['TORCHELASTIC_RESTART_COUNT'], 'ok')\n"
+    )
+    proc = run_agent("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(script))
+    assert proc.returncode == 0, proc.stderr
+    assert "[0]: attempt 1 ok" in proc.stdout and "[1]: attempt 1 ok" in proc.stdout
+    assert "[1]: rank 1 crashes on the first attempt" in proc.stderr
+    assert "FAILED" not in proc.stderr
+
+
+def test_always_failing_stops_after_max_restarts(tmp_path: Path) -> None:
+    script = tmp_path / "bad.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "if os.environ['LOCAL_RANK'] == '1':\n"
+        "    raise RuntimeError('attempt ' + os.environ['TORCHELASTIC_RESTART_COUNT'] + ' broke')\n"
+        "time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    proc = run_agent("--standalone", "--nproc-per-node", "2", "--max-restarts", "2", str(script))
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 1, proc.stderr
+    summary = proc.stderr[proc.stderr.index("=" * 72) :]
+    assert "FAILED after 2 restart(s) (max_restarts=2)" in summary
+    assert "rank       : 1 (local_rank 1" in summary
+    assert "exit code 1" in summary
+    assert "| RuntimeError: attempt 2 broke" in summary
+    assert proc.stderr.count("restarting the worker group") == 2
+
+
+def test_scale_up_from_one_to_two_nodes(tmp_path: Path) -> None:
+    script = write_worker(tmp_path)
+    out = tmp_path / "out"
+    with store_server() as port:
+        args = [*_c10d(port, "grow", "1:2"), str(script), str(out), "until-world", "4"]
+        a = start_agent(*args)
+        with agents_cleanup(a):
+            # Node A runs alone first (world 2)...
+            wait_records(out, lambda recs: len(recs) == 2, 60, "node A's two workers")
+            assert {r["WORLD_SIZE"] for r in records(out)} == {"2"}
+            b = start_agent(*args)
+            with agents_cleanup(b):
+                (code_a, _, err_a), (code_b, _, err_b) = finish(a), finish(b)
+    assert code_a == 0, err_a
+    assert code_b == 0, err_b
+    grown = [g for g in attempts(out).values() if {r["WORLD_SIZE"] for r in g} == {"4"}]
+    assert len(grown) == 1
+    assert sorted(int(r["RANK"]) for r in grown[0]) == [0, 1, 2, 3]
+    assert "new nodes are waiting" in err_a
+    # Scaling is not a failure: no restart was used up.
+    assert {r["TORCHELASTIC_RESTART_COUNT"] for r in grown[0]} == {"0"}
+
+
+@pytest.mark.parametrize("victim_group_rank", ["0", "1"])
+def test_losing_one_of_two_agents_continues_at_world_one(
+    tmp_path: Path, victim_group_rank: str
+) -> None:
+    script = write_worker(tmp_path)
+    out = tmp_path / "out"
+    with store_server() as port:
+        args = [
+            *_c10d(port, "shrink", "1:2", 1, "--node-timeout", "2"),
+            str(script),
+            str(out),
+            "shrink",
+        ]
+        a = start_agent(*args)
+        with agents_cleanup(a):
+            wait_records(out, lambda recs: len(recs) >= 1, 60, "node A's worker")
+            b = start_agent(*args)
+            with agents_cleanup(b):
+                wait_records(
+                    out,
+                    lambda recs: (
+                        any(r["WORLD_SIZE"] == "2" for r in recs)
+                        and sum(r["WORLD_SIZE"] == "2" for r in recs) == 2
+                    ),
+                    60,
+                    "a world of two",
+                )
+                pair = [r for r in records(out) if r["WORLD_SIZE"] == "2"]
+                victim = next(r for r in pair if r["GROUP_RANK"] == victim_group_rank)
+                survivor_pid = next(r for r in pair if r is not victim)["agent_pid"]
+                victim_proc = a if victim["agent_pid"] == a.pid else b
+                survivor = b if victim_proc is a else a
+                assert survivor.pid == survivor_pid
+                victim_proc.send_signal(signal.SIGKILL)
+                victim_proc.communicate()
+                # The victim's worker dies with its agent (parent-death signal).
+                wait_for(lambda: pids_alive([int(victim["pid"])]) == [], 10, "victim worker")
+                code, stdout, err = finish(survivor)
+    assert code == 0, err
+    assert "was lost" in err or "another node restarts" in err
+    assert "done at world 1" in stdout
+
+
+def test_sigterm_to_the_agent_leaves_no_process(tmp_path: Path) -> None:
+    marker = f"rdzv-e2e-orphan-{os.getpid()}-{time.monotonic_ns()}"
+    script = tmp_path / "tree.py"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        f"marker = {marker!r}\n"
+        "sleeper = [sys.executable, '-c', 'import time; time.sleep(120)', marker]\n"
+        "subprocess.Popen(sleeper)\n"
+        "subprocess.Popen(sleeper, start_new_session=True)\n"
+        "if os.fork() == 0:\n"  # a daemon: its parent exits, it is orphaned
+        "    subprocess.Popen(sleeper, start_new_session=True)\n"
+        "    os._exit(0)\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ready' + os.environ['RANK']), 'w').close()\n"
+        "time.sleep(120)\n"
+    )
+    agent = start_agent("--standalone", "--nproc-per-node", "2", str(script), marker)
+    with agents_cleanup(agent):
+        wait_for(
+            lambda: (
+                len(alive_with_marker(marker)) >= 2 + 3 * 2
+                and all((tmp_path / f"ready{r}").exists() for r in range(2))
+            ),
+            60,
+            "workers and their children",
+        )
+        agent.send_signal(signal.SIGTERM)
+        code, _, err = finish(agent, 60)
+    assert code == 128 + signal.SIGTERM, err
+    assert alive_with_marker(marker) == []
+
+
+def test_sigkill_to_the_agent_kills_its_workers(tmp_path: Path) -> None:
+    script = write_worker(tmp_path)
+    out = tmp_path / "out"
+    agent = start_agent(
+        "--standalone", "--nproc-per-node", "2", str(script), str(out), "until-world", "99"
+    )
+    with agents_cleanup(agent):
+        wait_records(out, lambda recs: len(recs) == 2, 60, "two workers")
+        pids = [int(r["pid"]) for r in records(out)]
+        agent.send_signal(signal.SIGKILL)
+        agent.communicate()
+        wait_for(lambda: pids_alive(pids) == [], 10, "workers to die with their agent")
