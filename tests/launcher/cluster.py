@@ -109,7 +109,9 @@ def finish(proc: subprocess.Popen[str], timeout: float = 90) -> tuple[int, str, 
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        raise AssertionError(f"agent did not finish in {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+        raise AssertionError(
+            f"agent did not finish in {timeout} s\nstdout:\n{out}\nstderr:\n{err}"
+        ) from None
     return proc.returncode, out, err
 
 
