@@ -53,6 +53,7 @@ from rdzv.errors import (
     RendezvousClosedError,
     RendezvousError,
     RendezvousGracefulExitError,
+    StoreTimeoutError,
 )
 from rdzv.launcher.assignment import Assignment, NodeInfo, exchange, single_node
 from rdzv.launcher.config import LaunchConfig, Std, std_for
@@ -102,6 +103,10 @@ class RunResult:
     summary: str | None = None
     signal: int | None = None
     message: str | None = None
+
+
+#: Consecutive rendezvous rounds whose rank exchange failed before the agent gives up.
+_MAX_RENDEZVOUS_RETRIES = 3
 
 
 class _SignalReceived(BaseException):
@@ -221,17 +226,32 @@ class ElasticAgent:
         return result
 
     def _run(self) -> RunResult:
-        try:
-            self._rendezvous_and_start()
-        except RendezvousGracefulExitError:
-            return RunResult(WorkerState.SUCCEEDED, 0, message="not admitted; exiting")
-        except (RendezvousError, RdzvError, OSError) as exc:
-            return self._agent_failure(exc)
         last_failures: list[WorkerFailure] = []
+        retries = 0
         while True:
             try:
-                outcome = self._monitor()
+                self._rendezvous_and_start()
+            except RendezvousGracefulExitError:
+                return RunResult(
+                    WorkerState.SUCCEEDED, 0, self.restart_count, message="not admitted"
+                )
+            except _Restart as restart:  # a node vanished right after the rendezvous
+                retries += 1
+                if retries > _MAX_RENDEZVOUS_RETRIES:
+                    return self._agent_failure(RendezvousError(restart.reason))
+                _log.warning("rendezvous again: %s", restart.reason)
+                continue
+            except (RendezvousError, RdzvError, OSError) as exc:
+                if last_failures:
+                    return self._job_failure(last_failures, then=exc)
+                return self._agent_failure(exc)
+            retries = 0
+            try:
+                self._monitor()
             except _Restart as restart:
+                # Tell the other nodes first, so that they stop in parallel with us.
+                if self._peers is not None:
+                    self._peers.request_restart()
                 if restart.failure:
                     last_failures = self._collect_failures()
                     if self._remaining_restarts <= 0:
@@ -244,18 +264,7 @@ class ElasticAgent:
                     self.config.max_restarts,
                 )
                 self._stop_workers()
-                if self._peers is not None:
-                    self._peers.request_restart()
-                try:
-                    self._rendezvous_and_start()
-                except RendezvousGracefulExitError:
-                    return RunResult(WorkerState.SUCCEEDED, 0, self.restart_count)
-                except (RendezvousError, RdzvError, OSError) as exc:
-                    if last_failures and isinstance(exc, RendezvousClosedError):
-                        return self._job_failure(last_failures)
-                    return self._agent_failure(exc)
                 continue
-            assert outcome is WorkerState.SUCCEEDED
             self.state = WorkerState.SUCCEEDED
             if self._peers is not None and not self._peers.exit_barrier(
                 self.config.exit_barrier_timeout
@@ -324,7 +333,13 @@ class ElasticAgent:
             return single_node(me, addr, port, shared)
         master = self._workers_store(info) if info.rank == 0 else None
         timeout = self.config.node_timeout or 300.0
-        return exchange(info.store, info.rank, info.world_size, me, master, timeout)
+        try:
+            return exchange(info.store, info.rank, info.world_size, me, master, timeout)
+        except StoreTimeoutError:
+            raise _Restart(
+                f"not every node published its workers within {timeout:g} s after the rendezvous",
+                failure=False,
+            ) from None
 
     # --------------------------------------------------------------- workers
     def worker_env(self, assignment: Assignment, local_rank: int) -> dict[str, str]:
@@ -437,9 +452,9 @@ class ElasticAgent:
         self._record(state, events.EventSource.WORKER, worker, duration_ms=worker.run_time() * 1000)
 
     # -------------------------------------------------------------- monitoring
-    def _monitor(self) -> WorkerState:
-        """Watch the workers until they all succeed (returns SUCCEEDED) or the group must
-        restart (raises :class:`_Restart`)."""
+    def _monitor(self) -> None:
+        """Watch the workers until they all succeed (returns) or the group must restart
+        (raises :class:`_Restart`)."""
         workers = self._workers
         peers = self._peers
         assert workers is not None and peers is not None
@@ -466,7 +481,7 @@ class ElasticAgent:
                 for worker in workers.workers:
                     self._record_exit(worker)
                 self._workers = None
-                return WorkerState.SUCCEEDED
+                return
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + interval
@@ -519,26 +534,32 @@ class ElasticAgent:
             )
         return result
 
-    def _job_failure(self, failures: list[WorkerFailure]) -> RunResult:
+    def _job_failure(
+        self, failures: list[WorkerFailure], then: BaseException | None = None
+    ) -> RunResult:
+        """The result for worker failures; ``then``: the error that ended the restarts early
+        (the rendezvous failed or was closed)."""
         self.state = WorkerState.FAILED
         summary = format_summary(
             self._what, failures, restarts=self.restart_count, max_restarts=self.config.max_restarts
         )
+        message = f"worker rank {failures[0].rank} failed: {failures[0].describe()}"
+        if then is not None:
+            text = _error_text(then)
+            summary += f"\nNo further restart: {text}"
+            message += f"; no further restart: {text}"
         return RunResult(
             WorkerState.FAILED,
             failures[0].exit_code or 1,
             self.restart_count,
             failures,
             summary,
-            message=f"worker rank {failures[0].rank} failed: {failures[0].describe()}",
+            message=message,
         )
 
     def _agent_failure(self, exc: BaseException) -> RunResult:
         self.state = WorkerState.FAILED
-        if isinstance(exc, RendezvousClosedError):
-            text = "the rendezvous was closed (another node finished or gave up)"
-        else:
-            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        text = _error_text(exc)
         _log.error("the agent failed: %s", text)
         return RunResult(WorkerState.FAILED, 1, self.restart_count, message=text)
 
@@ -644,6 +665,12 @@ class ElasticAgent:
                     close()
                 except Exception:  # closing must not mask the result
                     _log.debug("closing the workers' store failed", exc_info=True)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, RendezvousClosedError):
+        return "the rendezvous was closed (another node finished or gave up)"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _store_port(store: Store) -> int:
