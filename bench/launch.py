@@ -41,6 +41,9 @@ with open(os.path.join(out, f"start-{attempt}-{rank}"), "w") as f:
     f.write(repr(t))
 if sys.argv[2] == "restart" and attempt == "0":
     if rank == "0":
+        world = int(os.environ["WORLD_SIZE"])
+        while len([n for n in os.listdir(out) if n.startswith("start-0-")]) < world:
+            time.sleep(0.001)
         with open(os.path.join(out, "fail"), "w") as f:
             f.write(repr(time.monotonic()))
         sys.exit(1)
@@ -87,11 +90,10 @@ def _once(launcher: str, nproc: int, script: str, mode: str) -> dict[str, float]
         def starts(attempt: int) -> list[float]:
             return [float(Path(out, f"start-{attempt}-{r}").read_text()) for r in range(nproc)]
 
-        result = {"launch": max(starts(0)) - t0, "total": t_end - t0}
         if mode == "restart":
             fail = float(Path(out, "fail").read_text())
-            result["restart"] = max(starts(1)) - fail
-        return result
+            return {"restart": max(starts(1)) - fail}
+        return {"launch": max(starts(0)) - t0, "total": t_end - t0}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
