@@ -5,13 +5,15 @@
 * :class:`ElasticAgent` (:mod:`.agent`): rendezvous, spawn, monitor, restart, stop;
 * :func:`connect` (:mod:`.worker`): in a worker, a client of the workers' store.
 
-Submodules load on first use, so ``import rdzv.launcher`` in a worker stays cheap.
+Nothing here imports the TCP store or a rendezvous backend until it is used.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rdzv.launcher.agent import ElasticAgent, RunResult, WorkerState
+from rdzv.launcher.api import launch
+from rdzv.launcher.config import LaunchConfig, Std
+from rdzv.launcher.worker import connect
 
 __all__ = [
     "ElasticAgent",
@@ -22,22 +24,3 @@ __all__ = [
     "connect",
     "launch",
 ]
-
-_LAZY = {
-    "ElasticAgent": "rdzv.launcher.agent",
-    "RunResult": "rdzv.launcher.agent",
-    "WorkerState": "rdzv.launcher.agent",
-    "LaunchConfig": "rdzv.launcher.config",
-    "Std": "rdzv.launcher.config",
-    "connect": "rdzv.launcher.worker",
-    "launch": "rdzv.launcher.api",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rdzv.launcher' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
