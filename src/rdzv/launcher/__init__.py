@@ -5,15 +5,14 @@
 * :class:`ElasticAgent` (:mod:`.agent`): rendezvous, spawn, monitor, restart, stop;
 * :func:`connect` (:mod:`.worker`): in a worker, a client of the workers' store.
 
-Nothing here imports the TCP store or a rendezvous backend until it is used.
+Submodules load on first use: a worker calling ``rdzv.connect()`` imports only
+:mod:`.worker`, not the agent (tens of milliseconds of imports on every worker start).
 """
 
 from __future__ import annotations
 
-from rdzv.launcher.agent import ElasticAgent, RunResult, WorkerState
-from rdzv.launcher.api import launch
-from rdzv.launcher.config import LaunchConfig, Std
-from rdzv.launcher.worker import connect
+import importlib
+from typing import Any
 
 __all__ = [
     "ElasticAgent",
@@ -24,3 +23,22 @@ __all__ = [
     "connect",
     "launch",
 ]
+
+_LAZY = {
+    "ElasticAgent": "rdzv.launcher.agent",
+    "RunResult": "rdzv.launcher.agent",
+    "WorkerState": "rdzv.launcher.agent",
+    "LaunchConfig": "rdzv.launcher.config",
+    "Std": "rdzv.launcher.config",
+    "connect": "rdzv.launcher.worker",
+    "launch": "rdzv.launcher.api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rdzv.launcher' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
