@@ -66,6 +66,11 @@ def parse_counter(key: bytes, raw: bytes) -> int:
     digits is ignored (``b" 12abc"`` is 12). Raises :class:`CounterError` naming ``key`` when
     there is no digit or the number does not fit in int64.
     """
+    # Fast path: what add itself writes (optional "-", then digits).
+    if raw.isdigit() or (raw[:1] == b"-" and raw[1:].isdigit()):
+        value = int(raw)
+        if INT64_MIN <= value <= INT64_MAX:
+            return value
     i = 0
     n = len(raw)
     while i < n and raw[i] in _WHITESPACE:

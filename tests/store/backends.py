@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rdzv import HashStore, PrefixStore, Store
 from rdzv.store.file import FileStore
+from rdzv.store.tcp import TCPStore
 
 Factory = Callable[[Path], ContextManager[Store]]
 
@@ -26,6 +27,22 @@ def hash_store(tmp_path: Path) -> Iterator[Store]:
 @contextlib.contextmanager
 def prefix_over_hash(tmp_path: Path) -> Iterator[Store]:
     yield PrefixStore("pre", HashStore(timeout=5))
+
+
+@contextlib.contextmanager
+def tcp_store(tmp_path: Path) -> Iterator[Store]:
+    """A client of an ``is_master`` server on an ephemeral loopback port."""
+    with (
+        TCPStore("127.0.0.1", 0, is_master=True, timeout=5) as master,
+        TCPStore("127.0.0.1", master.port, timeout=5) as client,
+    ):
+        yield client
+
+
+@contextlib.contextmanager
+def prefix_over_tcp(tmp_path: Path) -> Iterator[Store]:
+    with tcp_store(tmp_path) as store:
+        yield PrefixStore("pre", store)
 
 
 @contextlib.contextmanager
@@ -45,4 +62,6 @@ BACKENDS: dict[str, Factory] = {
     "prefix": prefix_over_hash,
     "file": file_store,
     "prefix_file": prefix_over_file,
+    "tcp": tcp_store,
+    "prefix_tcp": prefix_over_tcp,
 }

@@ -15,6 +15,8 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: Modules providing sub-commands, in the order ``rdzv --help`` lists them.
 COMMANDS: list[str] = [
+    "rdzv.cli.serve",
+    "rdzv.cli.store",
     "rdzv.cli.demo",
     "rdzv.cli.run",
 ]

@@ -35,10 +35,15 @@ __all__ = [
     "Store",
     "TimeoutLike",
     "ValueLike",
+    "check_amount",
+    "check_block",
+    "check_world_size",
     "key_to_str",
     "keys_to_list",
+    "timeout_error",
     "timeout_to_seconds",
     "value_to_bytes",
+    "values_to_list",
 ]
 
 #: Default store timeout in seconds, torch's ``kDefaultTimeout``.
@@ -109,6 +114,56 @@ def timeout_to_seconds(timeout: object, what: str = "timeout") -> float:
     return seconds
 
 
+def check_amount(key: object, amount: object) -> int:
+    """Validate the ``amount`` of ``add``: TypeError unless an int (bool refused),
+    CounterError outside int64."""
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise TypeError(f"add: amount must be an int, got {type(amount).__name__}: {amount!r}")
+    if not INT64_MIN <= amount <= INT64_MAX:
+        raise CounterError(
+            f"add: amount {amount} for key {key!r} is outside the int64 range "
+            f"[{INT64_MIN}, {INT64_MAX}]"
+        )
+    return amount
+
+
+def values_to_list(key_list: Sequence[str], values: object) -> list[bytes]:
+    """Validate the values of ``multi_set`` against its keys: TypeError unless a list of
+    bytes/str, ValueError on a length mismatch."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"multi_set: values must be a list, got {type(values).__name__}")
+    if len(key_list) != len(values):
+        raise ValueError(
+            f"multi_set: got {len(key_list)} keys but {len(values)} values; pass one value per key"
+        )
+    return [value_to_bytes(v) for v in values]
+
+
+def check_block(block: object) -> bool:
+    """Validate ``queue_pop``'s ``block`` flag (TypeError unless a bool)."""
+    if not isinstance(block, bool):
+        raise TypeError(f"queue_pop: block must be a bool, got {type(block).__name__}")
+    return block
+
+
+def check_world_size(world_size: object) -> int:
+    """Validate a barrier's ``world_size``: TypeError unless an int, ValueError below 1."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool):
+        raise TypeError(f"barrier: world_size must be an int, got {world_size!r}")
+    if world_size < 1:
+        raise ValueError(f"barrier: world_size must be >= 1, got {world_size}")
+    return world_size
+
+
+def timeout_error(op: str, keys: Sequence[str], seconds: float, where: str) -> StoreTimeoutError:
+    """The error of a blocking ``op`` on ``keys`` that ran out of ``seconds`` on ``where``."""
+    return StoreTimeoutError(
+        f"{op} timeout after {format_ms(seconds)} on {where}, keys: {list(keys)!r}; "
+        "the keys were not set in time: check that the writing ranks are alive, "
+        "or raise the timeout"
+    )
+
+
 def _seconds_to_timedelta(seconds: float) -> timedelta:
     return timedelta.max if math.isinf(seconds) else timedelta(seconds=seconds)
 
@@ -161,11 +216,7 @@ class Store(ABC):
         return self._timeout if timeout is None else timeout_to_seconds(timeout)
 
     def _timeout_error(self, op: str, keys: Sequence[str], seconds: float) -> StoreTimeoutError:
-        return StoreTimeoutError(
-            f"{op} timeout after {format_ms(seconds)} on {self!r}, keys: {list(keys)!r}; "
-            "the keys were not set in time: check that the writing ranks are alive, "
-            "or raise the timeout"
-        )
+        return timeout_error(op, keys, seconds, repr(self))
 
     # ----------------------------------------------------------------- public API
     def set(self, key: KeyLike, value: ValueLike) -> None:
@@ -194,14 +245,7 @@ class Store(ABC):
         Raises TypeError if ``amount`` is not an int, :class:`~rdzv.errors.CounterError` (a
         ValueError) if the stored value is not an integer or the sum overflows int64.
         """
-        if not isinstance(amount, int) or isinstance(amount, bool):
-            raise TypeError(f"add: amount must be an int, got {type(amount).__name__}: {amount!r}")
-        if not INT64_MIN <= amount <= INT64_MAX:
-            raise CounterError(
-                f"add: amount {amount} for key {key!r} is outside the int64 range "
-                f"[{INT64_MIN}, {INT64_MAX}]"
-            )
-        return self._add(key_to_str(key), amount)
+        return self._add(key_to_str(key), check_amount(key, amount))
 
     def append(self, key: KeyLike, value: ValueLike) -> None:
         """Concatenate ``value`` to the value of ``key``, creating it when absent; wakes its
@@ -269,15 +313,9 @@ class Store(ABC):
         has undefined behaviour there), TypeError for bad keys or values.
         """
         key_list = keys_to_list(keys)
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-            raise TypeError(f"multi_set: values must be a list, got {type(values).__name__}")
-        if len(key_list) != len(values):
-            raise ValueError(
-                f"multi_set: got {len(key_list)} keys but {len(values)} values; "
-                "pass one value per key"
-            )
+        value_list = values_to_list(key_list, values)
         if key_list:
-            self._multi_set(key_list, [value_to_bytes(v) for v in values])
+            self._multi_set(key_list, value_list)
 
     def queue_push(self, key: KeyLike, value: ValueLike) -> None:
         """Append ``value`` to the FIFO queue ``key`` and wake one blocked popper. Queues are a
@@ -292,9 +330,7 @@ class Store(ABC):
         :class:`~rdzv.errors.QueueEmptyError` at once on an empty queue. With several blocked
         poppers, one push releases exactly one of them.
         """
-        if not isinstance(block, bool):
-            raise TypeError(f"queue_pop: block must be a bool, got {type(block).__name__}")
-        return self._queue_pop(key_to_str(key), self._timeout if block else None)
+        return self._queue_pop(key_to_str(key), self._timeout if check_block(block) else None)
 
     def queue_len(self, key: KeyLike) -> int:
         """The number of items in the FIFO queue ``key`` (0 for a queue never used)."""
@@ -308,11 +344,7 @@ class Store(ABC):
         ValueError for ``world_size < 1``, :class:`~rdzv.errors.StoreTimeoutError` at the
         deadline (the arrival stays counted, as in torch).
         """
-        if not isinstance(world_size, int) or isinstance(world_size, bool):
-            raise TypeError(f"barrier: world_size must be an int, got {world_size!r}")
-        if world_size < 1:
-            raise ValueError(f"barrier: world_size must be >= 1, got {world_size}")
-        self._barrier(key_to_str(key), world_size, self._resolve_timeout(timeout))
+        self._barrier(key_to_str(key), check_world_size(world_size), self._resolve_timeout(timeout))
 
     def has_extended_api(self) -> bool:
         """True when append, multi_get and multi_set are native rather than fallbacks."""

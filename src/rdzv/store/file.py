@@ -25,13 +25,19 @@ NotImplementedError.
 Concurrency: every operation takes an ``flock`` on the file, exclusive to append and shared
 to read (torch takes the same locks), plus a per-object :class:`threading.Lock`. Each handle
 keeps an in-memory replica of the log (an :class:`rdzv.engine.Engine`) and the byte offset
-it has replayed up to; an operation replays only the new tail. A read whose file has not
-grown is served from the replica without taking the flock (one ``fstat``). Writers replay the
-tail before appending, so they never append after a damaged record.
+it has replayed up to; an operation replays only the new tail (a read of an unchanged file
+costs one ``flock``/``fstat``/unlock). Writers replay the tail before appending, so they
+never append after a damaged record.
 
-Blocking calls (get, wait, multi_get, queue_pop, barrier) poll the file size with a back-off
+Blocking calls (get, wait, multi_get, queue_pop, barrier) poll the file with a back-off
 sleep (1 ms doubling to 50 ms): a blocked process uses almost no CPU, and a write is noticed
 at most 50 ms late. Timeouts are exact to about a millisecond.
+
+Files are created with mode 0600 (torch: 0644). A process that dies without :meth:`close`
+leaves its handle counted in ``refcount/``, so the file is never removed and the next job on
+the same path sees the old keys (as with torch); a process killed mid-write leaves at most one
+incomplete record at the end, which every handle then reports (StoreError with the offset)
+instead of appending after it. See ``docs/stores.md``.
 
 POSIX only (it needs ``fcntl.flock``). Over NFS, ``flock`` works on Linux clients (emulated
 with byte-range locks) but consult your server's locking support.
@@ -102,14 +108,6 @@ def _record(key: bytes, value: bytes) -> bytes:
     return b"".join((_LEN.pack(len(key)), key, _LEN.pack(len(value)), value))
 
 
-def _check_value_size(key: bytes, size: int) -> None:
-    if size > MAX_RECORD_FIELD:
-        raise ValueError(
-            f"FileStore: the value of key {key[:64]!r} would be {size} bytes, more than the "
-            f"{MAX_RECORD_FIELD} bytes a record can hold"
-        )
-
-
 class FileStore(Store):
     """A store kept in the file ``file_name``, shared by every process that opens it.
 
@@ -128,6 +126,7 @@ class FileStore(Store):
 
     Raises:
         TypeError: ``file_name`` is not a str/path-like or ``world_size`` not an int.
+        ValueError: ``file_name`` is empty.
         StoreError: the file cannot be opened for reading and writing (directory missing,
             path is a directory or not a regular file, permission denied, ...), or its
             content is not a valid FileStore log. The message names the path.
@@ -288,6 +287,8 @@ class FileStore(Store):
             )
         elif exc.errno == errno.ENOENT:
             why = "the file does not exist any more (it was removed while this handle was open)"
+        elif exc.errno == errno.ENOTDIR:
+            why = "a component of its directory part is a file, not a directory"
         elif exc.errno == errno.EISDIR:
             why = "it is a directory; pass the path of a file (e.g. a name inside it)"
         elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -450,11 +451,14 @@ class FileStore(Store):
         replayed to the end). On failure the file is cut back to where it was, the replica
         is dropped (the next call replays from scratch) and StoreError is raised."""
         start = self._offset
-        data = memoryview(b"".join(records))
+        data = records[0] if len(records) == 1 else b"".join(records)
         written = 0
         try:
-            while written < len(data):
-                written += os.pwrite(fd, data[written:], start + written)
+            written = os.pwrite(fd, data, start)
+            if written < len(data):  # short write: continue from where it stopped
+                view = memoryview(data)
+                while written < len(data):
+                    written += os.pwrite(fd, view[written:], start + written)
         except OSError as exc:
             try:
                 os.ftruncate(fd, start)
@@ -468,20 +472,25 @@ class FileStore(Store):
         self._offset = start + written
 
     # ----------------------------------------------------------------- locked operations
+    def _catch_up(self, fd: int) -> None:
+        """Caller holds a flock: check that the file still exists, replay its new tail."""
+        st = os.fstat(fd)
+        if st.st_nlink == 0:
+            raise self._gone_error()
+        if st.st_size != self._offset:
+            self._replay(fd, st.st_size)
+
     def _read_op(self, fn: Callable[[], T]) -> T:
-        """Bring the replica up to date (shared flock, only if the file grew), then run
-        ``fn`` on it."""
+        """Under the shared flock, replay the new tail (if any); then run ``fn`` on the
+        replica. The flock is taken even when nothing changed: on NFS, taking a lock is what
+        makes the client revalidate its cached size and data (torch does the same)."""
         with self._lock:
             fd = self._descriptor()
-            st = os.fstat(fd)
-            if st.st_nlink == 0:
-                raise self._gone_error()
-            if st.st_size != self._offset:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                try:
-                    self._replay(fd, os.fstat(fd).st_size)
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                self._catch_up(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
             return fn()
 
     def _write_op(self, fn: Callable[[], tuple[T, list[bytes]]]) -> T:
@@ -491,10 +500,7 @@ class FileStore(Store):
             fd = self._descriptor()
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                st = os.fstat(fd)
-                if st.st_nlink == 0:
-                    raise self._gone_error()
-                self._replay(fd, st.st_size)
+                self._catch_up(fd)
                 result, records = fn()
                 if records:
                     self._write_records(fd, records)

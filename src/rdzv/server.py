@@ -1,0 +1,838 @@
+"""The TCPStore server: asyncio (uvloop when installed) over :class:`rdzv.engine.Engine`.
+
+Byte-compatible with torch 2.13's TCPStore clients (and rdzv's), following
+``docs/protocol.md``. Design:
+
+* one :class:`asyncio.Protocol` per connection; ``data_received`` feeds the sans-I/O
+  :class:`~rdzv.wire.RequestParser`, executes every complete request against the engine and
+  writes all replies of that read in one ``transport.write``;
+* WAIT, BARRIER and the extension waits park an engine waiter; the engine's wake-up pushes
+  the reply to the waiting connection (nothing is polled); a closed connection's waiters are
+  dropped, CANCEL_WAIT drops them on request;
+* a protocol violation (bad handshake, unknown opcode, a limit exceeded, ``add`` on a
+  non-integer by a torch client, which has no error reply) closes only that connection, with
+  a logged reason; rdzv clients get error replies instead and keep their connection;
+* per-connection buffers: a half-sent request stalls nobody else; a client that does not
+  read its replies is paused (``pause_reading``) by transport flow control;
+* binds exactly the host it is given (torch binds every interface, whatever ``host_name``
+  says); IPv4, IPv6, port 0 and pre-bound listening sockets are supported.
+
+:class:`StoreServer` runs on the caller's event loop; :class:`ServerThread` runs one in a
+background thread with its own loop (what ``TCPStore(is_master=True)`` uses);
+:func:`serve` runs one until a signal (what ``rdzv serve`` uses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from rdzv import wire
+from rdzv.engine import Engine, Waiter
+from rdzv.errors import NetworkError, StoreError
+from rdzv.wire import (
+    CHECK_NOT_READY,
+    CHECK_READY,
+    DEFAULT_LIMITS,
+    STOP_WAITING,
+    WAIT_CANCELED,
+    Limits,
+    Op,
+)
+
+__all__ = ["ServerThread", "StoreServer", "new_event_loop", "raise_fd_limit", "serve"]
+
+logger = logging.getLogger("rdzv.server")
+
+#: Transport write-buffer high-water mark: above it, the connection stops reading requests
+#: until its replies drain (asyncio's default is 64 KiB; a LIST_KEYS or MULTI_GET reply may
+#: legitimately be larger, so allow a few MiB before pausing).
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+#: Listen backlog requested; the kernel caps it at ``net.core.somaxconn`` (torch asks for the
+#: system maximum too).
+LISTEN_BACKLOG = 65535
+
+_I64 = wire._I64.pack
+_EXT_OK = b"\x00"
+_EMPTY_BLOB = wire.reply_blob(b"")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop: uvloop's when uvloop is installed (the ``fast`` extra), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def raise_fd_limit() -> tuple[int, int] | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (a server holds one fd per client).
+
+    Returns the (soft, hard) limits now in force, or None where ``resource`` is unavailable.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.debug("could not raise RLIMIT_NOFILE to %s: %s", target, exc)
+    return soft, hard
+
+
+def format_endpoint(host: str, port: int) -> str:
+    """``host:port``, with IPv6 literals bracketed."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# Kinds of parked waiters (Waiter.owner = (connection, kind, argument)).
+_WAIT, _BARRIER, _GET, _MULTI_GET, _QUEUE_POP, _EXT_BARRIER = range(6)
+
+
+class _Close(Exception):
+    """Raised by a handler: close this connection, logging ``reason``."""
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parser, pending replies, parked waiters, bound keys."""
+
+    __slots__ = (
+        "_closed",
+        "_out",
+        "bound",
+        "parser",
+        "peer",
+        "server",
+        "transport",
+        "waiters",
+    )
+
+    def __init__(self, server: StoreServer) -> None:
+        self.server = server
+        self.parser = wire.RequestParser(server.limits, allow_extensions=server.allow_extensions)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.waiters: dict[Waiter, None] = {}
+        self.bound: set[bytes] = set()
+        self._out: list[bytes] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = format_endpoint(str(peer[0]), int(peer[1]))
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.server._connections.add(self)
+        logger.info("connection from %s (%d open)", self.peer, len(self.server._connections))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        server = self.server
+        server._connections.discard(self)
+        engine = server.engine
+        for waiter in self.waiters:
+            engine.cancel(waiter)
+        self.waiters.clear()
+        if self.bound:
+            server._drop_bound(self, self.bound)
+            self.bound.clear()
+        if exc is None:
+            logger.info("connection from %s closed", self.peer)
+        else:
+            logger.info("connection from %s lost: %s", self.peer, exc)
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its requests.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        parser = self.parser
+        if parser.error is not None:
+            return  # closing; ignore whatever still arrives
+        requests = parser.receive(data)
+        out: list[bytes] = []
+        self._out = out
+        server = self.server
+        handlers = _HANDLERS
+        fired = server._fired
+        reason: str | None = None
+        try:
+            for req in requests:
+                handlers[req.op](server, self, req)
+                if fired:
+                    server._drain()
+        except _Close as exc:
+            reason = str(exc)
+        except (StoreError, ValueError) as exc:
+            # A torch opcode failed (e.g. ADD on a non-integer): torch's protocol has no
+            # error reply, so, like torch's server, close this connection.
+            reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._out = None
+        transport = self.transport
+        assert transport is not None
+        if out:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if reason is None and parser.error is not None:
+            reason = f"protocol violation: {parser.error}"
+        if reason is not None:
+            self.close(reason)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport (and, through connection_lost, drop waiters)
+
+    # ------------------------------------------------------------------ helpers
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` behind the replies of the batch in progress, or write it now."""
+        if self._out is not None:
+            self._out.append(data)
+        elif not self._closed and self.transport is not None:
+            self.transport.write(data)
+
+    def close(self, reason: str) -> None:
+        """Close this connection (after flushing queued replies), logging why."""
+        if self._closed:
+            return
+        logger.warning("closing connection from %s: %s", self.peer, reason)
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+# --------------------------------------------------------------------------- handlers
+# One function per opcode: (server, connection, request) -> None; replies go to conn.send or,
+# for speed, straight into conn._out (always set while a batch is executed).
+
+_Handler = Callable[["StoreServer", _Connection, Any], None]
+
+
+def _out(conn: _Connection) -> list[bytes]:
+    out = conn._out
+    assert out is not None
+    return out
+
+
+def _h_validate(server: StoreServer, conn: _Connection, req: wire.Validate) -> None:
+    pass  # the parser checked the magic; no reply (torch sends none)
+
+
+def _h_set(server: StoreServer, conn: _Connection, req: wire.Set) -> None:
+    if server._bound:
+        server._unbind(req.key)
+    server.engine.set(req.key, req.value)
+
+
+def _h_compare_set(server: StoreServer, conn: _Connection, req: wire.CompareSet) -> None:
+    engine = server.engine
+    before = engine.get(req.key)
+    result = engine.compare_set(req.key, req.expected, req.desired)
+    if server._bound and engine.get(req.key) is not before:
+        server._unbind(req.key)
+    _out(conn).append(wire.reply_blob(result))
+
+
+def _h_get(server: StoreServer, conn: _Connection, req: wire.Get) -> None:
+    value = server.engine.get(req.key)
+    # Missing key: an empty blob, as torch's libuv server (its legacy server closes).
+    _out(conn).append(_EMPTY_BLOB if value is None else wire.reply_blob(value))
+
+
+def _h_add(server: StoreServer, conn: _Connection, req: wire.Add) -> None:
+    if server._bound:
+        server._unbind(req.key)
+    _out(conn).append(_I64(server.engine.add(req.key, req.amount)))
+
+
+def _h_check(server: StoreServer, conn: _Connection, req: wire.Check) -> None:
+    _out(conn).append(CHECK_READY if server.engine.check(req.keys) else CHECK_NOT_READY)
+
+
+def _h_wait(server: StoreServer, conn: _Connection, req: wire.Wait) -> None:
+    waiter = server.engine.wait(req.keys, server._on_fire, (conn, _WAIT, None))
+    if waiter is None:
+        _out(conn).append(STOP_WAITING)
+    else:
+        conn.waiters[waiter] = None
+
+
+def _h_num_keys(server: StoreServer, conn: _Connection, req: wire.GetNumKeys) -> None:
+    _out(conn).append(_I64(server.engine.num_keys()))
+
+
+def _h_delete_key(server: StoreServer, conn: _Connection, req: wire.DeleteKey) -> None:
+    if server._bound:
+        server._unbind(req.key)
+    _out(conn).append(_I64(1 if server.engine.delete_key(req.key) else 0))
+
+
+def _h_append(server: StoreServer, conn: _Connection, req: wire.Append) -> None:
+    if server._bound:
+        server._unbind(req.key)
+    server.engine.append(req.key, req.value)
+
+
+def _h_multi_get(server: StoreServer, conn: _Connection, req: wire.MultiGet) -> None:
+    values = server.engine.multi_get(req.keys)
+    _out(conn).append(wire.reply_blobs([b"" if v is None else v for v in values]))
+
+
+def _h_multi_set(server: StoreServer, conn: _Connection, req: wire.MultiSet) -> None:
+    if server._bound:
+        for key in req.keys:
+            server._unbind(key)
+    server.engine.multi_set(req.keys, req.values)
+
+
+def _h_cancel_wait(server: StoreServer, conn: _Connection, req: wire.CancelWait) -> None:
+    engine = server.engine
+    for waiter in conn.waiters:
+        engine.cancel(waiter)
+    conn.waiters.clear()
+    _out(conn).append(WAIT_CANCELED)
+
+
+def _h_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> None:
+    _out(conn).append(wire.reply_ping(req.nonce, conn.parser.extended))
+
+
+def _h_queue_push(server: StoreServer, conn: _Connection, req: wire.QueuePush) -> None:
+    server.engine.queue_push(req.key, req.value)
+
+
+def _h_queue_pop(server: StoreServer, conn: _Connection, req: wire.QueuePop) -> None:
+    engine = server.engine
+    length = engine.queue_len(req.key)
+    _out(conn).append(wire.reply_queue_pop(engine.queue_pop(req.key), length))
+
+
+def _h_queue_len(server: StoreServer, conn: _Connection, req: wire.QueueLen) -> None:
+    _out(conn).append(_I64(server.engine.queue_len(req.key)))
+
+
+def _h_list_keys(server: StoreServer, conn: _Connection, req: wire.ListKeys) -> None:
+    _out(conn).append(wire.reply_key_list(server.engine.list_keys()))
+
+
+def _h_barrier(server: StoreServer, conn: _Connection, req: wire.Barrier) -> None:
+    if server._bound:
+        server._unbind(req.key)
+    waiter = server.engine.barrier(req.key, req.world_size, server._on_fire, (conn, _BARRIER, None))
+    if waiter is None:
+        _out(conn).append(STOP_WAITING)
+    else:
+        conn.waiters[waiter] = None
+
+
+# ---- extensions: every reply starts with EXT_OK or EXT_ERROR.
+
+
+def _ext_error(conn: _Connection, exc: Exception) -> None:
+    _out(conn).append(wire.reply_ext_error(wire.error_code_for(exc), str(exc)))
+
+
+def _h_ext_add(server: StoreServer, conn: _Connection, req: wire.ExtAdd) -> None:
+    try:
+        _h_add(server, conn, req)  # type: ignore[arg-type]
+    except (StoreError, ValueError) as exc:
+        _ext_error(conn, exc)
+    else:
+        out = _out(conn)
+        out[-1] = _EXT_OK + out[-1]
+
+
+def _h_ext_barrier(server: StoreServer, conn: _Connection, req: wire.ExtBarrier) -> None:
+    if server._bound:
+        server._unbind(req.key)
+    try:
+        waiter = server.engine.barrier(
+            req.key, req.world_size, server._on_fire, (conn, _EXT_BARRIER, None)
+        )
+    except (StoreError, ValueError) as exc:
+        _ext_error(conn, exc)
+        return
+    if waiter is None:
+        _out(conn).append(_EXT_OK)
+    else:
+        conn.waiters[waiter] = None
+
+
+def _h_ext_get_wait(server: StoreServer, conn: _Connection, req: wire.ExtGetWait) -> None:
+    value = server.engine.get(req.key)
+    if value is not None:
+        _out(conn).append(_EXT_OK + wire.reply_blob(value))
+    else:
+        server._park(conn, [req.key], _GET, req.key, "value")
+
+
+def _h_ext_multi_get_wait(
+    server: StoreServer, conn: _Connection, req: wire.ExtMultiGetWait
+) -> None:
+    reply = server._multi_get_reply(req.keys)
+    if reply is not None:
+        _out(conn).append(reply)
+    else:
+        server._park(conn, req.keys, _MULTI_GET, req.keys, "value")
+
+
+def _h_ext_queue_pop_wait(
+    server: StoreServer, conn: _Connection, req: wire.ExtQueuePopWait
+) -> None:
+    value = server.engine.queue_pop(req.key)
+    if value is not None:
+        _out(conn).append(_EXT_OK + wire.reply_blob(value))
+    else:
+        server._park(conn, [req.key], _QUEUE_POP, req.key, "queue")
+
+
+def _h_ext_list_keys(server: StoreServer, conn: _Connection, req: wire.ExtListKeys) -> None:
+    prefix = req.prefix
+    entries = [(k, len(v)) for k, v in server.engine.items() if k.startswith(prefix)]
+    _out(conn).append(_EXT_OK + wire.reply_key_sizes(entries))
+
+
+def _h_ext_num_keys(server: StoreServer, conn: _Connection, req: wire.ExtNumKeys) -> None:
+    prefix = req.prefix
+    if prefix:
+        count = sum(1 for k in server.engine.list_keys() if k.startswith(prefix))
+    else:
+        count = server.engine.num_keys()
+    _out(conn).append(_EXT_OK + _I64(count))
+
+
+def _h_ext_set_ephemeral(server: StoreServer, conn: _Connection, req: wire.ExtSetEphemeral) -> None:
+    server._unbind(req.key)
+    server.engine.set(req.key, req.value)
+    server._bound[req.key] = conn
+    conn.bound.add(req.key)
+    _out(conn).append(_EXT_OK)
+
+
+def _h_ext_set_lease(server: StoreServer, conn: _Connection, req: wire.ExtSetLease) -> None:
+    if req.ttl_ms <= 0:
+        _ext_error(conn, ValueError(f"set_lease: ttl must be > 0 ms, got {req.ttl_ms}"))
+        return
+    server._unbind(req.key)
+    server.engine.set(req.key, req.value)
+    loop = asyncio.get_running_loop()
+    handle = loop.call_later(req.ttl_ms / 1000.0, server._expire, req.key)
+    server._bound[req.key] = handle
+    _out(conn).append(_EXT_OK)
+
+
+def _build_handlers() -> list[_Handler]:
+    table: dict[Op, Callable[..., None]] = {
+        Op.VALIDATE: _h_validate,
+        Op.SET: _h_set,
+        Op.COMPARE_SET: _h_compare_set,
+        Op.GET: _h_get,
+        Op.ADD: _h_add,
+        Op.CHECK: _h_check,
+        Op.WAIT: _h_wait,
+        Op.GETNUMKEYS: _h_num_keys,
+        Op.DELETE_KEY: _h_delete_key,
+        Op.APPEND: _h_append,
+        Op.MULTI_GET: _h_multi_get,
+        Op.MULTI_SET: _h_multi_set,
+        Op.CANCEL_WAIT: _h_cancel_wait,
+        Op.PING: _h_ping,
+        Op.QUEUE_PUSH: _h_queue_push,
+        Op.QUEUE_POP: _h_queue_pop,
+        Op.QUEUE_LEN: _h_queue_len,
+        Op.LIST_KEYS: _h_list_keys,
+        Op.BARRIER: _h_barrier,
+        Op.EXT_ADD: _h_ext_add,
+        Op.EXT_BARRIER: _h_ext_barrier,
+        Op.EXT_GET_WAIT: _h_ext_get_wait,
+        Op.EXT_MULTI_GET_WAIT: _h_ext_multi_get_wait,
+        Op.EXT_QUEUE_POP_WAIT: _h_ext_queue_pop_wait,
+        Op.EXT_LIST_KEYS: _h_ext_list_keys,
+        Op.EXT_NUM_KEYS: _h_ext_num_keys,
+        Op.EXT_SET_EPHEMERAL: _h_ext_set_ephemeral,
+        Op.EXT_SET_LEASE: _h_ext_set_lease,
+    }
+    handlers: list[_Handler] = [_h_validate] * 256
+    for op, fn in table.items():
+        handlers[op] = fn
+    return handlers
+
+
+_HANDLERS = _build_handlers()
+
+
+# --------------------------------------------------------------------------- server
+
+
+class StoreServer:
+    """A TCPStore server on the running asyncio event loop.
+
+    Args:
+        host: the address to listen on, bound exactly: ``"127.0.0.1"``, ``"::1"``, a host
+            name (every address it resolves to), ``"0.0.0.0"``/``"::"`` for all IPv4/IPv6
+            interfaces, ``""`` for all interfaces of both families.
+        port: TCP port; 0 picks a free one (read :attr:`port` after :meth:`start`).
+        sock: an already bound (listening or not) socket to adopt instead of binding, as
+            torch's ``master_listen_fd``; ``host`` and ``port`` are then ignored.
+        engine: the state to serve (a fresh :class:`~rdzv.engine.Engine` by default).
+        limits: request limits (:data:`rdzv.wire.DEFAULT_LIMITS`: torch libuv's).
+        allow_extensions: offer rdzv's protocol extensions to clients that ask for them.
+
+    Raises :class:`~rdzv.errors.NetworkError` from :meth:`start` when binding fails (the
+    message names the endpoint and the OS error).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        sock: socket.socket | None = None,
+        engine: Engine | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        allow_extensions: bool = True,
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self._sock = sock
+        self.engine = engine if engine is not None else Engine()
+        self.limits = limits
+        self.allow_extensions = allow_extensions
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[_Connection] = set()
+        self._fired: list[Waiter] = []
+        # key -> the connection (ephemeral) or timer (lease) it is bound to.
+        self._bound: dict[bytes, object] = {}
+        self._closed: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        raise_fd_limit()
+        socks = [self._sock] if self._sock is not None else self._bind()
+        try:
+            for sock in socks:
+                if sock.type != socket.SOCK_STREAM:
+                    raise NetworkError(f"the socket {sock!r} to adopt is not a TCP socket")
+                sock.setblocking(False)
+                with contextlib.suppress(OSError):
+                    sock.listen(LISTEN_BACKLOG)
+                server = await loop.create_server(
+                    lambda: _Connection(self), sock=sock, backlog=LISTEN_BACKLOG
+                )
+                self._servers.append(server)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        logger.info("listening on %s", ", ".join(self.endpoints))
+
+    def _bind(self) -> list[socket.socket]:
+        host = self.host
+        port = self._requested_port
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {port}")
+        addrs: list[tuple[int, str]]
+        if host == "":
+            wildcards = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+            addrs = [(fam, addr) for fam, addr in wildcards if _has_family(fam)]
+        else:
+            try:
+                infos = socket.getaddrinfo(
+                    host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+                )
+            except socket.gaierror as exc:
+                raise NetworkError(
+                    f"cannot listen on {format_endpoint(host, port)}: the host name does not "
+                    f"resolve ({exc}); pass an IP address or a resolvable name"
+                ) from exc
+            addrs = []
+            for info in infos:
+                entry = (int(info[0]), str(info[4][0]))
+                if entry not in addrs:
+                    addrs.append(entry)
+        socks: list[socket.socket] = []
+        try:
+            for fam, addr in addrs:
+                sock = socket.socket(fam, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if fam == socket.AF_INET6 and host == "":
+                    # "" binds both families explicitly: keep the IPv6 socket IPv6-only.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind((addr, port))
+                except OSError as exc:
+                    name = errno.errorcode.get(exc.errno or 0, "?")
+                    raise NetworkError(
+                        f"cannot listen on {format_endpoint(addr, port)}: {exc.strerror} "
+                        f"({name}); pick another port or stop the process using it"
+                    ) from exc
+                if port == 0:
+                    port = sock.getsockname()[1]  # the other addresses share that port
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the ephemeral one when started with port 0)."""
+        if not self._servers:
+            raise RuntimeError("the server is not started")
+        sockets = self._servers[0].sockets
+        return int(sockets[0].getsockname()[1])
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every ``host:port`` listened on."""
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append(format_endpoint(str(name[0]), int(name[1])))
+        return out
+
+    @property
+    def num_connections(self) -> int:
+        """Connections currently open."""
+        return len(self._connections)
+
+    async def close(self) -> None:
+        """Graceful shutdown: stop listening, flush and close every connection."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self._connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        for server in self._servers:
+            await server.wait_closed()
+        for handle in self._bound.values():
+            if isinstance(handle, asyncio.TimerHandle):
+                handle.cancel()
+        self._servers.clear()
+        if self._closed is not None:
+            self._closed.set()
+        logger.info("server closed")
+
+    async def wait_closed(self) -> None:
+        """Return once :meth:`close` has run."""
+        if self._closed is not None:
+            await self._closed.wait()
+
+    # ------------------------------------------------------------------ waiters
+    def _on_fire(self, waiter: Waiter) -> None:
+        # Engine callback: must not re-enter the engine, so defer the work to _drain, which
+        # the connection runs right after the current request.
+        self._fired.append(waiter)
+
+    def _park(
+        self, conn: _Connection, keys: list[bytes], kind: int, arg: object, only: str
+    ) -> None:
+        waiter = self.engine.wait(keys, self._on_fire, (conn, kind, arg), only=only)
+        if waiter is None:  # became present: cannot happen on one loop, but stay correct
+            self._fired.append(Waiter(set(), self._on_fire, (conn, kind, arg)))
+        else:
+            conn.waiters[waiter] = None
+
+    def _multi_get_reply(self, keys: list[bytes]) -> bytes | None:
+        values = self.engine.multi_get(keys)
+        if any(v is None for v in values):
+            return None
+        return _EXT_OK + wire.reply_blobs(values)  # type: ignore[arg-type]
+
+    def _drain(self) -> None:
+        """Reply to every waiter the last operation released."""
+        fired = self._fired
+        engine = self.engine
+        while fired:
+            batch = fired[:]
+            fired.clear()
+            for waiter in batch:
+                self._reply_to(waiter, engine)
+
+    def _reply_to(self, waiter: Waiter, engine: Engine) -> None:
+        conn, kind, arg = cast(tuple[_Connection, int, Any], waiter.owner)
+        conn.waiters.pop(waiter, None)
+        if conn._closed:
+            return
+        if kind in (_WAIT, _BARRIER):
+            conn.send(STOP_WAITING)
+        elif kind == _EXT_BARRIER:
+            conn.send(_EXT_OK)
+        elif kind == _GET:
+            value = engine.get(arg)
+            if value is None:
+                self._park(conn, [arg], kind, arg, "value")
+            else:
+                conn.send(_EXT_OK + wire.reply_blob(value))
+        elif kind == _MULTI_GET:
+            reply = self._multi_get_reply(arg)
+            if reply is None:
+                self._park(conn, arg, kind, arg, "value")
+            else:
+                conn.send(reply)
+        elif kind == _QUEUE_POP:
+            value = engine.queue_pop(arg)
+            if value is None:
+                self._park(conn, [arg], kind, arg, "queue")
+            else:
+                conn.send(_EXT_OK + wire.reply_blob(value))
+
+    # ------------------------------------------------------------------ bound keys
+    def _unbind(self, key: bytes) -> None:
+        owner = self._bound.pop(key, None)
+        if owner is None:
+            return
+        if isinstance(owner, asyncio.TimerHandle):
+            owner.cancel()
+        elif isinstance(owner, _Connection):
+            owner.bound.discard(key)
+
+    def _drop_bound(self, conn: _Connection, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            if self._bound.get(key) is conn:
+                del self._bound[key]
+                self.engine.delete_key(key)
+                logger.debug("deleted ephemeral key %r of %s", key, conn.peer)
+
+    def _expire(self, key: bytes) -> None:
+        owner = self._bound.get(key)
+        if isinstance(owner, asyncio.TimerHandle):
+            del self._bound[key]
+            self.engine.delete_key(key)
+            logger.debug("lease of key %r expired", key)
+
+
+def _has_family(family: int) -> bool:
+    try:
+        socket.socket(family, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+class ServerThread:
+    """A :class:`StoreServer` running on its own event loop in a daemon thread.
+
+    ``start()`` returns once the server listens (or raises its bind error); ``stop()``
+    shuts it down gracefully and joins the thread. Arguments as :class:`StoreServer`.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, **kwargs: Any) -> None:
+        self._args = (host, port)
+        self._kwargs = kwargs
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: StoreServer | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+
+    @property
+    def server(self) -> StoreServer:
+        if self._server is None:
+            raise RuntimeError("the server thread is not started")
+        return self._server
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> ServerThread:
+        self._thread = threading.Thread(target=self._run, name="rdzv-store-server", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        loop = self._loop = new_event_loop()
+        asyncio.set_event_loop(loop)
+        server = StoreServer(*self._args, **self._kwargs)
+        try:
+            loop.run_until_complete(server.start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._server = server
+        self._ready.set()
+        try:
+            loop.run_until_complete(server.wait_closed())
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the server and join its thread (idempotent)."""
+        loop, server, thread = self._loop, self._server, self._thread
+        if loop is None or server is None or thread is None or not thread.is_alive():
+            return
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout)
+        thread.join(timeout)
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    on_listening: Callable[[StoreServer], None] | None = None,
+    **kwargs: Any,
+) -> None:
+    """Run a server in this thread until SIGINT or SIGTERM, then shut down gracefully.
+
+    ``on_listening(server)`` is called once the server listens.
+    """
+    import signal
+
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    async def main() -> None:
+        server = StoreServer(host, port, **kwargs)
+        await server.start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        if on_listening is not None:
+            on_listening(server)
+        await stop.wait()
+        logger.info("signal received, shutting down")
+        await server.close()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()

@@ -1,0 +1,365 @@
+"""AsyncTCPStore: the TCPStore client for asyncio programs.
+
+The same operations, rules and wire traffic as :class:`~rdzv.store.tcp.TCPStore` (both run
+the generators of :mod:`rdzv.store.tcp_ops`), with coroutine methods so that waiting for a
+key never blocks the event loop::
+
+    async with AsyncTCPStore("127.0.0.1", 29500, timeout=30) as store:
+        await store.set("addr", b"10.0.0.1:1234")
+        value = await store.get("addr")
+
+``is_master=True`` starts a :class:`~rdzv.server.StoreServer` on the running event loop
+(no thread), closed with the store. Calls on one store are serialised by an
+:class:`asyncio.Lock` (torch keeps one request in flight per connection too); use
+:meth:`clone` for concurrent calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+from collections.abc import Generator, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from rdzv import wire
+from rdzv.errors import NetworkError, ProtocolError
+from rdzv.server import StoreServer, format_endpoint
+from rdzv.store import tcp_ops as ops
+from rdzv.store.base import (
+    DEFAULT_TIMEOUT,
+    Deadline,
+    KeyLike,
+    TimeoutLike,
+    ValueLike,
+    _seconds_to_timedelta,
+    check_amount,
+    check_block,
+    check_world_size,
+    key_to_str,
+    keys_to_list,
+    timeout_to_seconds,
+    value_to_bytes,
+    values_to_list,
+)
+from rdzv.store.tcp import check_endpoint, connect_host
+from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
+
+__all__ = ["AsyncTCPStore"]
+
+_T = TypeVar("_T")
+_RECV_SIZE = 256 * 1024
+
+
+class AsyncTCPStore:
+    """An asyncio client of a TCPStore server (torch's or rdzv's).
+
+    Args: as :class:`~rdzv.store.tcp.TCPStore`, minus ``multi_tenant``,
+    ``master_listen_fd`` and ``use_libuv``. Nothing happens until :meth:`connect` (or
+    ``async with``, or the first call, which connects on demand).
+
+    Every method has the semantics, arguments and errors of the same-named
+    :class:`~rdzv.store.base.Store` method.
+    """
+
+    def __init__(
+        self,
+        host_name: str,
+        port: int,
+        world_size: int | None = None,
+        is_master: bool = False,
+        timeout: TimeoutLike = timedelta(seconds=300),
+        wait_for_workers: bool = True,
+    ) -> None:
+        self._host, self._port = check_endpoint(host_name, port)
+        if world_size == 0:
+            raise ValueError("TCPStore world size cannot be 0")
+        self._world_size = world_size
+        self._is_master = bool(is_master)
+        self._wait_for_workers = wait_for_workers
+        self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout_to_seconds(timeout)
+        self._session = Session(repr(self), ops.io_timeout_for(self._timeout))
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._rbuf = wire.ReplyBuffer()
+        self._server: StoreServer | None = None
+        self._broken: str | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncTCPStore({format_endpoint(connect_host(self._host), self._port)})"
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def timeout(self) -> timedelta:
+        return _seconds_to_timedelta(self._timeout)
+
+    @property
+    def extensions(self) -> bool:
+        """True when the server offers rdzv's protocol extensions."""
+        return self._session.extended
+
+    def set_timeout(self, timeout: TimeoutLike) -> None:
+        self._timeout = timeout_to_seconds(timeout)
+        self._session.io_timeout = ops.io_timeout_for(self._timeout)
+
+    def _resolve(self, timeout: TimeoutLike | None) -> float:
+        return self._timeout if timeout is None else timeout_to_seconds(timeout)
+
+    # ------------------------------------------------------------------ connection
+    async def connect(self) -> AsyncTCPStore:
+        """Start the server (``is_master``), connect, register as a worker and (master) wait
+        for the others, exactly as the TCPStore constructor. Idempotent."""
+        async with self._lock:
+            await self._open()
+        return self
+
+    async def _open(self) -> None:
+        if self._writer is not None:
+            return
+        if self._broken is not None:
+            raise NetworkError(f"{self!r} cannot be used: {self._broken}")
+        if self._is_master and self._server is None:
+            self._server = StoreServer(self._host, self._port)
+            await self._server.start()
+            self._port = self._server.port
+            self._session.where = repr(self)
+        await self._connect(self._timeout)
+        counting = self._world_size is not None and self._world_size > 0
+        if counting and self._wait_for_workers:
+            await self._guarded(ops.register_worker(self._session))
+            if self._server is not None:
+                assert self._world_size is not None
+                op = ops.wait_for_workers(self._session, self._world_size, self._timeout)
+                await self._guarded(op)
+
+    async def _connect(self, timeout: float) -> None:
+        deadline = Deadline(timeout)
+        delays = ops.backoff_delays()
+        host = connect_host(self._host)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                limit = deadline.remaining()
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, self._port),
+                    min(limit, ops.MIN_IO_TIMEOUT) if limit > 0 else 1.0,
+                )
+                sock = writer.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._reader, self._writer, self._broken = reader, writer, None
+                self._rbuf.clear()
+                await self._drive(ops.handshake(self._session))
+                return
+            except (OSError, asyncio.TimeoutError, NetworkError, ProtocolError, ReadTimeout) as exc:
+                self._drop()
+                last: BaseException = exc
+            remaining = deadline.remaining()
+            if remaining <= 0:
+                endpoint = format_endpoint(host, self._port)
+                raise ops.connect_error(endpoint, timeout, attempts, last) from last
+            await asyncio.sleep(min(next(delays), remaining))
+
+    def _drop(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+
+    async def close(self) -> None:
+        """Close the connection, and the server when this store started it."""
+        self._drop()
+        self._broken = "the store was closed"
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.close()
+
+    async def __aenter__(self) -> AsyncTCPStore:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def clone(self) -> AsyncTCPStore:
+        """A new, connected store on the same server (no worker counting)."""
+        twin = AsyncTCPStore(self._host, self._port, timeout=self._timeout, wait_for_workers=False)
+        return await twin.connect()
+
+    # ------------------------------------------------------------------ driver
+    async def _run(self, op: Generator[Any, Any, _T]) -> _T:
+        async with self._lock:
+            try:
+                await self._open()
+            except BaseException:
+                op.close()
+                raise
+            return await self._guarded(op)
+
+    async def _guarded(self, op: Generator[Any, Any, _T]) -> _T:
+        """Drive ``op``, turning I/O failures into NetworkError (the connection is dropped)."""
+        try:
+            return await self._drive(op)
+        except Exception as exc:
+            reason = ops.failure_reason(self._session, exc)
+            if reason is None:
+                raise
+            raise self._fail(reason) from exc
+
+    def _fail(self, reason: str) -> NetworkError:
+        self._drop()
+        self._broken = f"the connection failed earlier: {reason}"
+        return NetworkError(f"{self!r}: {reason}; this store object is no longer usable")
+
+    async def _drive(self, op: Generator[Any, Any, _T]) -> _T:
+        writer = self._writer
+        assert writer is not None
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                action = op.send(value) if error is None else op.throw(error)
+            except StopIteration as stop:
+                result: _T = stop.value
+                return result
+            value = error = None
+            if action.__class__ is bytes:
+                writer.write(action)
+                await writer.drain()
+            elif action.__class__ is Read:
+                try:
+                    value = await self._read(action)
+                except ReadTimeout as exc:
+                    error = exc
+            else:
+                assert isinstance(action, Sleep)
+                await asyncio.sleep(action.seconds)
+
+    async def _read(self, read: Read) -> Any:
+        reader = self._reader
+        assert reader is not None
+        buf = self._rbuf
+        while True:
+            try:
+                return buf.read(read.decoder)
+            except wire.NeedData as short:
+                need = short.need
+            while len(buf) < need:
+                remaining = read.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ReadTimeout(read)
+                try:
+                    data = await asyncio.wait_for(
+                        reader.read(max(_RECV_SIZE, need - len(buf))),
+                        None if math.isinf(remaining) else remaining,
+                    )
+                except asyncio.TimeoutError:
+                    raise ReadTimeout(read) from None
+                if not data:
+                    raise ConnectionResetError(
+                        f"the server closed the connection while we awaited {read.what}"
+                    )
+                buf.feed(data)
+
+    async def _send(self, data: bytes) -> None:
+        async with self._lock:
+            await self._open()
+            assert self._writer is not None
+            try:
+                self._writer.write(data)
+                await self._writer.drain()
+            except OSError as exc:
+                raise self._fail(ops.describe_error(exc)) from exc
+
+    # ------------------------------------------------------------------ Store API
+    async def set(self, key: KeyLike, value: ValueLike) -> None:
+        await self._send(wire.encode_set(ops.wire_key(key_to_str(key)), value_to_bytes(value)))
+
+    async def get(self, key: KeyLike) -> bytes:
+        return await self._run(ops.get(self._session, key_to_str(key), self._timeout))
+
+    async def add(self, key: KeyLike, amount: int) -> int:
+        wkey = ops.wire_key(key_to_str(key))
+        return await self._run(ops.add(self._session, wkey, check_amount(key, amount)))
+
+    async def append(self, key: KeyLike, value: ValueLike) -> None:
+        wkey = ops.wire_key(key_to_str(key))
+        await self._send(wire.encode_set(wkey, value_to_bytes(value), wire.Op.APPEND))
+
+    async def compare_set(self, key: KeyLike, expected: ValueLike, desired: ValueLike) -> bytes:
+        exp = value_to_bytes(expected, "expected value")
+        des = value_to_bytes(desired, "desired value")
+        return await self._run(ops.compare_set(self._session, key_to_str(key), exp, des))
+
+    async def check(self, keys: Sequence[KeyLike]) -> bool:
+        return await self._run(ops.check(self._session, keys_to_list(keys)))
+
+    async def wait(self, keys: Sequence[KeyLike], timeout: TimeoutLike | None = None) -> None:
+        key_list = keys_to_list(keys)
+        seconds = self._resolve(timeout)
+        if key_list:
+            await self._run(ops.wait(self._session, key_list, seconds))
+
+    async def delete_key(self, key: KeyLike) -> bool:
+        return await self._run(ops.delete_key(self._session, key_to_str(key)))
+
+    async def num_keys(self) -> int:
+        return await self._run(ops.num_keys(self._session))
+
+    async def list_keys(self) -> list[str]:
+        return await self._run(ops.list_keys(self._session))
+
+    async def list_key_sizes(self, prefix: str = "") -> list[tuple[str, int]]:
+        return await self._run(ops.list_key_sizes(self._session, prefix))
+
+    async def multi_get(self, keys: Sequence[KeyLike]) -> list[bytes]:
+        key_list = keys_to_list(keys)
+        if not key_list:
+            return []
+        return await self._run(ops.multi_get(self._session, key_list, self._timeout))
+
+    async def multi_set(self, keys: Sequence[KeyLike], values: Sequence[ValueLike]) -> None:
+        key_list = keys_to_list(keys)
+        value_list = values_to_list(key_list, values)
+        if key_list:
+            wkeys = [ops.wire_key(k) for k in key_list]
+            await self._send(wire.encode_multi_set(wkeys, value_list))
+
+    async def queue_push(self, key: KeyLike, value: ValueLike) -> None:
+        wkey = ops.wire_key(key_to_str(key))
+        await self._send(wire.encode_set(wkey, value_to_bytes(value), wire.Op.QUEUE_PUSH))
+
+    async def queue_pop(self, key: KeyLike, block: bool = True) -> bytes:
+        timeout = self._timeout if check_block(block) else None
+        return await self._run(ops.queue_pop(self._session, key_to_str(key), timeout))
+
+    async def queue_len(self, key: KeyLike) -> int:
+        return await self._run(ops.queue_len(self._session, key_to_str(key)))
+
+    async def barrier(
+        self, key: KeyLike, world_size: int, timeout: TimeoutLike | None = None
+    ) -> None:
+        size = check_world_size(world_size)
+        await self._run(ops.barrier(self._session, key_to_str(key), size, self._resolve(timeout)))
+
+    async def set_ephemeral(self, key: KeyLike, value: ValueLike) -> None:
+        """See :meth:`rdzv.store.tcp.TCPStore.set_ephemeral`."""
+        await self._run(ops.set_ephemeral(self._session, key_to_str(key), value_to_bytes(value)))
+
+    async def set_lease(self, key: KeyLike, value: ValueLike, ttl: TimeoutLike) -> None:
+        """See :meth:`rdzv.store.tcp.TCPStore.set_lease`."""
+        seconds = timeout_to_seconds(ttl, "ttl")
+        op = ops.set_lease(self._session, key_to_str(key), value_to_bytes(value), seconds)
+        await self._run(op)
+
+    def has_extended_api(self) -> bool:
+        return True

@@ -1,0 +1,438 @@
+"""TCPStore: a client of a TCPStore server, byte-compatible with torch 2.13 both ways.
+
+It talks to torch's servers (libuv and legacy) and to rdzv's (:mod:`rdzv.server`); torch's
+``torch.distributed.TCPStore`` clients talk to rdzv's server. With ``is_master=True`` it
+starts an rdzv server in a background thread of this process, like torch.
+
+Differences from ``torch.distributed.TCPStore`` (each on purpose):
+
+* the master's server listens on ``host_name`` exactly, not on every interface
+  (``"0.0.0.0"``, ``"::"`` or ``""`` ask for all interfaces explicitly);
+* every reply has a deadline (the store timeout, at least
+  :data:`~rdzv.store.tcp_ops.MIN_IO_TIMEOUT`): a silent server raises
+  :class:`~rdzv.errors.NetworkError` naming the endpoint and the awaited reply instead of
+  hanging forever;
+* ``timeout=0`` means "do not block" and is exact (torch's zero-timeout wait is racy);
+* ``num_keys()`` counts user keys only: the ``init/`` worker counter is not counted (torch
+  counts it), consistent with ``list_keys()``, which hides it in both;
+* against an rdzv server, rdzv's negotiated protocol extensions are used: ``add`` on a
+  non-integer raises :class:`~rdzv.errors.CounterError` and the connection stays usable
+  (torch's server drops it), ``get`` is one round trip and waits for a *value* (a queue of
+  the same name does not count), a blocking ``queue_pop`` is atomic;
+* barriers are reusable (see :meth:`~rdzv.store.base.Store.barrier`) on an rdzv server.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Generator
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from rdzv import wire
+from rdzv.errors import NetworkError, ProtocolError
+from rdzv.server import ServerThread, format_endpoint
+from rdzv.store import tcp_ops as ops
+from rdzv.store.base import (
+    Deadline,
+    Store,
+    TimeoutLike,
+    key_to_str,
+    timeout_to_seconds,
+    value_to_bytes,
+)
+from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
+
+__all__ = ["TCPStore", "check_endpoint", "connect_host"]
+
+logger = logging.getLogger("rdzv.store.tcp")
+
+_T = TypeVar("_T")
+
+#: Receive size of one ``recv`` (bytes).
+_RECV_SIZE = 256 * 1024
+
+_WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def check_endpoint(host_name: object, port: object) -> tuple[str, int]:
+    """Validate a (host, port) pair: TypeError for wrong types, ValueError out of range."""
+    if not isinstance(host_name, str):
+        raise TypeError(f"host_name must be a str, got {type(host_name).__name__}")
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise TypeError(f"port must be an int, got {type(port).__name__}: {port!r}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
+    return host_name, port
+
+
+def connect_host(host_name: str) -> str:
+    """Where a client reaches a server bound to ``host_name`` (wildcards -> loopback)."""
+    return _WILDCARDS.get(host_name, host_name)
+
+
+def _agent_store_fallback(port: int) -> bool:
+    # torch: a master that cannot bind becomes a client when TORCHELASTIC_USE_AGENT_STORE is
+    # truthy and MASTER_PORT names this port (the torchelastic agent already hosts the store).
+    flag = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").strip().lower()
+    return flag in ("1", "true") and os.environ.get("MASTER_PORT", "").strip() == str(port)
+
+
+class _ServerRef:
+    """A master's share of a running server; the server stops when the last share is gone."""
+
+    def __init__(self, thread: ServerThread) -> None:
+        self.thread = thread
+        self.port = thread.port
+        weakref.finalize(self, thread.stop)
+
+
+# port -> running shared server (multi_tenant=True), as torch's per-process cache.
+_TENANTS: weakref.WeakValueDictionary[int, _ServerRef] = weakref.WeakValueDictionary()
+_TENANTS_LOCK = threading.Lock()
+
+
+def start_master_server(
+    host_name: str, port: int, multi_tenant: bool, master_listen_fd: int | None
+) -> _ServerRef:
+    """Start (or, with ``multi_tenant``, share) the server of a master TCPStore.
+
+    Raises :class:`~rdzv.errors.NetworkError` when the port cannot be bound.
+    """
+    with _TENANTS_LOCK:
+        if multi_tenant and port != 0:
+            shared = _TENANTS.get(port)
+            if shared is not None:
+                return shared
+        sock = None
+        if master_listen_fd is not None:
+            sock = socket.socket(fileno=os.dup(master_listen_fd))
+            bound = sock.getsockname()[1]
+            if port not in (0, bound):
+                sock.close()
+                raise ValueError(
+                    f"master_listen_fd {master_listen_fd} is bound to port {bound}, "
+                    f"but port={port} was requested"
+                )
+        ref = _ServerRef(ServerThread(host_name, port, sock=sock).start())
+        if multi_tenant:
+            _TENANTS[ref.port] = ref
+        return ref
+
+
+class TCPStore(Store):
+    """A store served over TCP; same constructor and semantics as
+    ``torch.distributed.TCPStore`` (see the module docstring for the differences).
+
+    Args:
+        host_name: server address to connect to; for the master also the address the
+            server listens on.
+        port: server port; with ``is_master``, 0 picks a free one (see :attr:`port`).
+        world_size: number of participants including the master; ``None`` (or negative)
+            disables worker counting; 0 raises ValueError.
+        is_master: start a server in a background thread of this process, then connect.
+        timeout: default timeout of blocking calls, the connect deadline and the master's
+            wait for workers (timedelta or seconds; default 300 s).
+        wait_for_workers: with ``world_size``: every store adds 1 to the ``init/`` counter
+            and the master waits until it reaches ``world_size``.
+        multi_tenant: masters of the same port in this process share one server.
+        master_listen_fd: an already bound socket for the master's server to adopt.
+        use_libuv: accepted for compatibility and ignored (reported by :attr:`libuvBackend`).
+
+    Raises:
+        TypeError / ValueError: bad arguments (as torch).
+        NetworkError: the server could not be reached before ``timeout`` (connect retries
+            with exponential back-off and jitter until then), or the master could not bind.
+        StoreTimeoutError: the master's wait for workers timed out.
+
+    Thread-safe: one lock serialises the calls on a connection; :meth:`clone` gives another
+    thread its own connection.
+    """
+
+    def __init__(
+        self,
+        host_name: str,
+        port: int,
+        world_size: int | None = None,
+        is_master: bool = False,
+        timeout: TimeoutLike = timedelta(seconds=300),
+        wait_for_workers: bool = True,
+        multi_tenant: bool = False,
+        master_listen_fd: int | None = None,
+        use_libuv: bool = True,
+    ) -> None:
+        host_name, port = check_endpoint(host_name, port)
+        if not isinstance(is_master, bool):
+            raise TypeError(f"is_master must be a bool, got {type(is_master).__name__}")
+        if world_size is not None:
+            if not isinstance(world_size, int) or isinstance(world_size, bool):
+                raise TypeError(f"world_size must be an int or None, got {world_size!r}")
+            if world_size == 0:
+                raise ValueError("TCPStore world size cannot be 0")
+        super().__init__(timeout)
+        self._host = host_name
+        self._port = port
+        self._use_libuv = bool(use_libuv)
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._broken: str | None = None
+        self._rbuf = wire.ReplyBuffer()
+        self._server: _ServerRef | None = None
+        if is_master:
+            try:
+                self._server = start_master_server(host_name, port, multi_tenant, master_listen_fd)
+                self._port = self._server.port
+            except NetworkError as exc:
+                if not _agent_store_fallback(port):
+                    raise
+                logger.warning("%s; continuing as a client (TORCHELASTIC_USE_AGENT_STORE)", exc)
+        self._session = Session(repr(self), ops.io_timeout_for(self._timeout))
+        self._connect(self._timeout)
+        counting = world_size is not None and world_size > 0 and wait_for_workers
+        if counting:
+            self._run(ops.register_worker(self._session))
+        if counting and is_master and self._server is not None:
+            assert world_size is not None
+            self._run(ops.wait_for_workers(self._session, world_size, self._timeout))
+
+    # ------------------------------------------------------------------ properties
+    def __repr__(self) -> str:
+        return f"TCPStore({format_endpoint(connect_host(self._host), self._port)})"
+
+    @property
+    def host(self) -> str:
+        """The ``host_name`` given to the constructor."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The server port (the bound one for a master started with port 0)."""
+        return self._port
+
+    @property
+    def libuvBackend(self) -> bool:
+        """The ``use_libuv`` flag given (torch's property; rdzv has one server)."""
+        return self._use_libuv
+
+    @property
+    def extensions(self) -> bool:
+        """True when the server is an rdzv server offering protocol extensions."""
+        return self._session.extended
+
+    def set_timeout(self, timeout: TimeoutLike) -> None:
+        super().set_timeout(timeout)
+        self._session.io_timeout = ops.io_timeout_for(self._timeout)
+
+    def has_extended_api(self) -> bool:
+        return True
+
+    def clone(self) -> TCPStore:
+        """A new connection to the same server (no worker counting), with this timeout."""
+        return TCPStore(
+            self._host,
+            self._port,
+            timeout=self._timeout,
+            wait_for_workers=False,
+            use_libuv=self._use_libuv,
+        )
+
+    def close(self) -> None:
+        """Close the connection (and release this master's share of its server)."""
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            self._broken = "the store was closed"
+            self._server = None
+
+    def __enter__(self) -> TCPStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()
+
+    # ------------------------------------------------------------------ connection
+    def _connect(self, timeout: float) -> None:
+        deadline = Deadline(timeout)
+        delays = ops.backoff_delays()
+        address = (connect_host(self._host), self._port)
+        attempts = 0
+        while True:
+            attempts += 1
+            sock: socket.socket | None = None
+            try:
+                limit = deadline.remaining()
+                sock = socket.create_connection(
+                    address, timeout=min(limit, ops.MIN_IO_TIMEOUT) if limit > 0 else 1.0
+                )
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._sock, self._broken = sock, None
+                self._rbuf.clear()
+                self._drive(ops.handshake(self._session))
+                return
+            except (OSError, NetworkError, ProtocolError, ReadTimeout) as exc:
+                self._sock = None
+                if sock is not None:
+                    sock.close()
+                last: BaseException = exc
+            remaining = deadline.remaining()
+            if remaining <= 0:
+                raise ops.connect_error(
+                    format_endpoint(*address), timeout, attempts, last
+                ) from last
+            time.sleep(min(next(delays), remaining))
+
+    def _run(self, op: Generator[Any, Any, _T]) -> _T:
+        """Perform one operation under the connection lock."""
+        with self._lock:
+            if self._sock is None:
+                op.close()
+                raise NetworkError(f"{self!r} cannot be used: {self._broken}")
+            try:
+                return self._drive(op)
+            except Exception as exc:
+                reason = ops.failure_reason(self._session, exc)
+                if reason is None:
+                    raise
+                raise self._fail(reason) from exc
+
+    def _fail(self, reason: str) -> NetworkError:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        self._broken = f"the connection failed earlier: {reason}"
+        return NetworkError(f"{self!r}: {reason}; this TCPStore object is no longer usable")
+
+    def _drive(self, op: Generator[Any, Any, _T]) -> _T:
+        sock = self._sock
+        assert sock is not None
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                action = op.send(value) if error is None else op.throw(error)
+            except StopIteration as stop:
+                result: _T = stop.value
+                return result
+            value = error = None
+            if action.__class__ is bytes:
+                sock.sendall(action)
+            elif action.__class__ is Read:
+                try:
+                    value = self._read(sock, action)
+                except ReadTimeout as exc:
+                    error = exc
+            else:
+                assert isinstance(action, Sleep)
+                time.sleep(action.seconds)
+
+    def _read(self, sock: socket.socket, read: Read) -> Any:
+        buf = self._rbuf
+        while True:
+            try:
+                return buf.read(read.decoder)
+            except wire.NeedData as short:
+                need = short.need
+            while len(buf) < need:
+                remaining = read.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ReadTimeout(read)
+                sock.settimeout(None if math.isinf(remaining) else remaining)
+                try:
+                    data = sock.recv(max(_RECV_SIZE, need - len(buf)))
+                except TimeoutError:
+                    raise ReadTimeout(read) from None
+                if not data:
+                    raise ConnectionResetError(
+                        f"the server closed the connection while we awaited {read.what} "
+                        "(did it stop? torch servers also close the connection on add() to a "
+                        "non-integer value and on requests above their size limits)"
+                    )
+                buf.feed(data)
+
+    # ------------------------------------------------------------------ store core
+    def _set(self, key: str, value: bytes) -> None:
+        self._send(wire.encode_set(ops.wire_key(key), value))
+
+    def _send(self, data: bytes) -> None:
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise NetworkError(f"{self!r} cannot be used: {self._broken}")
+            try:
+                sock.sendall(data)
+            except OSError as exc:
+                raise self._fail(ops.describe_error(exc)) from exc
+
+    def _get(self, key: str, timeout: float) -> bytes:
+        return self._run(ops.get(self._session, key, timeout))
+
+    def _add(self, key: str, amount: int) -> int:
+        return self._run(ops.add(self._session, ops.wire_key(key), amount))
+
+    def _append(self, key: str, value: bytes) -> None:
+        self._send(wire.encode_set(ops.wire_key(key), value, wire.Op.APPEND))
+
+    def _compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        return self._run(ops.compare_set(self._session, key, expected, desired))
+
+    def _check(self, keys: list[str]) -> bool:
+        return self._run(ops.check(self._session, keys))
+
+    def _wait(self, keys: list[str], timeout: float) -> None:
+        self._run(ops.wait(self._session, keys, timeout))
+
+    def _delete_key(self, key: str) -> bool:
+        return self._run(ops.delete_key(self._session, key))
+
+    def _num_keys(self) -> int:
+        return self._run(ops.num_keys(self._session))
+
+    def _list_keys(self) -> list[str]:
+        return self._run(ops.list_keys(self._session))
+
+    def _multi_get(self, keys: list[str], timeout: float) -> list[bytes]:
+        return self._run(ops.multi_get(self._session, keys, timeout))
+
+    def _multi_set(self, keys: list[str], values: list[bytes]) -> None:
+        self._send(wire.encode_multi_set([ops.wire_key(k) for k in keys], values))
+
+    def _barrier(self, key: str, world_size: int, timeout: float) -> None:
+        self._run(ops.barrier(self._session, key, world_size, timeout))
+
+    def _queue_push(self, key: str, value: bytes) -> None:
+        self._send(wire.encode_set(ops.wire_key(key), value, wire.Op.QUEUE_PUSH))
+
+    def _queue_pop(self, key: str, timeout: float | None) -> bytes:
+        return self._run(ops.queue_pop(self._session, key, timeout))
+
+    def _queue_len(self, key: str) -> int:
+        return self._run(ops.queue_len(self._session, key))
+
+    # ------------------------------------------------------------------ rdzv extras
+    def list_key_sizes(self, prefix: str = "") -> list[tuple[str, int]]:
+        """``(key, size of its value in bytes)`` for every key starting with ``prefix``."""
+        return self._run(ops.list_key_sizes(self._session, prefix))
+
+    def set_ephemeral(self, key: str, value: bytes | str) -> None:
+        """Set ``key`` bound to this connection: the server deletes it when the connection
+        closes (a crashed process's liveness key disappears). rdzv servers only: raises
+        StoreError on a torch server. A later plain write makes the key ordinary again."""
+        self._run(ops.set_ephemeral(self._session, key_to_str(key), value_to_bytes(value)))
+
+    def set_lease(self, key: str, value: bytes | str, ttl: TimeoutLike) -> None:
+        """Set ``key`` with a lease: the server deletes it ``ttl`` (seconds or timedelta)
+        after this call unless it is set again (renewal). rdzv servers only."""
+        seconds = timeout_to_seconds(ttl, "ttl")
+        self._run(ops.set_lease(self._session, key_to_str(key), value_to_bytes(value), seconds))

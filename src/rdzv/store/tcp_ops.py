@@ -1,0 +1,506 @@
+"""The TCPStore client's operations, written once as sans-I/O generators.
+
+:class:`~rdzv.store.tcp.TCPStore` (blocking sockets) and
+:class:`~rdzv.store.async_tcp.AsyncTCPStore` (asyncio) differ only in how they perform I/O;
+every rule lives here: key prefixing, the request sequences (``get`` = WAIT + GET like torch,
+or one extension request on an rdzv server), the CANCEL_WAIT dance on timeouts, the use of
+negotiated extensions, error mapping.
+
+An operation is a generator that yields actions and receives their results:
+
+* ``bytes``: send these bytes (result: None);
+* :class:`Read`: decode one reply with ``decoder`` before ``deadline`` (result: the value);
+  at the deadline the driver throws :class:`ReadTimeout` into the generator;
+* :class:`Sleep`: pause (result: None).
+
+The generator's return value is the operation's result; its exceptions are the operation's.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Generator, Iterator, Sequence
+from typing import Any, TypeVar
+
+from rdzv import wire
+from rdzv.errors import NetworkError, ProtocolError, StoreError, StoreTimeoutError
+from rdzv.store.base import timeout_error
+from rdzv.wire import (
+    EXT_ERROR,
+    EXT_OK,
+    INIT_KEY,
+    KEY_PREFIX,
+    RDZV_HELLO,
+    RDZV_PING_NONCE,
+    STOP_WAITING,
+    WAIT_CANCELED,
+    Decoder,
+    Op,
+)
+
+__all__ = [
+    "MIN_IO_TIMEOUT",
+    "Read",
+    "ReadTimeout",
+    "Session",
+    "Sleep",
+    "backoff_delays",
+    "wire_key",
+]
+
+_T = TypeVar("_T")
+OpGen = Generator[Any, Any, _T]
+
+#: Floor of the deadline for replies the server sends at once (everything but WAIT-like
+#: requests), in seconds. torch's client has no such deadline at all (a silent server hangs
+#: it forever); ours is the store timeout, but never below this floor, so that
+#: ``timeout=0`` ("do not block" on keys) still leaves the network time to answer.
+MIN_IO_TIMEOUT = 10.0
+
+# Connect back-off: torch starts at 500 ms, grows x1.5 with +-50 % jitter, caps at 60 s
+# (TCPStore.cpp / socket.cpp since pytorch#129261). Local stores come up in milliseconds,
+# so start lower and cap at a few seconds to notice a late server quickly.
+BACKOFF_INITIAL = 0.05
+BACKOFF_FACTOR = 1.5
+BACKOFF_CAP = 2.0
+#: Poll interval of the master's wait for workers (torch: 10 ms).
+WORKER_POLL_INTERVAL = 0.01
+
+_CANCEL = wire.encode_op(Op.CANCEL_WAIT)
+
+
+class Read:
+    """Action: decode one reply with ``decoder`` before the monotonic time ``deadline``."""
+
+    __slots__ = ("deadline", "decoder", "what")
+
+    def __init__(self, decoder: Decoder[Any], deadline: float, what: str) -> None:
+        self.decoder = decoder
+        self.deadline = deadline
+        self.what = what
+
+
+class Sleep:
+    """Action: pause for ``seconds``."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
+class ReadTimeout(Exception):
+    """Thrown into an operation when a :class:`Read` reaches its deadline."""
+
+    def __init__(self, read: Read) -> None:
+        super().__init__(read.what)
+        self.read = read
+
+
+class Session:
+    """Per-connection protocol state shared by the operations.
+
+    ``where`` names the store in messages; ``extended`` is True once the server negotiated
+    rdzv's extensions; ``io_timeout`` bounds replies that come at once.
+    """
+
+    __slots__ = ("extended", "io_timeout", "version", "where")
+
+    def __init__(self, where: str, io_timeout: float) -> None:
+        self.where = where
+        self.io_timeout = io_timeout
+        self.extended = False
+        self.version = 0
+
+    def io(self, what: str, decoder: Decoder[Any]) -> Read:
+        return Read(decoder, time.monotonic() + self.io_timeout, what)
+
+
+def io_timeout_for(store_timeout: float) -> float:
+    """The reply deadline used with a given store timeout (see :data:`MIN_IO_TIMEOUT`)."""
+    return max(store_timeout, MIN_IO_TIMEOUT)
+
+
+def backoff_delays() -> Iterator[float]:
+    """Connect retry delays: exponential with +-50 % jitter, capped (seconds)."""
+    delay = BACKOFF_INITIAL
+    while True:
+        yield delay * random.uniform(0.5, 1.5)
+        delay = min(delay * BACKOFF_FACTOR, BACKOFF_CAP)
+
+
+def wire_key(key: str) -> bytes:
+    """The key a torch client puts on the wire for user key ``key``: ``"/" + key``, UTF-8."""
+    return KEY_PREFIX + key.encode("utf-8")
+
+
+def user_key(raw: bytes) -> str | None:
+    """The user key behind a wire key, or None for internal keys (no ``/`` prefix)."""
+    if not raw.startswith(KEY_PREFIX):
+        return None
+    return raw[1:].decode("utf-8", "backslashreplace")
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as text for messages (rdzv's own errors without their class name)."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, (NetworkError, ProtocolError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def failure_reason(s: Session, exc: BaseException) -> str | None:
+    """Why ``exc``, raised by an operation, leaves the connection unusable; None when it is
+    the operation's own outcome (a timeout on keys, a CounterError...) and the connection is
+    intact. Drivers close the connection when this returns a reason."""
+    if isinstance(exc, ReadTimeout):
+        return (
+            f"no reply within {s.io_timeout:g} s while awaiting {exc.read.what}; "
+            "the server is alive but silent"
+        )
+    if isinstance(exc, ProtocolError):
+        return str(exc)
+    if isinstance(exc, StoreError):
+        return None
+    if isinstance(exc, OSError):  # NetworkError included
+        return describe_error(exc)
+    return None
+
+
+def connect_error(
+    endpoint: str, timeout: float, attempts: int, last: BaseException
+) -> NetworkError:
+    """The error of a connect loop that ran out of time."""
+    return NetworkError(
+        f"could not connect to the TCPStore server at {endpoint} within "
+        f"{'unlimited time' if math.isinf(timeout) else f'{timeout:g} s'} ({attempts} attempts); "
+        f"last error: {describe_error(last)}. Is the server running and reachable, and are "
+        "the host and port right?"
+    )
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def handshake(s: Session) -> OpGen[None]:
+    """VALIDATE + PING (one write); the PING reply tells a torch server (echo) from an rdzv
+    server (:data:`~rdzv.wire.RDZV_HELLO` family: extensions on)."""
+    yield wire.encode_validate() + wire.encode_ping(RDZV_PING_NONCE)
+    reply = yield s.io("the reply to PING", wire.read_u32)
+    if reply == RDZV_PING_NONCE:
+        s.extended, s.version = False, 0
+    elif reply >> 8 == RDZV_HELLO >> 8:
+        s.extended, s.version = True, reply & 0xFF
+    else:
+        raise NetworkError(
+            f"ping failed on {s.where}: sent {RDZV_PING_NONCE:#010x}, got {reply:#010x}; "
+            "is this a TCPStore server (torch >= 2.5 or rdzv)?"
+        )
+
+
+def call(s: Session, request: bytes, decoder: Decoder[_T], what: str) -> OpGen[_T]:
+    """One request, one immediate reply."""
+    yield request
+    value: _T = yield s.io(what, decoder)
+    return value
+
+
+def _ext_finish(s: Session, status: int, decoder: Decoder[Any] | None, what: str) -> OpGen[Any]:
+    if status == EXT_OK:
+        if decoder is None:
+            return None
+        return (yield s.io(what, decoder))
+    if status == EXT_ERROR:
+        error = yield s.io(what, wire.read_ext_error)
+        raise error
+    raise ProtocolError(f"unexpected reply byte {status:#04x} from {s.where} to {what}")
+
+
+def _torch_finish(s: Session, status: int, decoder: Decoder[Any] | None, what: str) -> OpGen[Any]:
+    if status != STOP_WAITING[0]:
+        raise ProtocolError(f"unexpected reply byte {status:#04x} from {s.where} to {what}")
+    return None
+    yield  # a generator
+
+
+def ext_call(s: Session, request: bytes, decoder: Decoder[Any] | None, what: str) -> OpGen[Any]:
+    """One extension request, one immediate reply in the EXT_OK / EXT_ERROR envelope."""
+    yield request
+    status = yield s.io(what, wire.read_u8)
+    return (yield from _ext_finish(s, status, decoder, what))
+
+
+def deferred(
+    s: Session,
+    request: bytes,
+    timeout: float,
+    what: str,
+    *,
+    ext: bool,
+    decoder: Decoder[Any] | None = None,
+) -> OpGen[tuple[bool, Any]]:
+    """A request whose reply comes when keys appear (WAIT, BARRIER, the EXT_*_WAIT ops).
+
+    Returns ``(True, payload)`` once the reply came, ``(False, None)`` if ``timeout`` seconds
+    passed first. On expiry it sends CANCEL_WAIT and drains the race: the reply may still
+    arrive before the WAIT_CANCELED byte (torch sees ``00 01`` there); then it counts, since
+    the keys did arrive. ``timeout == 0`` sends the request and CANCEL_WAIT in one write: the
+    answer is exact and nothing blocks (torch's zero-timeout poll is racy).
+    """
+    finish = _ext_finish if ext else _torch_finish
+    if timeout <= 0:
+        yield request + _CANCEL
+        status = yield s.io(what, wire.read_u8)
+        cancelled = False
+    else:
+        yield request
+        deadline = math.inf if math.isinf(timeout) else time.monotonic() + timeout
+        try:
+            status = yield Read(wire.read_u8, deadline, what)
+        except ReadTimeout:
+            status = None
+        if status is not None:
+            return True, (yield from finish(s, status, decoder, what))
+        yield _CANCEL
+        status = yield s.io("the reply to CANCEL_WAIT", wire.read_u8)
+        cancelled = True
+    if status == WAIT_CANCELED[0]:
+        return False, None
+    try:
+        value = yield from finish(s, status, decoder, what)
+    finally:
+        ack = yield s.io("the reply to CANCEL_WAIT", wire.read_u8)
+        if ack != WAIT_CANCELED[0]:
+            raise ProtocolError(
+                f"expected WAIT_CANCELED (0x01) from {s.where} after "
+                f"{'a timeout' if cancelled else 'a zero-timeout request'}, got {ack:#04x}"
+            )
+    return True, value
+
+
+# --------------------------------------------------------------------------- operations
+# Keys arrive as user keys (str); wire_key() adds torch's "/" prefix.
+
+
+def get(s: Session, key: str, timeout: float) -> OpGen[bytes]:
+    """Same semantics as ``Store.get``. torch server: WAIT + GET (as torch's client; a
+    non-empty queue of that name counts as present there and yields ``b""``). rdzv server:
+    one EXT_GET_WAIT that waits for a value and returns it."""
+    k = wire_key(key)
+    if s.extended:
+        done, value = yield from deferred(
+            s, wire.encode_key(Op.EXT_GET_WAIT, k), timeout, f"the value of {key!r}",
+            ext=True, decoder=wire.read_blob,
+        )  # fmt: skip
+    else:
+        done, _ = yield from deferred(
+            s, wire.encode_keys(Op.WAIT, [k]), timeout, f"key {key!r}", ext=False
+        )
+        if done:
+            value = yield from call(s, wire.encode_key(Op.GET, k), wire.read_blob, "GET")
+    if not done:
+        raise timeout_error("get", [key], timeout, s.where)
+    result: bytes = value
+    return result
+
+
+def multi_get(s: Session, keys: Sequence[str], timeout: float) -> OpGen[list[bytes]]:
+    """Same semantics as ``Store.multi_get``: one wait for all keys, one read of all values."""
+    wkeys = [wire_key(k) for k in keys]
+    decoder = wire.read_blobs(len(wkeys))
+    if s.extended:
+        done, values = yield from deferred(
+            s, wire.encode_keys(Op.EXT_MULTI_GET_WAIT, wkeys), timeout, "the values of keys",
+            ext=True, decoder=decoder,
+        )  # fmt: skip
+    else:
+        done, _ = yield from deferred(
+            s, wire.encode_keys(Op.WAIT, wkeys), timeout, "keys", ext=False
+        )
+        if done:
+            values = yield from call(s, wire.encode_keys(Op.MULTI_GET, wkeys), decoder, "MULTI_GET")
+    if not done:
+        raise timeout_error("multi_get", keys, timeout, s.where)
+    result: list[bytes] = values
+    return result
+
+
+def wait(s: Session, keys: Sequence[str], timeout: float) -> OpGen[None]:
+    """Same semantics as ``Store.wait`` (WAIT, CANCEL_WAIT on timeout)."""
+    request = wire.encode_keys(Op.WAIT, [wire_key(k) for k in keys])
+    done, _ = yield from deferred(s, request, timeout, "keys", ext=False)
+    if not done:
+        raise timeout_error("wait", keys, timeout, s.where)
+
+
+def add(s: Session, key: bytes, amount: int) -> OpGen[int]:
+    """ADD on wire key ``key``. rdzv server: EXT_ADD, so a non-integer value raises
+    CounterError and the connection stays usable; torch server: ADD (it closes the
+    connection instead)."""
+    if s.extended:
+        value: int = yield from ext_call(
+            s, wire.encode_key_int(Op.EXT_ADD, key, amount), wire.read_i64, "the reply to ADD"
+        )
+        return value
+    return (yield from call(s, wire.encode_key_int(Op.ADD, key, amount), wire.read_i64, "ADD"))
+
+
+def compare_set(s: Session, key: str, expected: bytes, desired: bytes) -> OpGen[bytes]:
+    request = wire.encode_compare_set(wire_key(key), expected, desired)
+    return (yield from call(s, request, wire.read_blob, "the reply to COMPARE_SET"))
+
+
+def check(s: Session, keys: Sequence[str]) -> OpGen[bool]:
+    request = wire.encode_keys(Op.CHECK, [wire_key(k) for k in keys])
+    status = yield from call(s, request, wire.read_u8, "the reply to CHECK")
+    return bool(status == wire.CHECK_READY[0])
+
+
+def delete_key(s: Session, key: str) -> OpGen[bool]:
+    request = wire.encode_key(Op.DELETE_KEY, wire_key(key))
+    return (yield from call(s, request, wire.read_i64, "the reply to DELETE_KEY")) == 1
+
+
+def num_keys(s: Session) -> OpGen[int]:
+    """User keys only: ``init/`` and other keys without the ``/`` prefix are not counted
+    (torch counts ``init/``). rdzv server: EXT_NUM_KEYS; torch server: GETNUMKEYS and a
+    CHECK of ``init/`` in one write."""
+    if s.extended:
+        request = wire.encode_key(Op.EXT_NUM_KEYS, KEY_PREFIX)
+        count: int = yield from ext_call(s, request, wire.read_i64, "the reply to NUM_KEYS")
+        return count
+    yield wire.encode_op(Op.GETNUMKEYS) + wire.encode_keys(Op.CHECK, [INIT_KEY])
+    total = yield s.io("the reply to GETNUMKEYS", wire.read_i64)
+    init = yield s.io("the reply to CHECK", wire.read_u8)
+    return int(total) - (1 if init == wire.CHECK_READY[0] else 0)
+
+
+def list_keys(s: Session) -> OpGen[list[str]]:
+    """User keys (``/`` prefix stripped; internal keys such as ``init/`` hidden, as torch)."""
+    raw = yield from call(s, wire.encode_op(Op.LIST_KEYS), wire.read_key_list, "LIST_KEYS")
+    return [k for k in map(user_key, raw) if k is not None]
+
+
+def list_key_sizes(s: Session, prefix: str = "") -> OpGen[list[tuple[str, int]]]:
+    """``(key, value size in bytes)`` of every user key starting with ``prefix``.
+    rdzv server: one EXT_LIST_KEYS; torch server: LIST_KEYS then MULTI_GET."""
+    wprefix = wire_key(prefix)
+    if s.extended:
+        request = wire.encode_key(Op.EXT_LIST_KEYS, wprefix)
+        entries = yield from ext_call(s, request, wire.read_key_sizes, "the reply to LIST_KEYS")
+        return [(k, n) for raw, n in entries if (k := user_key(raw)) is not None]
+    raw = yield from call(s, wire.encode_op(Op.LIST_KEYS), wire.read_key_list, "LIST_KEYS")
+    raw = [k for k in raw if k.startswith(wprefix)]
+    if not raw:
+        return []
+    values = yield from call(
+        s, wire.encode_keys(Op.MULTI_GET, raw), wire.read_blobs(len(raw)), "MULTI_GET"
+    )
+    return [(k, len(v)) for r, v in zip(raw, values, strict=True) if (k := user_key(r))]
+
+
+def queue_pop(s: Session, key: str, timeout: float | None) -> OpGen[bytes]:
+    """Same semantics as ``Store.queue_pop``; ``timeout=None`` is ``block=False``.
+
+    rdzv server: EXT_QUEUE_POP_WAIT pops atomically when an item arrives. torch server:
+    WAIT + QUEUE_POP like torch's client; when the WAIT was satisfied by a value of the same
+    name (torch's WAIT does not tell queues from values) it retries until the deadline.
+    """
+    k = wire_key(key)
+    pop = wire.encode_key(Op.QUEUE_POP, k)
+    if timeout is None:
+        value = yield from call(s, pop, wire.read_queue_pop, "the reply to QUEUE_POP")
+        if value is None:
+            raise wire.queue_empty_error(key, s.where)
+        result: bytes = value
+        return result
+    if s.extended:
+        done, value = yield from deferred(
+            s, wire.encode_key(Op.EXT_QUEUE_POP_WAIT, k), timeout, f"an item of queue {key!r}",
+            ext=True, decoder=wire.read_blob,
+        )  # fmt: skip
+        if not done:
+            raise timeout_error("queue_pop", [key], timeout, s.where)
+        return value  # type: ignore[no-any-return]
+    deadline = time.monotonic() + timeout
+    delays = backoff_delays()
+    while True:
+        remaining = max(0.0, deadline - time.monotonic())
+        done, _ = yield from deferred(
+            s, wire.encode_keys(Op.WAIT, [k]), remaining, f"queue {key!r}", ext=False
+        )
+        if done:
+            value = yield from call(s, pop, wire.read_queue_pop, "the reply to QUEUE_POP")
+            if value is not None:
+                return value
+        remaining = deadline - time.monotonic()
+        if not done or remaining <= 0:
+            raise timeout_error("queue_pop", [key], timeout, s.where)
+        yield Sleep(min(next(delays), remaining))
+
+
+def queue_len(s: Session, key: str) -> OpGen[int]:
+    request = wire.encode_key(Op.QUEUE_LEN, wire_key(key))
+    return (yield from call(s, request, wire.read_i64, "the reply to QUEUE_LEN"))
+
+
+def barrier(s: Session, key: str, world_size: int, timeout: float) -> OpGen[None]:
+    """Server-side barrier (torch's BARRIER; EXT_BARRIER on an rdzv server, which reports a
+    non-integer counter as CounterError instead of closing the connection)."""
+    op = Op.EXT_BARRIER if s.extended else Op.BARRIER
+    request = wire.encode_key_int(op, wire_key(key), world_size)
+    done, _ = yield from deferred(s, request, timeout, f"barrier {key!r}", ext=s.extended)
+    if not done:
+        raise timeout_error("barrier", [key], timeout, s.where)
+
+
+def _need_extensions(s: Session, what: str) -> None:
+    if not s.extended:
+        raise StoreError(
+            f"{what} needs rdzv's protocol extensions, but {s.where} is a torch TCPStore "
+            "server (or an rdzv server with extensions disabled)"
+        )
+
+
+def set_ephemeral(s: Session, key: str, value: bytes) -> OpGen[None]:
+    """Set ``key``; the server deletes it when this connection closes (rdzv servers only)."""
+    _need_extensions(s, "set_ephemeral")
+    request = wire.encode_set(wire_key(key), value, Op.EXT_SET_EPHEMERAL)
+    yield from ext_call(s, request, None, "the reply to SET_EPHEMERAL")
+
+
+def set_lease(s: Session, key: str, value: bytes, ttl: float) -> OpGen[None]:
+    """Set ``key``; the server deletes it ``ttl`` seconds later unless set again (rdzv
+    servers only)."""
+    _need_extensions(s, "set_lease")
+    ttl_ms = max(1, math.ceil(ttl * 1000))
+    request = wire.encode_set_lease(wire_key(key), value, ttl_ms)
+    yield from ext_call(s, request, None, "the reply to SET_LEASE")
+
+
+def register_worker(s: Session) -> OpGen[int]:
+    """``world_size`` bookkeeping: ADD ``init/`` +1 (the unprefixed key torch uses)."""
+    return (yield from add(s, INIT_KEY, 1))
+
+
+def wait_for_workers(s: Session, world_size: int, timeout: float) -> OpGen[None]:
+    """The master's wait until ``init/`` reaches ``world_size`` (torch polls every 10 ms too:
+    torch clients only ADD, nothing to be woken by)."""
+    start = time.monotonic()
+    request = wire.encode_key(Op.GET, INIT_KEY)
+    while True:
+        yield request
+        raw = yield s.io(f"the value of {INIT_KEY!r}", wire.read_blob)
+        joined = int(raw) if raw.strip().lstrip(b"-").isdigit() else 0
+        if joined >= world_size:
+            return
+        elapsed = time.monotonic() - start
+        if elapsed > timeout:
+            raise StoreTimeoutError(
+                f"Timed out after {elapsed:.1f} seconds waiting for clients. "
+                f"{joined}/{world_size} clients joined. ({s.where}; every rank must create "
+                "its TCPStore with the same world_size before the timeout)"
+            )
+        yield Sleep(min(WORKER_POLL_INTERVAL, max(0.0, timeout - elapsed)))

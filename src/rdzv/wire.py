@@ -1,0 +1,978 @@
+"""Sans-I/O codec of the TCPStore wire protocol (torch 2.13), plus rdzv's negotiated extensions.
+
+Like h11, nothing here touches a socket: the server feeds received bytes to a
+:class:`RequestParser` and gets typed requests back; it encodes replies with the ``reply_*``
+functions. The client encodes requests with the ``encode_*`` functions and decodes replies
+incrementally with a :class:`ReplyBuffer` and the ``read_*`` decoders.
+
+The protocol (see ``docs/protocol.md``): a request is one opcode byte and opcode-specific
+fields; integers are little-endian; a blob is a u64 length and that many bytes. Replies carry
+no opcode; their shape follows from the request. Frames may be split or coalesced anywhere.
+
+Limits are checked as soon as a length or a count is read, before anything is allocated or
+awaited, so a hostile ``2**63`` length costs nothing. The defaults are those of torch's libuv
+server (the default torch server since 2.4), so anything torch accepts, rdzv accepts.
+
+Extensions (opcodes ``0x80`` and up, which torch does not use) are only parsed on a connection
+that negotiated them: the rdzv client's PING carries :data:`RDZV_PING_NONCE`, a value no torch
+client sends (torch sends its pid, and Linux pids are below ``2**22``). A torch server echoes
+the nonce; an rdzv server answers :data:`RDZV_HELLO` instead. A torch client never negotiates,
+so it never sees an extension byte.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TypeVar
+
+from rdzv.errors import (
+    CounterError,
+    ProtocolError,
+    QueueEmptyError,
+    StoreError,
+)
+
+__all__ = [
+    "CHECK_NOT_READY",
+    "CHECK_READY",
+    "DEFAULT_LIMITS",
+    "EXT_ERROR",
+    "EXT_OK",
+    "EXT_VERSION",
+    "INIT_KEY",
+    "KEY_PREFIX",
+    "RDZV_HELLO",
+    "RDZV_PING_NONCE",
+    "STOP_WAITING",
+    "VALIDATE_MAGIC",
+    "WAIT_CANCELED",
+    "ErrorCode",
+    "Limits",
+    "NeedData",
+    "Op",
+    "ReplyBuffer",
+    "Request",
+    "RequestParser",
+]
+
+# --------------------------------------------------------------------------- constants
+
+#: First request of every connection: opcode 0 + this u32. torch's ``validationMagicNumber``
+#: in TCPStore.cpp (added with VALIDATE in pytorch#107607).
+VALIDATE_MAGIC = 0x3C85F7CE
+
+#: Prefix the torch client puts before every user key (TCPStore.cpp ``keyPrefix_``).
+KEY_PREFIX = b"/"
+#: The worker-counter key of ``world_size``/``wait_for_workers`` (torch's ``initKey_``); the
+#: only key the torch client sends without :data:`KEY_PREFIX`.
+INIT_KEY = b"init/"
+
+#: PING nonce by which an rdzv client asks for extensions: ``b"vzdr"``, >= 2**22 so it can
+#: never be a Linux pid (``PID_MAX_LIMIT`` is 2**22 on 64-bit), which is what torch sends.
+RDZV_PING_NONCE = 0x72647A76
+#: Version of the extension set this module speaks.
+EXT_VERSION = 1
+#: What an rdzv server answers to :data:`RDZV_PING_NONCE`: ``0x72647Axx``, ``xx`` the
+#: extension version (never ``0x76``, so it always differs from the echo a torch server sends).
+RDZV_HELLO = 0x72647A00 | EXT_VERSION
+
+# One-byte replies (torch's CheckResponseType and WaitResponseType).
+CHECK_READY = b"\x00"
+CHECK_NOT_READY = b"\x01"
+STOP_WAITING = b"\x00"
+WAIT_CANCELED = b"\x01"
+# First byte of every extension reply: success (payload follows) or error (ErrorCode + blob).
+# 0x01 is skipped on purpose: after a CANCEL_WAIT the client reads either a late reply
+# (0x00 / 0x02 ...) or the WAIT_CANCELED byte, and the three must be distinguishable.
+EXT_OK = 0x00
+EXT_ERROR = 0x02
+
+
+class Op(IntEnum):
+    """Request opcodes. 0-18 are torch 2.13's ``QueryType`` (TCPStoreBackend.hpp); 0x80 and
+    up are rdzv extensions, accepted only after negotiation (see the module docstring)."""
+
+    VALIDATE = 0
+    SET = 1
+    COMPARE_SET = 2
+    GET = 3
+    ADD = 4
+    CHECK = 5
+    WAIT = 6
+    GETNUMKEYS = 7
+    DELETE_KEY = 8
+    APPEND = 9
+    MULTI_GET = 10
+    MULTI_SET = 11
+    CANCEL_WAIT = 12
+    PING = 13
+    QUEUE_PUSH = 14
+    QUEUE_POP = 15
+    QUEUE_LEN = 16
+    LIST_KEYS = 17
+    BARRIER = 18
+    # ---- rdzv extensions (docs/protocol.md)
+    EXT_ADD = 0x80
+    EXT_BARRIER = 0x81
+    EXT_GET_WAIT = 0x82
+    EXT_MULTI_GET_WAIT = 0x83
+    EXT_QUEUE_POP_WAIT = 0x84
+    EXT_LIST_KEYS = 0x85
+    EXT_NUM_KEYS = 0x86
+    EXT_SET_EPHEMERAL = 0x87
+    EXT_SET_LEASE = 0x88
+
+
+class ErrorCode(IntEnum):
+    """Error kinds carried by an extension error reply; the client maps them to exceptions."""
+
+    STORE = 1  #: StoreError: any other failure
+    COUNTER = 2  #: CounterError: add/barrier on a non-integer or overflowing value
+    VALUE = 3  #: ValueError: an argument the server refuses (e.g. world_size < 1)
+
+
+_ERROR_CLASSES: dict[int, type[Exception]] = {
+    ErrorCode.STORE: StoreError,
+    ErrorCode.COUNTER: CounterError,
+    ErrorCode.VALUE: ValueError,
+}
+
+
+def error_code_for(exc: BaseException) -> ErrorCode:
+    """The :class:`ErrorCode` that carries ``exc`` to an rdzv client."""
+    if isinstance(exc, CounterError):
+        return ErrorCode.COUNTER
+    if isinstance(exc, ValueError):
+        return ErrorCode.VALUE
+    return ErrorCode.STORE
+
+
+def error_from_code(code: int, message: str) -> Exception:
+    """Rebuild the exception an rdzv server reported (unknown codes become StoreError)."""
+    return _ERROR_CLASSES.get(code, StoreError)(message)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard limits on what one request may carry; exceeding one is a protocol violation.
+
+    Defaults are torch's libuv server limits (TCPStoreLibUvBackend.cpp ``MAX_KEY_LEN``,
+    ``MAX_STRING_LEN``, ``MAX_KEY_COUNT``; verified: 8192-byte key, 8 MiB value and
+    131072-key WAIT accepted, one more refused). ``max_request_bytes`` bounds the sum over a
+    multi-key request, which torch leaves unbounded (131072 x 8 MiB).
+    """
+
+    max_key_bytes: int = 8192
+    max_value_bytes: int = 8 * 1024 * 1024
+    max_keys: int = 128 * 1024
+    max_request_bytes: int = 256 * 1024 * 1024
+
+
+DEFAULT_LIMITS = Limits()
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+_I64_MIN = -(2**63)
+
+# --------------------------------------------------------------------------- requests
+
+
+class Request:
+    """Base of the typed requests produced by :class:`RequestParser`."""
+
+    __slots__ = ()
+    op: Op
+
+
+def _request(op: Op) -> Callable[[type[_R]], type[_R]]:
+    def deco(cls: type[_R]) -> type[_R]:
+        cls.op = op
+        return cls
+
+    return deco
+
+
+_R = TypeVar("_R", bound=Request)
+
+
+@_request(Op.VALIDATE)
+@dataclass(slots=True)
+class Validate(Request):
+    magic: int
+
+
+@_request(Op.SET)
+@dataclass(slots=True)
+class Set(Request):
+    key: bytes
+    value: bytes
+
+
+@_request(Op.COMPARE_SET)
+@dataclass(slots=True)
+class CompareSet(Request):
+    key: bytes
+    expected: bytes
+    desired: bytes
+
+
+@_request(Op.GET)
+@dataclass(slots=True)
+class Get(Request):
+    key: bytes
+
+
+@_request(Op.ADD)
+@dataclass(slots=True)
+class Add(Request):
+    key: bytes
+    amount: int
+
+
+@_request(Op.CHECK)
+@dataclass(slots=True)
+class Check(Request):
+    keys: list[bytes]
+
+
+@_request(Op.WAIT)
+@dataclass(slots=True)
+class Wait(Request):
+    keys: list[bytes]
+
+
+@_request(Op.GETNUMKEYS)
+@dataclass(slots=True)
+class GetNumKeys(Request):
+    pass
+
+
+@_request(Op.DELETE_KEY)
+@dataclass(slots=True)
+class DeleteKey(Request):
+    key: bytes
+
+
+@_request(Op.APPEND)
+@dataclass(slots=True)
+class Append(Request):
+    key: bytes
+    value: bytes
+
+
+@_request(Op.MULTI_GET)
+@dataclass(slots=True)
+class MultiGet(Request):
+    keys: list[bytes]
+
+
+@_request(Op.MULTI_SET)
+@dataclass(slots=True)
+class MultiSet(Request):
+    keys: list[bytes]
+    values: list[bytes]
+
+
+@_request(Op.CANCEL_WAIT)
+@dataclass(slots=True)
+class CancelWait(Request):
+    pass
+
+
+@_request(Op.PING)
+@dataclass(slots=True)
+class Ping(Request):
+    nonce: int
+
+
+@_request(Op.QUEUE_PUSH)
+@dataclass(slots=True)
+class QueuePush(Request):
+    key: bytes
+    value: bytes
+
+
+@_request(Op.QUEUE_POP)
+@dataclass(slots=True)
+class QueuePop(Request):
+    key: bytes
+
+
+@_request(Op.QUEUE_LEN)
+@dataclass(slots=True)
+class QueueLen(Request):
+    key: bytes
+
+
+@_request(Op.LIST_KEYS)
+@dataclass(slots=True)
+class ListKeys(Request):
+    pass
+
+
+@_request(Op.BARRIER)
+@dataclass(slots=True)
+class Barrier(Request):
+    key: bytes
+    world_size: int
+
+
+@_request(Op.EXT_ADD)
+@dataclass(slots=True)
+class ExtAdd(Request):
+    key: bytes
+    amount: int
+
+
+@_request(Op.EXT_BARRIER)
+@dataclass(slots=True)
+class ExtBarrier(Request):
+    key: bytes
+    world_size: int
+
+
+@_request(Op.EXT_GET_WAIT)
+@dataclass(slots=True)
+class ExtGetWait(Request):
+    key: bytes
+
+
+@_request(Op.EXT_MULTI_GET_WAIT)
+@dataclass(slots=True)
+class ExtMultiGetWait(Request):
+    keys: list[bytes]
+
+
+@_request(Op.EXT_QUEUE_POP_WAIT)
+@dataclass(slots=True)
+class ExtQueuePopWait(Request):
+    key: bytes
+
+
+@_request(Op.EXT_LIST_KEYS)
+@dataclass(slots=True)
+class ExtListKeys(Request):
+    prefix: bytes
+
+
+@_request(Op.EXT_NUM_KEYS)
+@dataclass(slots=True)
+class ExtNumKeys(Request):
+    prefix: bytes
+
+
+@_request(Op.EXT_SET_EPHEMERAL)
+@dataclass(slots=True)
+class ExtSetEphemeral(Request):
+    key: bytes
+    value: bytes
+
+
+@_request(Op.EXT_SET_LEASE)
+@dataclass(slots=True)
+class ExtSetLease(Request):
+    key: bytes
+    value: bytes
+    ttl_ms: int
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class NeedData(Exception):
+    """Raised by decoders when the buffer ends before the frame does.
+
+    ``need`` is the buffer length (absolute index) required before trying again; ``keep`` is
+    where the unconsumed bytes start (-1: at the start of the current frame).
+    """
+
+    __slots__ = ("keep", "need")
+
+    def __init__(self, need: int, keep: int = -1) -> None:
+        self.need = need
+        self.keep = keep
+
+
+def _show(key: bytes) -> str:
+    return repr(key[:64]) + ("..." if len(key) > 64 else "")
+
+
+class _ListState:
+    """Progress through a multi-key request whose frame is split across reads."""
+
+    __slots__ = ("keys", "n", "op", "size", "values")
+
+    def __init__(self, op: Op, n: int) -> None:
+        self.op = op
+        self.n = n
+        self.keys: list[bytes] = []
+        self.values: list[bytes] = []
+        self.size = 9
+
+
+_Parse = Callable[["RequestParser", bytes, int, int], tuple[Request, int]]
+
+
+class RequestParser:
+    """Server side: bytes in, typed requests out.
+
+    ``receive(data)`` returns every request completed by ``data`` (possibly none). A
+    protocol violation (bad first request, unknown opcode, a limit exceeded) sets
+    :attr:`error` to a :class:`~rdzv.errors.ProtocolError` whose message names the violation;
+    the requests decoded before it are still returned. After an error, the connection must be
+    closed: ``receive`` raises the error again.
+
+    Args:
+        limits: the :class:`Limits` to enforce.
+        require_validate: the first request must be VALIDATE with :data:`VALIDATE_MAGIC`
+            (torch servers require it); fragmentation of that first request is tolerated.
+        allow_extensions: accept the extension opcodes after an rdzv PING negotiated them.
+    """
+
+    __slots__ = (
+        "_limits",
+        "_list",
+        "_need",
+        "_pending",
+        "_table",
+        "allow_extensions",
+        "error",
+        "extended",
+        "validated",
+    )
+
+    def __init__(
+        self,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        require_validate: bool = True,
+        allow_extensions: bool = True,
+    ) -> None:
+        self._limits = limits
+        self._pending = bytearray()
+        self._need = 0
+        self._list: _ListState | None = None
+        self.allow_extensions = allow_extensions
+        self.validated = not require_validate
+        self.extended = False
+        self.error: ProtocolError | None = None
+        self._table: Sequence[_Parse | None] = _TORCH_TABLE
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete request."""
+        return len(self._pending)
+
+    def receive(self, data: bytes) -> list[Request]:
+        """Feed ``data``; return the requests it completed, in order."""
+        if self.error is not None:
+            raise self.error
+        pending = self._pending
+        if pending:
+            pending += data
+            if len(pending) < self._need:
+                return []
+            buf = bytes(pending)
+            pending.clear()
+        else:
+            if data.__class__ is not bytes:
+                data = bytes(data)
+            if len(data) < self._need:
+                pending += data
+                return []
+            buf = data
+        end = len(buf)
+        pos = 0
+        out: list[Request] = []
+        table = self._table
+        try:
+            if self._list is not None:
+                req, pos = self._list_items(buf, 0, end)
+                out.append(req)
+            while pos < end:
+                if not self.validated:
+                    req, pos = self._validate(buf, pos, end)
+                    out.append(req)
+                    continue
+                parse = table[buf[pos]]
+                if parse is None:
+                    raise self._unknown(buf[pos])
+                req, pos = parse(self, buf, pos + 1, end)
+                out.append(req)
+                if req.__class__ is Ping:
+                    table = self._table
+        except NeedData as short:
+            keep = pos if short.keep < 0 else short.keep
+            pending += memoryview(buf)[keep:]
+            self._need = short.need - keep
+        except ProtocolError as exc:
+            self.error = exc
+        else:
+            self._need = 0
+        return out
+
+    # ------------------------------------------------------------------ field readers
+    def _unknown(self, op: int) -> ProtocolError:
+        if op >= Op.EXT_ADD and op in Op._value2member_map_:
+            return ProtocolError(
+                f"extension opcode {op:#04x} ({Op(op).name}) sent without negotiating "
+                "extensions (PING with the rdzv nonce)"
+            )
+        if op == Op.VALIDATE:
+            return ProtocolError("VALIDATE sent twice; it is only allowed as the first request")
+        return ProtocolError(
+            f"unknown opcode {op:#04x}; torch 2.13 uses 0x00-0x12, rdzv extensions 0x80-0x88"
+        )
+
+    def _validate(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        op = buf[pos]
+        if op != Op.VALIDATE:
+            raise ProtocolError(
+                f"the first request must be VALIDATE (0x00), got opcode {op:#04x}; "
+                "is this a TCPStore client?"
+            )
+        if pos + 5 > end:
+            raise NeedData(pos + 5)
+        (magic,) = _U32.unpack_from(buf, pos + 1)
+        if magic != VALIDATE_MAGIC:
+            raise ProtocolError(
+                f"VALIDATE carried magic {magic:#010x}, expected {VALIDATE_MAGIC:#010x}"
+            )
+        self.validated = True
+        return Validate(magic), pos + 5
+
+    def _blob(self, buf: bytes, pos: int, end: int, limit: int, what: str) -> tuple[bytes, int]:
+        stop = pos + 8
+        if stop > end:
+            raise NeedData(stop)
+        (n,) = _U64.unpack_from(buf, pos)
+        if n > limit:
+            raise ProtocolError(f"{what} of {n} bytes exceeds the limit of {limit} bytes")
+        pos = stop
+        stop += n
+        if stop > end:
+            raise NeedData(stop)
+        return buf[pos:stop], stop
+
+    def _key(self, buf: bytes, pos: int, end: int) -> tuple[bytes, int]:
+        return self._blob(buf, pos, end, self._limits.max_key_bytes, "key")
+
+    def _value(self, buf: bytes, pos: int, end: int) -> tuple[bytes, int]:
+        return self._blob(buf, pos, end, self._limits.max_value_bytes, "value")
+
+    @staticmethod
+    def _i64(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+        stop = pos + 8
+        if stop > end:
+            raise NeedData(stop)
+        return _I64.unpack_from(buf, pos)[0], stop
+
+    # ------------------------------------------------------------------ shapes
+    def _p_key(
+        self, cls: Callable[[bytes], Request], buf: bytes, pos: int, end: int
+    ) -> tuple[Request, int]:
+        key, pos = self._key(buf, pos, end)
+        return cls(key), pos
+
+    def _p_key_value(
+        self, cls: Callable[[bytes, bytes], Request], buf: bytes, pos: int, end: int
+    ) -> tuple[Request, int]:
+        key, pos = self._key(buf, pos, end)
+        value, pos = self._value(buf, pos, end)
+        return cls(key, value), pos
+
+    def _p_key_int(
+        self, cls: Callable[[bytes, int], Request], buf: bytes, pos: int, end: int
+    ) -> tuple[Request, int]:
+        key, pos = self._key(buf, pos, end)
+        amount, pos = self._i64(buf, pos, end)
+        return cls(key, amount), pos
+
+    def _p_compare_set(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        key, pos = self._key(buf, pos, end)
+        expected, pos = self._value(buf, pos, end)
+        desired, pos = self._value(buf, pos, end)
+        return CompareSet(key, expected, desired), pos
+
+    def _p_set_lease(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        key, pos = self._key(buf, pos, end)
+        value, pos = self._value(buf, pos, end)
+        ttl, pos = self._i64(buf, pos, end)
+        return ExtSetLease(key, value, ttl), pos
+
+    def _p_ping(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        stop = pos + 4
+        if stop > end:
+            raise NeedData(stop)
+        (nonce,) = _U32.unpack_from(buf, pos)
+        if nonce == RDZV_PING_NONCE and self.allow_extensions and not self.extended:
+            self.extended = True
+            self._table = _EXT_TABLE
+        return Ping(nonce), stop
+
+    def _p_list(self, op: Op, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        stop = pos + 8
+        if stop > end:
+            raise NeedData(stop)
+        (n,) = _U64.unpack_from(buf, pos)
+        if n > self._limits.max_keys:
+            raise ProtocolError(
+                f"{op.name} with {n} keys exceeds the limit of {self._limits.max_keys} keys"
+            )
+        self._list = _ListState(op, n)
+        return self._list_items(buf, stop, end)
+
+    def _list_items(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        state = self._list
+        assert state is not None
+        keys = state.keys
+        values = state.values
+        with_values = state.op == Op.MULTI_SET
+        limit = self._limits.max_request_bytes
+        try:
+            for _ in range(state.n - len(keys)):
+                start = pos
+                key, pos = self._key(buf, pos, end)
+                if with_values:
+                    value, pos = self._value(buf, pos, end)
+                    values.append(value)
+                keys.append(key)
+                state.size += pos - start
+                if state.size > limit:
+                    raise ProtocolError(
+                        f"{state.op.name} request of more than {limit} bytes exceeds the "
+                        "request size limit"
+                    )
+        except NeedData as short:
+            raise NeedData(short.need, start) from None
+        self._list = None
+        op = state.op
+        if op == Op.MULTI_SET:
+            return MultiSet(keys, values), pos
+        return _LIST_CLASSES[op](keys), pos
+
+
+_LIST_CLASSES: dict[Op, Callable[[list[bytes]], Request]] = {
+    Op.CHECK: Check,
+    Op.WAIT: Wait,
+    Op.MULTI_GET: MultiGet,
+    Op.EXT_MULTI_GET_WAIT: ExtMultiGetWait,
+}
+
+
+def _fixed(req: Request) -> _Parse:
+    def parse(self: RequestParser, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        return req, pos
+
+    return parse
+
+
+def _shape(method: Callable[..., tuple[Request, int]], cls: object) -> _Parse:
+    def parse(self: RequestParser, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        return method(self, cls, buf, pos, end)
+
+    return parse
+
+
+def _build_tables() -> tuple[list[_Parse | None], list[_Parse | None]]:
+    p = RequestParser
+    torch: list[_Parse | None] = [None] * 256
+    torch[Op.SET] = _shape(p._p_key_value, Set)
+    torch[Op.COMPARE_SET] = p._p_compare_set
+    torch[Op.GET] = _shape(p._p_key, Get)
+    torch[Op.ADD] = _shape(p._p_key_int, Add)
+    torch[Op.CHECK] = _shape(p._p_list, Op.CHECK)
+    torch[Op.WAIT] = _shape(p._p_list, Op.WAIT)
+    # Requests without fields carry no state: one shared instance each.
+    torch[Op.GETNUMKEYS] = _fixed(GetNumKeys())
+    torch[Op.DELETE_KEY] = _shape(p._p_key, DeleteKey)
+    torch[Op.APPEND] = _shape(p._p_key_value, Append)
+    torch[Op.MULTI_GET] = _shape(p._p_list, Op.MULTI_GET)
+    torch[Op.MULTI_SET] = _shape(p._p_list, Op.MULTI_SET)
+    torch[Op.CANCEL_WAIT] = _fixed(CancelWait())
+    torch[Op.PING] = p._p_ping
+    torch[Op.QUEUE_PUSH] = _shape(p._p_key_value, QueuePush)
+    torch[Op.QUEUE_POP] = _shape(p._p_key, QueuePop)
+    torch[Op.QUEUE_LEN] = _shape(p._p_key, QueueLen)
+    torch[Op.LIST_KEYS] = _fixed(ListKeys())
+    torch[Op.BARRIER] = _shape(p._p_key_int, Barrier)
+    ext = list(torch)
+    ext[Op.EXT_ADD] = _shape(p._p_key_int, ExtAdd)
+    ext[Op.EXT_BARRIER] = _shape(p._p_key_int, ExtBarrier)
+    ext[Op.EXT_GET_WAIT] = _shape(p._p_key, ExtGetWait)
+    ext[Op.EXT_MULTI_GET_WAIT] = _shape(p._p_list, Op.EXT_MULTI_GET_WAIT)
+    ext[Op.EXT_QUEUE_POP_WAIT] = _shape(p._p_key, ExtQueuePopWait)
+    ext[Op.EXT_LIST_KEYS] = _shape(p._p_key, ExtListKeys)
+    ext[Op.EXT_NUM_KEYS] = _shape(p._p_key, ExtNumKeys)
+    ext[Op.EXT_SET_EPHEMERAL] = _shape(p._p_key_value, ExtSetEphemeral)
+    ext[Op.EXT_SET_LEASE] = p._p_set_lease
+    return torch, ext
+
+
+_TORCH_TABLE, _EXT_TABLE = _build_tables()
+
+# --------------------------------------------------------------------------- reply encoders
+# Server side. Names follow the reply shapes of docs/protocol.md.
+
+_U64_PACK = _U64.pack
+_I64_PACK = _I64.pack
+
+
+def reply_blob(value: bytes) -> bytes:
+    """A blob reply (GET, COMPARE_SET): u64 length + bytes."""
+    return _U64_PACK(len(value)) + value
+
+
+def reply_i64(value: int) -> bytes:
+    """An i64 reply (ADD, GETNUMKEYS, DELETE_KEY, QUEUE_LEN)."""
+    return _I64_PACK(value)
+
+
+def reply_blobs(values: Sequence[bytes]) -> bytes:
+    """Several blobs back to back (MULTI_GET)."""
+    parts: list[bytes] = []
+    for v in values:
+        parts.append(_U64_PACK(len(v)))
+        parts.append(v)
+    return b"".join(parts)
+
+
+def reply_key_list(keys: Sequence[bytes]) -> bytes:
+    """LIST_KEYS: i64 count, then that many blobs."""
+    return _I64_PACK(len(keys)) + reply_blobs(keys)
+
+
+def reply_queue_pop(value: bytes | None, length_before: int) -> bytes:
+    """QUEUE_POP: i64 length before the pop, then the popped blob iff it was > 0."""
+    if value is None:
+        return _I64_PACK(0)
+    return _I64_PACK(length_before) + _U64_PACK(len(value)) + value
+
+
+def reply_ping(nonce: int, extended: bool) -> bytes:
+    """PING: the nonce echoed; :data:`RDZV_HELLO` when it negotiated the extensions."""
+    return _U32.pack(RDZV_HELLO if extended and nonce == RDZV_PING_NONCE else nonce)
+
+
+def reply_ext_ok(payload: bytes = b"") -> bytes:
+    """An extension success reply: :data:`EXT_OK` then the op's payload."""
+    return b"\x00" + payload
+
+
+def reply_ext_error(code: ErrorCode, message: str) -> bytes:
+    """An extension error reply: :data:`EXT_ERROR`, u8 :class:`ErrorCode`, message blob."""
+    text = message.encode("utf-8", "replace")
+    return bytes((EXT_ERROR, code)) + _U64_PACK(len(text)) + text
+
+
+def reply_key_sizes(entries: Sequence[tuple[bytes, int]]) -> bytes:
+    """EXT_LIST_KEYS payload: i64 count, then per key a blob and its value size as u64."""
+    parts = [_I64_PACK(len(entries))]
+    for key, size in entries:
+        parts.append(_U64_PACK(len(key)))
+        parts.append(key)
+        parts.append(_U64_PACK(size))
+    return b"".join(parts)
+
+
+# --------------------------------------------------------------------------- request encoders
+# Client side. Each returns the complete frame; send it in one write (torch's libuv server
+# closes a connection whose VALIDATE arrives in pieces).
+
+
+def _blob(data: bytes) -> bytes:
+    return _U64_PACK(len(data)) + data
+
+
+def _keys(keys: Sequence[bytes]) -> bytes:
+    return _U64_PACK(len(keys)) + b"".join(_U64_PACK(len(k)) + k for k in keys)
+
+
+def encode_validate() -> bytes:
+    return bytes((Op.VALIDATE,)) + _U32.pack(VALIDATE_MAGIC)
+
+
+def encode_ping(nonce: int) -> bytes:
+    return bytes((Op.PING,)) + _U32.pack(nonce)
+
+
+def encode_set(key: bytes, value: bytes, op: Op = Op.SET) -> bytes:
+    """SET, APPEND, QUEUE_PUSH, EXT_SET_EPHEMERAL: opcode, key blob, value blob."""
+    return b"".join((bytes((op,)), _U64_PACK(len(key)), key, _U64_PACK(len(value)), value))
+
+
+def encode_key(op: Op, key: bytes) -> bytes:
+    """GET, DELETE_KEY, QUEUE_POP, QUEUE_LEN, EXT_GET_WAIT, ...: opcode and one key blob."""
+    return bytes((op,)) + _U64_PACK(len(key)) + key
+
+
+def encode_key_int(op: Op, key: bytes, value: int) -> bytes:
+    """ADD, BARRIER and their extension twins: opcode, key blob, i64."""
+    return bytes((op,)) + _U64_PACK(len(key)) + key + _I64_PACK(value)
+
+
+def encode_compare_set(key: bytes, expected: bytes, desired: bytes) -> bytes:
+    return bytes((Op.COMPARE_SET,)) + _blob(key) + _blob(expected) + _blob(desired)
+
+
+def encode_keys(op: Op, keys: Sequence[bytes]) -> bytes:
+    """CHECK, WAIT, MULTI_GET, EXT_MULTI_GET_WAIT: opcode, u64 count, key blobs."""
+    return bytes((op,)) + _keys(keys)
+
+
+def encode_multi_set(keys: Sequence[bytes], values: Sequence[bytes]) -> bytes:
+    if len(keys) != len(values):
+        raise ValueError(f"multi_set: got {len(keys)} keys but {len(values)} values")
+    parts = [bytes((Op.MULTI_SET,)), _U64_PACK(len(keys))]
+    for k, v in zip(keys, values, strict=True):
+        parts += (_U64_PACK(len(k)), k, _U64_PACK(len(v)), v)
+    return b"".join(parts)
+
+
+def encode_set_lease(key: bytes, value: bytes, ttl_ms: int) -> bytes:
+    return bytes((Op.EXT_SET_LEASE,)) + _blob(key) + _blob(value) + _I64_PACK(ttl_ms)
+
+
+def encode_op(op: Op) -> bytes:
+    """Requests without fields: GETNUMKEYS, CANCEL_WAIT, LIST_KEYS."""
+    return bytes((op,))
+
+
+# --------------------------------------------------------------------------- reply decoding
+
+_T = TypeVar("_T")
+#: A reply decoder: ``(buffer, position) -> (value, new position)``; raises :class:`NeedData`
+#: when the buffer is too short.
+Decoder = Callable[[bytes | bytearray, int], tuple[_T, int]]
+
+
+def read_u8(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
+    if pos >= len(buf):
+        raise NeedData(pos + 1)
+    return buf[pos], pos + 1
+
+
+def read_u32(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
+    stop = pos + 4
+    if stop > len(buf):
+        raise NeedData(stop)
+    return _U32.unpack_from(buf, pos)[0], stop
+
+
+def read_i64(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
+    stop = pos + 8
+    if stop > len(buf):
+        raise NeedData(stop)
+    return _I64.unpack_from(buf, pos)[0], stop
+
+
+def read_blob(buf: bytes | bytearray, pos: int) -> tuple[bytes, int]:
+    stop = pos + 8
+    if stop > len(buf):
+        raise NeedData(stop)
+    (n,) = _U64.unpack_from(buf, pos)
+    if n >= 2**62:
+        raise ProtocolError(f"the server sent a blob length of {n} bytes; not a TCPStore server?")
+    stop += n
+    if stop > len(buf):
+        raise NeedData(stop)
+    return bytes(buf[pos + 8 : stop]), stop
+
+
+def read_blobs(count: int) -> Decoder[list[bytes]]:
+    """``count`` blobs back to back (MULTI_GET)."""
+
+    def decode(buf: bytes | bytearray, pos: int) -> tuple[list[bytes], int]:
+        out = []
+        for _ in range(count):
+            value, pos = read_blob(buf, pos)
+            out.append(value)
+        return out, pos
+
+    return decode
+
+
+def read_key_list(buf: bytes | bytearray, pos: int) -> tuple[list[bytes], int]:
+    """LIST_KEYS: i64 count + blobs."""
+    n, pos = read_i64(buf, pos)
+    if not 0 <= n < 2**40:
+        raise ProtocolError(f"the server announced {n} keys; not a TCPStore server?")
+    return read_blobs(n)(buf, pos)
+
+
+def read_key_sizes(buf: bytes | bytearray, pos: int) -> tuple[list[tuple[bytes, int]], int]:
+    """EXT_LIST_KEYS payload: i64 count + (blob, u64 size) pairs."""
+    n, pos = read_i64(buf, pos)
+    if not 0 <= n < 2**40:
+        raise ProtocolError(f"the server announced {n} keys; not a TCPStore server?")
+    out = []
+    for _ in range(n):
+        key, pos = read_blob(buf, pos)
+        size, pos = read_i64(buf, pos)
+        out.append((key, size))
+    return out, pos
+
+
+def read_queue_pop(buf: bytes | bytearray, pos: int) -> tuple[bytes | None, int]:
+    """QUEUE_POP: ``None`` for an empty queue, else the popped value."""
+    n, pos = read_i64(buf, pos)
+    if n <= 0:
+        return None, pos
+    return read_blob(buf, pos)
+
+
+def read_ext_error(buf: bytes | bytearray, pos: int) -> tuple[Exception, int]:
+    """The body of an extension error reply (after the :data:`EXT_ERROR` byte)."""
+    code, pos = read_u8(buf, pos)
+    message, pos = read_blob(buf, pos)
+    return error_from_code(code, message.decode("utf-8", "replace")), pos
+
+
+def queue_empty_error(key: str, where: str) -> QueueEmptyError:
+    return QueueEmptyError(f"queue_pop: queue {key!r} is empty on {where}")
+
+
+class ReplyBuffer:
+    """Client side: accumulates received bytes and decodes replies from them in order.
+
+    ``feed(data)`` appends; ``read(decoder)`` returns the next decoded value and consumes it,
+    or raises :class:`NeedData` (nothing consumed) with the total buffered length needed.
+    """
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        buf = self._buf
+        if self._pos and self._pos == len(buf):
+            buf.clear()
+            self._pos = 0
+        buf += data
+
+    def read(self, decoder: Decoder[_T]) -> _T:
+        try:
+            value, pos = decoder(self._buf, self._pos)
+        except NeedData as short:
+            raise NeedData(short.need - self._pos) from None
+        self._pos = pos
+        if pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif pos > 65536:
+            del self._buf[:pos]
+            self._pos = 0
+        return value
+
+    def clear(self) -> None:
+        self._buf.clear()
+        self._pos = 0
