@@ -319,9 +319,14 @@ class ElasticAgent:
         if self._own_server is None:
             from rdzv.store.tcp import TCPStore
 
-            host = self.config.local_addr or socket.getfqdn()
+            # Listen where we advertise when told (--local-addr), else on every interface
+            # like torch's agent store; port 0 is bound once and kept (no free-port race).
             self._own_server = TCPStore(
-                host, 0, is_master=True, wait_for_workers=False, multi_tenant=True
+                self.config.local_addr or "",
+                0,
+                is_master=True,
+                wait_for_workers=False,
+                multi_tenant=True,
             )
         addr = self.config.local_addr or socket.getfqdn()
         return addr, _store_port(self._own_server), True
