@@ -19,6 +19,7 @@ COMMANDS: list[str] = [
     "rdzv.cli.store",
     "rdzv.cli.demo",
     "rdzv.cli.run",
+    "rdzv.cli.status",
 ]
 
 
