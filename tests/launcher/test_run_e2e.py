@@ -24,7 +24,10 @@ from tests.launcher.cluster import (
 from tests.launcher.procs import alive_with_marker, wait_for
 
 # Short rendezvous windows so elastic tests take seconds, not minutes.
-FAST = "last_call_timeout=1,join_timeout=60,is_host=false"
+FAST = (
+    "last_call_timeout=1,join_timeout=60,is_host=false,keep_alive_interval=0.5,"
+    "keep_alive_max_attempt=2"
+)
 
 
 def _c10d(port: int, run_id: str, nnodes: str, nproc: int = 2, *extra: str) -> list[str]:
