@@ -55,7 +55,7 @@ from rdzv.errors import (
     RendezvousGracefulExitError,
     StoreTimeoutError,
 )
-from rdzv.launcher.assignment import Assignment, NodeInfo, exchange, single_node
+from rdzv.launcher.assignment import Assignment, NodeInfo, exchange
 from rdzv.launcher.config import LaunchConfig, Std, std_for
 from rdzv.launcher.failures import (
     WorkerFailure,
@@ -258,8 +258,9 @@ class ElasticAgent:
                         return self._job_failure(last_failures)
                     self._remaining_restarts -= 1
                 _log.warning(
-                    "restarting the worker group (%s); %d of %d restart(s) left",
+                    "restarting the worker group (%s); %s, %d of %d left",
                     restart.reason,
+                    "one restart used" if restart.failure else "no restart used",
                     self._remaining_restarts,
                     self.config.max_restarts,
                 )
@@ -333,9 +334,6 @@ class ElasticAgent:
 
     def _assign(self, info: RendezvousInfo) -> Assignment:
         me = NodeInfo(self.config.role, self.config.nproc_per_node, self._host)
-        if info.world_size == 1:
-            addr, port, shared = self._workers_store(info)
-            return single_node(me, addr, port, shared)
         master = self._workers_store(info) if info.rank == 0 else None
         timeout = self.config.node_timeout or 300.0
         try:

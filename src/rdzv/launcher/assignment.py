@@ -3,7 +3,7 @@
 After ``next_rendezvous()`` every agent knows its node rank (``group_rank``) and the number of
 nodes (``group_world_size``), but not the other nodes' worker counts or roles. The agents
 exchange them in the store of the round (one ``add``, one ``set``, one ``wait`` + ``multi_get``
-per agent; nothing when there is a single node):
+per agent):
 
 * ``rdzv.agent/ticket``: ``add(1)``; ticket ``t`` gives the generation ``(t - 1) // nodes``,
   so repeated exchanges in a store that outlives the round (the static backend) do not mix;
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from rdzv.errors import RendezvousStateError
 from rdzv.store.base import Store
 
-__all__ = ["NAMESPACE", "Assignment", "NodeInfo", "exchange", "single_node"]
+__all__ = ["NAMESPACE", "Assignment", "NodeInfo", "exchange", "new_attempt_id"]
 
 #: Key namespace of the agents inside the round's store.
 NAMESPACE = "rdzv.agent"
@@ -85,26 +85,6 @@ class Assignment:
 def new_attempt_id() -> str:
     """A random id of one worker-group incarnation (12 hex digits)."""
     return secrets.token_hex(6)
-
-
-def single_node(
-    me: NodeInfo, master_addr: str, master_port: int, use_agent_store: bool
-) -> Assignment:
-    """The assignment of a one-node round (no store traffic)."""
-    return Assignment(
-        group_rank=0,
-        group_world_size=1,
-        rank_base=0,
-        world_size=me.nproc,
-        role_rank_base=0,
-        role_world_size=me.nproc,
-        master_addr=master_addr,
-        master_port=master_port,
-        use_agent_store=use_agent_store,
-        attempt_id=new_attempt_id(),
-        namespace=f"{NAMESPACE}/single",
-        hosts=(me.host,),
-    )
 
 
 def exchange(
