@@ -29,11 +29,17 @@ os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
 world = int(os.environ["WORLD_SIZE"])
 want = int(sys.argv[3]) if len(sys.argv) > 3 else world
 
-if mode == "allgather":
+if mode in ("allgather", "allgather-crash-once"):
     import rdzv
     store = rdzv.connect(timeout=60)
     rank = int(os.environ["RANK"])
     store.set(f"v/{rank}", str(rank))
+    if mode == "allgather-crash-once" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        store.add("crashes", 1)  # a key this attempt leaves behind
+        if rank == 1:
+            sys.exit(3)
+        time.sleep(120)
+    assert store.add("crashes", 0) == 0, "a previous attempt's keys leaked into this one"
     values = store.multi_get([f"v/{r}" for r in range(world)])
     store.barrier("done", world)
     print("gathered", sorted(int(v) for v in values), flush=True)

@@ -82,6 +82,32 @@ def test_torch_gloo_example() -> None:
     assert "[1]: rank 1/2: all_reduce sum = 3 (expected 3)" in proc.stdout
 
 
+def test_static_backend_one_node_with_a_restart(tmp_path: Path) -> None:
+    script = write_worker(tmp_path)
+    out = tmp_path / "out"
+    proc = run_agent(
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        "0",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        str(script),
+        str(out),
+        "allgather-crash-once",
+    )
+    assert proc.returncode == 0, proc.stderr
+    groups = attempts(out)
+    assert len(groups) == 2
+    final = next(g for g in groups.values() if g[0]["TORCHELASTIC_RESTART_COUNT"] == "1")
+    assert sorted(int(r["RANK"]) for r in final) == [0, 1]
+    assert {r["MASTER_ADDR"] for r in final} == {"127.0.0.1"}
+    assert "0" not in {r["MASTER_PORT"] for r in final}
+    assert proc.stdout.count("gathered [0, 1]") == 2
+
+
 def test_two_agents_form_one_world(tmp_path: Path) -> None:
     script = write_worker(tmp_path)
     out = tmp_path / "out"
