@@ -1,0 +1,168 @@
+"""Creators of the built-in dynamic-rendezvous backends (the ``c10d`` backend, a slot for
+``etcd``), with torch's configuration keys.
+
+``c10d``: the dynamic rendezvous (:mod:`rdzv.rendezvous.dynamic`) on a TCPStore at the
+rendezvous endpoint (default port 29400), or on a FileStore (``store_type=file``). The first
+agent on the endpoint's host serves the TCPStore; the others connect to it. The workers are
+told to share that server (``MASTER_ADDR``/``MASTER_PORT`` name it; torch's
+``use_agent_store``), unless ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``.
+
+The registry (:mod:`rdzv.rendezvous.registry`) imports this module only when a ``c10d``
+handler is created; :func:`register_builtin_backends` registers the creators on any
+:class:`~rdzv.rendezvous.api.RendezvousHandlerRegistry`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import timedelta
+
+from rdzv.errors import RendezvousConnectionError, RendezvousError
+from rdzv.events import NodeState, record_rdzv_event_fields
+from rdzv.rendezvous.api import (
+    RendezvousHandler,
+    RendezvousHandlerRegistry,
+    RendezvousParameters,
+)
+from rdzv.rendezvous.dynamic import DynamicRendezvousHandler, create_handler
+from rdzv.store.base import Store
+
+__all__ = [
+    "C10D_DEFAULT_PORT",
+    "DEFAULT_READ_TIMEOUT",
+    "create_c10d_handler",
+    "create_c10d_store",
+    "register_builtin_backends",
+]
+
+logger = logging.getLogger("rdzv.rendezvous.backends")
+
+#: The default port of the c10d rendezvous endpoint (torch's ``DEFAULT_PORT``).
+C10D_DEFAULT_PORT = 29400
+#: The default timeout of store operations of the c10d backend, in seconds.
+DEFAULT_READ_TIMEOUT = 60
+
+_CONNECTION_FAILED = "The connection to the C10d store has failed. See inner exception for details."
+
+
+def _record_failure(params: RendezvousParameters, exc: BaseException) -> None:
+    record_rdzv_event_fields(
+        "backends.create_c10d_handler",
+        params.run_id,
+        f"{type(exc).__name__}: {exc}",
+        NodeState.FAILED,
+    )
+
+
+def _read_timeout(params: RendezvousParameters) -> int:
+    timeout = params.get_as_int("read_timeout", DEFAULT_READ_TIMEOUT)
+    assert timeout is not None
+    if timeout <= 0:
+        raise ValueError("The read timeout must be a positive integer.")
+    return timeout
+
+
+def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple[str, int]]:
+    from rdzv.rendezvous.utils import (  # type: ignore[import-not-found]
+        matches_machine_hostname,
+        parse_rendezvous_endpoint,
+    )
+    from rdzv.store.tcp import TCPStore
+
+    host, port = parse_rendezvous_endpoint(params.endpoint, default_port=C10D_DEFAULT_PORT)
+    explicit = params.get_as_bool("is_host")
+    is_host = matches_machine_hostname(host) if explicit is None else explicit
+    read_timeout = timedelta(seconds=timeout)
+    store: Store
+    if is_host:
+        try:
+            store = TCPStore(host, port, is_master=True, multi_tenant=True, timeout=read_timeout)
+        except (OSError, RuntimeError, ValueError) as exc:
+            if explicit:
+                raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
+            # Another agent of this host serves the endpoint already: be its client.
+            logger.info("the endpoint %s:%d is served already; connecting as a client", host, port)
+        else:
+            msg = f"Process {os.getpid()} hosts the TCP store for the C10d rendezvous backend."
+            logger.info(msg)
+            record_rdzv_event_fields(
+                "backends.create_c10d_handler", params.run_id, msg, NodeState.INIT
+            )
+            return store, (host, int(getattr(store, "port", port)))
+    try:
+        store = TCPStore(host, port, is_master=False, multi_tenant=True, timeout=read_timeout)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
+    return store, (host, int(getattr(store, "port", port)))
+
+
+def _file_store(params: RendezvousParameters, timeout: int) -> Store:
+    from rdzv.store.file import FileStore
+
+    path = params.endpoint.strip()
+    if not path:
+        try:
+            fd, path = tempfile.mkstemp()
+        except OSError as exc:
+            raise RendezvousError(
+                "The file creation for C10d store has failed. See inner exception for details."
+            ) from exc
+        os.close(fd)
+    try:
+        return FileStore(path, timeout=timedelta(seconds=timeout))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
+
+
+def create_c10d_store(params: RendezvousParameters) -> tuple[Store, tuple[str, int] | None]:
+    """The store of a ``c10d`` rendezvous and the endpoint to publish as MASTER_ADDR/PORT.
+
+    Config: ``store_type`` (``tcp`` default | ``file``, case-insensitive), ``read_timeout``
+    (seconds, default 60, > 0), ``is_host`` (bool; default: whether the endpoint's host is
+    this machine, and then fall back to a client if the port is served already).
+
+    Raises ValueError for a bad store type, read timeout or endpoint;
+    RendezvousConnectionError if the store cannot be created or reached.
+    """
+    store_type = str(params.get("store_type", "tcp")).strip().lower()
+    timeout = _read_timeout(params)
+    if store_type == "tcp":
+        return _tcp_store(params, timeout)
+    if store_type == "file":
+        return _file_store(params, timeout), None
+    raise ValueError("Invalid store type given. Currently only supports file and tcp.")
+
+
+def create_c10d_handler(params: RendezvousParameters) -> DynamicRendezvousHandler:
+    """Create a ``c10d`` dynamic-rendezvous handler (see the module docstring).
+
+    Takes the configuration keys of :func:`create_c10d_store` and of
+    :func:`rdzv.rendezvous.dynamic.create_handler` (``join_timeout``, ``last_call_timeout``,
+    ``close_timeout``, ``heartbeat_timeout``, ``keep_alive_interval``,
+    ``keep_alive_max_attempt``). Failures are recorded as FAILED rendezvous events and
+    re-raised.
+    """
+    try:
+        store, endpoint = create_c10d_store(params)
+        return create_handler(store, params, backend_name="c10d", master_endpoint=endpoint)
+    except Exception as exc:
+        _record_failure(params, exc)
+        raise
+
+
+def _create_etcd_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """The ``etcd`` backend lives in :mod:`rdzv.rendezvous.etcd` (its own module)."""
+    module = importlib.import_module("rdzv.rendezvous.etcd")
+    creator: Callable[[RendezvousParameters], RendezvousHandler] = module.create_etcd_handler
+    return creator(params)
+
+
+def register_builtin_backends(registry: RendezvousHandlerRegistry) -> None:
+    """Register ``c10d`` (:func:`create_c10d_handler`) and ``etcd`` (delegating to
+    ``rdzv.rendezvous.etcd.create_etcd_handler``, imported when used) on ``registry``."""
+    registry.register("c10d", create_c10d_handler)
+    registry.register("etcd", _create_etcd_handler)
