@@ -27,6 +27,7 @@ from typing import Any
 
 from rdzv.errors import RendezvousStateError
 from rdzv.launcher.assignment import NAMESPACE, NodeInfo
+from rdzv.rendezvous.liveness import DEAD_PREFIX, LEFT
 from rdzv.rendezvous.state import NodeDesc, RankRecord, RoundKeys, RunKeys, SizeRecord
 from rdzv.store.base import Store
 
@@ -138,9 +139,9 @@ def _counter(raw: bytes | None) -> int:
 def _heartbeat(raw: bytes | None) -> int | str | None:
     if raw is None:
         return None
-    if raw == b"left":
+    if raw == LEFT:
         return "left"
-    if raw.startswith(b"dead:"):
+    if raw.startswith(DEAD_PREFIX):
         return "dead"
     try:
         return int(raw)
