@@ -129,6 +129,53 @@ def test_two_agents_form_one_world(tmp_path: Path) -> None:
     assert out_a.count("gathered [0, 1, 2, 3]") + out_b.count("gathered [0, 1, 2, 3]") == 4
 
 
+def test_nodes_with_different_worker_counts_and_roles(tmp_path: Path) -> None:
+    script = write_worker(tmp_path)
+    out = tmp_path / "out"
+    with store_server() as port:
+        tail = [str(script), str(out), "allgather"]
+        a = start_agent(*_c10d(port, "mixed", "2", 2, "--role", "trainer"), *tail)
+        b = start_agent(*_c10d(port, "mixed", "2", 1, "--role", "reader"), *tail)
+        with agents_cleanup(a, b):
+            (code_a, _, err_a), (code_b, _, err_b) = finish(a), finish(b)
+    assert code_a == 0, err_a
+    assert code_b == 0, err_b
+    recs = records(out)
+    assert sorted(int(r["RANK"]) for r in recs) == [0, 1, 2]
+    assert {r["WORLD_SIZE"] for r in recs} == {"3"}
+    trainers = [r for r in recs if r["ROLE_NAME"] == "trainer"]
+    readers = [r for r in recs if r["ROLE_NAME"] == "reader"]
+    assert sorted(r["ROLE_RANK"] for r in trainers) == ["0", "1"]
+    assert {r["ROLE_WORLD_SIZE"] for r in trainers} == {"2"}
+    assert [(r["ROLE_RANK"], r["ROLE_WORLD_SIZE"]) for r in readers] == [("0", "1")]
+    for r in recs:  # ranks are contiguous per node, nodes in GROUP_RANK order
+        base = (
+            0 if r["GROUP_RANK"] == "0" else int(recs[0]["WORLD_SIZE"]) - int(r["LOCAL_WORLD_SIZE"])
+        )
+        assert int(r["RANK"]) == base + int(r["LOCAL_RANK"])
+
+
+def test_failure_on_one_node_stops_both(tmp_path: Path) -> None:
+    script = tmp_path / "rank0_fails.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    sys.exit('rank 0 cannot go on')\n"
+        "time.sleep(120)\n"
+    )
+    started = time.monotonic()
+    with store_server() as port:
+        args = [*_c10d(port, "doomed", "2", 1, "--max-restarts", "1"), str(script)]
+        a, b = start_agent(*args), start_agent(*args)
+        with agents_cleanup(a, b):
+            (code_a, _, err_a), (code_b, _, err_b) = finish(a), finish(b)
+    assert time.monotonic() - started < 60
+    assert code_a != 0 and code_b != 0
+    summaries = [e for e in (err_a, err_b) if "FAILED after 1 restart(s)" in e]
+    assert len(summaries) >= 1
+    assert "| rank 0 cannot go on" in summaries[0]
+
+
 def test_crash_once_then_success(tmp_path: Path) -> None:
     script = tmp_path / "flaky.py"
     script.write_text(
