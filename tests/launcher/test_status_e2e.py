@@ -16,6 +16,7 @@ from tests.launcher.cluster import (
     wait_records,
     write_worker,
 )
+from tests.launcher.procs import wait_for
 from tests.launcher.test_run_e2e import FAST
 
 
@@ -70,6 +71,12 @@ def test_status_shows_members_and_waiting_spare(tmp_path: Path) -> None:
             wait_records(out, lambda recs: len(recs) == 2, 60, "two workers")
             spare = start_agent(*args)  # max_nodes is 2: it waits as a spare
             with agents_cleanup(spare):
+
+                def spare_waits() -> bool:
+                    quick = _status(port, "--json", "--sample", "0")
+                    return quick.returncode == 0 and bool(json.loads(quick.stdout)["waiting"])
+
+                wait_for(spare_waits, 30, "the spare to join")
                 proc = _status(port, "--json", "--sample", "5")
                 assert proc.returncode == 0, proc.stderr
                 status = json.loads(proc.stdout)
