@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.etcd_fixtures import _etcd_session_cleanup, etcd_cluster, etcd_member  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
 

@@ -1,8 +1,9 @@
 """Fixtures of the dynamic rendezvous tests: store backends, thread nodes, process nodes.
 
 ``backend`` is parametrized over the stores the suite runs on: ``hash`` (threads of this
-process sharing a HashStore), ``file`` (a FileStore on disk) and ``tcp`` (rdzv's TCPStore
-server on 127.0.0.1, a client connection per node); ``process_backend`` over the ones other
+process sharing a HashStore), ``file`` (a FileStore on disk), ``tcp`` (rdzv's TCPStore
+server on 127.0.0.1, a client connection per node) and ``etcd`` (an EtcdStore per node on
+the session's etcd); ``process_backend`` over the ones other
 processes can reach (``file``, ``tcp``). Each node gets its own handle from
 :meth:`Backend.connect`.
 """
@@ -89,7 +90,35 @@ def _tcp_backend(tmp_path: Path) -> Iterator[Backend]:
             store.close()
 
 
-THREAD_BACKENDS = {"hash": _hash_backend, "file": _file_backend, "tcp": _tcp_backend}
+@contextlib.contextmanager
+def _etcd_backend(tmp_path: Path) -> Iterator[Backend]:
+    # The session's etcd member, a fresh prefix per test (heartbeat liveness: the suite's
+    # 0.3 s expiry is below etcd's minimum lease TTL; tests/rendezvous/test_etcd.py covers
+    # the lease liveness of the etcd backend).
+    from rdzv.store.etcd import EtcdStore
+    from tests.etcd_fixtures import fresh_prefix, shared_member
+
+    endpoint, prefix = shared_member().endpoint, fresh_prefix()
+    opened: list[EtcdStore] = []
+
+    def connect() -> Store:
+        store = EtcdStore(endpoint, prefix, timeout=20)
+        opened.append(store)
+        return store
+
+    try:
+        yield Backend("etcd", connect)
+    finally:
+        for store in opened:
+            store.close()
+
+
+THREAD_BACKENDS = {
+    "hash": _hash_backend,
+    "file": _file_backend,
+    "tcp": _tcp_backend,
+    "etcd": _etcd_backend,
+}
 PROCESS_BACKENDS = {"file": _file_backend, "tcp": _tcp_backend}
 
 

@@ -30,6 +30,26 @@ def prefix_over_hash(tmp_path: Path) -> Iterator[Store]:
 
 
 @contextlib.contextmanager
+def etcd_store(tmp_path: Path) -> Iterator[Store]:
+    # A fresh random prefix per test on the session's shared etcd member, whose limits
+    # (--max-txn-ops, --max-request-bytes) the client is told about.
+    from rdzv.store.etcd import EtcdStore
+    from tests.etcd_fixtures import MAX_REQUEST_BYTES, MAX_TXN_OPS, fresh_prefix, shared_member
+
+    store = EtcdStore(
+        shared_member().endpoint,
+        fresh_prefix(),
+        timeout=5,
+        max_txn_ops=MAX_TXN_OPS,
+        max_request_bytes=MAX_REQUEST_BYTES,
+    )
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
 def tcp_store(tmp_path: Path) -> Iterator[Store]:
     """A client of an ``is_master`` server on an ephemeral loopback port."""
     with (
@@ -60,6 +80,7 @@ def prefix_over_file(tmp_path: Path) -> Iterator[Store]:
 BACKENDS: dict[str, Factory] = {
     "hash": hash_store,
     "prefix": prefix_over_hash,
+    "etcd": etcd_store,
     "file": file_store,
     "prefix_file": prefix_over_file,
     "tcp": tcp_store,
