@@ -178,7 +178,6 @@ class ElasticAgent:
         self._assignment: Assignment | None = None
         self._peers: PeerMonitor | None = None
         self._stopping = False
-        self._signal_count = 0
         self._own_server: Store | None = None
         self._log_root: Path | None = None
         self._own_log_root = False
@@ -583,7 +582,6 @@ class ElasticAgent:
             signal.signal(sig, handler)
 
     def _on_signal_handler(self, signum: int, frame: FrameType | None) -> None:
-        self._signal_count += 1
         if self._stopping:
             # Already shutting down: a second signal means "now".
             _log.warning("received %s again: killing the workers", signal.Signals(signum).name)
