@@ -348,15 +348,27 @@ def test_sigterm_to_the_agent_leaves_no_process(tmp_path: Path) -> None:
     assert alive_with_marker(marker) == []
 
 
-def test_sigkill_to_the_agent_kills_its_workers(tmp_path: Path) -> None:
-    script = write_worker(tmp_path)
-    out = tmp_path / "out"
-    agent = start_agent(
-        "--standalone", "--nproc-per-node", "2", str(script), str(out), "until-world", "99"
+def test_sigkill_to_the_agent_kills_its_workers_and_their_children(tmp_path: Path) -> None:
+    marker = f"rdzv-e2e-sigkill-{os.getpid()}-{time.monotonic_ns()}"
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        f"marker = {marker!r}\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', marker])\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ready' + os.environ['RANK']), 'w').close()\n"
+        "time.sleep(120)\n"
     )
+    agent = start_agent("--standalone", "--nproc-per-node", "2", str(script), marker)
     with agents_cleanup(agent):
-        wait_records(out, lambda recs: len(recs) == 2, 60, "two workers")
-        pids = [int(r["pid"]) for r in records(out)]
+        wait_for(
+            lambda: (
+                len(alive_with_marker(marker)) == 4
+                and all((tmp_path / f"ready{r}").exists() for r in range(2))
+            ),
+            60,
+            "two workers and their children",
+        )
         agent.send_signal(signal.SIGKILL)
         agent.communicate()
-        wait_for(lambda: pids_alive(pids) == [], 10, "workers to die with their agent")
+        # The agent's watchdog kills the workers' process groups.
+        wait_for(lambda: alive_with_marker(marker) == [], 10, "workers and children to die")

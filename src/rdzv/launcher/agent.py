@@ -65,6 +65,7 @@ from rdzv.launcher.failures import (
 )
 from rdzv.launcher.logs import ConsoleWriter, LogPump, WorkerStreams, console_writer, format_prefix
 from rdzv.launcher.peers import PeerEvent, PeerMonitor
+from rdzv.launcher.watchdog import Watchdog
 from rdzv.launcher.worker import ATTEMPT_ID_ENV
 from rdzv.launcher.workers import Worker, WorkerProcesses
 from rdzv.rendezvous.api import RendezvousHandler, RendezvousInfo
@@ -172,6 +173,7 @@ class ElasticAgent:
         self._host = socket.gethostname()
         self._changed = threading.Condition()
         self._pump = LogPump()
+        self._watchdog: Watchdog | None = None
         self._workers: WorkerProcesses | None = None
         self._remaining_restarts = config.max_restarts
         self._attempt = 0
@@ -215,6 +217,8 @@ class ElasticAgent:
                     self._workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
                     self._workers.wait_output(2.0)
                 self._pump.close()
+                if self._watchdog is not None:
+                    self._watchdog.close()
                 if signalled is None:
                     self._shutdown_handler()
                 self._cleanup()
@@ -425,7 +429,11 @@ class ElasticAgent:
                     streams=streams,
                 )
             )
-        self._workers = WorkerProcesses(self._changed, self._pump, reap_adopted=self._subreaper)
+        if self._watchdog is None:
+            self._watchdog = Watchdog()
+        self._workers = WorkerProcesses(
+            self._changed, self._pump, reap_adopted=self._subreaper, watchdog=self._watchdog
+        )
         self._workers.start(workers)
         self.state = WorkerState.HEALTHY
         for worker in workers:

@@ -3,8 +3,6 @@
 * :func:`process_table` reads ``/proc/<pid>/stat`` of every process (pid, parent, process
   group, session, state, start time): the basis for finding every descendant of a worker,
   including those that started their own session;
-* :func:`parent_death_signal_preexec`: a ``preexec_fn`` that makes the kernel kill the child
-  when the agent dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), even by SIGKILL;
 * :func:`set_child_subreaper`: ``prctl(PR_SET_CHILD_SUBREAPER)``: orphaned descendants of the
   workers are re-parented to the agent instead of init, so they stay findable and killable.
 
@@ -16,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import signal
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,12 +22,10 @@ __all__ = [
     "ProcInfo",
     "descendants",
     "is_alive",
-    "parent_death_signal_preexec",
     "process_table",
     "set_child_subreaper",
 ]
 
-_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -144,25 +139,3 @@ def set_child_subreaper() -> bool:
     if prctl is None:
         return False
     return prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-
-
-def parent_death_signal_preexec(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
-    """A ``preexec_fn`` for :class:`subprocess.Popen`: the child receives ``sig`` when the
-    thread that forked it exits (the agent's main thread, i.e. the agent). If the agent died
-    between fork and prctl, the child kills itself. None where unsupported.
-
-    The function only calls ``prctl`` (resolved before the fork), ``getppid`` and ``kill``, so
-    it is safe in the forked child even when the agent runs threads.
-    """
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    parent = os.getpid()
-    getppid, kill, getpid = os.getppid, os.kill, os.getpid
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if getppid() != parent:
-            kill(getpid(), signal.SIGKILL)
-
-    return preexec

@@ -2,9 +2,10 @@
 
 Every worker is a :class:`subprocess.Popen` child in its **own session** (so a terminal's
 Ctrl-C reaches only the agent, which forwards it, and a signal can be sent to the worker's
-whole process group) with a **parent-death signal** (SIGKILL when the agent dies, even by
-SIGKILL, on Linux). A thread per worker blocks in ``wait()`` and records the exit time, so a
-failure is noticed at once and "first failure" means the first in time, not the first polled.
+whole process group), registered with the agent's :class:`~rdzv.launcher.watchdog.Watchdog`
+(which SIGKILLs the group if the agent dies, even by SIGKILL). A thread per worker blocks in
+``wait()`` and records the exit time, so a failure is noticed at once and "first failure"
+means the first in time, not the first polled.
 
 :meth:`WorkerProcesses.stop` terminates the tree: the signal goes to every worker's process
 group and to every other descendant found in ``/proc`` (processes that started a new session
@@ -29,10 +30,10 @@ from rdzv.launcher.proctree import (
     ProcInfo,
     descendants,
     is_alive,
-    parent_death_signal_preexec,
     process_table,
     read_proc,
 )
+from rdzv.launcher.watchdog import Watchdog
 
 __all__ = ["Worker", "WorkerProcesses"]
 
@@ -93,16 +94,26 @@ class WorkerProcesses:
     Args:
         changed: a condition notified (under its lock) whenever a worker exits.
         pump: the log pump that copies the workers' pipes.
-        reap_adopted: reap zombie children that are not workers (set when the agent is the
-            subreaper of its descendants, i.e. under ``rdzv run``).
+        reap_adopted: treat the agent's other children as orphans the workers left behind
+            (set when the agent is the subreaper of its descendants, i.e. under ``rdzv run``):
+            kill them with the workers, reap their zombies.
+        watchdog: registers every worker's process group (None: no safety net).
     """
 
     def __init__(
-        self, changed: threading.Condition, pump: LogPump, *, reap_adopted: bool = False
+        self,
+        changed: threading.Condition,
+        pump: LogPump,
+        *,
+        reap_adopted: bool = False,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self._changed = changed
         self._pump = pump
         self._reap_adopted = reap_adopted
+        self._watchdog = watchdog
+        # The agent's own helper is a child too, but not an orphan to kill.
+        self._not_orphans = {watchdog.pid} if watchdog is not None and watchdog.pid else set()
         self.workers: list[Worker] = []
 
     # -------------------------------------------------------------------------- start
@@ -110,7 +121,6 @@ class WorkerProcesses:
         """Spawn ``workers`` in local-rank order. If a spawn fails (command not found, not
         executable), the ones already started are stopped and the OSError propagates with the
         command named."""
-        preexec = parent_death_signal_preexec()
         for worker in workers:
             popen_args = worker.streams.popen_args()
             try:
@@ -118,7 +128,6 @@ class WorkerProcesses:
                     worker.cmd,
                     env=worker.env,
                     start_new_session=True,
-                    preexec_fn=preexec,
                     close_fds=True,
                     **popen_args,
                 )
@@ -134,6 +143,8 @@ class WorkerProcesses:
             worker.start_monotonic = time.monotonic()
             info = read_proc(proc.pid)
             worker.proc_start = info.start if info is not None else None
+            if self._watchdog is not None:
+                self._watchdog.add(proc.pid, worker.proc_start)
             worker.streams.attach(proc, self._pump)
             self.workers.append(worker)
             waiter = threading.Thread(
@@ -234,6 +245,8 @@ class WorkerProcesses:
         for worker in self.workers:
             if worker._waiter is not None:
                 worker._waiter.join(1.0)
+            if self._watchdog is not None and worker.pid is not None:
+                self._watchdog.remove(worker.pid)
 
     def _send(self, sig: int, extra: dict[int, ProcInfo]) -> None:
         self.send_signal(sig)
