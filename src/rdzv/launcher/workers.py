@@ -192,7 +192,10 @@ class WorkerProcesses:
             found.update(
                 p.pid
                 for p in table.values()
-                if p.ppid == me and p.pid not in roots and p.state != "Z"
+                if p.ppid == me
+                and p.pid not in roots
+                and p.pid not in self._not_orphans
+                and p.state != "Z"
             )
         return {pid: table[pid] for pid in found}
 
@@ -203,7 +206,12 @@ class WorkerProcesses:
         me = os.getpid()
         roots = {w.pid for w in self.workers}
         for info in process_table().values():
-            if info.ppid == me and info.state == "Z" and info.pid not in roots:
+            if (
+                info.ppid == me
+                and info.state == "Z"
+                and info.pid not in roots
+                and info.pid not in self._not_orphans
+            ):
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(info.pid, os.WNOHANG)
 
