@@ -362,7 +362,7 @@ def test_sigkill_to_the_agent_kills_its_workers_and_their_children(tmp_path: Pat
     with agents_cleanup(agent):
         wait_for(
             lambda: (
-                len(alive_with_marker(marker)) == 4
+                len(alive_with_marker(marker)) == 1 + 2 + 2  # agent, workers, children
                 and all((tmp_path / f"ready{r}").exists() for r in range(2))
             ),
             60,
