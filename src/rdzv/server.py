@@ -31,7 +31,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from rdzv import wire
 from rdzv.engine import Engine, Waiter
@@ -44,11 +44,14 @@ from rdzv.wire import (
     WAIT_CANCELED,
     Limits,
     Op,
+    Request,
 )
 
 __all__ = ["ServerThread", "StoreServer", "new_event_loop", "raise_fd_limit", "serve"]
 
 logger = logging.getLogger("rdzv.server")
+
+_T = TypeVar("_T")
 
 #: Transport write-buffer high-water mark: above it, the connection stops reading requests
 #: until its replies drain (asyncio's default is 64 KiB; a LIST_KEYS or MULTI_GET reply may
@@ -59,6 +62,7 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 LISTEN_BACKLOG = 65535
 
 _I64 = wire._I64.pack
+_U64 = wire._U64.pack
 _EXT_OK = b"\x00"
 _EMPTY_BLOB = wire.reply_blob(b"")
 
@@ -107,34 +111,45 @@ class _Close(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: parser, pending replies, parked waiters, bound keys."""
+    """One client connection: parser, parked waiters, bound keys, flow control.
+
+    Replies are written as they are produced (torch clients keep one request in flight, so
+    there is nothing to batch). When the transport's write buffer passes its high-water mark
+    (a client that does not read its replies), the remaining requests of the batch are kept
+    and reading stops until the buffer drains: memory per connection stays bounded.
+    """
 
     __slots__ = (
+        "_backlog",
         "_closed",
-        "_out",
+        "_paused",
         "bound",
         "parser",
         "peer",
         "server",
         "transport",
         "waiters",
+        "write",
     )
+
+    transport: asyncio.Transport
+    write: Callable[[bytes], None]
 
     def __init__(self, server: StoreServer) -> None:
         self.server = server
         self.parser = wire.RequestParser(server.limits, allow_extensions=server.allow_extensions)
-        self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.waiters: dict[Waiter, None] = {}
         self.bound: set[bytes] = set()
-        self._out: list[bytes] | None = None
+        self._backlog: list[Request] | None = None
+        self._paused = False
         self._closed = False
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.write
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = format_endpoint(str(peer[0]), int(peer[1]))
@@ -142,12 +157,13 @@ class _Connection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.server._connections.add(self)
         logger.info("connection from %s (%d open)", self.peer, len(self.server._connections))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._backlog = None
         server = self.server
         server._connections.discard(self)
         engine = server.engine
@@ -163,57 +179,63 @@ class _Connection(asyncio.Protocol):
             logger.info("connection from %s lost: %s", self.peer, exc)
 
     def pause_writing(self) -> None:
-        # The client does not read its replies: stop reading its requests.
-        if self.transport is not None:
-            self.transport.pause_reading()
+        # The client does not read its replies: stop executing and reading its requests.
+        self._paused = True
+        self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self._closed:
+        self._paused = False
+        if self._closed:
+            return
+        backlog, self._backlog = self._backlog, None
+        if backlog:
+            self._execute(backlog)
+        if not self._paused and not self._closed:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        parser = self.parser
-        if parser.error is not None:
+        if self._closed:
             return  # closing; ignore whatever still arrives
-        requests = parser.receive(data)
-        out: list[bytes] = []
-        self._out = out
+        requests = self.parser.receive(data)
+        if self._backlog is not None:
+            self._backlog += requests  # keep the order behind the postponed ones
+        else:
+            self._execute(requests)
+
+    def _execute(self, requests: list[Request]) -> None:
+        """Run ``requests`` in order, until the connection pauses (the rest is postponed)."""
         server = self.server
-        handlers = _HANDLERS
-        fired = server._fired
-        reason: str | None = None
+        i = 0
         try:
             for req in requests:
-                handlers[req.op](server, self, req)
-                if fired:
+                i += 1
+                _HANDLERS[req.op](server, self, req)
+                if server._fired:
                     server._drain()
+                if self._paused and i < len(requests):
+                    self._backlog = requests[i:]
+                    return
         except _Close as exc:
-            reason = str(exc)
+            self.close(str(exc))
+            return
         except (StoreError, ValueError) as exc:
             # A torch opcode failed (e.g. ADD on a non-integer): torch's protocol has no
             # error reply, so, like torch's server, close this connection.
-            reason = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._out = None
-        transport = self.transport
-        assert transport is not None
-        if out:
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
-        if reason is None and parser.error is not None:
-            reason = f"protocol violation: {parser.error}"
-        if reason is not None:
-            self.close(reason)
+            if server._fired:
+                server._drain()
+            self.close(f"{type(exc).__name__}: {exc}")
+            return
+        if self.parser.error is not None:
+            self.close(f"protocol violation: {self.parser.error}")
 
     def eof_received(self) -> bool | None:
         return None  # close the transport (and, through connection_lost, drop waiters)
 
     # ------------------------------------------------------------------ helpers
     def send(self, data: bytes) -> None:
-        """Queue ``data`` behind the replies of the batch in progress, or write it now."""
-        if self._out is not None:
-            self._out.append(data)
-        elif not self._closed and self.transport is not None:
-            self.transport.write(data)
+        """Write a deferred reply unless the connection is gone."""
+        if not self._closed:
+            self.write(data)
 
     def close(self, reason: str) -> None:
         """Close this connection (after flushing queued replies), logging why."""
@@ -221,21 +243,14 @@ class _Connection(asyncio.Protocol):
             return
         logger.warning("closing connection from %s: %s", self.peer, reason)
         self._closed = True
-        if self.transport is not None:
-            self.transport.close()
+        self._backlog = None
+        self.transport.close()
 
 
 # --------------------------------------------------------------------------- handlers
-# One function per opcode: (server, connection, request) -> None; replies go to conn.send or,
-# for speed, straight into conn._out (always set while a batch is executed).
+# One function per opcode: (server, connection, request) -> None; replies go to conn.write.
 
 _Handler = Callable[["StoreServer", _Connection, Any], None]
-
-
-def _out(conn: _Connection) -> list[bytes]:
-    out = conn._out
-    assert out is not None
-    return out
 
 
 def _h_validate(server: StoreServer, conn: _Connection, req: wire.Validate) -> None:
@@ -254,41 +269,46 @@ def _h_compare_set(server: StoreServer, conn: _Connection, req: wire.CompareSet)
     result = engine.compare_set(req.key, req.expected, req.desired)
     if server._bound and engine.get(req.key) is not before:
         server._unbind(req.key)
-    _out(conn).append(wire.reply_blob(result))
+    conn.write(wire.reply_blob(result))
 
 
 def _h_get(server: StoreServer, conn: _Connection, req: wire.Get) -> None:
     value = server.engine.get(req.key)
     # Missing key: an empty blob, as torch's libuv server (its legacy server closes).
-    _out(conn).append(_EMPTY_BLOB if value is None else wire.reply_blob(value))
+    conn.write(_EMPTY_BLOB if value is None else _U64(len(value)) + value)
 
 
 def _h_add(server: StoreServer, conn: _Connection, req: wire.Add) -> None:
     if server._bound:
         server._unbind(req.key)
-    _out(conn).append(_I64(server.engine.add(req.key, req.amount)))
+    conn.write(_I64(server.engine.add(req.key, req.amount)))
 
 
 def _h_check(server: StoreServer, conn: _Connection, req: wire.Check) -> None:
-    _out(conn).append(CHECK_READY if server.engine.check(req.keys) else CHECK_NOT_READY)
+    conn.write(CHECK_READY if server.engine.check(req.keys) else CHECK_NOT_READY)
 
 
 def _h_wait(server: StoreServer, conn: _Connection, req: wire.Wait) -> None:
-    waiter = server.engine.wait(req.keys, server._on_fire, (conn, _WAIT, None))
+    keys = req.keys
+    engine = server.engine
+    if len(keys) == 1 and engine.get(keys[0]) is not None:  # fast path: torch's get()
+        conn.write(STOP_WAITING)
+        return
+    waiter = engine.wait(keys, server._on_fire, (conn, _WAIT, None))
     if waiter is None:
-        _out(conn).append(STOP_WAITING)
+        conn.write(STOP_WAITING)
     else:
         conn.waiters[waiter] = None
 
 
 def _h_num_keys(server: StoreServer, conn: _Connection, req: wire.GetNumKeys) -> None:
-    _out(conn).append(_I64(server.engine.num_keys()))
+    conn.write(_I64(server.engine.num_keys()))
 
 
 def _h_delete_key(server: StoreServer, conn: _Connection, req: wire.DeleteKey) -> None:
     if server._bound:
         server._unbind(req.key)
-    _out(conn).append(_I64(1 if server.engine.delete_key(req.key) else 0))
+    conn.write(_I64(1 if server.engine.delete_key(req.key) else 0))
 
 
 def _h_append(server: StoreServer, conn: _Connection, req: wire.Append) -> None:
@@ -299,7 +319,7 @@ def _h_append(server: StoreServer, conn: _Connection, req: wire.Append) -> None:
 
 def _h_multi_get(server: StoreServer, conn: _Connection, req: wire.MultiGet) -> None:
     values = server.engine.multi_get(req.keys)
-    _out(conn).append(wire.reply_blobs([b"" if v is None else v for v in values]))
+    conn.write(wire.reply_blobs([b"" if v is None else v for v in values]))
 
 
 def _h_multi_set(server: StoreServer, conn: _Connection, req: wire.MultiSet) -> None:
@@ -314,11 +334,11 @@ def _h_cancel_wait(server: StoreServer, conn: _Connection, req: wire.CancelWait)
     for waiter in conn.waiters:
         engine.cancel(waiter)
     conn.waiters.clear()
-    _out(conn).append(WAIT_CANCELED)
+    conn.write(WAIT_CANCELED)
 
 
 def _h_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> None:
-    _out(conn).append(wire.reply_ping(req.nonce, conn.parser.extended))
+    conn.write(wire.reply_ping(req.nonce, conn.parser.extended))
 
 
 def _h_queue_push(server: StoreServer, conn: _Connection, req: wire.QueuePush) -> None:
@@ -328,15 +348,15 @@ def _h_queue_push(server: StoreServer, conn: _Connection, req: wire.QueuePush) -
 def _h_queue_pop(server: StoreServer, conn: _Connection, req: wire.QueuePop) -> None:
     engine = server.engine
     length = engine.queue_len(req.key)
-    _out(conn).append(wire.reply_queue_pop(engine.queue_pop(req.key), length))
+    conn.write(wire.reply_queue_pop(engine.queue_pop(req.key), length))
 
 
 def _h_queue_len(server: StoreServer, conn: _Connection, req: wire.QueueLen) -> None:
-    _out(conn).append(_I64(server.engine.queue_len(req.key)))
+    conn.write(_I64(server.engine.queue_len(req.key)))
 
 
 def _h_list_keys(server: StoreServer, conn: _Connection, req: wire.ListKeys) -> None:
-    _out(conn).append(wire.reply_key_list(server.engine.list_keys()))
+    conn.write(wire.reply_key_list(server.engine.list_keys()))
 
 
 def _h_barrier(server: StoreServer, conn: _Connection, req: wire.Barrier) -> None:
@@ -344,7 +364,7 @@ def _h_barrier(server: StoreServer, conn: _Connection, req: wire.Barrier) -> Non
         server._unbind(req.key)
     waiter = server.engine.barrier(req.key, req.world_size, server._on_fire, (conn, _BARRIER, None))
     if waiter is None:
-        _out(conn).append(STOP_WAITING)
+        conn.write(STOP_WAITING)
     else:
         conn.waiters[waiter] = None
 
@@ -353,17 +373,18 @@ def _h_barrier(server: StoreServer, conn: _Connection, req: wire.Barrier) -> Non
 
 
 def _ext_error(conn: _Connection, exc: Exception) -> None:
-    _out(conn).append(wire.reply_ext_error(wire.error_code_for(exc), str(exc)))
+    conn.write(wire.reply_ext_error(wire.error_code_for(exc), str(exc)))
 
 
 def _h_ext_add(server: StoreServer, conn: _Connection, req: wire.ExtAdd) -> None:
+    if server._bound:
+        server._unbind(req.key)
     try:
-        _h_add(server, conn, req)  # type: ignore[arg-type]
+        total = server.engine.add(req.key, req.amount)
     except (StoreError, ValueError) as exc:
         _ext_error(conn, exc)
     else:
-        out = _out(conn)
-        out[-1] = _EXT_OK + out[-1]
+        conn.write(_EXT_OK + _I64(total))
 
 
 def _h_ext_barrier(server: StoreServer, conn: _Connection, req: wire.ExtBarrier) -> None:
@@ -377,7 +398,7 @@ def _h_ext_barrier(server: StoreServer, conn: _Connection, req: wire.ExtBarrier)
         _ext_error(conn, exc)
         return
     if waiter is None:
-        _out(conn).append(_EXT_OK)
+        conn.write(_EXT_OK)
     else:
         conn.waiters[waiter] = None
 
@@ -385,7 +406,7 @@ def _h_ext_barrier(server: StoreServer, conn: _Connection, req: wire.ExtBarrier)
 def _h_ext_get_wait(server: StoreServer, conn: _Connection, req: wire.ExtGetWait) -> None:
     value = server.engine.get(req.key)
     if value is not None:
-        _out(conn).append(_EXT_OK + wire.reply_blob(value))
+        conn.write(_EXT_OK + wire.reply_blob(value))
     else:
         server._park(conn, [req.key], _GET, req.key, "value")
 
@@ -395,7 +416,7 @@ def _h_ext_multi_get_wait(
 ) -> None:
     reply = server._multi_get_reply(req.keys)
     if reply is not None:
-        _out(conn).append(reply)
+        conn.write(reply)
     else:
         server._park(conn, req.keys, _MULTI_GET, req.keys, "value")
 
@@ -405,7 +426,7 @@ def _h_ext_queue_pop_wait(
 ) -> None:
     value = server.engine.queue_pop(req.key)
     if value is not None:
-        _out(conn).append(_EXT_OK + wire.reply_blob(value))
+        conn.write(_EXT_OK + wire.reply_blob(value))
     else:
         server._park(conn, [req.key], _QUEUE_POP, req.key, "queue")
 
@@ -413,7 +434,7 @@ def _h_ext_queue_pop_wait(
 def _h_ext_list_keys(server: StoreServer, conn: _Connection, req: wire.ExtListKeys) -> None:
     prefix = req.prefix
     entries = [(k, len(v)) for k, v in server.engine.items() if k.startswith(prefix)]
-    _out(conn).append(_EXT_OK + wire.reply_key_sizes(entries))
+    conn.write(_EXT_OK + wire.reply_key_sizes(entries))
 
 
 def _h_ext_num_keys(server: StoreServer, conn: _Connection, req: wire.ExtNumKeys) -> None:
@@ -422,7 +443,7 @@ def _h_ext_num_keys(server: StoreServer, conn: _Connection, req: wire.ExtNumKeys
         count = sum(1 for k in server.engine.list_keys() if k.startswith(prefix))
     else:
         count = server.engine.num_keys()
-    _out(conn).append(_EXT_OK + _I64(count))
+    conn.write(_EXT_OK + _I64(count))
 
 
 def _h_ext_set_ephemeral(server: StoreServer, conn: _Connection, req: wire.ExtSetEphemeral) -> None:
@@ -430,7 +451,7 @@ def _h_ext_set_ephemeral(server: StoreServer, conn: _Connection, req: wire.ExtSe
     server.engine.set(req.key, req.value)
     server._bound[req.key] = conn
     conn.bound.add(req.key)
-    _out(conn).append(_EXT_OK)
+    conn.write(_EXT_OK)
 
 
 def _h_ext_set_lease(server: StoreServer, conn: _Connection, req: wire.ExtSetLease) -> None:
@@ -442,7 +463,7 @@ def _h_ext_set_lease(server: StoreServer, conn: _Connection, req: wire.ExtSetLea
     loop = asyncio.get_running_loop()
     handle = loop.call_later(req.ttl_ms / 1000.0, server._expire, req.key)
     server._bound[req.key] = handle
-    _out(conn).append(_EXT_OK)
+    conn.write(_EXT_OK)
 
 
 def _build_handlers() -> list[_Handler]:
@@ -523,9 +544,10 @@ class StoreServer:
         self.limits = limits
         self.allow_extensions = allow_extensions
         self._servers: list[asyncio.Server] = []
+        self._endpoints: list[tuple[str, int]] = []
         self._connections: set[_Connection] = set()
         self._fired: list[Waiter] = []
-        # key -> the connection (ephemeral) or timer (lease) it is bound to.
+        # key -> the connection (ephemeral) or lease timer handle it is bound to.
         self._bound: dict[bytes, object] = {}
         self._closed: asyncio.Event | None = None
 
@@ -547,6 +569,8 @@ class StoreServer:
                     lambda: _Connection(self), sock=sock, backlog=LISTEN_BACKLOG
                 )
                 self._servers.append(server)
+                name = sock.getsockname()
+                self._endpoints.append((str(name[0]), int(name[1])))
         except BaseException:
             for sock in socks:
                 sock.close()
@@ -605,20 +629,14 @@ class StoreServer:
     @property
     def port(self) -> int:
         """The port listened on (the ephemeral one when started with port 0)."""
-        if not self._servers:
+        if not self._endpoints:
             raise RuntimeError("the server is not started")
-        sockets = self._servers[0].sockets
-        return int(sockets[0].getsockname()[1])
+        return self._endpoints[0][1]
 
     @property
     def endpoints(self) -> list[str]:
         """Every ``host:port`` listened on."""
-        out = []
-        for server in self._servers:
-            for sock in server.sockets:
-                name = sock.getsockname()
-                out.append(format_endpoint(str(name[0]), int(name[1])))
-        return out
+        return [format_endpoint(host, port) for host, port in self._endpoints]
 
     @property
     def num_connections(self) -> int:
@@ -630,13 +648,12 @@ class StoreServer:
         for server in self._servers:
             server.close()
         for conn in list(self._connections):
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.transport.close()
         for server in self._servers:
             await server.wait_closed()
-        for handle in self._bound.values():
-            if isinstance(handle, asyncio.TimerHandle):
-                handle.cancel()
+        for owner in self._bound.values():
+            if not isinstance(owner, _Connection):
+                cast(asyncio.TimerHandle, owner).cancel()
         self._servers.clear()
         if self._closed is not None:
             self._closed.set()
@@ -711,10 +728,10 @@ class StoreServer:
         owner = self._bound.pop(key, None)
         if owner is None:
             return
-        if isinstance(owner, asyncio.TimerHandle):
-            owner.cancel()
-        elif isinstance(owner, _Connection):
+        if isinstance(owner, _Connection):
             owner.bound.discard(key)
+        else:  # a lease timer (uvloop's handles are not asyncio.TimerHandle instances)
+            cast(asyncio.TimerHandle, owner).cancel()
 
     def _drop_bound(self, conn: _Connection, keys: Iterable[bytes]) -> None:
         for key in keys:
@@ -725,7 +742,7 @@ class StoreServer:
 
     def _expire(self, key: bytes) -> None:
         owner = self._bound.get(key)
-        if isinstance(owner, asyncio.TimerHandle):
+        if owner is not None and not isinstance(owner, _Connection):
             del self._bound[key]
             self.engine.delete_key(key)
             logger.debug("lease of key %r expired", key)
@@ -792,6 +809,19 @@ class ServerThread:
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+    def call(self, fn: Callable[[StoreServer], _T], timeout: float = 10.0) -> _T:
+        """Run ``fn(server)`` on the server's loop and return its result (thread-safe access
+        to the server and its engine, e.g. for metrics or tests)."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the server thread is not started")
+        server = self.server
+
+        async def run() -> _T:
+            return fn(server)
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close the server and join its thread (idempotent)."""

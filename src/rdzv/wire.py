@@ -488,23 +488,19 @@ class RequestParser:
         end = len(buf)
         pos = 0
         out: list[Request] = []
-        table = self._table
         try:
             if self._list is not None:
                 req, pos = self._list_items(buf, 0, end)
                 out.append(req)
+            if not self.validated and pos < end:
+                req, pos = self._validate(buf, pos, end)
+                out.append(req)
             while pos < end:
-                if not self.validated:
-                    req, pos = self._validate(buf, pos, end)
-                    out.append(req)
-                    continue
-                parse = table[buf[pos]]
+                parse = self._table[buf[pos]]
                 if parse is None:
                     raise self._unknown(buf[pos])
                 req, pos = parse(self, buf, pos + 1, end)
                 out.append(req)
-                if req.__class__ is Ping:
-                    table = self._table
         except NeedData as short:
             keep = pos if short.keep < 0 else short.keep
             pending += memoryview(buf)[keep:]
@@ -515,7 +511,6 @@ class RequestParser:
             self._need = 0
         return out
 
-    # ------------------------------------------------------------------ field readers
     def _unknown(self, op: int) -> ProtocolError:
         if op >= Op.EXT_ADD and op in Op._value2member_map_:
             return ProtocolError(
@@ -545,64 +540,35 @@ class RequestParser:
         self.validated = True
         return Validate(magic), pos + 5
 
+    # ------------------------------------------------------------------ field readers
+    # Kept small and inlined in the per-shape parsers below, which run once per request.
+
     def _blob(self, buf: bytes, pos: int, end: int, limit: int, what: str) -> tuple[bytes, int]:
         stop = pos + 8
         if stop > end:
             raise NeedData(stop)
-        (n,) = _U64.unpack_from(buf, pos)
+        n = _U64_FROM(buf, pos)[0]
         if n > limit:
-            raise ProtocolError(f"{what} of {n} bytes exceeds the limit of {limit} bytes")
-        pos = stop
+            raise _too_big(what, n, limit)
         stop += n
         if stop > end:
             raise NeedData(stop)
-        return buf[pos:stop], stop
-
-    def _key(self, buf: bytes, pos: int, end: int) -> tuple[bytes, int]:
-        return self._blob(buf, pos, end, self._limits.max_key_bytes, "key")
-
-    def _value(self, buf: bytes, pos: int, end: int) -> tuple[bytes, int]:
-        return self._blob(buf, pos, end, self._limits.max_value_bytes, "value")
-
-    @staticmethod
-    def _i64(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-        stop = pos + 8
-        if stop > end:
-            raise NeedData(stop)
-        return _I64.unpack_from(buf, pos)[0], stop
-
-    # ------------------------------------------------------------------ shapes
-    def _p_key(
-        self, cls: Callable[[bytes], Request], buf: bytes, pos: int, end: int
-    ) -> tuple[Request, int]:
-        key, pos = self._key(buf, pos, end)
-        return cls(key), pos
-
-    def _p_key_value(
-        self, cls: Callable[[bytes, bytes], Request], buf: bytes, pos: int, end: int
-    ) -> tuple[Request, int]:
-        key, pos = self._key(buf, pos, end)
-        value, pos = self._value(buf, pos, end)
-        return cls(key, value), pos
-
-    def _p_key_int(
-        self, cls: Callable[[bytes, int], Request], buf: bytes, pos: int, end: int
-    ) -> tuple[Request, int]:
-        key, pos = self._key(buf, pos, end)
-        amount, pos = self._i64(buf, pos, end)
-        return cls(key, amount), pos
+        return buf[pos + 8 : stop], stop
 
     def _p_compare_set(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
-        key, pos = self._key(buf, pos, end)
-        expected, pos = self._value(buf, pos, end)
-        desired, pos = self._value(buf, pos, end)
+        limits = self._limits
+        key, pos = self._blob(buf, pos, end, limits.max_key_bytes, "key")
+        expected, pos = self._blob(buf, pos, end, limits.max_value_bytes, "value")
+        desired, pos = self._blob(buf, pos, end, limits.max_value_bytes, "value")
         return CompareSet(key, expected, desired), pos
 
     def _p_set_lease(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
-        key, pos = self._key(buf, pos, end)
-        value, pos = self._value(buf, pos, end)
-        ttl, pos = self._i64(buf, pos, end)
-        return ExtSetLease(key, value, ttl), pos
+        limits = self._limits
+        key, pos = self._blob(buf, pos, end, limits.max_key_bytes, "key")
+        value, pos = self._blob(buf, pos, end, limits.max_value_bytes, "value")
+        if pos + 8 > end:
+            raise NeedData(pos + 8)
+        return ExtSetLease(key, value, _I64_FROM(buf, pos)[0]), pos + 8
 
     def _p_ping(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
         stop = pos + 4
@@ -618,11 +584,30 @@ class RequestParser:
         stop = pos + 8
         if stop > end:
             raise NeedData(stop)
-        (n,) = _U64.unpack_from(buf, pos)
-        if n > self._limits.max_keys:
+        n = _U64_FROM(buf, pos)[0]
+        limits = self._limits
+        if n > limits.max_keys:
             raise ProtocolError(
-                f"{op.name} with {n} keys exceeds the limit of {self._limits.max_keys} keys"
+                f"{op.name} with {n} keys exceeds the limit of {limits.max_keys} keys"
             )
+        if n <= 16 and op != Op.MULTI_SET:
+            # Fast path for the usual few keys all present in the buffer.
+            max_key = limits.max_key_bytes
+            keys = []
+            for _ in range(n):
+                key_start = stop + 8
+                if key_start > end:
+                    break
+                size = _U64_FROM(buf, stop)[0]
+                if size > max_key:
+                    raise _too_big("key", size, max_key)
+                stop = key_start + size
+                if stop > end:
+                    break
+                keys.append(buf[key_start:stop])
+            else:
+                return _LIST_CLASSES[op](keys), stop
+            stop = pos + 8
         self._list = _ListState(op, n)
         return self._list_items(buf, stop, end)
 
@@ -632,13 +617,18 @@ class RequestParser:
         keys = state.keys
         values = state.values
         with_values = state.op == Op.MULTI_SET
-        limit = self._limits.max_request_bytes
+        limits = self._limits
+        max_key = limits.max_key_bytes
+        max_value = limits.max_value_bytes
+        limit = limits.max_request_bytes
+        blob = self._blob
+        start = pos
         try:
             for _ in range(state.n - len(keys)):
                 start = pos
-                key, pos = self._key(buf, pos, end)
+                key, pos = blob(buf, pos, end, max_key, "key")
                 if with_values:
-                    value, pos = self._value(buf, pos, end)
+                    value, pos = blob(buf, pos, end, max_value, "value")
                     values.append(value)
                 keys.append(key)
                 state.size += pos - start
@@ -656,6 +646,13 @@ class RequestParser:
         return _LIST_CLASSES[op](keys), pos
 
 
+def _too_big(what: str, n: int, limit: int) -> ProtocolError:
+    return ProtocolError(f"{what} of {n} bytes exceeds the limit of {limit} bytes")
+
+
+_U64_FROM = _U64.unpack_from
+_I64_FROM = _I64.unpack_from
+
 _LIST_CLASSES: dict[Op, Callable[[list[bytes]], Request]] = {
     Op.CHECK: Check,
     Op.WAIT: Wait,
@@ -663,53 +660,91 @@ _LIST_CLASSES: dict[Op, Callable[[list[bytes]], Request]] = {
     Op.EXT_MULTI_GET_WAIT: ExtMultiGetWait,
 }
 
+# Per-shape parsers: ``(parser, buf, pos, end) -> (request, end of frame)``; ``pos`` is just
+# past the opcode. Each is one function with the field reads inlined (this runs for every
+# request the server receives).
+
+
+_KEY_ONLY, _KEY_VALUE, _KEY_INT = range(3)
+
+
+def _key_parser(cls: Callable[..., Request], tail: int = _KEY_ONLY) -> _Parse:
+    """A parser of ``key`` [+ ``value`` blob | + i64] frames building ``cls``."""
+
+    def parse(self: RequestParser, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        start = pos + 8
+        if start > end:
+            raise NeedData(start)
+        n = _U64_FROM(buf, pos)[0]
+        limits = self._limits
+        if n > limits.max_key_bytes:
+            raise _too_big("key", n, limits.max_key_bytes)
+        key_end = start + n
+        if tail == _KEY_ONLY:
+            if key_end > end:
+                raise NeedData(key_end)
+            return cls(buf[start:key_end]), key_end
+        stop = key_end + 8
+        if stop > end:
+            raise NeedData(stop)
+        if tail == _KEY_INT:
+            return cls(buf[start:key_end], _I64_FROM(buf, key_end)[0]), stop
+        n = _U64_FROM(buf, key_end)[0]
+        if n > limits.max_value_bytes:
+            raise _too_big("value", n, limits.max_value_bytes)
+        value_end = stop + n
+        if value_end > end:
+            raise NeedData(value_end)
+        return cls(buf[start:key_end], buf[stop:value_end]), value_end
+
+    return parse
+
+
+def _list_parser(op: Op) -> _Parse:
+    def parse(self: RequestParser, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        return self._p_list(op, buf, pos, end)
+
+    return parse
+
 
 def _fixed(req: Request) -> _Parse:
+    # Requests without fields carry no state: one shared instance each.
     def parse(self: RequestParser, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
         return req, pos
 
     return parse
 
 
-def _shape(method: Callable[..., tuple[Request, int]], cls: object) -> _Parse:
-    def parse(self: RequestParser, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
-        return method(self, cls, buf, pos, end)
-
-    return parse
-
-
 def _build_tables() -> tuple[list[_Parse | None], list[_Parse | None]]:
-    p = RequestParser
     torch: list[_Parse | None] = [None] * 256
-    torch[Op.SET] = _shape(p._p_key_value, Set)
-    torch[Op.COMPARE_SET] = p._p_compare_set
-    torch[Op.GET] = _shape(p._p_key, Get)
-    torch[Op.ADD] = _shape(p._p_key_int, Add)
-    torch[Op.CHECK] = _shape(p._p_list, Op.CHECK)
-    torch[Op.WAIT] = _shape(p._p_list, Op.WAIT)
-    # Requests without fields carry no state: one shared instance each.
+    torch[Op.SET] = _key_parser(Set, _KEY_VALUE)
+    torch[Op.COMPARE_SET] = RequestParser._p_compare_set
+    torch[Op.GET] = _key_parser(Get)
+    torch[Op.ADD] = _key_parser(Add, _KEY_INT)
+    torch[Op.CHECK] = _list_parser(Op.CHECK)
+    torch[Op.WAIT] = _list_parser(Op.WAIT)
     torch[Op.GETNUMKEYS] = _fixed(GetNumKeys())
-    torch[Op.DELETE_KEY] = _shape(p._p_key, DeleteKey)
-    torch[Op.APPEND] = _shape(p._p_key_value, Append)
-    torch[Op.MULTI_GET] = _shape(p._p_list, Op.MULTI_GET)
-    torch[Op.MULTI_SET] = _shape(p._p_list, Op.MULTI_SET)
+    torch[Op.DELETE_KEY] = _key_parser(DeleteKey)
+    torch[Op.APPEND] = _key_parser(Append, _KEY_VALUE)
+    torch[Op.MULTI_GET] = _list_parser(Op.MULTI_GET)
+    torch[Op.MULTI_SET] = _list_parser(Op.MULTI_SET)
     torch[Op.CANCEL_WAIT] = _fixed(CancelWait())
-    torch[Op.PING] = p._p_ping
-    torch[Op.QUEUE_PUSH] = _shape(p._p_key_value, QueuePush)
-    torch[Op.QUEUE_POP] = _shape(p._p_key, QueuePop)
-    torch[Op.QUEUE_LEN] = _shape(p._p_key, QueueLen)
+    torch[Op.PING] = RequestParser._p_ping
+    torch[Op.QUEUE_PUSH] = _key_parser(QueuePush, _KEY_VALUE)
+    torch[Op.QUEUE_POP] = _key_parser(QueuePop)
+    torch[Op.QUEUE_LEN] = _key_parser(QueueLen)
     torch[Op.LIST_KEYS] = _fixed(ListKeys())
-    torch[Op.BARRIER] = _shape(p._p_key_int, Barrier)
+    torch[Op.BARRIER] = _key_parser(Barrier, _KEY_INT)
     ext = list(torch)
-    ext[Op.EXT_ADD] = _shape(p._p_key_int, ExtAdd)
-    ext[Op.EXT_BARRIER] = _shape(p._p_key_int, ExtBarrier)
-    ext[Op.EXT_GET_WAIT] = _shape(p._p_key, ExtGetWait)
-    ext[Op.EXT_MULTI_GET_WAIT] = _shape(p._p_list, Op.EXT_MULTI_GET_WAIT)
-    ext[Op.EXT_QUEUE_POP_WAIT] = _shape(p._p_key, ExtQueuePopWait)
-    ext[Op.EXT_LIST_KEYS] = _shape(p._p_key, ExtListKeys)
-    ext[Op.EXT_NUM_KEYS] = _shape(p._p_key, ExtNumKeys)
-    ext[Op.EXT_SET_EPHEMERAL] = _shape(p._p_key_value, ExtSetEphemeral)
-    ext[Op.EXT_SET_LEASE] = p._p_set_lease
+    ext[Op.EXT_ADD] = _key_parser(ExtAdd, _KEY_INT)
+    ext[Op.EXT_BARRIER] = _key_parser(ExtBarrier, _KEY_INT)
+    ext[Op.EXT_GET_WAIT] = _key_parser(ExtGetWait)
+    ext[Op.EXT_MULTI_GET_WAIT] = _list_parser(Op.EXT_MULTI_GET_WAIT)
+    ext[Op.EXT_QUEUE_POP_WAIT] = _key_parser(ExtQueuePopWait)
+    ext[Op.EXT_LIST_KEYS] = _key_parser(ExtListKeys)
+    ext[Op.EXT_NUM_KEYS] = _key_parser(ExtNumKeys)
+    ext[Op.EXT_SET_EPHEMERAL] = _key_parser(ExtSetEphemeral, _KEY_VALUE)
+    ext[Op.EXT_SET_LEASE] = RequestParser._p_set_lease
     return torch, ext
 
 

@@ -70,8 +70,8 @@ def test_registry_creates_the_etcd_backend(etcd_member: EtcdMember) -> None:
 
 def test_a_dead_nodes_key_is_deleted_by_etcd(etcd_member: EtcdMember) -> None:
     store = EtcdStore(etcd_member.endpoint, fresh_prefix(), timeout=5)
-    liveness = EtcdLeaseLiveness(store, 0.5, 2)  # lease TTL: max(1 s, etcd's minimum)
-    observer = EtcdLeaseLiveness(store.clone(), 0.5, 2).observer("peer")
+    liveness = EtcdLeaseLiveness(store, 1.0, 4)  # lease TTL 4 s: margin for a loaded machine
+    observer = EtcdLeaseLiveness(store.clone(), 1.0, 4).observer("peer")
     liveness.announce("hb/1")
     assert observer.observe(store, ["hb/1"]) == {"hb/1": Status.ALIVE}
     # The owner keeps beating: still alive after more than one TTL.

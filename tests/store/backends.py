@@ -13,8 +13,10 @@ from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
 from rdzv import HashStore, PrefixStore, Store
+from rdzv.store.async_tcp import AsyncTCPStore
 from rdzv.store.file import FileStore
 from rdzv.store.tcp import TCPStore
+from tests.store.async_bridge import AsyncBridge, LoopThread
 
 Factory = Callable[[Path], ContextManager[Store]]
 
@@ -66,6 +68,22 @@ def prefix_over_tcp(tmp_path: Path) -> Iterator[Store]:
 
 
 @contextlib.contextmanager
+def async_tcp_store(tmp_path: Path) -> Iterator[Store]:
+    """AsyncTCPStore (through a blocking facade) as master and server on one event loop."""
+    loop = LoopThread()
+    try:
+        master = loop.run(AsyncTCPStore("127.0.0.1", 0, is_master=True, timeout=5).connect())
+        bridge = AsyncBridge(loop, loop.run(master.clone()))
+        try:
+            yield bridge
+        finally:
+            bridge.close()
+            loop.run(master.close())
+    finally:
+        loop.stop()
+
+
+@contextlib.contextmanager
 def file_store(tmp_path: Path) -> Iterator[Store]:
     with FileStore(tmp_path / "store", timeout=5) as store:
         yield store
@@ -77,6 +95,14 @@ def prefix_over_file(tmp_path: Path) -> Iterator[Store]:
         yield PrefixStore("pre", store)
 
 
+@contextlib.contextmanager
+def torch_adapters(tmp_path: Path) -> Iterator[Store]:
+    # Both torch adapters at once: rdzv API -> torch.distributed.Store API -> rdzv HashStore.
+    from rdzv.interop.torch import StoreFromTorch, TorchStore
+
+    yield StoreFromTorch(TorchStore(HashStore(timeout=5)))
+
+
 BACKENDS: dict[str, Factory] = {
     "hash": hash_store,
     "prefix": prefix_over_hash,
@@ -85,4 +111,6 @@ BACKENDS: dict[str, Factory] = {
     "prefix_file": prefix_over_file,
     "tcp": tcp_store,
     "prefix_tcp": prefix_over_tcp,
+    "async_tcp": async_tcp_store,
+    "torch-adapters": torch_adapters,
 }

@@ -67,7 +67,7 @@ def _read_timeout(params: RendezvousParameters) -> int:
 
 
 def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple[str, int]]:
-    from rdzv.rendezvous.utils import (  # type: ignore[import-not-found]
+    from rdzv.rendezvous.utils import (
         matches_machine_hostname,
         parse_rendezvous_endpoint,
     )

@@ -1,0 +1,292 @@
+"""TCPStore server benchmark: torch's C++ server vs ``rdzv serve``, same clients, one run.
+
+Workload: every client loops over ``set(key, 64-byte value)`` then ``get(key)`` (torch's
+client sends WAIT + GET for a get: two round trips) on its own 100 keys, for a fixed time.
+Clients are ``torch.distributed.TCPStore`` objects (C++; they release the GIL while they
+wait) spread over a few client processes, each running several client threads. Each server
+runs in a process of its own: (a) torch's default (libuv) server, (b) ``rdzv serve``
+(uvloop). Then rdzv's Python client against rdzv's server, for reference.
+
+Prints one JSON document: ops/s (an op is one ``set`` or one ``get`` call), p50 and p99
+latency per call in microseconds, and the rdzv/torch throughput ratio per client count.
+
+Usage (from the repository root)::
+
+    python bench/store_ops.py [--clients 1 16 64] [--seconds 3] [--procs 4] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SRC = REPO / "src"
+VALUE = b"v" * 64
+KEYS_PER_CLIENT = 100
+SAMPLE_EVERY = 7  # keep one latency in SAMPLE_EVERY to bound the report size
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    return env
+
+
+# --------------------------------------------------------------------------- servers
+TORCH_SERVER = """
+import sys, time, datetime
+import torch.distributed as dist
+s = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                  timeout=datetime.timedelta(seconds=600))
+print(f"listening on 127.0.0.1:{s.port}", flush=True)
+sys.stdin.read()
+"""
+
+
+def start_server(kind: str) -> tuple[subprocess.Popen[str], int]:
+    if kind == "torch":
+        cmd = [sys.executable, "-c", TORCH_SERVER]
+    else:
+        cmd = [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--quiet"]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env()
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("listening on "):
+        proc.kill()
+        raise RuntimeError(f"{kind} server did not start: {line!r}")
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    # torch's server script exits when its stdin closes; rdzv serve on SIGTERM.
+    proc.terminate()
+    proc.communicate(timeout=30)
+
+
+# --------------------------------------------------------------------------- client worker
+def worker(client: str, port: int, threads: int, seconds: float) -> None:
+    """Client process: connects ``threads`` clients, prints ``ready``, reads the start time
+    (``time.time()``) from stdin, runs, prints a JSON summary on stdout."""
+    if client == "torch":
+        import datetime
+
+        import torch.distributed as dist
+
+        def connect() -> Any:
+            return dist.TCPStore("127.0.0.1", port, timeout=datetime.timedelta(seconds=60))
+    else:
+        sys.path.insert(0, str(SRC))
+        from rdzv.store.tcp import TCPStore
+
+        def connect() -> Any:
+            return TCPStore("127.0.0.1", port, timeout=60)
+
+    stores = [connect() for _ in range(threads)]
+    print("ready", flush=True)
+    start_at = float(sys.stdin.readline())
+    counts = [0] * threads
+    samples: list[list[float]] = [[] for _ in range(threads)]
+    pid = os.getpid()
+
+    def run(t: int) -> None:
+        store = stores[t]
+        keys = [f"bench/{pid}/{t}/{i}" for i in range(KEYS_PER_CLIENT)]
+        lat = samples[t]
+        clock = time.perf_counter
+        n = 0
+        while time.time() < start_at:
+            time.sleep(0.001)
+        end = clock() + seconds
+        while True:
+            key = keys[n % KEYS_PER_CLIENT]
+            t0 = clock()
+            store.set(key, VALUE)
+            t1 = clock()
+            store.get(key)
+            t2 = clock()
+            n += 2
+            if n % SAMPLE_EVERY < 2:
+                lat.append(t1 - t0)
+                lat.append(t2 - t1)
+            if t2 >= end:
+                break
+        counts[t] = n
+
+    pool = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    print(json.dumps({"ops": sum(counts), "latencies": [x for s in samples for x in s]}))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_clients(
+    client: str, port: int, clients: int, procs: int, seconds: float, server_pid: int
+) -> dict[str, Any]:
+    nproc = max(1, min(procs, clients))
+    split = [clients // nproc + (1 if i < clients % nproc else 0) for i in range(nproc)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", client, str(port), str(n), str(seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for n in split
+    ]
+    for w in workers:  # every client connected
+        assert w.stdout is not None
+        if w.stdout.readline() != "ready\n":
+            raise RuntimeError("a client process failed to connect")
+    start_at = time.time() + 0.2
+    for w in workers:
+        assert w.stdin is not None
+        w.stdin.write(f"{start_at}\n")
+        w.stdin.flush()
+    ops = 0
+    latencies: list[float] = []
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu_before = cpu_seconds(server_pid)
+    time.sleep(seconds)
+    cpu_used = cpu_seconds(server_pid) - cpu_before
+    for w in workers:
+        out, _ = w.communicate(timeout=seconds + 120)
+        if w.returncode != 0:
+            raise RuntimeError(f"client process failed ({w.returncode})")
+        report = json.loads(out)
+        ops += report["ops"]
+        latencies += report["latencies"]
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e6, 1)
+
+    return {
+        "ops_per_s": round(ops / seconds),
+        "p50_us": pct(0.50),
+        "p99_us": pct(0.99),
+        "server_cpu_us_per_op": round(cpu_used / max(ops, 1) * 1e6, 2),
+        "client_processes": nproc,
+    }
+
+
+def measure(server: str, client: str, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    proc, port = start_server(server)
+    try:
+        return run_clients(client, port, clients, args.procs, args.seconds, proc.pid)
+    finally:
+        stop_server(proc)
+
+
+def summarize(server: str, client: str, clients: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median run (by ops/s) of several, with every run's ops/s for reference."""
+    ordered = sorted(runs, key=lambda r: r["ops_per_s"])
+    median = ordered[len(ordered) // 2]
+    return {
+        "server": server,
+        "client": client,
+        "clients": clients,
+        **median,
+        "ops_per_s_runs": [r["ops_per_s"] for r in runs],
+    }
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    try:
+        import uvloop
+
+        uv = uvloop.__version__
+    except ImportError:
+        uv = None
+    return {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "uvloop": uv,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--procs", type=int, default=4, help="client processes (at most)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument(
+        "--python-clients", type=int, nargs="*", default=[1, 16],
+        help="client counts for rdzv's Python client on rdzv's server",
+    )  # fmt: skip
+    args = parser.parse_args()
+    results = []
+    plan = [("torch", "torch"), ("rdzv", "torch")]
+    for clients in args.clients:
+        rows: dict[str, list[dict[str, Any]]] = {"torch": [], "rdzv": []}
+        for _ in range(args.repeats):  # alternate servers: the machine's load drifts
+            for server, client in plan:
+                rows[server].append(measure(server, client, clients, args))
+        for server, client in plan:
+            results.append(summarize(server, client, clients, rows[server]))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    for clients in args.python_clients:
+        runs = [measure("rdzv", "rdzv", clients, args) for _ in range(args.repeats)]
+        results.append(summarize("rdzv", "rdzv", clients, runs))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+
+    def ops(server: str, clients: int) -> int:
+        return next(
+            r["ops_per_s"]
+            for r in results
+            if r["server"] == server and r["client"] == "torch" and r["clients"] == clients
+        )
+
+    ratios = {str(n): round(ops("rdzv", n) / ops("torch", n), 3) for n in args.clients}
+    print(
+        json.dumps(
+            {
+                "figure": "TCPStore server throughput and latency, torch C++ clients",
+                "workload": {
+                    "loop": "set(key, 64 B) then get(key) (torch get = WAIT + GET)",
+                    "keys_per_client": KEYS_PER_CLIENT,
+                    "seconds": args.seconds,
+                    "op": "one set or get call",
+                    "repeats": args.repeats,
+                    "statistic": "median run by ops/s; latencies and CPU of that run",
+                },
+                "machine": machine(),
+                "results": results,
+                "ratio_rdzv_over_torch": ratios,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        _, _, client, port, threads, seconds = sys.argv
+        worker(client, int(port), int(threads), float(seconds))
+    else:
+        main()
