@@ -14,7 +14,6 @@ from rdzv.launcher.config import (
     Std,
     parse_min_max_nnodes,
     parse_nproc_per_node,
-    parse_rendezvous_config,
     parse_signals,
     parse_std,
     std_for,
@@ -54,13 +53,9 @@ def test_parse_nproc_per_node() -> None:
         parse_nproc_per_node("0")
 
 
-def test_parse_rendezvous_config_matches_torch() -> None:
-    assert parse_rendezvous_config("") == {}
-    assert parse_rendezvous_config(" a = 1 , b=x=y/z ") == {"a": "1", "b": "x=y/z"}
-    with pytest.raises(ValueError, match="must be in format"):
-        parse_rendezvous_config("=1")
+def test_rdzv_conf_errors_name_the_option() -> None:
     with pytest.raises(ValueError, match="'a' must have a value"):
-        parse_rendezvous_config("a=")
+        build_config(_args("--rdzv-conf", "a=", "x.py"))
 
 
 def test_parse_signals() -> None:

@@ -226,10 +226,10 @@ def build_config(args: argparse.Namespace) -> Any:
         LaunchConfig,
         parse_min_max_nnodes,
         parse_nproc_per_node,
-        parse_rendezvous_config,
         parse_signals,
         parse_std,
     )
+    from rdzv.rendezvous.utils import parse_rendezvous_config
 
     min_nodes, max_nodes = parse_min_max_nnodes(str(args.nnodes))
     rdzv_configs = parse_rendezvous_config(str(args.rdzv_conf))

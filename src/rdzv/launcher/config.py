@@ -22,7 +22,6 @@ __all__ = [
     "Std",
     "parse_min_max_nnodes",
     "parse_nproc_per_node",
-    "parse_rendezvous_config",
     "parse_signals",
     "parse_std",
     "std_for",
@@ -137,32 +136,6 @@ def parse_nproc_per_node(value: str) -> int:
             "number)"
         )
     return number
-
-
-def parse_rendezvous_config(config: str) -> dict[str, str]:
-    """Parse ``"k1=v1,k2=v2"`` (torch's ``_parse_rendezvous_config``).
-
-    Keys and values are stripped; values may contain ``=`` and ``/``. Raises ValueError with
-    torch's messages for an empty key or a missing value.
-    """
-    result: dict[str, str] = {}
-    config = config.strip()
-    if not config:
-        return result
-    for item in config.split(","):
-        key, _, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not key:
-            raise ValueError(
-                "The rendezvous configuration string must be in format "
-                "<key1>=<value1>,...,<keyN>=<valueN>."
-            )
-        if not value:
-            raise ValueError(
-                f"The rendezvous configuration option '{key}' must have a value specified."
-            )
-        result[key] = value
-    return result
 
 
 def parse_signals(text: str) -> tuple[signal.Signals, ...]:
