@@ -110,50 +110,12 @@ def test_static_backend_one_node_with_a_restart(tmp_path: Path) -> None:
     assert proc.stdout.count("gathered [0, 1]") == 2
 
 
-def test_two_agents_form_one_world(tmp_path: Path) -> None:
+def _two_agents_gather(tmp_path: Path, *options: str) -> list[dict[str, str]]:
+    """Two agents with ``options`` and 2 workers each all-gather; returns the records after
+    checking that both succeeded as one world of 4."""
     script = write_worker(tmp_path)
     out = tmp_path / "out"
-    with store_server() as port:
-        args = [*_c10d(port, "two", "2"), str(script), str(out), "allgather"]
-        a, b = start_agent(*args), start_agent(*args)
-        with agents_cleanup(a, b):
-            (code_a, out_a, err_a), (code_b, out_b, err_b) = finish(a), finish(b)
-    assert code_a == 0, err_a
-    assert code_b == 0, err_b
-    recs = records(out)
-    assert sorted(int(r["RANK"]) for r in recs) == [0, 1, 2, 3]
-    assert {r["WORLD_SIZE"] for r in recs} == {"4"}
-    assert {r["GROUP_WORLD_SIZE"] for r in recs} == {"2"}
-    for r in recs:  # RANK = GROUP_RANK * nproc + LOCAL_RANK
-        assert int(r["RANK"]) == int(r["GROUP_RANK"]) * 2 + int(r["LOCAL_RANK"])
-    assert len({r["agent_pid"] for r in recs}) == 2
-    assert len({r["RDZV_ATTEMPT_ID"] for r in recs}) == 1
-    assert out_a.count("gathered [0, 1, 2, 3]") + out_b.count("gathered [0, 1, 2, 3]") == 4
-
-
-def test_two_agents_on_the_etcd_backend(tmp_path: Path, etcd_member: EtcdMember) -> None:
-    script = write_worker(tmp_path)
-    out = tmp_path / "out"
-    run_id = f"etcd-{uuid.uuid4().hex[:8]}"
-    args = [
-        "--nnodes",
-        "2",
-        "--nproc-per-node",
-        "2",
-        "--rdzv-backend",
-        "etcd",
-        "--rdzv-endpoint",
-        etcd_member.endpoint,
-        "--rdzv-id",
-        run_id,
-        "--rdzv-conf",
-        "last_call_timeout=1,keep_alive_interval=0.5",
-        "--local-addr",
-        "127.0.0.1",
-        str(script),
-        str(out),
-        "allgather",
-    ]
+    args = [*options, str(script), str(out), "allgather"]
     a, b = start_agent(*args), start_agent(*args)
     with agents_cleanup(a, b):
         (code_a, out_a, err_a), (code_b, out_b, err_b) = finish(a), finish(b)
@@ -162,8 +124,30 @@ def test_two_agents_on_the_etcd_backend(tmp_path: Path, etcd_member: EtcdMember)
     recs = records(out)
     assert sorted(int(r["RANK"]) for r in recs) == [0, 1, 2, 3]
     assert {r["WORLD_SIZE"] for r in recs} == {"4"}
-    assert {r["TORCHELASTIC_RUN_ID"] for r in recs} == {run_id}
+    assert len({r["RDZV_ATTEMPT_ID"] for r in recs}) == 1
     assert out_a.count("gathered [0, 1, 2, 3]") + out_b.count("gathered [0, 1, 2, 3]") == 4
+    return recs
+
+
+def test_two_agents_form_one_world(tmp_path: Path) -> None:
+    with store_server() as port:
+        recs = _two_agents_gather(tmp_path, *_c10d(port, "two", "2"))
+    assert {r["GROUP_WORLD_SIZE"] for r in recs} == {"2"}
+    for r in recs:  # RANK = GROUP_RANK * nproc + LOCAL_RANK
+        assert int(r["RANK"]) == int(r["GROUP_RANK"]) * 2 + int(r["LOCAL_RANK"])
+    assert len({r["agent_pid"] for r in recs}) == 2
+
+
+def test_two_agents_on_the_etcd_backend(tmp_path: Path, etcd_member: EtcdMember) -> None:
+    run_id = f"etcd-{uuid.uuid4().hex[:8]}"
+    recs = _two_agents_gather(
+        tmp_path,
+        *("--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "etcd"),
+        *("--rdzv-endpoint", etcd_member.endpoint, "--rdzv-id", run_id),
+        *("--rdzv-conf", "last_call_timeout=1,keep_alive_interval=0.5"),
+        *("--local-addr", "127.0.0.1"),
+    )
+    assert {r["TORCHELASTIC_RUN_ID"] for r in recs} == {run_id}
 
 
 def test_nodes_with_different_worker_counts_and_roles(tmp_path: Path) -> None:
