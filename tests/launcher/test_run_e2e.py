@@ -7,6 +7,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 
@@ -301,31 +302,43 @@ def test_losing_one_of_two_agents_continues_at_world_one(
     assert "done at world 1" in stdout
 
 
-def test_sigterm_to_the_agent_leaves_no_process(tmp_path: Path) -> None:
-    marker = f"rdzv-e2e-orphan-{os.getpid()}-{time.monotonic_ns()}"
+def _start_tree(tmp_path: Path, spawn: str, per_worker: int) -> tuple[Popen[str], str]:
+    """A standalone agent with 2 workers, each running ``spawn`` (code that starts
+    ``per_worker`` sleepers whose command line carries the marker), once all are up."""
+    marker = f"rdzv-e2e-tree-{os.getpid()}-{time.monotonic_ns()}"
     script = tmp_path / "tree.py"
     script.write_text(
         "import os, subprocess, sys, time\n"
         f"marker = {marker!r}\n"
         "sleeper = [sys.executable, '-c', 'import time; time.sleep(120)', marker]\n"
+        + spawn
+        + f"open(os.path.join({str(tmp_path)!r}, 'ready' + os.environ['RANK']), 'w').close()\n"
+        "time.sleep(120)\n"
+    )
+    agent = start_agent("--standalone", "--nproc-per-node", "2", str(script), marker)
+    wait_for(
+        lambda: (
+            # the agent and the workers carry the marker too
+            len(alive_with_marker(marker)) == 1 + 2 + 2 * per_worker
+            and all((tmp_path / f"ready{r}").exists() for r in range(2))
+        ),
+        60,
+        "workers and their children",
+    )
+    return agent, marker
+
+
+def test_sigterm_to_the_agent_leaves_no_process(tmp_path: Path) -> None:
+    agent, marker = _start_tree(
+        tmp_path,
         "subprocess.Popen(sleeper)\n"
         "subprocess.Popen(sleeper, start_new_session=True)\n"
         "if os.fork() == 0:\n"  # a daemon: its parent exits, it is orphaned
         "    subprocess.Popen(sleeper, start_new_session=True)\n"
-        "    os._exit(0)\n"
-        f"open(os.path.join({str(tmp_path)!r}, 'ready' + os.environ['RANK']), 'w').close()\n"
-        "time.sleep(120)\n"
+        "    os._exit(0)\n",
+        3,
     )
-    agent = start_agent("--standalone", "--nproc-per-node", "2", str(script), marker)
     with agents_cleanup(agent):
-        wait_for(
-            lambda: (
-                len(alive_with_marker(marker)) >= 2 + 3 * 2
-                and all((tmp_path / f"ready{r}").exists() for r in range(2))
-            ),
-            60,
-            "workers and their children",
-        )
         agent.send_signal(signal.SIGTERM)
         code, _, err = finish(agent, 60)
     assert code == 128 + signal.SIGTERM, err
@@ -333,25 +346,8 @@ def test_sigterm_to_the_agent_leaves_no_process(tmp_path: Path) -> None:
 
 
 def test_sigkill_to_the_agent_kills_its_workers_and_their_children(tmp_path: Path) -> None:
-    marker = f"rdzv-e2e-sigkill-{os.getpid()}-{time.monotonic_ns()}"
-    script = tmp_path / "parent.py"
-    script.write_text(
-        "import os, subprocess, sys, time\n"
-        f"marker = {marker!r}\n"
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', marker])\n"
-        f"open(os.path.join({str(tmp_path)!r}, 'ready' + os.environ['RANK']), 'w').close()\n"
-        "time.sleep(120)\n"
-    )
-    agent = start_agent("--standalone", "--nproc-per-node", "2", str(script), marker)
+    agent, marker = _start_tree(tmp_path, "subprocess.Popen(sleeper)\n", 1)
     with agents_cleanup(agent):
-        wait_for(
-            lambda: (
-                len(alive_with_marker(marker)) == 1 + 2 + 2  # agent, workers, children
-                and all((tmp_path / f"ready{r}").exists() for r in range(2))
-            ),
-            60,
-            "two workers and their children",
-        )
         agent.send_signal(signal.SIGKILL)
         agent.communicate()
         # The agent's watchdog kills the workers' process groups.
