@@ -10,8 +10,11 @@ Figures (seconds, CLOCK_MONOTONIC shared by all processes of the machine):
   shutdown).
 
 Both launchers run ``--standalone`` with ``--monitor-interval 0.1`` (torchrun's default) and
-``--max-restarts 1``; each figure is measured ``--repeat`` times, alternating launchers.
-Prints one JSON object.
+``--max-restarts 1``; each figure is measured ``--repeat`` times, alternating launchers,
+after one unmeasured warm-up run of each. Bytecode caching is on for the launched processes
+(``PYTHONDONTWRITEBYTECODE`` removed, caches under a temporary ``PYTHONPYCACHEPREFIX``), as
+for an installed package; otherwise every agent and worker would recompile rdzv's sources
+while torch's wheel comes with its bytecode. Prints one JSON object.
 
     python bench/launch.py --nproc 4 --repeat 5
 """
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,10 +73,15 @@ def _launcher_cmd(launcher: str, nproc: int, script: str, out: str, mode: str) -
     return [sys.executable, "-m", "torch.distributed.run", *common]
 
 
+_PYCACHE = tempfile.mkdtemp(prefix="rdzv-bench-pycache-")
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = _PYCACHE
     return env
 
 
@@ -116,6 +125,8 @@ def main() -> None:
         f.write(WORKER)
         script = f.name
     try:
+        for name in ("rdzv", "torchrun"):  # warm-up: fill the bytecode caches
+            _once(name, args.nproc, script, "plain")
         for _ in range(args.repeat):
             for name in ("rdzv", "torchrun"):
                 plain = _once(name, args.nproc, script, "plain")
@@ -126,6 +137,7 @@ def main() -> None:
                 )
     finally:
         os.unlink(script)
+        shutil.rmtree(_PYCACHE, ignore_errors=True)
     import torch
 
     print(
