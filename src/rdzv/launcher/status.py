@@ -43,6 +43,12 @@ __all__ = [
 _ANY_SIZE = 2**31
 # How many rounds past the hint are looked at for waiting nodes.
 _MAX_OPEN_ROUNDS = 4
+# The closer of a round may "seal" its slot counter by adding 2**40 (so that late joiners
+# see from their add alone that they are late); the number of slots is the value modulo it.
+_SEAL = 1 << 40
+# At most this many slots of one open round are read (a hostile counter cannot make the
+# reader loop for ever).
+_MAX_SLOTS = 1 << 16
 
 
 @dataclass
@@ -229,7 +235,8 @@ def read_status(
         joined = _get(store, keys.joined)
         if joined is None:
             break
-        waiting = _slots(store, keys, list(range(1, _counter(joined) + 1)))
+        count = min(_counter(joined) % _SEAL, _MAX_SLOTS)
+        waiting = _slots(store, keys, list(range(1, count + 1)))
         for slot in waiting:
             slot.state = "waiting" if slot.alive else str(slot.heartbeat or "joining")
         status.waiting.extend(s for s in waiting if s.state != "left")
