@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import math
 import random
+import ssl
 import time
 from collections.abc import Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
-from rdzv import wire
-from rdzv.errors import NetworkError, ProtocolError, StoreError, StoreTimeoutError
+from rdzv import auth, wire
+from rdzv.errors import AuthError, NetworkError, ProtocolError, StoreError, StoreTimeoutError
 from rdzv.store.base import timeout_error
 from rdzv.wire import (
     EXT_ERROR,
     EXT_OK,
+    HELLO_AUTH_REQUIRED,
     INIT_KEY,
     KEY_PREFIX,
     RDZV_HELLO,
@@ -103,15 +105,19 @@ class Session:
     """Per-connection protocol state shared by the operations.
 
     ``where`` names the store in messages; ``extended`` is True once the server negotiated
-    rdzv's extensions; ``io_timeout`` bounds replies that come at once.
+    rdzv's extensions; ``io_timeout`` bounds replies that come at once; ``token`` is the
+    shared secret to authenticate with (None: none); ``authenticating`` is True while the
+    handshake's authentication exchange runs (a connection lost then is an auth failure).
     """
 
-    __slots__ = ("extended", "io_timeout", "version", "where")
+    __slots__ = ("authenticating", "extended", "io_timeout", "token", "version", "where")
 
-    def __init__(self, where: str, io_timeout: float) -> None:
+    def __init__(self, where: str, io_timeout: float, token: bytes | None = None) -> None:
         self.where = where
         self.io_timeout = io_timeout
+        self.token = token
         self.extended = False
+        self.authenticating = False
         self.version = 0
 
     def io(self, what: str, decoder: Decoder[Any]) -> Read:
@@ -186,18 +192,100 @@ def connect_error(
 
 def handshake(s: Session) -> OpGen[None]:
     """VALIDATE + PING (one write); the PING reply tells a torch server (echo) from an rdzv
-    server (:data:`~rdzv.wire.RDZV_HELLO` family: extensions on)."""
-    yield wire.encode_validate() + wire.encode_ping(RDZV_PING_NONCE)
+    server (:data:`~rdzv.wire.RDZV_HELLO` family: extensions on). With a token, EXT_AUTH_BEGIN
+    rides in the same write and :func:`authenticate` follows.
+
+    Raises AuthError: the server requires a token and we have none; with a token, the
+    server cannot authenticate (torch or an rdzv server without a token: we refuse to talk
+    to a server that does not prove it knows the token), or it refused ours.
+    """
+    hello = wire.encode_validate() + wire.encode_ping(RDZV_PING_NONCE)
+    if s.token is not None:
+        hello += wire.encode_op(Op.EXT_AUTH_BEGIN)
+        s.authenticating = True
+    yield hello
     reply = yield s.io("the reply to PING", wire.read_u32)
+    auth_required = False
     if reply == RDZV_PING_NONCE:
         s.extended, s.version = False, 0
     elif reply >> 8 == RDZV_HELLO >> 8:
-        s.extended, s.version = True, reply & 0xFF
+        s.extended, s.version = True, reply & 0x7F
+        auth_required = bool(reply & HELLO_AUTH_REQUIRED)
     else:
         raise NetworkError(
             f"ping failed on {s.where}: sent {RDZV_PING_NONCE:#010x}, got {reply:#010x}; "
             "is this a TCPStore server (torch >= 2.5 or rdzv)?"
         )
+    if s.token is None:
+        if auth_required:
+            raise AuthError(
+                f"{s.where} requires authentication: pass token= or token_file= (or set "
+                f"${auth.TOKEN_ENV}) with the server's shared secret"
+            )
+        return
+    if not s.extended:
+        raise AuthError(
+            f"{s.where} does not support authentication (a torch server, or an rdzv server "
+            "without extensions), but this client has a token; refusing to use a server that "
+            "cannot prove it knows the token (drop the token to connect without auth)"
+        )
+    yield from authenticate(s, s.token)
+    s.authenticating = False
+
+
+def authenticate(s: Session, token: bytes) -> OpGen[None]:
+    """The client side of the mutual HMAC exchange (EXT_AUTH_BEGIN already sent): read the
+    server's nonce, send our nonce and proof, verify the server's proof."""
+    status = yield s.io("the reply to EXT_AUTH_BEGIN", wire.read_u8)
+    if status == EXT_ERROR:
+        error = yield s.io("the reply to EXT_AUTH_BEGIN", wire.read_ext_error)
+        raise AuthError(
+            f"{s.where} does not require authentication ({error}), but this client has a "
+            "token; refusing to use a server that cannot prove it knows the token (start the "
+            "server with the same token, or drop the token on this client)"
+        )
+    if status != EXT_OK:
+        raise ProtocolError(f"unexpected reply byte {status:#04x} from {s.where} to AUTH_BEGIN")
+    server_nonce = yield s.io("the server nonce", wire.read_fixed(wire.AUTH_NONCE_BYTES))
+    client_nonce = auth.new_nonce()
+    yield wire.encode_auth_proof(client_nonce, auth.client_proof(token, server_nonce, client_nonce))
+    status = yield s.io("the reply to EXT_AUTH_PROOF", wire.read_u8)
+    if status == EXT_ERROR:
+        error = yield s.io("the reply to EXT_AUTH_PROOF", wire.read_ext_error)
+        raise AuthError(
+            f"{s.where} refused our token ({error}); check that client and server use the "
+            "same secret"
+        )
+    if status != EXT_OK:
+        raise ProtocolError(f"unexpected reply byte {status:#04x} from {s.where} to AUTH_PROOF")
+    proof = yield s.io("the server proof", wire.read_fixed(wire.AUTH_PROOF_BYTES))
+    if not auth.verify(auth.server_proof(token, server_nonce, client_nonce), proof):
+        raise AuthError(
+            f"{s.where} answered with a wrong server proof: it does not know the token "
+            "(an impostor, or a different secret); not using it"
+        )
+
+
+def handshake_error(s: Session, exc: BaseException) -> AuthError | None:
+    """The AuthError to raise (not to retry) when connecting failed for a security reason: a
+    TLS failure (certificate not trusted, expired, for another host; our certificate
+    refused), or a connection lost during authentication (an older server closes the
+    connection on the auth opcodes; ours closes it after a refusal). None: retry."""
+    if isinstance(exc, ssl.SSLError):
+        s.authenticating = False
+        return AuthError(
+            f"TLS with {s.where} failed: {exc}; check the CA (tls ca=), the server's "
+            "certificate (validity, host name vs server_hostname) and, if the server requires "
+            "one, the client certificate (tls cert=/key=)"
+        )
+    if not s.authenticating or isinstance(exc, AuthError):
+        return None
+    s.authenticating = False
+    return AuthError(
+        f"the connection to {s.where} failed during authentication ({describe_error(exc)}); "
+        "the server does not support authentication (torch or an older rdzv server) or "
+        "refused us"
+    )
 
 
 def call(s: Session, request: bytes, decoder: Decoder[_T], what: str) -> OpGen[_T]:
