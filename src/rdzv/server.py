@@ -918,8 +918,8 @@ class ServerThread:
     def _run(self) -> None:
         loop = self._loop = new_event_loop()
         asyncio.set_event_loop(loop)
-        server = StoreServer(*self._args, **self._kwargs)
         try:
+            server = StoreServer(*self._args, **self._kwargs)
             loop.run_until_complete(server.start())
         except BaseException as exc:
             self._error = exc
