@@ -96,7 +96,9 @@ class AsyncTCPStore:
         self._is_master = bool(is_master)
         self._wait_for_workers = wait_for_workers
         self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout_to_seconds(timeout)
-        self._session = Session(repr(self), ops.io_timeout_for(self._timeout), self._token)
+        self._session = Session(
+            repr(self), ops.io_timeout_for(self._timeout), self._token, tls is not None
+        )
         self._lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None

@@ -223,7 +223,9 @@ class TCPStore(Store):
                 if not _agent_store_fallback(port):
                     raise
                 logger.warning("%s; continuing as a client (TORCHELASTIC_USE_AGENT_STORE)", exc)
-        self._session = Session(repr(self), ops.io_timeout_for(self._timeout), self._token)
+        self._session = Session(
+            repr(self), ops.io_timeout_for(self._timeout), self._token, tls is not None
+        )
         self._connect(self._timeout)
         counting = world_size is not None and world_size > 0 and wait_for_workers
         if counting:

@@ -110,12 +110,15 @@ class Session:
     handshake's authentication exchange runs (a connection lost then is an auth failure).
     """
 
-    __slots__ = ("authenticating", "extended", "io_timeout", "token", "version", "where")
+    __slots__ = ("authenticating", "extended", "io_timeout", "tls", "token", "version", "where")
 
-    def __init__(self, where: str, io_timeout: float, token: bytes | None = None) -> None:
+    def __init__(
+        self, where: str, io_timeout: float, token: bytes | None = None, tls: bool = False
+    ) -> None:
         self.where = where
         self.io_timeout = io_timeout
         self.token = token
+        self.tls = tls
         self.extended = False
         self.authenticating = False
         self.version = 0
@@ -184,6 +187,11 @@ def connect_error(
         f"{'unlimited time' if math.isinf(timeout) else f'{timeout:g} s'} ({attempts} attempts); "
         f"last error: {describe_error(last)}. Is the server running and reachable, and are "
         "the host and port right?"
+        + (
+            " A TLS server also closes plain connections: connect with tls=."
+            if isinstance(last, ConnectionResetError)
+            else ""
+        )
     )
 
 
@@ -202,9 +210,12 @@ def handshake(s: Session) -> OpGen[None]:
     hello = wire.encode_validate() + wire.encode_ping(RDZV_PING_NONCE)
     if s.token is not None:
         hello += wire.encode_op(Op.EXT_AUTH_BEGIN)
-        s.authenticating = True
+    # A TLS server that refuses our client certificate closes the connection right after
+    # the TLS handshake: from here, a lost connection is a refusal, not a reason to retry.
+    s.authenticating = s.token is not None or s.tls
     yield hello
     reply = yield s.io("the reply to PING", wire.read_u32)
+    s.authenticating = s.token is not None
     auth_required = False
     if reply == RDZV_PING_NONCE:
         s.extended, s.version = False, 0
@@ -281,10 +292,20 @@ def handshake_error(s: Session, exc: BaseException) -> AuthError | None:
     if not s.authenticating or isinstance(exc, AuthError):
         return None
     s.authenticating = False
+    if s.tls and not s.extended:
+        hint = (
+            "the TLS server refused our client certificate (it requires one signed by its CA: "
+            "tls cert=/key=)"
+        )
+        if s.token is not None:
+            hint += ", or it does not support token authentication"
+    else:
+        hint = (
+            "the server does not support authentication (torch or an older rdzv server) or "
+            "refused us"
+        )
     return AuthError(
-        f"the connection to {s.where} failed during authentication ({describe_error(exc)}); "
-        "the server does not support authentication (torch or an older rdzv server) or "
-        "refused us"
+        f"the connection to {s.where} failed during the handshake ({describe_error(exc)}); {hint}"
     )
 
 
