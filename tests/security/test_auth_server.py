@@ -58,7 +58,7 @@ def test_token_from_file_and_environment(
 def test_wrong_token_is_refused_and_logged(
     token_server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with pytest.raises(AuthError, match="refused our token.*wrong token"):
+    with pytest.raises(AuthError, match=r"refused our token.*wrong token"):
         TCPStore("127.0.0.1", token_server.port, token=OTHER, timeout=5)
     eventually(lambda: "wrong token" in caplog.text, what="the logged refusal")
     assert "closing connection from 127.0.0.1:" in caplog.text

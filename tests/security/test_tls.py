@@ -67,7 +67,7 @@ def test_async_tls_client(tls_server: ServerThread, certs: Certs) -> None:
         async with AsyncTCPStore("127.0.0.1", tls_server.port, tls=tls, timeout=5) as s:
             await s.set("a", b"1")
             assert await s.get("a") == b"1"
-        with pytest.raises(AuthError, match="TLS .* failed.*CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(AuthError, match=r"TLS .* failed.*CERTIFICATE_VERIFY_FAILED"):
             untrusted = TLSConfig(ca=certs.other_ca)
             await AsyncTCPStore("127.0.0.1", tls_server.port, tls=untrusted, timeout=5).connect()
 
@@ -101,14 +101,14 @@ def test_mutual_tls(mtls_server: ServerThread, certs: Certs) -> None:
         TLSConfig(ca=certs.ca),  # no client certificate
         TLSConfig(ca=certs.ca, cert=certs.rogue_client.cert, key=certs.rogue_client.key),
     ):
-        with pytest.raises(AuthError, match="TLS|client certificate"):
+        with pytest.raises(AuthError, match=r"TLS|client certificate"):
             TCPStore("127.0.0.1", mtls_server.port, tls=bad, timeout=5)
 
 
 def test_plain_clients_are_refused_by_a_tls_server(
     tls_server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with pytest.raises(NetworkError, match="closed the connection.*TLS"):
+    with pytest.raises(NetworkError, match=r"closed the connection.*TLS"):
         TCPStore("127.0.0.1", tls_server.port, timeout=1)
     with pytest.raises(RuntimeError):  # torch has no TLS: its handshake fails
         dist.TCPStore(
