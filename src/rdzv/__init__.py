@@ -32,7 +32,6 @@ _LAZY = {
     "TCPStore": "rdzv.store.tcp",
     "AsyncTCPStore": "rdzv.store.async_tcp",
     "EtcdStore": "rdzv.store.etcd",
-    "rendezvous": "rdzv.rendezvous.url",
     "register_rendezvous_handler": "rdzv.rendezvous.url",
     "connect": "rdzv.launcher.worker",
 }
@@ -51,11 +50,16 @@ __all__ = [
     "StoreTimeoutError",
     "__version__",
     "errors",
+    "rendezvous",
     *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "rendezvous":
+        # The subpackage, which is callable as the URL rendezvous function (the import system
+        # binds it here anyway as soon as any rdzv.rendezvous module is imported).
+        return importlib.import_module("rdzv.rendezvous")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'rdzv' has no attribute {name!r}")

@@ -95,6 +95,14 @@ def prefix_over_file(tmp_path: Path) -> Iterator[Store]:
         yield PrefixStore("pre", store)
 
 
+@contextlib.contextmanager
+def torch_adapters(tmp_path: Path) -> Iterator[Store]:
+    # Both torch adapters at once: rdzv API -> torch.distributed.Store API -> rdzv HashStore.
+    from rdzv.interop.torch import StoreFromTorch, TorchStore
+
+    yield StoreFromTorch(TorchStore(HashStore(timeout=5)))
+
+
 BACKENDS: dict[str, Factory] = {
     "hash": hash_store,
     "prefix": prefix_over_hash,
@@ -104,4 +112,5 @@ BACKENDS: dict[str, Factory] = {
     "tcp": tcp_store,
     "prefix_tcp": prefix_over_tcp,
     "async_tcp": async_tcp_store,
+    "torch-adapters": torch_adapters,
 }

@@ -83,7 +83,7 @@ def _security_options(params: RendezvousParameters) -> dict[str, Any]:
 
 
 def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple[str, int]]:
-    from rdzv.rendezvous.utils import (  # type: ignore[import-not-found]
+    from rdzv.rendezvous.utils import (
         matches_machine_hostname,
         parse_rendezvous_endpoint,
     )
