@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,12 @@ sys.stdin.read()
 """
 
 
-def start_server(kind: str) -> tuple[subprocess.Popen[str], int]:
+def start_server(kind: str, extra: Sequence[str] = ()) -> tuple[subprocess.Popen[str], int]:
+    """Start a server process (``extra``: more ``rdzv serve`` arguments)."""
     if kind == "torch":
         cmd = [sys.executable, "-c", TORCH_SERVER]
     else:
-        cmd = [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--quiet"]
+        cmd = [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--quiet", *extra]
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env()
     )
@@ -325,19 +327,6 @@ def _security_setup(variant: str, certs: Any) -> list[str]:
     return extra
 
 
-def _start_rdzv(extra: list[str]) -> tuple[subprocess.Popen[str], int]:
-    cmd = [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--quiet", *extra]
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env()
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise RuntimeError(f"rdzv serve did not start: {line!r}")
-    return proc, int(line.rsplit(":", 1)[1])
-
-
 def _connect_times(port: int) -> dict[str, float]:
     from rdzv.store.tcp import TCPStore
 
@@ -366,7 +355,7 @@ def security_main(args: argparse.Namespace) -> None:
             rows: dict[str, list[dict[str, Any]]] = {v: [] for v in SECURITY_VARIANTS}
             for _ in range(args.repeats):  # alternate variants: the machine's load drifts
                 for variant in SECURITY_VARIANTS:
-                    proc, port = _start_rdzv(_security_setup(variant, certs))
+                    proc, port = start_server("rdzv", _security_setup(variant, certs))
                     try:
                         run = run_clients("rdzv", port, clients, args.procs, args.seconds, proc.pid)
                         run.update(_connect_times(port))

@@ -247,34 +247,38 @@ def handshake(s: Session) -> OpGen[None]:
 def authenticate(s: Session, token: bytes) -> OpGen[None]:
     """The client side of the mutual HMAC exchange (EXT_AUTH_BEGIN already sent): read the
     server's nonce, send our nonce and proof, verify the server's proof."""
-    status = yield s.io("the reply to EXT_AUTH_BEGIN", wire.read_u8)
-    if status == EXT_ERROR:
-        error = yield s.io("the reply to EXT_AUTH_BEGIN", wire.read_ext_error)
-        raise AuthError(
-            f"{s.where} does not require authentication ({error}), but this client has a "
-            "token; refusing to use a server that cannot prove it knows the token (start the "
-            "server with the same token, or drop the token on this client)"
-        )
-    if status != EXT_OK:
-        raise ProtocolError(f"unexpected reply byte {status:#04x} from {s.where} to AUTH_BEGIN")
-    server_nonce = yield s.io("the server nonce", wire.read_fixed(wire.AUTH_NONCE_BYTES))
+    server_nonce = yield from _auth_reply(
+        s,
+        "the reply to EXT_AUTH_BEGIN",
+        wire.AUTH_NONCE_BYTES,
+        f"{s.where} does not require authentication ({{}}), but this client has a token; "
+        "refusing to use a server that cannot prove it knows the token (start the server "
+        "with the same token, or drop the token on this client)",
+    )
     client_nonce = auth.new_nonce()
     yield wire.encode_auth_proof(client_nonce, auth.client_proof(token, server_nonce, client_nonce))
-    status = yield s.io("the reply to EXT_AUTH_PROOF", wire.read_u8)
-    if status == EXT_ERROR:
-        error = yield s.io("the reply to EXT_AUTH_PROOF", wire.read_ext_error)
-        raise AuthError(
-            f"{s.where} refused our token ({error}); check that client and server use the "
-            "same secret"
-        )
-    if status != EXT_OK:
-        raise ProtocolError(f"unexpected reply byte {status:#04x} from {s.where} to AUTH_PROOF")
-    proof = yield s.io("the server proof", wire.read_fixed(wire.AUTH_PROOF_BYTES))
+    proof = yield from _auth_reply(
+        s,
+        "the reply to EXT_AUTH_PROOF",
+        wire.AUTH_PROOF_BYTES,
+        f"{s.where} refused our token ({{}}); check that client and server use the same secret",
+    )
     if not auth.verify(auth.server_proof(token, server_nonce, client_nonce), proof):
         raise AuthError(
             f"{s.where} answered with a wrong server proof: it does not know the token "
             "(an impostor, or a different secret); not using it"
         )
+
+
+def _auth_reply(s: Session, what: str, size: int, refused: str) -> OpGen[bytes]:
+    """One reply of the exchange: ``size`` bytes, or the server's AuthError, re-raised with
+    ``refused`` (a format string taking the server's message) as its message."""
+    status = yield s.io(what, wire.read_u8)
+    try:
+        value: bytes = yield from _ext_finish(s, status, wire.read_fixed(size), what)
+    except AuthError as exc:
+        raise AuthError(refused.format(exc)) from None
+    return value
 
 
 def handshake_error(s: Session, exc: BaseException) -> AuthError | None:
