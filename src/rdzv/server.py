@@ -64,6 +64,8 @@ LISTEN_BACKLOG = 65535
 #: Default of ``max_waits_per_connection``: a torch client parks at most one wait at a time;
 #: rdzv's pipelining clients a few; 4096 bounds the memory one connection can pin.
 DEFAULT_MAX_WAITS_PER_CONNECTION = 4096
+#: Default of ``auth_timeout`` (seconds to authenticate on a server with a token).
+DEFAULT_AUTH_TIMEOUT = 10.0
 
 _I64 = wire._I64.pack
 _U64 = wire._U64.pack
@@ -128,6 +130,7 @@ class _Connection(asyncio.Protocol):
         "_closed",
         "_paused",
         "auth_nonce",
+        "auth_timer",
         "bound",
         "handlers",
         "parser",
@@ -153,6 +156,7 @@ class _Connection(asyncio.Protocol):
         # Until authenticated (when the server has a token), only the handshake is served.
         self.handlers = _HANDLERS
         self.auth_nonce: bytes | None = None
+        self.auth_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -177,11 +181,20 @@ class _Connection(asyncio.Protocol):
             isinstance(peer, tuple) and server.allow_unauthenticated.allows(str(peer[0]))
         ):
             self.handlers = _UNAUTH_HANDLERS
+            loop = asyncio.get_running_loop()
+            self.auth_timer = loop.call_later(server.auth_timeout, self._auth_expired)
         logger.info("connection from %s (%d open)", self.peer, len(server._connections))
+
+    def _auth_expired(self) -> None:
+        if self.handlers is _UNAUTH_HANDLERS:
+            timeout = self.server.auth_timeout
+            self.close(f"not authenticated within {timeout:g} s (auth_timeout={timeout:g})")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._backlog = None
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
         server = self.server
         server._connections.discard(self)
         engine = server.engine
@@ -612,6 +625,8 @@ class StoreServer:
             logged with the peer and the limit (None: no limit but the fd limit).
         max_waits_per_connection: most parked waits (WAIT, BARRIER, blocking get,
             multi_get, queue_pop) per connection; one more closes the connection, logged.
+        auth_timeout: seconds a connection that must authenticate may take to do so; then
+            it is closed, logged (a client cannot hold a connection without the token).
 
     Raises :class:`~rdzv.errors.NetworkError` from :meth:`start` when binding fails (the
     message names the endpoint and the OS error); ValueError for a token with
@@ -632,6 +647,7 @@ class StoreServer:
         ssl: ssl.SSLContext | None = None,
         max_connections: int | None = None,
         max_waits_per_connection: int | None = DEFAULT_MAX_WAITS_PER_CONNECTION,
+        auth_timeout: float = DEFAULT_AUTH_TIMEOUT,
     ) -> None:
         if token is not None and not allow_extensions:
             raise ValueError("a token requires allow_extensions=True (auth is an extension)")
@@ -650,6 +666,9 @@ class StoreServer:
         self.ssl_context = ssl
         self.max_connections = max_connections
         self.max_waits_per_connection = max_waits_per_connection
+        if not auth_timeout > 0:
+            raise ValueError(f"auth_timeout must be > 0 seconds, got {auth_timeout}")
+        self.auth_timeout = auth_timeout
         self.host = host
         self._requested_port = port
         self._sock = sock

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -219,3 +220,20 @@ def test_allowlist_of_another_network_does_not_admit_loopback() -> None:
 def test_token_requires_extensions() -> None:
     with pytest.raises(ValueError, match="allow_extensions"):
         StoreServer(token=TOKEN, allow_extensions=False)
+
+
+def test_a_connection_that_does_not_authenticate_is_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    thread = ServerThread(token=TOKEN, auth_timeout=0.2).start()
+    try:
+        idle = Raw(thread.port)
+        idle.assert_closed()
+        eventually(lambda: "not authenticated within 0.2 s" in caplog.text, what="the log")
+        with TCPStore("127.0.0.1", thread.port, token=TOKEN, timeout=5) as store:
+            time.sleep(0.5)  # past the deadline: an authenticated connection stays open
+            store.set("k", b"v")
+            assert store.get("k") == b"v"
+        assert caplog.text.count("not authenticated within") == 1
+    finally:
+        thread.stop()
