@@ -89,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
             ssl=context,
             max_connections=args.max_connections,
             max_waits_per_connection=args.max_waits_per_connection,
+            auth_timeout=args.auth_timeout,
         )
     except (RdzvError, ValueError, OSError) as exc:
         print(f"rdzv serve: error: {exc}", file=sys.stderr)
@@ -157,6 +158,12 @@ def register(subparsers: Any) -> None:
         metavar="NETWORKS",
         help="comma-separated networks whose clients may skip authentication, e.g. "
         "127.0.0.0/8,::1 (torch clients cannot authenticate)",
+    )
+    security.add_argument(
+        "--auth-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to authenticate before it is disconnected (default: 10)",
     )
     security.add_argument(
         "--insecure",
