@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import socket
+import ssl
 import time
 from collections.abc import Generator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from rdzv import wire
+from rdzv import auth, wire
 from rdzv.errors import NetworkError, ProtocolError
 from rdzv.server import StoreServer, format_endpoint
 from rdzv.store import tcp_ops as ops
@@ -46,6 +48,7 @@ from rdzv.store.base import (
 )
 from rdzv.store.tcp import check_endpoint, connect_host
 from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
+from rdzv.tls import TLSConfig, client_context
 
 __all__ = ["AsyncTCPStore"]
 
@@ -56,9 +59,10 @@ _RECV_SIZE = 256 * 1024
 class AsyncTCPStore:
     """An asyncio client of a TCPStore server (torch's or rdzv's).
 
-    Args: as :class:`~rdzv.store.tcp.TCPStore`, minus ``multi_tenant``,
-    ``master_listen_fd`` and ``use_libuv``. Nothing happens until :meth:`connect` (or
-    ``async with``, or the first call, which connects on demand).
+    Args: as :class:`~rdzv.store.tcp.TCPStore` (``token``, ``token_file`` and ``tls``
+    included), minus ``multi_tenant``, ``master_listen_fd`` and ``use_libuv``. Nothing
+    happens until :meth:`connect` (or ``async with``, or the first call, which connects on
+    demand).
 
     Every method has the semantics, arguments and errors of the same-named
     :class:`~rdzv.store.base.Store` method.
@@ -72,15 +76,29 @@ class AsyncTCPStore:
         is_master: bool = False,
         timeout: TimeoutLike = timedelta(seconds=300),
         wait_for_workers: bool = True,
+        *,
+        token: str | bytes | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: ssl.SSLContext | TLSConfig | None = None,
     ) -> None:
         self._host, self._port = check_endpoint(host_name, port)
+        if tls is not None and is_master:
+            raise ValueError(
+                "tls= is for clients; start a TLS server with `rdzv serve --tls-cert` or "
+                "StoreServer(ssl=...) and connect to it with is_master=False"
+            )
+        self._token = auth.load_token(token, token_file)
+        self._tls = tls
+        self._tls_context = None if tls is None else client_context(tls)
         if world_size == 0:
             raise ValueError("TCPStore world size cannot be 0")
         self._world_size = world_size
         self._is_master = bool(is_master)
         self._wait_for_workers = wait_for_workers
         self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout_to_seconds(timeout)
-        self._session = Session(repr(self), ops.io_timeout_for(self._timeout))
+        self._session = Session(
+            repr(self), ops.io_timeout_for(self._timeout), self._token, tls is not None
+        )
         self._lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -129,7 +147,7 @@ class AsyncTCPStore:
         if self._broken is not None:
             raise NetworkError(f"{self!r} cannot be used: {self._broken}")
         if self._is_master and self._server is None:
-            self._server = StoreServer(self._host, self._port)
+            self._server = StoreServer(self._host, self._port, token=self._token)
             await self._server.start()
             self._port = self._server.port
             self._session.where = repr(self)
@@ -151,8 +169,12 @@ class AsyncTCPStore:
             attempts += 1
             try:
                 limit = deadline.remaining()
+                tls: dict[str, Any] = {}
+                if self._tls_context is not None:
+                    ctx, hostname = self._tls_context
+                    tls = {"ssl": ctx, "server_hostname": hostname or host}
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, self._port),
+                    asyncio.open_connection(host, self._port, **tls),
                     min(limit, ops.MIN_IO_TIMEOUT) if limit > 0 else 1.0,
                 )
                 sock = writer.get_extra_info("socket")
@@ -164,6 +186,9 @@ class AsyncTCPStore:
                 return
             except (OSError, asyncio.TimeoutError, NetworkError, ProtocolError, ReadTimeout) as exc:
                 self._drop()
+                fatal = ops.handshake_error(self._session, exc)
+                if fatal is not None:
+                    raise fatal from exc
                 last: BaseException = exc
             remaining = deadline.remaining()
             if remaining <= 0:
@@ -192,7 +217,14 @@ class AsyncTCPStore:
 
     async def clone(self) -> AsyncTCPStore:
         """A new, connected store on the same server (no worker counting)."""
-        twin = AsyncTCPStore(self._host, self._port, timeout=self._timeout, wait_for_workers=False)
+        twin = AsyncTCPStore(
+            self._host,
+            self._port,
+            timeout=self._timeout,
+            wait_for_workers=False,
+            token=self._token,
+            tls=self._tls,
+        )
         return await twin.connect()
 
     # ------------------------------------------------------------------ driver
