@@ -13,6 +13,11 @@ latency per call in microseconds, and the rdzv/torch throughput ratio per client
 Usage (from the repository root)::
 
     python bench/store_ops.py [--clients 1 16 64] [--seconds 3] [--procs 4] [--repeats 3]
+    python bench/store_ops.py --security [--python-clients 1 16] [--seconds 3] [--repeats 3]
+
+``--security`` instead measures the cost of authentication and TLS (``security_main``):
+rdzv's Python client against ``rdzv serve`` with neither, a token, TLS, and both; connect
+time (handshake included) and the set/get loop.
 
 ``--durability`` measures instead the cost of ``rdzv serve --data-dir`` (fsync always,
 interval, never) against the in-memory server, with rdzv's Python client (same workload;
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +64,8 @@ sys.stdin.read()
 """
 
 
-def start_server(kind: str, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], int]:
+def start_server(kind: str, extra: Sequence[str] = ()) -> tuple[subprocess.Popen[str], int]:
+    """Start a server process (``extra``: more ``rdzv serve`` arguments)."""
     if kind == "torch":
         cmd = [sys.executable, "-c", TORCH_SERVER]
     else:
@@ -96,7 +103,7 @@ def worker(client: str, port: int, threads: int, seconds: float) -> None:
         from rdzv.store.tcp import TCPStore
 
         def connect() -> Any:
-            return TCPStore("127.0.0.1", port, timeout=60)
+            return TCPStore("127.0.0.1", port, timeout=60, **security_kwargs())
 
     stores = [connect() for _ in range(threads)]
     print("ready", flush=True)
@@ -296,6 +303,9 @@ def main() -> None:
         help="client counts for rdzv's Python client on rdzv's server",
     )  # fmt: skip
     parser.add_argument(
+        "--security", action="store_true", help="measure auth and TLS costs instead"
+    )
+    parser.add_argument(
         "--durability", action="store_true",
         help="measure rdzv serve --data-dir (fsync always/interval/never) vs in memory",
     )  # fmt: skip
@@ -303,6 +313,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.durability:
         durability_main(args)
+        return
+    if args.security:
+        security_main(args)
         return
     results = []
     plan = [("torch", "torch"), ("rdzv", "torch")]
@@ -342,6 +355,96 @@ def main() -> None:
                 "machine": machine(),
                 "results": results,
                 "ratio_rdzv_over_torch": ratios,
+            },
+            indent=2,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- security costs
+# The token travels in $RDZV_TOKEN (read by `rdzv serve` and by the client); the TLS CA in
+# $BENCH_TLS_CA (read by the client worker).
+SECURITY_VARIANTS = ("plain", "token", "tls", "token+tls")
+CONNECTS = 200
+
+
+def security_kwargs() -> dict[str, Any]:
+    """TCPStore keyword arguments of the current security variant (client side)."""
+    ca = os.environ.get("BENCH_TLS_CA")
+    if not ca:
+        return {}
+    from rdzv.tls import TLSConfig
+
+    return {"tls": TLSConfig(ca=ca)}
+
+
+def _security_setup(variant: str, certs: Any) -> list[str]:
+    """Set the environment of ``variant``; return the extra ``rdzv serve`` arguments."""
+    os.environ.pop("RDZV_TOKEN", None)
+    os.environ.pop("BENCH_TLS_CA", None)
+    extra: list[str] = []
+    if "token" in variant:
+        os.environ["RDZV_TOKEN"] = "bench-" + "0123456789abcdef" * 2
+    if "tls" in variant:
+        os.environ["BENCH_TLS_CA"] = str(certs.ca)
+        extra = ["--tls-cert", str(certs.server.cert), "--tls-key", str(certs.server.key)]
+    return extra
+
+
+def _connect_times(port: int) -> dict[str, float]:
+    from rdzv.store.tcp import TCPStore
+
+    times = []
+    for _ in range(CONNECTS):
+        t0 = time.perf_counter()
+        TCPStore("127.0.0.1", port, timeout=60, **security_kwargs()).close()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {
+        "connect_p50_us": round(times[len(times) // 2] * 1e6, 1),
+        "connect_p99_us": round(times[int(0.99 * len(times))] * 1e6, 1),
+    }
+
+
+def security_main(args: argparse.Namespace) -> None:
+    import tempfile
+
+    sys.path[:0] = [str(SRC), str(REPO)]
+    from tests.security.certs import make_certs
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        certs = make_certs(Path(tmp))
+        for clients in args.python_clients:
+            rows: dict[str, list[dict[str, Any]]] = {v: [] for v in SECURITY_VARIANTS}
+            for _ in range(args.repeats):  # alternate variants: the machine's load drifts
+                for variant in SECURITY_VARIANTS:
+                    proc, port = start_server("rdzv", _security_setup(variant, certs))
+                    try:
+                        run = run_clients("rdzv", port, clients, args.procs, args.seconds, proc.pid)
+                        run.update(_connect_times(port))
+                    finally:
+                        stop_server(proc)
+                    rows[variant].append(run)
+            for variant in SECURITY_VARIANTS:
+                row = {"variant": variant, **summarize("rdzv", "rdzv", clients, rows[variant])}
+                results.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    _security_setup("plain", None)
+    print(
+        json.dumps(
+            {
+                "figure": "Security costs: rdzv Python client on rdzv serve, auth and TLS",
+                "workload": {
+                    "loop": "set(key, 64 B) then get(key) (one round trip each)",
+                    "connect": f"{CONNECTS} sequential TCPStore() + close() (handshake incl.)",
+                    "keys_per_client": KEYS_PER_CLIENT,
+                    "seconds": args.seconds,
+                    "repeats": args.repeats,
+                    "statistic": "median run by ops/s; latencies and CPU of that run",
+                },
+                "machine": machine(),
+                "results": results,
             },
             indent=2,
         )

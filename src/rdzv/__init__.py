@@ -31,6 +31,7 @@ _LAZY = {
     "FileStore": "rdzv.store.file",
     "TCPStore": "rdzv.store.tcp",
     "AsyncTCPStore": "rdzv.store.async_tcp",
+    "TLSConfig": "rdzv.tls",
     "EtcdStore": "rdzv.store.etcd",
     "register_rendezvous_handler": "rdzv.rendezvous.url",
     "connect": "rdzv.launcher.worker",

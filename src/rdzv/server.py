@@ -35,13 +35,14 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
-from rdzv import wire
+from rdzv import auth, wire
 from rdzv.engine import Engine, Waiter
-from rdzv.errors import NetworkError, StoreError
+from rdzv.errors import AuthError, NetworkError, StoreError
 from rdzv.persistence import DurableJournal
 from rdzv.wire import (
     CHECK_NOT_READY,
@@ -67,6 +68,11 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 #: Listen backlog requested; the kernel caps it at ``net.core.somaxconn`` (torch asks for the
 #: system maximum too).
 LISTEN_BACKLOG = 65535
+#: Default of ``max_waits_per_connection``: a torch client parks at most one wait at a time;
+#: rdzv's pipelining clients a few; 4096 bounds the memory one connection can pin.
+DEFAULT_MAX_WAITS_PER_CONNECTION = 4096
+#: Default of ``auth_timeout`` (seconds to authenticate on a server with a token).
+DEFAULT_AUTH_TIMEOUT = 10.0
 
 _I64 = wire._I64.pack
 _U64 = wire._U64.pack
@@ -131,7 +137,10 @@ class _Connection(asyncio.Protocol):
         "_closed",
         "_paused",
         "_queued",
+        "auth_nonce",
+        "auth_timer",
         "bound",
+        "handlers",
         "out",
         "parser",
         "peer",
@@ -155,6 +164,10 @@ class _Connection(asyncio.Protocol):
         self._closed = False
         self.out: list[bytes] = []  # replies held until the journal is committed
         self._queued = False  # in server._outbox
+        # Until authenticated (when the server has a token), only the handshake is served.
+        self.handlers = _HANDLERS
+        self.auth_nonce: bytes | None = None
+        self.auth_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -170,12 +183,30 @@ class _Connection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.server._connections.add(self)
-        logger.info("connection from %s (%d open)", self.peer, len(self.server._connections))
+        server = self.server
+        limit = server.max_connections
+        if limit is not None and len(server._connections) >= limit:
+            self.close(f"connection limit reached ({limit} open; max_connections={limit})")
+            return
+        server._connections.add(self)
+        if server.token is not None and not (
+            isinstance(peer, tuple) and server.allow_unauthenticated.allows(str(peer[0]))
+        ):
+            self.handlers = _UNAUTH_HANDLERS
+            loop = asyncio.get_running_loop()
+            self.auth_timer = loop.call_later(server.auth_timeout, self._auth_expired)
+        logger.info("connection from %s (%d open)", self.peer, len(server._connections))
+
+    def _auth_expired(self) -> None:
+        if self.handlers is _UNAUTH_HANDLERS:
+            timeout = self.server.auth_timeout
+            self.close(f"not authenticated within {timeout:g} s (auth_timeout={timeout:g})")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._backlog = None
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
         server = self.server
         server._connections.discard(self)
         engine = server.engine
@@ -221,7 +252,7 @@ class _Connection(asyncio.Protocol):
         try:
             for req in requests:
                 i += 1
-                _HANDLERS[req.op](server, self, req)
+                self.handlers[req.op](server, self, req)
                 if server._fired:
                     server._drain()
                 if self._paused and i < len(requests):
@@ -325,6 +356,7 @@ def _h_wait(server: StoreServer, conn: _Connection, req: wire.Wait) -> None:
     if len(keys) == 1 and engine.get(keys[0]) is not None:  # fast path: torch's get()
         conn.write(STOP_WAITING)
         return
+    server._check_waits(conn)
     waiter = engine.wait(keys, server._on_fire, (conn, _WAIT, None))
     if waiter is None:
         conn.write(STOP_WAITING)
@@ -393,6 +425,7 @@ def _h_list_keys(server: StoreServer, conn: _Connection, req: wire.ListKeys) -> 
 def _h_barrier(server: StoreServer, conn: _Connection, req: wire.Barrier) -> None:
     if server._bound:
         server._unbind(req.key)
+    server._check_waits(conn)
     waiter = server.engine.barrier(req.key, req.world_size, server._on_fire, (conn, _BARRIER, None))
     if waiter is None:
         conn.write(STOP_WAITING)
@@ -421,6 +454,7 @@ def _h_ext_add(server: StoreServer, conn: _Connection, req: wire.ExtAdd) -> None
 def _h_ext_barrier(server: StoreServer, conn: _Connection, req: wire.ExtBarrier) -> None:
     if server._bound:
         server._unbind(req.key)
+    server._check_waits(conn)
     try:
         waiter = server.engine.barrier(
             req.key, req.world_size, server._on_fire, (conn, _EXT_BARRIER, None)
@@ -439,6 +473,7 @@ def _h_ext_get_wait(server: StoreServer, conn: _Connection, req: wire.ExtGetWait
     if value is not None:
         conn.write(_EXT_OK + wire.reply_blob(value))
     else:
+        server._check_waits(conn)
         server._park(conn, [req.key], _GET, req.key, "value")
 
 
@@ -449,6 +484,7 @@ def _h_ext_multi_get_wait(
     if reply is not None:
         conn.write(reply)
     else:
+        server._check_waits(conn)
         server._park(conn, req.keys, _MULTI_GET, req.keys, "value")
 
 
@@ -459,6 +495,7 @@ def _h_ext_queue_pop_wait(
     if value is not None:
         conn.write(_EXT_OK + wire.reply_blob(value))
     else:
+        server._check_waits(conn)
         server._park(conn, [req.key], _QUEUE_POP, req.key, "queue")
 
 
@@ -501,6 +538,53 @@ def _h_ext_set_lease(server: StoreServer, conn: _Connection, req: wire.ExtSetLea
     conn.write(_EXT_OK)
 
 
+# ---- authentication (see rdzv.auth): served before and after the connection authenticated.
+
+
+def _h_auth_begin(server: StoreServer, conn: _Connection, req: wire.ExtAuthBegin) -> None:
+    if server.token is None:
+        _ext_error(conn, AuthError("this server has no token configured (authentication off)"))
+        return
+    conn.auth_nonce = auth.new_nonce()  # fresh per attempt: a recorded proof never verifies
+    conn.write(_EXT_OK + conn.auth_nonce)
+
+
+def _h_auth_proof(server: StoreServer, conn: _Connection, req: wire.ExtAuthProof) -> None:
+    token = server.token
+    if token is None:
+        _ext_error(conn, AuthError("this server has no token configured (authentication off)"))
+        return
+    nonce, conn.auth_nonce = conn.auth_nonce, None  # single use
+    if nonce is None:
+        _ext_error(conn, AuthError("EXT_AUTH_PROOF sent before EXT_AUTH_BEGIN"))
+        raise _Close("authentication refused: proof sent without asking for a challenge")
+    if not auth.verify(auth.client_proof(token, nonce, req.client_nonce), req.proof):
+        _ext_error(conn, AuthError("authentication failed: wrong token"))
+        raise _Close("authentication failed: wrong token (the client's proof did not verify)")
+    conn.handlers = _HANDLERS
+    conn.write(_EXT_OK + auth.server_proof(token, nonce, req.client_nonce))
+    logger.info("connection from %s authenticated", conn.peer)
+
+
+def _h_unauth_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> None:
+    if req.nonce == wire.RDZV_PING_NONCE and conn.parser.extended:
+        conn.write(wire.reply_ping(req.nonce, True, auth_required=True))
+        return
+    raise _Close(
+        "refused an unauthenticated client: this server requires a token and the client "
+        "did not negotiate rdzv extensions (a torch client cannot authenticate); allow its "
+        "network with --allow-unauthenticated / allow_unauthenticated="
+    )
+
+
+def _h_unauthenticated(server: StoreServer, conn: _Connection, req: Request) -> None:
+    raise _Close(
+        f"refused {req.op.name} before authentication: this server requires a token "
+        "(rdzv clients: pass token= / token_file= / $RDZV_TOKEN; torch clients: allow their "
+        "network with --allow-unauthenticated)"
+    )
+
+
 def _build_handlers() -> list[_Handler]:
     table: dict[Op, Callable[..., None]] = {
         Op.VALIDATE: _h_validate,
@@ -531,6 +615,8 @@ def _build_handlers() -> list[_Handler]:
         Op.EXT_NUM_KEYS: _h_ext_num_keys,
         Op.EXT_SET_EPHEMERAL: _h_ext_set_ephemeral,
         Op.EXT_SET_LEASE: _h_ext_set_lease,
+        Op.EXT_AUTH_BEGIN: _h_auth_begin,
+        Op.EXT_AUTH_PROOF: _h_auth_proof,
     }
     handlers: list[_Handler] = [_h_validate] * 256
     for op, fn in table.items():
@@ -539,6 +625,11 @@ def _build_handlers() -> list[_Handler]:
 
 
 _HANDLERS = _build_handlers()
+_UNAUTH_HANDLERS: list[_Handler] = [_h_unauthenticated] * 256
+_UNAUTH_HANDLERS[Op.VALIDATE] = _h_validate
+_UNAUTH_HANDLERS[Op.PING] = _h_unauth_ping
+_UNAUTH_HANDLERS[Op.EXT_AUTH_BEGIN] = _h_auth_begin
+_UNAUTH_HANDLERS[Op.EXT_AUTH_PROOF] = _h_auth_proof
 
 
 # --------------------------------------------------------------------------- server
@@ -557,6 +648,20 @@ class StoreServer:
         engine: the state to serve (a fresh :class:`~rdzv.engine.Engine` by default).
         limits: request limits (:data:`rdzv.wire.DEFAULT_LIMITS`: torch libuv's).
         allow_extensions: offer rdzv's protocol extensions to clients that ask for them.
+        token: shared secret (bytes, >= 16; see :func:`rdzv.auth.load_token`). When set,
+            every connection must authenticate (HMAC challenge-response, ``docs/security.md``)
+            before any other request; others are closed with a logged reason.
+        allow_unauthenticated: networks (CIDR strings or a
+            :class:`~rdzv.auth.NetworkAllowlist`) whose clients may skip authentication
+            (torch clients cannot authenticate).
+        ssl: a server-side :class:`ssl.SSLContext`: every connection is TLS (plain clients,
+            torch's included, fail the TLS handshake).
+        max_connections: most connections open at once; further ones are closed at once,
+            logged with the peer and the limit (None: no limit but the fd limit).
+        max_waits_per_connection: most parked waits (WAIT, BARRIER, blocking get,
+            multi_get, queue_pop) per connection; one more closes the connection, logged.
+        auth_timeout: seconds a connection that must authenticate may take to do so; then
+            it is closed, logged (a client cannot hold a connection without the token).
         data_dir: make the state durable in this directory (created if missing): recovered
             by :meth:`start`, every change journaled and committed before any reply that
             depends on it is sent (see ``docs/durability.md``). None: in memory only.
@@ -568,7 +673,8 @@ class StoreServer:
     Raises :class:`~rdzv.errors.NetworkError` from :meth:`start` when binding fails (the
     message names the endpoint and the OS error); :class:`~rdzv.errors.StoreError` from
     :meth:`start` when ``data_dir`` is unusable or corrupt (the message names the file and
-    offset); ValueError for an unknown ``fsync`` policy.
+    offset); ValueError for a token with ``allow_extensions=False`` (authentication is an
+    extension), a bad network or an unknown ``fsync`` policy.
     """
 
     def __init__(
@@ -580,10 +686,36 @@ class StoreServer:
         engine: Engine | None = None,
         limits: Limits = DEFAULT_LIMITS,
         allow_extensions: bool = True,
+        token: bytes | None = None,
+        allow_unauthenticated: auth.NetworkAllowlist | Iterable[str] = (),
+        ssl: ssl.SSLContext | None = None,
+        max_connections: int | None = None,
+        max_waits_per_connection: int | None = DEFAULT_MAX_WAITS_PER_CONNECTION,
+        auth_timeout: float = DEFAULT_AUTH_TIMEOUT,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
         fsync_interval: float = 0.05,
     ) -> None:
+        if token is not None and not allow_extensions:
+            raise ValueError("a token requires allow_extensions=True (auth is an extension)")
+        for name, value in (
+            ("max_connections", max_connections),
+            ("max_waits_per_connection", max_waits_per_connection),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        self.token = token
+        self.allow_unauthenticated = (
+            allow_unauthenticated
+            if isinstance(allow_unauthenticated, auth.NetworkAllowlist)
+            else auth.NetworkAllowlist(allow_unauthenticated)
+        )
+        self.ssl_context = ssl
+        self.max_connections = max_connections
+        self.max_waits_per_connection = max_waits_per_connection
+        if not auth_timeout > 0:
+            raise ValueError(f"auth_timeout must be > 0 seconds, got {auth_timeout}")
+        self.auth_timeout = auth_timeout
         self.host = host
         self._requested_port = port
         self._sock = sock
@@ -630,7 +762,10 @@ class StoreServer:
                 with contextlib.suppress(OSError):
                     sock.listen(LISTEN_BACKLOG)
                 server = await loop.create_server(
-                    lambda: _Connection(self), sock=sock, backlog=LISTEN_BACKLOG
+                    lambda: _Connection(self),
+                    sock=sock,
+                    backlog=LISTEN_BACKLOG,
+                    ssl=self.ssl_context,
                 )
                 self._servers.append(server)
                 name = sock.getsockname()
@@ -782,6 +917,14 @@ class StoreServer:
                 logger.error("cannot fsync the journal in %s: %s", self.journal.data_dir, exc)
 
     # ------------------------------------------------------------------ waiters
+    def _check_waits(self, conn: _Connection) -> None:
+        limit = self.max_waits_per_connection
+        if limit is not None and len(conn.waiters) >= limit:
+            raise _Close(
+                f"pending-wait limit exceeded ({limit} parked waits on this connection; "
+                f"max_waits_per_connection={limit})"
+            )
+
     def _on_fire(self, waiter: Waiter) -> None:
         # Engine callback: must not re-enter the engine, so defer the work to _drain, which
         # the connection runs right after the current request.
@@ -915,8 +1058,8 @@ class ServerThread:
     def _run(self) -> None:
         loop = self._loop = new_event_loop()
         asyncio.set_event_loop(loop)
-        server = StoreServer(*self._args, **self._kwargs)
         try:
+            server = StoreServer(*self._args, **self._kwargs)
             loop.run_until_complete(server.start())
         except BaseException as exc:
             self._error = exc

@@ -29,6 +29,7 @@ from enum import IntEnum
 from typing import TypeVar
 
 from rdzv.errors import (
+    AuthError,
     CounterError,
     ProtocolError,
     QueueEmptyError,
@@ -42,6 +43,7 @@ __all__ = [
     "EXT_ERROR",
     "EXT_OK",
     "EXT_VERSION",
+    "HELLO_AUTH_REQUIRED",
     "INIT_KEY",
     "KEY_PREFIX",
     "RDZV_HELLO",
@@ -78,6 +80,12 @@ EXT_VERSION = 1
 #: What an rdzv server answers to :data:`RDZV_PING_NONCE`: ``0x72647Axx``, ``xx`` the
 #: extension version (never ``0x76``, so it always differs from the echo a torch server sends).
 RDZV_HELLO = 0x72647A00 | EXT_VERSION
+#: Flag bit of the HELLO's low byte: this server requires this connection to authenticate
+#: (EXT_AUTH_BEGIN / EXT_AUTH_PROOF) before anything else. The version is ``low & 0x7F``.
+HELLO_AUTH_REQUIRED = 0x80
+#: Sizes of the fixed fields of the authentication exchange (see :mod:`rdzv.auth`).
+AUTH_NONCE_BYTES = 32
+AUTH_PROOF_BYTES = 32
 
 # One-byte replies (torch's CheckResponseType and WaitResponseType).
 CHECK_READY = b"\x00"
@@ -124,6 +132,8 @@ class Op(IntEnum):
     EXT_NUM_KEYS = 0x86
     EXT_SET_EPHEMERAL = 0x87
     EXT_SET_LEASE = 0x88
+    EXT_AUTH_BEGIN = 0x89
+    EXT_AUTH_PROOF = 0x8A
 
 
 class ErrorCode(IntEnum):
@@ -132,12 +142,14 @@ class ErrorCode(IntEnum):
     STORE = 1  #: StoreError: any other failure
     COUNTER = 2  #: CounterError: add/barrier on a non-integer or overflowing value
     VALUE = 3  #: ValueError: an argument the server refuses (e.g. world_size < 1)
+    AUTH = 4  #: AuthError: authentication refused (wrong proof, no token configured)
 
 
 _ERROR_CLASSES: dict[int, type[Exception]] = {
     ErrorCode.STORE: StoreError,
     ErrorCode.COUNTER: CounterError,
     ErrorCode.VALUE: ValueError,
+    ErrorCode.AUTH: AuthError,
 }
 
 
@@ -145,6 +157,8 @@ def error_code_for(exc: BaseException) -> ErrorCode:
     """The :class:`ErrorCode` that carries ``exc`` to an rdzv client."""
     if isinstance(exc, CounterError):
         return ErrorCode.COUNTER
+    if isinstance(exc, AuthError):
+        return ErrorCode.AUTH
     if isinstance(exc, ValueError):
         return ErrorCode.VALUE
     return ErrorCode.STORE
@@ -380,6 +394,19 @@ class ExtSetLease(Request):
     ttl_ms: int
 
 
+@_request(Op.EXT_AUTH_BEGIN)
+@dataclass(slots=True)
+class ExtAuthBegin(Request):
+    pass
+
+
+@_request(Op.EXT_AUTH_PROOF)
+@dataclass(slots=True)
+class ExtAuthProof(Request):
+    client_nonce: bytes
+    proof: bytes
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -520,7 +547,7 @@ class RequestParser:
         if op == Op.VALIDATE:
             return ProtocolError("VALIDATE sent twice; it is only allowed as the first request")
         return ProtocolError(
-            f"unknown opcode {op:#04x}; torch 2.13 uses 0x00-0x12, rdzv extensions 0x80-0x88"
+            f"unknown opcode {op:#04x}; torch 2.13 uses 0x00-0x12, rdzv extensions 0x80-0x8a"
         )
 
     def _validate(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
@@ -569,6 +596,13 @@ class RequestParser:
         if pos + 8 > end:
             raise NeedData(pos + 8)
         return ExtSetLease(key, value, _I64_FROM(buf, pos)[0]), pos + 8
+
+    def _p_auth_proof(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
+        mid = pos + AUTH_NONCE_BYTES
+        stop = mid + AUTH_PROOF_BYTES
+        if stop > end:
+            raise NeedData(stop)
+        return ExtAuthProof(buf[pos:mid], buf[mid:stop]), stop
 
     def _p_ping(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
         stop = pos + 4
@@ -745,6 +779,8 @@ def _build_tables() -> tuple[list[_Parse | None], list[_Parse | None]]:
     ext[Op.EXT_NUM_KEYS] = _key_parser(ExtNumKeys)
     ext[Op.EXT_SET_EPHEMERAL] = _key_parser(ExtSetEphemeral, _KEY_VALUE)
     ext[Op.EXT_SET_LEASE] = RequestParser._p_set_lease
+    ext[Op.EXT_AUTH_BEGIN] = _fixed(ExtAuthBegin())
+    ext[Op.EXT_AUTH_PROOF] = RequestParser._p_auth_proof
     return torch, ext
 
 
@@ -788,9 +824,12 @@ def reply_queue_pop(value: bytes | None, length_before: int) -> bytes:
     return _I64_PACK(length_before) + _U64_PACK(len(value)) + value
 
 
-def reply_ping(nonce: int, extended: bool) -> bytes:
-    """PING: the nonce echoed; :data:`RDZV_HELLO` when it negotiated the extensions."""
-    return _U32.pack(RDZV_HELLO if extended and nonce == RDZV_PING_NONCE else nonce)
+def reply_ping(nonce: int, extended: bool, auth_required: bool = False) -> bytes:
+    """PING: the nonce echoed; :data:`RDZV_HELLO` when it negotiated the extensions (with
+    :data:`HELLO_AUTH_REQUIRED` set when the connection must authenticate first)."""
+    if extended and nonce == RDZV_PING_NONCE:
+        return _U32.pack(RDZV_HELLO | (HELLO_AUTH_REQUIRED if auth_required else 0))
+    return _U32.pack(nonce)
 
 
 def reply_ext_ok(payload: bytes = b"") -> bytes:
@@ -870,6 +909,25 @@ def encode_multi_set(keys: Sequence[bytes], values: Sequence[bytes]) -> bytes:
 
 def encode_set_lease(key: bytes, value: bytes, ttl_ms: int) -> bytes:
     return bytes((Op.EXT_SET_LEASE,)) + _blob(key) + _blob(value) + _I64_PACK(ttl_ms)
+
+
+def encode_auth_proof(client_nonce: bytes, proof: bytes) -> bytes:
+    """EXT_AUTH_PROOF: the client's 32-byte nonce and 32-byte HMAC proof."""
+    if len(client_nonce) != AUTH_NONCE_BYTES or len(proof) != AUTH_PROOF_BYTES:
+        raise ValueError("EXT_AUTH_PROOF takes a 32-byte nonce and a 32-byte proof")
+    return bytes((Op.EXT_AUTH_PROOF,)) + client_nonce + proof
+
+
+def read_fixed(size: int) -> Decoder[bytes]:
+    """Exactly ``size`` raw bytes (the nonce and proof of the authentication exchange)."""
+
+    def decode(buf: bytes | bytearray, pos: int) -> tuple[bytes, int]:
+        stop = pos + size
+        if stop > len(buf):
+            raise NeedData(stop)
+        return bytes(buf[pos:stop]), stop
+
+    return decode
 
 
 def encode_op(op: Op) -> bytes:

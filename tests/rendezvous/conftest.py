@@ -32,8 +32,9 @@ from rdzv.store.file import FileStore
 from rdzv.store.tcp import TCPStore
 from tests.conftest import subprocess_env
 
-# Small liveness settings keep the failure tests fast: a node is dead after 0.3 s.
-INTERVAL = 0.1
+# Small liveness settings keep the failure tests fast: a node is dead after 0.6 s (short
+# enough for fast tests, long enough that a loaded CI machine does not starve a heartbeat).
+INTERVAL = 0.2
 ATTEMPTS = 3
 EXPIRY = INTERVAL * ATTEMPTS
 
@@ -69,6 +70,7 @@ def _file_backend(tmp_path: Path) -> Iterator[Backend]:
     try:
         yield Backend("file", connect, {"kind": "file", "path": str(path)})
     finally:
+        quiesce()
         for store in opened:
             store.close()
 
@@ -86,6 +88,7 @@ def _tcp_backend(tmp_path: Path) -> Iterator[Backend]:
     try:
         yield Backend("tcp", connect, {"kind": "tcp", "host": "127.0.0.1", "port": server.port})
     finally:
+        quiesce()
         for store in reversed(opened):
             store.close()
 
@@ -137,15 +140,22 @@ def process_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
 _created: list[DynamicRendezvousHandler] = []
 
 
-@pytest.fixture(autouse=True)
-def _stop_keep_alives() -> Iterator[None]:
-    """Stop the keep-alive threads of the handlers a test created (no stray heartbeats
-    to the next test's stores)."""
-    yield
+def quiesce() -> None:
+    """Stop the keep-alive threads of the handlers the test created and let clean-up threads
+    finish, before the test's store goes away (no stray threads in the next test)."""
     while _created:
         keep_alive = _created.pop()._keep_alive
         if keep_alive is not None:
             keep_alive.stop()
+    for thread in threading.enumerate():
+        if thread.name.startswith("RendezvousCleanUp_"):
+            thread.join(10)
+
+
+@pytest.fixture(autouse=True)
+def _quiesce_after_test() -> Iterator[None]:
+    yield
+    quiesce()
 
 
 def make_handler(

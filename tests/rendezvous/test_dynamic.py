@@ -199,6 +199,18 @@ def test_repeated_rounds_keep_ranks(backend: Backend) -> None:
     assert hs[0]._membership is not None and hs[0]._membership.keys.number == 3
 
 
+def test_survivors_keep_their_ranks_newcomers_follow(backend: Backend) -> None:
+    # Addresses 127.0.0.2 and .3 form round 0; 127.0.0.1 (first in torch's sorted order)
+    # arrives later and must not take rank 0 from the running job.
+    old = handlers(backend, 2, 2, 3, start=1, last_call=0.3)
+    first = join_all(old)
+    newcomer = make_handler(backend.connect(), 2, 3, index=0, last_call=0.3)
+    late = Join(newcomer)
+    again = join_all(old)
+    assert [i.rank for i in again] == [i.rank for i in first] == [0, 1]
+    assert late.result().rank == 2
+
+
 def test_late_arrival_is_waiting_then_joins_next_round(backend: Backend) -> None:
     hs = handlers(backend, 3, 2, 3, last_call=0.2)
     first = join_all(hs[:2])
@@ -233,6 +245,19 @@ def test_spare_nodes_do_not_count_as_waiting_and_exit_gracefully(backend: Backen
         hs[1].next_rendezvous()
 
 
+def test_members_keep_their_places_over_a_spare(backend: Backend) -> None:
+    hs = handlers(backend, 3, 2, 2)
+    first = join_all(hs[:2])
+    spare = Join(hs[2])  # takes slot 1 of round 1, before the members come back
+    eventually(lambda: backend.admin.check(["rdzv/job/r1/joined"]), what="the spare's slot")
+    again = join_all(hs[:2])  # e.g. a worker failed: both members re-rendezvous
+    assert [i.rank for i in again] == [i.rank for i in first]
+    assert not spare.done()  # still a spare, waiting for the next round
+    hs[0].set_closed()
+    _, exc = spare.outcome()
+    assert isinstance(exc, RendezvousGracefulExitError)
+
+
 def test_spare_becomes_waiting_when_a_member_dies(backend: Backend) -> None:
     hs = handlers(backend, 3, 2, 2)
     join_all(hs[:2])
@@ -241,7 +266,7 @@ def test_spare_becomes_waiting_when_a_member_dies(backend: Backend) -> None:
     stop(hs[0])  # member 0 dies after completion
     died = time.monotonic()
     eventually(lambda: hs[1].num_nodes_waiting() == 1, what="the spare to count as waiting")
-    assert time.monotonic() - died < EXPIRY + 1.0
+    assert time.monotonic() - died < EXPIRY + 2.0
     info = Join(hs[1]).result()
     spare_info = spare.result()
     assert {info.world_size, spare_info.world_size} == {2}
@@ -259,13 +284,13 @@ def test_dead_member_is_excluded_from_the_next_round(backend: Backend) -> None:
     assert {i.world_size for i in infos} == {2}
     took = max(j.finished for j in joins if j.finished) - died
     # detection (expiry + at most one tick) + last call
-    assert EXPIRY <= took < EXPIRY + INTERVAL + 0.2 + 1.0, took
+    assert EXPIRY <= took < EXPIRY + INTERVAL + 0.2 + 2.0, took
 
 
 def test_dead_pending_node_is_excluded(backend: Backend) -> None:
     # max 4: the round completes when the last call ends, by then x has missed its heartbeats
     # (a round that fills up at once includes a node that died a moment ago, as in torch).
-    hs = handlers(backend, 3, 2, 4, last_call=1.0)
+    hs = handlers(backend, 3, 2, 4, last_call=2 * EXPIRY + 0.5)
     a = Join(hs[0])
     x = hs[1]
     # x takes a slot and dies before the round completes: it never waits for its rank.
@@ -381,7 +406,7 @@ def test_closer_dies_before_publishing_ranks(backend: Backend) -> None:
     # liveness expiry; the dead closer is a member of that round (it froze it).
     assert {i.world_size for i in infos} == {3}
     assert len({i.rank for i in infos}) == 2
-    assert time.monotonic() - frozen_at < EXPIRY + INTERVAL + 1.0
+    assert time.monotonic() - frozen_at < EXPIRY + INTERVAL + 2.0
     # The next round goes on without it.
     again = join_all(hs)
     assert {i.world_size for i in again} == {2}
@@ -401,7 +426,9 @@ def test_store_operations_per_node_do_not_grow_with_n(backend: Backend, n: int) 
     join_all(hs)
     per_node = counter.total() / n
     # 6 per node, plus a handful for the closer and the two monitors
-    assert 6 <= per_node <= 6 + 32 / n, counter.snapshot()
+    # add(round, 0), add(joined, 1), multi_set(descriptor, heartbeat), get(rank) + a few for
+    # the closer and the two monitors
+    assert 4 <= per_node <= 4 + 64 / n, counter.snapshot()
 
 
 def test_events_for_every_step(backend: Backend) -> None:

@@ -21,6 +21,7 @@ from rdzv.rendezvous.state import (
     RankRecord,
     SizeRecord,
     assign_ranks,
+    choose_members,
 )
 from tests.rendezvous.conftest import Backend, Join, eventually, make_handler
 
@@ -96,7 +97,11 @@ def test_hostile_heartbeat(backend: Backend, payload: tuple[bytes, Path], kind: 
     joins = [Join(h) for h in hs]
     eventually(lambda: backend.admin.check(["rdzv/job/r0/hb/2"]), what="the second slot")
     backend.admin.set("rdzv/job/r0/hb/2", _value(kind, payload))
-    _, exc = joins[0].outcome()
+    # The node in slot 1 watches slot 2 and finds the value.
+    eventually(lambda: any(j.done() for j in joins), what="a node to fail")
+    (failed,) = [j for j in joins if j.done()]
+    assert failed.handler._pending is not None and failed.handler._pending.slot == 1
+    _, exc = failed.outcome()
     assert isinstance(exc, RendezvousStateError), exc
     assert "rdzv/job/r0/hb/2" in str(exc)
     assert not payload[1].exists()
@@ -117,9 +122,9 @@ def test_records_round_trip() -> None:
     assert repr(desc) == "host-1.example_42_3"
     plain = NodeDesc("h", 1, 0, "n")
     assert NodeDesc.decode("k", plain.encode()) == plain
-    size = SizeRecord(5, 3, (2,), "closer")
+    size = SizeRecord(5, 3, (2,), (4,), "closer")
     assert SizeRecord.decode("k", size.encode(), max_nodes=3) == size
-    assert size.members() == [1, 3, 4]
+    assert size.members() == [1, 3, 5]
     assert SizeRecord.decode("k", SizeRecord(closed=True).encode(), 3).closed
     rank = RankRecord(1, 3, ("::1", 5))
     assert RankRecord.decode("k", rank.encode(), 3) == rank
@@ -150,13 +155,15 @@ def test_rank_record_validation(doc: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     "doc",
     [
-        {"joined": 0, "world_size": 1, "excluded": [], "closer": ""},
-        {"joined": 2, "world_size": 3, "excluded": [], "closer": ""},
-        {"joined": 3, "world_size": 3, "excluded": [1], "closer": ""},
-        {"joined": 3, "world_size": 1, "excluded": [4], "closer": ""},
-        {"joined": 3, "world_size": 1, "excluded": [1, 1], "closer": ""},
-        {"joined": 3, "world_size": 1, "excluded": "1", "closer": ""},
-        {"joined": 3, "world_size": 1, "excluded": [], "closer": 5},
+        {"joined": 0, "world_size": 1, "excluded": [], "late": [], "closer": ""},
+        {"joined": 2, "world_size": 3, "excluded": [], "late": [], "closer": ""},
+        {"joined": 3, "world_size": 3, "excluded": [1], "late": [], "closer": ""},
+        {"joined": 3, "world_size": 2, "excluded": [4], "late": [], "closer": ""},
+        {"joined": 3, "world_size": 1, "excluded": [1, 1], "late": [], "closer": ""},
+        {"joined": 3, "world_size": 1, "excluded": [1], "late": [1], "closer": ""},
+        {"joined": 3, "world_size": 1, "excluded": "1", "late": [], "closer": ""},
+        {"joined": 3, "world_size": 3, "excluded": [], "late": [], "closer": 5},
+        {"joined": 3, "world_size": 3, "excluded": [], "closer": ""},
         {"closed": True, "joined": 1},
     ],
 )
@@ -218,6 +225,15 @@ _json = st.recursive(
 @given(_json)
 def test_any_json_decodes_or_raises_state_error(doc: Any) -> None:
     _decode_all(json.dumps(doc).encode())
+
+
+def test_members_of_the_previous_round_keep_their_places() -> None:
+    spare = NodeDesc("a", 1, 0, "s")  # arrived first
+    old = [NodeDesc(f"m{i}", 1, 0, "x", prev_round=6, prev_rank=i) for i in range(3)]
+    live = [(1, spare), (2, old[0]), (3, old[1]), (4, old[2])]
+    assert choose_members(7, live, 3) == [2, 3, 4]
+    assert choose_members(7, live, 4) == [1, 2, 3, 4]
+    assert choose_members(8, live, 2) == [1, 2]  # stale history counts for nothing
 
 
 def test_rank_rule_keeps_survivors_first() -> None:

@@ -18,6 +18,8 @@ COMMANDS: list[str] = [
     "rdzv.cli.serve",
     "rdzv.cli.store",
     "rdzv.cli.demo",
+    "rdzv.cli.run",
+    "rdzv.cli.status",
 ]
 
 

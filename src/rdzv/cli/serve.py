@@ -12,22 +12,70 @@ from rdzv.errors import RdzvError
 __all__ = ["register"]
 
 
+def _is_loopback(host: str) -> bool:
+    """True if every address ``host`` resolves to is a loopback address."""
+    import ipaddress
+    import socket
+
+    if host == "":
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False  # the bind reports it
+    return all(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]).is_loopback for info in infos)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from rdzv.auth import NetworkAllowlist, load_token
     from rdzv.server import StoreServer, serve
+    from rdzv.tls import server_context
     from rdzv.wire import Limits
 
     if args.log_level == "WARNING" and not args.quiet:
         # Connections and errors are what an operator of a standalone server wants to see.
         logging.getLogger("rdzv.server").setLevel(logging.INFO)
-    limits = Limits(
-        max_key_bytes=args.max_key_bytes,
-        max_value_bytes=args.max_value_bytes,
-        max_keys=args.max_keys,
-    )
+    try:
+        limits = Limits(
+            max_key_bytes=args.max_key_bytes,
+            max_value_bytes=args.max_value_bytes,
+            max_keys=args.max_keys,
+        )
+        token = load_token(None, args.token_file)
+        allowlist = NetworkAllowlist(
+            n for n in (args.allow_unauthenticated or "").split(",") if n.strip()
+        )
+        context = None
+        if args.tls_cert is not None:
+            context = server_context(
+                args.tls_cert, args.tls_key, args.tls_ca, args.tls_require_client_cert
+            )
+        elif args.tls_key or args.tls_ca or args.tls_require_client_cert:
+            raise ValueError("--tls-key/--tls-ca/--tls-require-client-cert need --tls-cert")
+        if allowlist and token is None:
+            raise ValueError("--allow-unauthenticated only makes sense with a token")
+        if token is None and not args.insecure and not _is_loopback(args.host):
+            raise ValueError(
+                f"refusing to listen on {args.host!r} without authentication: anyone who "
+                "reaches the port could read and change the store. Give a token "
+                "(--token-file FILE or $RDZV_TOKEN; e.g. `openssl rand -hex 32 > FILE`), or "
+                "pass --insecure on a trusted network"
+            )
+    except (RdzvError, ValueError) as exc:
+        print(f"rdzv serve: error: {exc}", file=sys.stderr)
+        return 2
 
     def listening(server: StoreServer) -> None:
         for endpoint in server.endpoints:
             print(f"listening on {endpoint}", flush=True)
+        mode = "token" if token is not None else "none"
+        print(f"authentication: {mode}; tls: {'on' if context else 'off'}", flush=True)
+        if token is None and _is_loopback(args.host):
+            print(
+                "only this machine can connect; to open the server to other hosts, give it a "
+                "token (--token-file FILE) and --host 0.0.0.0 (see docs/security.md)",
+                flush=True,
+            )
 
     try:
         serve(
@@ -39,6 +87,12 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             fsync=args.fsync,
             fsync_interval=args.fsync_interval,
+            token=token,
+            allow_unauthenticated=allowlist,
+            ssl=context,
+            max_connections=args.max_connections,
+            max_waits_per_connection=args.max_waits_per_connection,
+            auth_timeout=args.auth_timeout,
         )
     except (RdzvError, ValueError, OSError) as exc:
         print(f"rdzv serve: error: {exc}", file=sys.stderr)
@@ -59,7 +113,7 @@ def register(subparsers: Any) -> None:
         "--host",
         default="127.0.0.1",
         help="address to listen on, exactly (default: 127.0.0.1; 0.0.0.0 or :: for every "
-        "IPv4/IPv6 interface)",
+        "IPv4/IPv6 interface, which needs a token or --insecure)",
     )
     parser.add_argument(
         "--port", type=int, default=29500, help="TCP port, 0 for a free one (default: 29500)"
@@ -101,6 +155,54 @@ def register(subparsers: Any) -> None:
         type=float,
         default=0.05,
         help="seconds between fsyncs with --fsync interval (default: 0.05)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="most connections open at once; more are closed and logged (default: no limit)",
+    )
+    parser.add_argument(
+        "--max-waits-per-connection",
+        type=int,
+        default=4096,
+        help="most parked waits (wait, barrier, blocking get) per connection; one more "
+        "closes the connection, logged (default: 4096)",
+    )
+    security = parser.add_argument_group("security (see docs/security.md)")
+    security.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding the shared secret clients must prove they know (HMAC "
+        "challenge-response; default: $RDZV_TOKEN if set, else no authentication)",
+    )
+    security.add_argument(
+        "--allow-unauthenticated",
+        default=None,
+        metavar="NETWORKS",
+        help="comma-separated networks whose clients may skip authentication, e.g. "
+        "127.0.0.0/8,::1 (torch clients cannot authenticate)",
+    )
+    security.add_argument(
+        "--auth-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to authenticate before it is disconnected (default: 10)",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address without a token",
+    )
+    security.add_argument("--tls-cert", default=None, help="PEM server certificate: serve TLS")
+    security.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--tls-ca", default=None, help="PEM CA verifying client certificates (if offered)"
+    )
+    security.add_argument(
+        "--tls-require-client-cert",
+        action="store_true",
+        help="refuse TLS clients without a certificate signed by --tls-ca (mutual TLS)",
     )
     parser.add_argument("--quiet", action="store_true", help="do not log connections")
     parser.set_defaults(func=_serve)

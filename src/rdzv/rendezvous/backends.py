@@ -20,6 +20,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from rdzv.errors import RendezvousConnectionError, RendezvousError
 from rdzv.events import NodeState, record_rdzv_event_fields
@@ -66,6 +67,21 @@ def _read_timeout(params: RendezvousParameters) -> int:
     return timeout
 
 
+def _security_options(params: RendezvousParameters) -> dict[str, Any]:
+    """TCPStore keyword arguments from the ``token_file`` and ``tls_*`` config keys."""
+    options: dict[str, Any] = {}
+    token_file = params.get("token_file")
+    if token_file:
+        options["token_file"] = str(token_file)
+    tls_keys = ("tls_ca", "tls_cert", "tls_key", "tls_server_hostname")
+    tls = {key[4:]: str(params.get(key)) for key in tls_keys if params.get(key)}
+    if tls:
+        from rdzv.tls import TLSConfig
+
+        options["tls"] = TLSConfig(**tls)
+    return options
+
+
 def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple[str, int]]:
     from rdzv.rendezvous.utils import (
         matches_machine_hostname,
@@ -74,13 +90,23 @@ def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple
     from rdzv.store.tcp import TCPStore
 
     host, port = parse_rendezvous_endpoint(params.endpoint, default_port=C10D_DEFAULT_PORT)
+    security = _security_options(params)
     explicit = params.get_as_bool("is_host")
+    if "tls" in security:
+        # TLS needs a server certificate: the store is an external `rdzv serve --tls-cert`.
+        if explicit:
+            raise ValueError(
+                "is_host=true cannot be combined with tls_* keys: run the TLS server with "
+                "`rdzv serve --tls-cert ...` at the rendezvous endpoint"
+            )
+        explicit = False
     is_host = matches_machine_hostname(host) if explicit is None else explicit
     read_timeout = timedelta(seconds=timeout)
-    store: Store
     if is_host:
         try:
-            store = TCPStore(host, port, is_master=True, multi_tenant=True, timeout=read_timeout)
+            server = TCPStore(
+                host, port, is_master=True, multi_tenant=True, timeout=read_timeout, **security
+            )
         except (OSError, RuntimeError, ValueError) as exc:
             if explicit:
                 raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
@@ -92,12 +118,12 @@ def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple
             record_rdzv_event_fields(
                 "backends.create_c10d_handler", params.run_id, msg, NodeState.INIT
             )
-            return store, (host, int(getattr(store, "port", port)))
+            return server, (host, server.port)
     try:
-        store = TCPStore(host, port, is_master=False, multi_tenant=True, timeout=read_timeout)
+        client = TCPStore(host, port, is_master=False, timeout=read_timeout, **security)
     except (OSError, RuntimeError, ValueError) as exc:
         raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
-    return store, (host, int(getattr(store, "port", port)))
+    return client, (host, client.port)
 
 
 def _file_store(params: RendezvousParameters, timeout: int) -> Store:
@@ -124,6 +150,10 @@ def create_c10d_store(params: RendezvousParameters) -> tuple[Store, tuple[str, i
     Config: ``store_type`` (``tcp`` default | ``file``, case-insensitive), ``read_timeout``
     (seconds, default 60, > 0), ``is_host`` (bool; default: whether the endpoint's host is
     this machine, and then fall back to a client if the port is served already).
+    Security (rdzv only, ``docs/security.md``): ``token_file`` (shared secret; else
+    ``$RDZV_TOKEN``; the hosting agent's server requires it too), ``tls_ca``, ``tls_cert``,
+    ``tls_key``, ``tls_server_hostname`` (connect with TLS; the store is then an external
+    ``rdzv serve --tls-cert`` server: ``is_host`` defaults to false, true is a ValueError).
 
     Raises ValueError for a bad store type, read timeout or endpoint;
     RendezvousConnectionError if the store cannot be created or reached.

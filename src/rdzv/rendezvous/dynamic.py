@@ -55,11 +55,13 @@ from rdzv.rendezvous.api import (
     RendezvousParameters,
     RendezvousStoreInfo,
 )
+from rdzv.rendezvous.keepalive import KeepAlive
 from rdzv.rendezvous.liveness import HeartbeatLiveness, Liveness, LivenessObserver, Status
 from rdzv.rendezvous.state import (
     CLOSED_RANK,
     CLOSED_SIZE,
     LATE_RANK,
+    SEAL,
     MasterRecord,
     NodeDesc,
     RankRecord,
@@ -67,7 +69,9 @@ from rdzv.rendezvous.state import (
     RunKeys,
     SizeRecord,
     assign_ranks,
+    choose_members,
     parse_counter_value,
+    slot_count,
 )
 from rdzv.store.base import Store
 from rdzv.store.prefix import PrefixStore
@@ -228,162 +232,6 @@ class _Pending:
         return self.keys.number
 
 
-# ---------------------------------------------------------------------------- keep-alive thread
-class _KeepAlive:
-    """The background thread of a handler: heartbeats, and while the node is a member of a
-    completed round, the pushed doorbells behind :meth:`num_nodes_waiting`.
-
-    It has its own store handle (``clone()``): the thread that runs ``next_rendezvous``
-    blocks in waits on the main one. It holds no reference to the handler, so a dropped
-    handler is collected and its finalizer stops the thread (as torch's ``_PeriodicTimer``).
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        liveness: Liveness,
-        interval: float,
-        heartbeat_timeout: float,
-        name: str,
-        record: Callable[[str, NodeState], None],
-    ) -> None:
-        self._origin = store
-        self._liveness = liveness
-        self._interval = interval
-        self._heartbeat_timeout = heartbeat_timeout
-        self._record = record
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()  # the mode changed, or stop
-        self._key: str | None = None
-        # Running mode: the keys whose existence means "nodes are waiting", the counters
-        # that say how many, and the cached answer.
-        self._doorbells: list[str] = []
-        self._count_keys: tuple[str, str] | None = None
-        self._rung = False
-        self._waiting = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    @property
-    def name(self) -> str:
-        return self._thread.name
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def track(self, key: str | None) -> None:
-        """Beat ``key`` from now on (None: nothing)."""
-        with self._lock:
-            self._key = key
-
-    def set_pending(self) -> None:
-        with self._lock:
-            self._doorbells = []
-            self._count_keys = None
-            self._rung = False
-            self._waiting = 0
-
-    def set_running(self, doorbells: list[str], joined: str, ngone: str) -> None:
-        with self._lock:
-            self._doorbells = doorbells
-            self._count_keys = (joined, ngone)
-            self._rung = False
-            self._waiting = 0
-        self._wake.set()
-
-    def waiting(self) -> int:
-        with self._lock:
-            return self._waiting
-
-    def stop(self, join: bool = False) -> None:
-        self._stop.set()
-        self._wake.set()
-        if join and self._thread is not threading.current_thread():
-            self._thread.join(self._interval + 1.0)
-
-    def _refresh(self, store: Store) -> None:
-        with self._lock:
-            count_keys = self._count_keys
-        if count_keys is None:
-            return
-        joined = store.add(count_keys[0], 0)
-        ngone = store.add(count_keys[1], 0)
-        with self._lock:
-            if self._count_keys == count_keys:
-                self._waiting = max(0, joined - ngone)
-
-    def _run(self) -> None:
-        store: Store | None = None  # cloned when first needed: most nodes never need it
-        next_beat = time.monotonic() + self._interval
-        while not self._stop.is_set():
-            try:
-                with self._lock:
-                    doorbells = self._doorbells if not self._rung else []
-                timeout = max(0.0, next_beat - time.monotonic())
-                if doorbells:
-                    if store is None:
-                        store = self._origin.clone()
-                    try:
-                        store.wait(doorbells, timeout)
-                    except StoreTimeoutError:
-                        pass
-                    else:
-                        with self._lock:
-                            if self._doorbells is doorbells:
-                                self._rung = True
-                        self._refresh(store)
-                        continue
-                else:
-                    self._wake.wait(timeout)
-                    self._wake.clear()
-                if time.monotonic() < next_beat or self._stop.is_set():
-                    continue
-                next_beat = time.monotonic() + self._interval
-                if store is None:
-                    store = self._origin.clone()
-                self._beat(store)
-                with self._lock:
-                    rung = self._rung
-                if rung:
-                    self._refresh(store)
-            except (RendezvousError, StoreError, OSError) as exc:
-                if self._stop.is_set():
-                    break  # stopped while blocked: the store may be gone already
-                msg = f"The keep-alive of {self.name} has failed: {type(exc).__name__}: {exc}"
-                logger.warning(msg)
-                self._record(msg, NodeState.FAILED)
-                if self._stop.wait(min(self._interval, 1.0)):
-                    break
-                next_beat = time.monotonic()
-
-    def _beat(self, store: Store) -> None:
-        with self._lock:
-            key = self._key
-        if key is None:
-            return
-        started = time.monotonic()
-        ok = self._liveness.keep_alive(store, key)
-        took = time.monotonic() - started
-        if took > self._heartbeat_timeout:
-            logger.warning(
-                "the keep-alive of %s took %.3fs, more than the heartbeat timeout of %.3fs",
-                key,
-                took,
-                self._heartbeat_timeout,
-            )
-        if not ok:
-            with self._lock:
-                if self._key == key:
-                    self._key = None
-            msg = (
-                f"The heartbeat key {key!r} was retired or declared dead by a peer: this "
-                "node is no longer considered part of that round."
-            )
-            logger.warning(msg)
-            self._record(msg, NodeState.FAILED)
-
-
 # ---------------------------------------------------------------------------- the handler
 class DynamicRendezvousHandler(RendezvousHandler):
     """A node's handle on a dynamic rendezvous kept in any rdzv :class:`~rdzv.store.base.Store`.
@@ -412,8 +260,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
             torch does.
         key_prefix: namespace of the rendezvous keys (default ``rdzv/<run_id>/``).
 
+    The handler opens a second handle on the store (``store.clone()``, a connection for a
+    TCPStore) for its keep-alive thread, and a third one on the first ``is_closed``,
+    ``set_closed`` or ``shutdown``.
+
     Raises ValueError for an empty run id, ``min_nodes < 1`` or ``max_nodes < min_nodes``
-    (torch's messages), TypeError for a store that is not an rdzv Store.
+    (torch's messages), TypeError for a store that is not an rdzv Store,
+    RendezvousConnectionError if the store cannot be cloned (server unreachable).
     """
 
     def __init__(
@@ -477,10 +330,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._control_store: Store | None = None
         self._membership: _Membership | None = None
         self._pending: _Pending | None = None
-        self._keep_alive: _KeepAlive | None = None
+        self._keep_alive: KeepAlive | None = None
         self._bootstrap_server: Any = None
         self._bootstrap_info: RendezvousStoreInfo | None = None
         self._shut_down = False
+        # The keep-alive thread's own connection, opened now (like the store itself) rather
+        # than in the middle of a rendezvous.
+        self._keep_alive_store = self._guard(store.clone)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -663,10 +519,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 self._control_store = self._store.clone()
             return self._control_store
 
-    def _ensure_keep_alive(self) -> _KeepAlive:
+    def _ensure_keep_alive(self) -> KeepAlive:
         if self._keep_alive is None or not self._keep_alive.is_alive():
-            keep_alive = _KeepAlive(
-                self._store,
+            keep_alive = KeepAlive(
+                self._keep_alive_store,
                 self._liveness,
                 self._interval,
                 self._settings.timeout.heartbeat.total_seconds(),
@@ -679,8 +535,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._keep_alive = keep_alive
         return self._keep_alive
 
-    def _descriptor(self) -> NodeDesc:
-        member = self._membership
+    def _descriptor(self, member: _Membership | None) -> NodeDesc:
+        """This node's descriptor; ``member``: the round it completed last, if any."""
         master = self._master_endpoint
         if master is None and self._bootstrap_info is not None and self._bootstrap_server:
             master = (self._bootstrap_info.master_addr, self._bootstrap_info.master_port)
@@ -736,7 +592,14 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 f"the slot counter {keys.joined!r} returned {slot}: the rendezvous state is "
                 "corrupt or hostile"
             )
-        desc = self._descriptor()
+        was_member = previous is not None and previous.keys.number == number - 1
+        if slot > SEAL:
+            # The round was frozen before our add: we are late, or it was closed.
+            pending = _Pending(keys, 0, self._liveness.observer(self._token), was_member=was_member)
+            if self._read_size(store, keys).closed:
+                self._raise_closed(pending, retire=False)
+            return pending, True
+        desc = self._descriptor(previous)
         alive = keys.alive(slot)
         entries = [(keys.node(slot), desc.encode()), *self._liveness.announce(alive)]
         store.multi_set([k for k, _ in entries], [v for _, v in entries])
@@ -747,19 +610,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
             slot,
             self._liveness.observer(self._token),
             gate_open=number == 0,
-            was_member=previous is not None and previous.keys.number == number - 1,
+            was_member=was_member,
         )
         self._pending = pending
         logger.debug("node %s took slot %d of round %d", self.node, slot, number)
-        if store.check([keys.size]):
-            # The round completed meanwhile: our rank record tells us whether we made it
-            # (slot within the snapshot) or are late.
-            size = self._read_size(store, keys)
-            if size.closed:
-                self._raise_closed(pending)
-            if slot > size.joined:
-                return pending, True
-        elif slot >= self._settings.min_nodes:
+        if slot >= self._settings.min_nodes:
             self._evaluate(store, pending, joined=slot)
         return pending, False
 
@@ -790,6 +645,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
             pending.gate_open = True
         if joined is None:
             joined = store.add(keys.joined, 0)
+            if joined > SEAL:
+                return  # frozen already
         live = joined - store.add(keys.ngone, 0)
         settings = self._settings
         if live >= settings.max_nodes:
@@ -805,6 +662,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if keys.number > 0 and not store.check([keys.gate]):
             return _Close.NOT_READY
         joined = store.add(keys.joined, 0)
+        if joined > SEAL:
+            return _Close.TAKEN
         slots = list(range(1, joined + 1))
         token = self._token
         statuses = self._liveness.snapshot(store, [keys.alive(s) for s in slots], token)
@@ -821,10 +680,21 @@ class DynamicRendezvousHandler(RendezvousHandler):
         needed = settings.max_nodes if full else settings.min_nodes
         if len(live) < needed:
             return _Close.NOT_READY
-        world_size = min(len(live), settings.max_nodes)
-        record = SizeRecord(joined, world_size, tuple(excluded), closer=token)
+        late: list[int] = []
+        if len(live) > settings.max_nodes:
+            raw_descs = store.multi_get([keys.node(s) for s in live])
+            descs = [
+                (slot, NodeDesc.decode(keys.node(slot), raw))
+                for slot, raw in zip(live, raw_descs, strict=True)
+            ]
+            admitted = set(choose_members(keys.number, descs, settings.max_nodes))
+            late = [s for s in live if s not in admitted]
+        world_size = len(live) - len(late)
+        record = SizeRecord(joined, world_size, tuple(excluded), tuple(late), closer=token)
         raw = record.encode()
-        if store.compare_set(keys.size, b"", raw) != raw:
+        current = store.compare_set(keys.size, b"", raw)
+        if current != raw:
+            SizeRecord.decode(keys.size, current, settings.max_nodes)  # validate the winner's
             return _Close.TAKEN
         self._publish_ranks(store, keys, record)
         logger.info(
@@ -842,6 +712,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _publish_ranks(self, store: Store, keys: RoundKeys, record: SizeRecord) -> None:
         """Write the rank record of every slot of a closed round (deterministic: any node can
         do it again from the size record and the descriptors, with the same result)."""
+        # Seal the slot counter first: a later joiner sees from its add alone that it is
+        # late; the slots taken since the snapshot get a "late" record below.
+        taken = slot_count(store.add(keys.joined, SEAL))
         members = record.members()
         raw_descs = store.multi_get([keys.node(s) for s in members]) if members else []
         descs = [
@@ -856,7 +729,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         for rank, (slot, _) in enumerate(ordered):
             out_keys.append(keys.rank(slot))
             out_values.append(RankRecord(rank, record.world_size, master).encode())
-        for slot in range(1, record.joined + 1):
+        for slot in range(1, max(record.joined, taken) + 1):
             if slot not in ranked:
                 out_keys.append(keys.rank(slot))
                 out_values.append(LATE_RANK)
@@ -898,12 +771,15 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 close_at = pending.quorum_at + last_call
                 wake = min(wake, close_at)
             try:
+                if key == rank_key:
+                    # One request that waits for the record and returns it (the Store core
+                    # call with an explicit timeout, as PrefixStore uses it).
+                    raw = store._get(rank_key, max(0.0, wake - now))
+                    return self._decode_rank(pending, raw)
                 store.wait([key], max(0.0, wake - now))
             except StoreTimeoutError:
                 pass
             else:
-                if key == rank_key:
-                    return self._read_rank(store, pending)
                 pending.quorum_at = time.monotonic()
                 continue
             now = time.monotonic()
@@ -941,7 +817,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         back; the other nodes watch the two monitors (so that a dead monitor is replaced)."""
         keys = pending.keys
         if pending.monitor:
-            joined = store.add(keys.joined, 0)
+            joined = slot_count(store.add(keys.joined, 0))
             watched = [s for s in range(1, joined + 1) if s != pending.slot]
         else:
             watched = [s for s in range(1, pending.slot) if s not in pending.gone][:2]
@@ -984,7 +860,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             and pending.quorum_at is None
             and not store.check([keys.size])
         ):
-            live = store.add(keys.joined, 0) - len(pending.gone)
+            live = slot_count(store.add(keys.joined, 0)) - len(pending.gone)
             if live >= self._settings.max_nodes:
                 self._attempt_close(store, keys, full=True)
             elif live >= self._settings.min_nodes:
@@ -1064,7 +940,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if self._liveness.retire(store, keys.alive(pending.slot)):
             store.add(keys.ngone, 1)
         self._pending = None
-        live = store.add(keys.joined, 0) - store.add(keys.ngone, 0)
+        live = slot_count(store.add(keys.joined, 0)) - store.add(keys.ngone, 0)
         raise RendezvousTimeoutError(
             f"The node '{self.node}' timed out after "
             f"{self._settings.timeout.join.total_seconds():g}s waiting for round "
@@ -1074,8 +950,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
         )
 
     def _read_rank(self, store: Store, pending: _Pending) -> RankRecord | None:
+        return self._decode_rank(pending, store.get(pending.keys.rank(pending.slot)))
+
+    def _decode_rank(self, pending: _Pending, raw: bytes) -> RankRecord | None:
+        """This node's rank record: the record of a member, None if late; raises if the
+        rendezvous was closed."""
         key = pending.keys.rank(pending.slot)
-        record = RankRecord.decode(key, store.get(key), self._settings.max_nodes)
+        record = RankRecord.decode(key, raw, self._settings.max_nodes)
         if record.closed:
             self._raise_closed(pending)
         if record.late:
@@ -1083,12 +964,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
             return None
         return record
 
-    def _raise_closed(self, pending: _Pending) -> None:
+    def _raise_closed(self, pending: _Pending, retire: bool = True) -> None:
         store = self._store
         redundant = self._is_redundant(store, pending)
         assert self._keep_alive is not None
         self._keep_alive.track(None)
-        self._liveness.retire(store, pending.keys.alive(pending.slot))
+        if retire:
+            self._liveness.retire(store, pending.keys.alive(pending.slot))
         self._pending = None
         if redundant:
             raise RendezvousGracefulExitError(
@@ -1178,7 +1060,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 )
 
     def _publish_closed(self, store: Store, keys: RoundKeys) -> None:
-        joined = store.add(keys.joined, 0)
+        joined = slot_count(store.add(keys.joined, SEAL))
         out_keys = [keys.quorum] + [keys.rank(s) for s in range(1, joined + 1)]
         store.multi_set(out_keys, [b"1"] + [CLOSED_RANK] * joined)
 
@@ -1205,7 +1087,7 @@ def _clean_up_round(origin: Store, keys: RoundKeys) -> None:
         store = origin.clone()
         if not store.check([keys.joined]):
             return
-        joined = parse_counter_value(keys.joined, store.get(keys.joined))
+        joined = slot_count(parse_counter_value(keys.joined, store.get(keys.joined)))
         for slot in range(1, joined + 1):
             for key in keys.per_slot(slot):
                 store.delete_key(key)

@@ -26,6 +26,7 @@ from rdzv.errors import RendezvousStateError
 
 __all__ = [
     "MAX_RECORD_BYTES",
+    "SEAL",
     "MasterRecord",
     "NodeDesc",
     "RankRecord",
@@ -33,7 +34,9 @@ __all__ = [
     "RunKeys",
     "SizeRecord",
     "assign_ranks",
+    "choose_members",
     "parse_counter_value",
+    "slot_count",
 ]
 
 #: Largest record accepted from the store (bytes). A size record lists the excluded slots of
@@ -43,6 +46,9 @@ MAX_RECORD_BYTES = 1 << 20
 _MAX_ADDR = 255
 #: Largest slot or round number accepted (int64, as the store's counters).
 _MAX_INT = 2**63 - 1
+#: Added to a round's slot counter when the round is frozen: a joiner whose slot exceeds it
+#: knows from the ``add`` alone that it came too late; the count is ``value % SEAL``.
+SEAL = 1 << 40
 _ADDR_RE = re.compile(r"^[A-Za-z0-9_.:%\[\]-]{1,255}$")
 _NONCE_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
 
@@ -62,6 +68,11 @@ class RunKeys:
 
     def of(self, round_: int) -> RoundKeys:
         return RoundKeys(self.prefix, round_)
+
+
+def slot_count(value: int) -> int:
+    """The number of slots taken, from a (possibly sealed) slot counter value."""
+    return value % SEAL
 
 
 class RoundKeys:
@@ -162,6 +173,14 @@ def _obj(key: str, doc: Any, what: str, required: set[str], optional: set[str]) 
     if extra:
         raise _bad(key, what, f"unknown field(s) {sorted(extra)[:5]}")
     return doc
+
+
+def _flag(key: str, doc: Any, what: str, name: str) -> bool:
+    """Whether ``doc`` is the marker record ``{name: true}`` (and nothing else)."""
+    if isinstance(doc, dict) and doc.get(name) is True:
+        _obj(key, doc, what, {name}, set())
+        return True
+    return False
 
 
 def _int(key: str, what: str, field: str, value: Any, lo: int, hi: int = _MAX_INT) -> int:
@@ -273,15 +292,16 @@ class SizeRecord:
     """The frozen membership of a round, written once by compare_set.
 
     ``joined`` slots (1..joined) were considered; ``excluded`` of them were gone (left or
-    dead) at the snapshot; the first ``world_size`` of the remaining ones, in slot order, are
-    the members. Slots above ``joined``, and live slots beyond the first ``world_size``, are
-    late and move on to the next round. ``closed``: the rendezvous was closed instead.
-    ``closer`` identifies the writer (so that it recognises its own compare_set).
+    dead) at the snapshot, ``late`` ones were live but beyond ``max_nodes``; the other
+    ``world_size`` slots are the members. Slots above ``joined`` are late too. ``closed``:
+    the rendezvous was closed instead. ``closer`` identifies the writer (so that it
+    recognises its own compare_set).
     """
 
     joined: int = 0
     world_size: int = 0
     excluded: tuple[int, ...] = ()
+    late: tuple[int, ...] = ()
     closer: str = ""
     closed: bool = False
 
@@ -293,38 +313,40 @@ class SizeRecord:
                 "joined": self.joined,
                 "world_size": self.world_size,
                 "excluded": list(self.excluded),
+                "late": list(self.late),
                 "closer": self.closer,
             }
         )
 
     def members(self) -> list[int]:
         """Member slots in slot order."""
-        gone = set(self.excluded)
-        live = [s for s in range(1, self.joined + 1) if s not in gone]
-        return live[: self.world_size]
+        out = set(self.excluded) | set(self.late)
+        return [s for s in range(1, self.joined + 1) if s not in out]
 
     @staticmethod
     def decode(key: str, raw: bytes, max_nodes: int) -> SizeRecord:
         what = "round size record"
         doc = _load(key, raw, what)
-        if isinstance(doc, dict) and doc.get("closed") is True:
-            _obj(key, doc, what, {"closed"}, set())
+        if _flag(key, doc, what, "closed"):
             return SizeRecord(closed=True)
-        doc = _obj(key, doc, what, {"joined", "world_size", "excluded", "closer"}, set())
+        doc = _obj(key, doc, what, {"joined", "world_size", "excluded", "late", "closer"}, set())
         joined = _int(key, what, "joined", doc["joined"], 1)
-        excluded_raw = doc["excluded"]
-        if not isinstance(excluded_raw, list) or len(excluded_raw) > joined:
-            raise _bad(key, what, "field 'excluded' must be a list of at most 'joined' slots")
-        excluded = tuple(_int(key, what, "excluded", s, 1, joined) for s in excluded_raw)
-        if len(set(excluded)) != len(excluded):
-            raise _bad(key, what, "field 'excluded' lists a slot twice")
+        lists = []
+        for field in ("excluded", "late"):
+            raw_list = doc[field]
+            if not isinstance(raw_list, list) or len(raw_list) > joined:
+                raise _bad(key, what, f"field {field!r} must be a list of at most 'joined' slots")
+            lists.append(tuple(_int(key, what, field, s, 1, joined) for s in raw_list))
+        excluded, late = lists
+        if len(set(excluded) | set(late)) != len(excluded) + len(late):
+            raise _bad(key, what, "a slot is listed twice in 'excluded' and 'late'")
         world_size = _int(key, what, "world_size", doc["world_size"], 1, max_nodes)
-        if world_size > joined - len(excluded):
-            raise _bad(key, what, f"world_size {world_size} exceeds the live slots")
+        if world_size != joined - len(excluded) - len(late):
+            raise _bad(key, what, f"world_size {world_size} does not match the listed slots")
         closer = doc["closer"]
         if not isinstance(closer, str) or len(closer) > 512:
             raise _bad(key, what, "field 'closer' must be a short string")
-        return SizeRecord(joined, world_size, excluded, closer)
+        return SizeRecord(joined, world_size, excluded, late, closer)
 
 
 CLOSED_SIZE = _dump({"closed": True})
@@ -358,11 +380,9 @@ class RankRecord:
     def decode(key: str, raw: bytes, max_nodes: int) -> RankRecord:
         what = "rank record"
         doc = _load(key, raw, what)
-        if isinstance(doc, dict) and doc.get("late") is True:
-            _obj(key, doc, what, {"late"}, set())
+        if _flag(key, doc, what, "late"):
             return RankRecord(late=True)
-        if isinstance(doc, dict) and doc.get("closed") is True:
-            _obj(key, doc, what, {"closed"}, set())
+        if _flag(key, doc, what, "closed"):
             return RankRecord(closed=True)
         doc = _obj(key, doc, what, {"rank", "world_size", "master"}, set())
         world_size = _int(key, what, "world_size", doc["world_size"], 1, max_nodes)
@@ -394,6 +414,14 @@ class MasterRecord:
 
 
 # ---------------------------------------------------------------------------- ranks
+def choose_members(round_: int, live: Sequence[tuple[int, NodeDesc]], max_nodes: int) -> list[int]:
+    """The slots admitted to round ``round_`` when more than ``max_nodes`` are live: the
+    members of the previous round first (a running job keeps its nodes over spares that
+    arrived earlier), then by slot (arrival order)."""
+    ordered = sorted(live, key=lambda item: (item[1].prev_round != round_ - 1, item[0]))
+    return sorted(slot for slot, _ in ordered[:max_nodes])
+
+
 def assign_ranks(
     round_: int, members: Sequence[tuple[int, NodeDesc]]
 ) -> list[tuple[int, NodeDesc]]:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import socket
+import ssl
 import time
 from collections.abc import Callable, Generator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from rdzv import wire
+from rdzv import auth, wire
 from rdzv.errors import NetworkError, ProtocolError
 from rdzv.server import StoreServer, format_endpoint
 from rdzv.store import tcp_ops as ops
@@ -48,6 +50,7 @@ from rdzv.store.base import (
 )
 from rdzv.store.tcp import check_endpoint, connect_host
 from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
+from rdzv.tls import TLSConfig, client_context
 
 __all__ = ["AsyncTCPStore"]
 
@@ -59,9 +62,10 @@ _T = TypeVar("_T")
 class AsyncTCPStore:
     """An asyncio client of a TCPStore server (torch's or rdzv's).
 
-    Args: as :class:`~rdzv.store.tcp.TCPStore` (``reconnect`` included), minus ``multi_tenant``,
-    ``master_listen_fd`` and ``use_libuv``. Nothing happens until :meth:`connect` (or
-    ``async with``, or the first call, which connects on demand).
+    Args: as :class:`~rdzv.store.tcp.TCPStore` (``token``, ``token_file``, ``tls`` and
+    ``reconnect`` included), minus ``multi_tenant``, ``master_listen_fd`` and ``use_libuv``. Nothing
+    happens until :meth:`connect` (or ``async with``, or the first call, which connects on
+    demand).
 
     Every method has the semantics, arguments and errors of the same-named
     :class:`~rdzv.store.base.Store` method.
@@ -75,16 +79,30 @@ class AsyncTCPStore:
         is_master: bool = False,
         timeout: TimeoutLike = timedelta(seconds=300),
         wait_for_workers: bool = True,
+        *,
+        token: str | bytes | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: ssl.SSLContext | TLSConfig | None = None,
         reconnect: bool = True,
     ) -> None:
         self._host, self._port = check_endpoint(host_name, port)
+        if tls is not None and is_master:
+            raise ValueError(
+                "tls= is for clients; start a TLS server with `rdzv serve --tls-cert` or "
+                "StoreServer(ssl=...) and connect to it with is_master=False"
+            )
+        self._token = auth.load_token(token, token_file)
+        self._tls = tls
+        self._tls_context = None if tls is None else client_context(tls)
         if world_size == 0:
             raise ValueError("TCPStore world size cannot be 0")
         self._world_size = world_size
         self._is_master = bool(is_master)
         self._wait_for_workers = wait_for_workers
         self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout_to_seconds(timeout)
-        self._session = Session(repr(self), ops.io_timeout_for(self._timeout))
+        self._session = Session(
+            repr(self), ops.io_timeout_for(self._timeout), self._token, tls is not None
+        )
         self._lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -136,7 +154,7 @@ class AsyncTCPStore:
         if self._broken is not None and not self._lost:
             raise NetworkError(f"{self!r} cannot be used: {self._broken}")
         if self._is_master and self._server is None:
-            self._server = StoreServer(self._host, self._port)
+            self._server = StoreServer(self._host, self._port, token=self._token)
             await self._server.start()
             self._port = self._server.port
             self._session.where = repr(self)
@@ -158,8 +176,12 @@ class AsyncTCPStore:
             attempts += 1
             try:
                 limit = deadline.remaining()
+                tls: dict[str, Any] = {}
+                if self._tls_context is not None:
+                    ctx, hostname = self._tls_context
+                    tls = {"ssl": ctx, "server_hostname": hostname or host}
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, self._port),
+                    asyncio.open_connection(host, self._port, **tls),
                     min(limit, ops.MIN_IO_TIMEOUT) if limit > 0 else 1.0,
                 )
                 sock = writer.get_extra_info("socket")
@@ -172,6 +194,9 @@ class AsyncTCPStore:
                 return
             except (OSError, asyncio.TimeoutError, NetworkError, ProtocolError, ReadTimeout) as exc:
                 self._drop()
+                fatal = ops.handshake_error(self._session, exc)
+                if fatal is not None:
+                    raise fatal from exc
                 last: BaseException = exc
             remaining = deadline.remaining()
             if remaining <= 0:
@@ -206,6 +231,8 @@ class AsyncTCPStore:
             self._port,
             timeout=self._timeout,
             wait_for_workers=False,
+            token=self._token,
+            tls=self._tls,
             reconnect=self._reconnect,
         )
         return await twin.connect()
@@ -242,7 +269,10 @@ class AsyncTCPStore:
                     if dropped is None:
                         result = await self._drive(make())
                 except Exception as exc:
-                    self._failed(exc, None if dropped is not None else unsafe)
+                    reason = self._failed(exc, None if dropped is not None else unsafe)
+                    if recovery is not None:  # lost again: not a restart
+                        raise ops.lost_again(self._session, unacked, reason) from exc
+                    logger.warning("%r: %s; reconnecting to retry", self, reason)
                     continue
                 unacked.settle(self._session, dropped, sent, unsafe, self._reconnect)
                 return result
@@ -255,10 +285,10 @@ class AsyncTCPStore:
             self._failed(exc, unsafe or "the operation")
             raise  # not reached: _failed raises
 
-    def _failed(self, exc: Exception, unsafe: str | None) -> None:
+    def _failed(self, exc: Exception, unsafe: str | None) -> str:
         """Handle ``exc`` from an operation: re-raise it (its own outcome), raise the
         NetworkError of a broken connection or of an ``unsafe`` operation interrupted by a
-        lost one, or return (the connection was lost: reconnect and retry)."""
+        lost one, or return why the connection was lost (reconnect and retry)."""
         reason = ops.failure_reason(self._session, exc)
         if reason is None:
             raise exc
@@ -267,7 +297,7 @@ class AsyncTCPStore:
             raise error from exc
         if unsafe is not None:
             raise ops.outcome_unknown(self._session, unsafe, reason) from exc
-        logger.warning("%r: %s; reconnecting to retry", self, reason)
+        return reason
 
     def _fail(self, reason: str, lost: bool = False) -> NetworkError:
         self._drop()

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -44,7 +45,7 @@ from collections.abc import Callable, Generator
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from rdzv import wire
+from rdzv import auth, wire
 from rdzv.errors import NetworkError, ProtocolError
 from rdzv.server import ServerThread, format_endpoint
 from rdzv.store import tcp_ops as ops
@@ -57,6 +58,7 @@ from rdzv.store.base import (
     value_to_bytes,
 )
 from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
+from rdzv.tls import TLSConfig, client_context
 
 __all__ = ["TCPStore", "check_endpoint", "connect_host"]
 
@@ -106,7 +108,11 @@ _TENANTS_LOCK = threading.Lock()
 
 
 def start_master_server(
-    host_name: str, port: int, multi_tenant: bool, master_listen_fd: int | None
+    host_name: str,
+    port: int,
+    multi_tenant: bool,
+    master_listen_fd: int | None,
+    token: bytes | None = None,
 ) -> _ServerRef:
     """Start (or, with ``multi_tenant``, share) the server of a master TCPStore.
 
@@ -127,7 +133,7 @@ def start_master_server(
                     f"master_listen_fd {master_listen_fd} is bound to port {bound}, "
                     f"but port={port} was requested"
                 )
-        ref = _ServerRef(ServerThread(host_name, port, sock=sock).start())
+        ref = _ServerRef(ServerThread(host_name, port, sock=sock, token=token).start())
         if multi_tenant:
             _TENANTS[ref.port] = ref
         return ref
@@ -151,11 +157,22 @@ class TCPStore(Store):
         multi_tenant: masters of the same port in this process share one server.
         master_listen_fd: an already bound socket for the master's server to adopt.
         use_libuv: accepted for compatibility and ignored (reported by :attr:`libuvBackend`).
+        token: shared secret (str or bytes, >= 16 bytes) to authenticate with (rdzv only;
+            ``docs/security.md``); default ``$RDZV_TOKEN`` if set. A master's server then
+            requires it too. The client also checks the server's proof: it refuses a server
+            that does not know the token, or that has no authentication.
+        token_file: file holding the secret instead of ``token``.
+        tls: connect with TLS: an :class:`ssl.SSLContext` or a :class:`~rdzv.tls.TLSConfig`
+            (ca, cert, key, server_hostname). Not with ``is_master`` (start a TLS server
+            with ``rdzv serve --tls-cert`` or ``StoreServer(ssl=...)``).
         reconnect: reconnect after the server closed or reset the connection (see the
             module docstring); False: the store is unusable after that, like torch's.
 
     Raises:
         TypeError / ValueError: bad arguments (as torch).
+        AuthError: authentication or TLS failed (wrong or missing token, a server without
+            authentication while we have a token, an untrusted/expired/wrong-host
+            certificate); not retried.
         NetworkError: the server could not be reached before ``timeout`` (connect retries
             with exponential back-off and jitter until then), or the master could not bind.
         StoreTimeoutError: the master's wait for workers timed out.
@@ -175,9 +192,18 @@ class TCPStore(Store):
         multi_tenant: bool = False,
         master_listen_fd: int | None = None,
         use_libuv: bool = True,
+        *,
+        token: str | bytes | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: ssl.SSLContext | TLSConfig | None = None,
         reconnect: bool = True,
     ) -> None:
         host_name, port = check_endpoint(host_name, port)
+        if tls is not None and is_master:
+            raise ValueError(
+                "tls= is for clients; start a TLS server with `rdzv serve --tls-cert` or "
+                "StoreServer(ssl=...) and connect to it with is_master=False"
+            )
         if not isinstance(is_master, bool):
             raise TypeError(f"is_master must be a bool, got {type(is_master).__name__}")
         if world_size is not None:
@@ -197,15 +223,22 @@ class TCPStore(Store):
         self._unacked = ops.Unacked()
         self._rbuf = wire.ReplyBuffer()
         self._server: _ServerRef | None = None
+        self._token = auth.load_token(token, token_file)
+        self._tls = tls
+        self._tls_context = None if tls is None else client_context(tls)
         if is_master:
             try:
-                self._server = start_master_server(host_name, port, multi_tenant, master_listen_fd)
+                self._server = start_master_server(
+                    host_name, port, multi_tenant, master_listen_fd, self._token
+                )
                 self._port = self._server.port
             except NetworkError as exc:
                 if not _agent_store_fallback(port):
                     raise
                 logger.warning("%s; continuing as a client (TORCHELASTIC_USE_AGENT_STORE)", exc)
-        self._session = Session(repr(self), ops.io_timeout_for(self._timeout))
+        self._session = Session(
+            repr(self), ops.io_timeout_for(self._timeout), self._token, tls is not None
+        )
         self._connect(self._timeout)
         counting = world_size is not None and world_size > 0 and wait_for_workers
         if counting:
@@ -253,6 +286,8 @@ class TCPStore(Store):
             timeout=self._timeout,
             wait_for_workers=False,
             use_libuv=self._use_libuv,
+            token=self._token,
+            tls=self._tls,
             reconnect=self._reconnect,
         )
 
@@ -292,6 +327,9 @@ class TCPStore(Store):
                     address, timeout=min(limit, ops.MIN_IO_TIMEOUT) if limit > 0 else 1.0
                 )
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._tls_context is not None:
+                    ctx, hostname = self._tls_context
+                    sock = ctx.wrap_socket(sock, server_hostname=hostname or address[0])
                 self._sock, self._broken, self._lost = sock, None, False
                 self._rbuf.clear()
                 self._drive(ops.handshake(self._session))
@@ -300,6 +338,9 @@ class TCPStore(Store):
                 self._sock = None
                 if sock is not None:
                     sock.close()
+                fatal = ops.handshake_error(self._session, exc)
+                if fatal is not None:
+                    raise fatal from exc
                 last: BaseException = exc
             remaining = deadline.remaining()
             if remaining <= 0:
@@ -353,6 +394,8 @@ class TCPStore(Store):
                         raise error from exc
                     if unsafe is not None and dropped is None:
                         raise ops.outcome_unknown(self._session, unsafe, reason) from exc
+                    if recovery is not None:  # lost again: not a restart
+                        raise ops.lost_again(self._session, unacked, reason) from exc
                     logger.warning("%r: %s; reconnecting to retry", self, reason)
                     continue
                 unacked.settle(self._session, dropped, sent, unsafe, self._reconnect)

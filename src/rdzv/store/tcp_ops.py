@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import math
 import random
+import ssl
 import time
 from collections.abc import Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
-from rdzv import wire
-from rdzv.errors import NetworkError, ProtocolError, StoreError, StoreTimeoutError
+from rdzv import auth, wire
+from rdzv.errors import AuthError, NetworkError, ProtocolError, StoreError, StoreTimeoutError
 from rdzv.store.base import timeout_error
 from rdzv.wire import (
     EXT_ERROR,
     EXT_OK,
+    HELLO_AUTH_REQUIRED,
     INIT_KEY,
     KEY_PREFIX,
     RDZV_HELLO,
@@ -103,15 +105,22 @@ class Session:
     """Per-connection protocol state shared by the operations.
 
     ``where`` names the store in messages; ``extended`` is True once the server negotiated
-    rdzv's extensions; ``io_timeout`` bounds replies that come at once.
+    rdzv's extensions; ``io_timeout`` bounds replies that come at once; ``token`` is the
+    shared secret to authenticate with (None: none); ``authenticating`` is True while the
+    handshake's authentication exchange runs (a connection lost then is an auth failure).
     """
 
-    __slots__ = ("extended", "io_timeout", "version", "where")
+    __slots__ = ("authenticating", "extended", "io_timeout", "tls", "token", "version", "where")
 
-    def __init__(self, where: str, io_timeout: float) -> None:
+    def __init__(
+        self, where: str, io_timeout: float, token: bytes | None = None, tls: bool = False
+    ) -> None:
         self.where = where
         self.io_timeout = io_timeout
+        self.token = token
+        self.tls = tls
         self.extended = False
+        self.authenticating = False
         self.version = 0
 
     def io(self, what: str, decoder: Decoder[Any]) -> Read:
@@ -266,6 +275,19 @@ def ping(s: Session) -> OpGen[None]:
     yield from call(s, wire.encode_ping(0x5A), wire.read_u32, "the reply to PING")
 
 
+def lost_again(s: Session, unacked: Unacked, reason: str) -> NetworkError:
+    """The error when a connection is lost again right after reconnecting for the same
+    operation: not a restart but a server that closes the connection on this request (or on
+    a replayed one: a limit, a protocol violation). The replay window is dropped (its
+    outcome is unknown) so that the next call does not send it again."""
+    unacked.clear()
+    return NetworkError(
+        f"{s.where}: the connection was lost again after reconnecting ({reason}); the server "
+        "closes the connection on this request or on the writes sent before it (a request "
+        "above its limits?); those writes were dropped, their outcome is unknown"
+    )
+
+
 def send(request: bytes) -> OpGen[None]:
     """A request without a reply (SET, APPEND, MULTI_SET, QUEUE_PUSH)."""
     yield request
@@ -280,6 +302,11 @@ def connect_error(
         f"{'unlimited time' if math.isinf(timeout) else f'{timeout:g} s'} ({attempts} attempts); "
         f"last error: {describe_error(last)}. Is the server running and reachable, and are "
         "the host and port right?"
+        + (
+            " A TLS server also closes plain connections: connect with tls=."
+            if isinstance(last, ConnectionResetError)
+            else ""
+        )
     )
 
 
@@ -288,18 +315,117 @@ def connect_error(
 
 def handshake(s: Session) -> OpGen[None]:
     """VALIDATE + PING (one write); the PING reply tells a torch server (echo) from an rdzv
-    server (:data:`~rdzv.wire.RDZV_HELLO` family: extensions on)."""
-    yield wire.encode_validate() + wire.encode_ping(RDZV_PING_NONCE)
+    server (:data:`~rdzv.wire.RDZV_HELLO` family: extensions on). With a token, EXT_AUTH_BEGIN
+    rides in the same write and :func:`authenticate` follows.
+
+    Raises AuthError: the server requires a token and we have none; with a token, the
+    server cannot authenticate (torch or an rdzv server without a token: we refuse to talk
+    to a server that does not prove it knows the token), or it refused ours.
+    """
+    hello = wire.encode_validate() + wire.encode_ping(RDZV_PING_NONCE)
+    if s.token is not None:
+        hello += wire.encode_op(Op.EXT_AUTH_BEGIN)
+    # A TLS server that refuses our client certificate closes the connection right after
+    # the TLS handshake: from here, a lost connection is a refusal, not a reason to retry.
+    s.authenticating = s.token is not None or s.tls
+    yield hello
     reply = yield s.io("the reply to PING", wire.read_u32)
+    s.authenticating = s.token is not None
+    auth_required = False
     if reply == RDZV_PING_NONCE:
         s.extended, s.version = False, 0
     elif reply >> 8 == RDZV_HELLO >> 8:
-        s.extended, s.version = True, reply & 0xFF
+        s.extended, s.version = True, reply & 0x7F
+        auth_required = bool(reply & HELLO_AUTH_REQUIRED)
     else:
         raise NetworkError(
             f"ping failed on {s.where}: sent {RDZV_PING_NONCE:#010x}, got {reply:#010x}; "
             "is this a TCPStore server (torch >= 2.5 or rdzv)?"
         )
+    if s.token is None:
+        if auth_required:
+            raise AuthError(
+                f"{s.where} requires authentication: pass token= or token_file= (or set "
+                f"${auth.TOKEN_ENV}) with the server's shared secret"
+            )
+        return
+    if not s.extended:
+        raise AuthError(
+            f"{s.where} does not support authentication (a torch server, or an rdzv server "
+            "without extensions), but this client has a token; refusing to use a server that "
+            "cannot prove it knows the token (drop the token to connect without auth)"
+        )
+    yield from authenticate(s, s.token)
+    s.authenticating = False
+
+
+def authenticate(s: Session, token: bytes) -> OpGen[None]:
+    """The client side of the mutual HMAC exchange (EXT_AUTH_BEGIN already sent): read the
+    server's nonce, send our nonce and proof, verify the server's proof."""
+    server_nonce = yield from _auth_reply(
+        s,
+        "the reply to EXT_AUTH_BEGIN",
+        wire.AUTH_NONCE_BYTES,
+        f"{s.where} does not require authentication ({{}}), but this client has a token; "
+        "refusing to use a server that cannot prove it knows the token (start the server "
+        "with the same token, or drop the token on this client)",
+    )
+    client_nonce = auth.new_nonce()
+    yield wire.encode_auth_proof(client_nonce, auth.client_proof(token, server_nonce, client_nonce))
+    proof = yield from _auth_reply(
+        s,
+        "the reply to EXT_AUTH_PROOF",
+        wire.AUTH_PROOF_BYTES,
+        f"{s.where} refused our token ({{}}); check that client and server use the same secret",
+    )
+    if not auth.verify(auth.server_proof(token, server_nonce, client_nonce), proof):
+        raise AuthError(
+            f"{s.where} answered with a wrong server proof: it does not know the token "
+            "(an impostor, or a different secret); not using it"
+        )
+
+
+def _auth_reply(s: Session, what: str, size: int, refused: str) -> OpGen[bytes]:
+    """One reply of the exchange: ``size`` bytes, or the server's AuthError, re-raised with
+    ``refused`` (a format string taking the server's message) as its message."""
+    status = yield s.io(what, wire.read_u8)
+    try:
+        value: bytes = yield from _ext_finish(s, status, wire.read_fixed(size), what)
+    except AuthError as exc:
+        raise AuthError(refused.format(exc)) from None
+    return value
+
+
+def handshake_error(s: Session, exc: BaseException) -> AuthError | None:
+    """The AuthError to raise (not to retry) when connecting failed for a security reason: a
+    TLS failure (certificate not trusted, expired, for another host; our certificate
+    refused), or a connection lost during authentication (an older server closes the
+    connection on the auth opcodes; ours closes it after a refusal). None: retry."""
+    if isinstance(exc, ssl.SSLError):
+        s.authenticating = False
+        return AuthError(
+            f"TLS with {s.where} failed: {exc}; check the CA (tls ca=), the server's "
+            "certificate (validity, host name vs server_hostname) and, if the server requires "
+            "one, the client certificate (tls cert=/key=)"
+        )
+    if not s.authenticating or isinstance(exc, AuthError):
+        return None
+    s.authenticating = False
+    if s.tls and not s.extended:
+        hint = (
+            "the TLS server refused our client certificate (it requires one signed by its CA: "
+            "tls cert=/key=)"
+        )
+        if s.token is not None:
+            hint += ", or it does not support token authentication"
+    else:
+        hint = (
+            "the server does not support authentication (torch or an older rdzv server) or "
+            "refused us"
+        )
+    return AuthError(
+        f"the connection to {s.where} failed during the handshake ({describe_error(exc)}); {hint}"
+    )
 
 
 def call(s: Session, request: bytes, decoder: Decoder[_T], what: str) -> OpGen[_T]:

@@ -1,0 +1,689 @@
+"""The elastic agent: rendezvous, start the local workers, watch them, restart, stop.
+
+One agent runs per node (``rdzv run``). It drives a
+:class:`~rdzv.rendezvous.api.RendezvousHandler` only through its public API:
+
+1. ``next_rendezvous()`` gives this node's rank among the nodes and the round's store;
+2. the agents agree on ranks and the workers' store (:mod:`rdzv.launcher.assignment`); the
+   workers' store is the handler's bootstrap store when it offers one
+   (``bootstrap_store_info``), else a TCPStore server that node 0's agent hosts itself on a
+   port it binds (port 0: no bind-then-release race);
+3. the workers start with torchrun's environment (:meth:`ElasticAgent.worker_env`);
+4. the agent watches: a worker exit is seen at once (a waiter thread per worker); every
+   ``monitor_interval`` it asks ``num_nodes_waiting()`` and beats (:mod:`rdzv.launcher.peers`);
+5. a worker failure stops the others and, while ``max_restarts`` allows, restarts the group
+   after a new rendezvous; new nodes waiting (scale up) or a lost node (scale down) restart
+   the group too, without using up a restart (torch's rule);
+6. when every local worker succeeded, the agent waits for the other nodes (exit barrier),
+   then ``shutdown()``\\ s the handler.
+
+Signals in ``signals_to_handle`` (SIGTERM, SIGINT, SIGHUP, SIGQUIT by default) are forwarded
+to every worker's process group; after ``shutdown_timeout`` the rest is SIGKILLed and the
+agent exits with 128 + the signal number, without closing the rendezvous (torch's rule: the
+other nodes may carry on). A second signal kills the workers at once.
+
+Events (:mod:`rdzv.events`): ``torchelastic.worker.status.{STATE}`` per worker (source
+WORKER: ``HEALTHY`` when started, then ``SUCCEEDED``, ``FAILED`` or ``STOPPED`` with the run
+time in ``duration_ms``) and per agent (source AGENT: ``RENDEZVOUS`` with its duration, then
+``SUCCEEDED``/``FAILED``/``STOPPED`` at the end), with torch's metadata fields.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rdzv import events
+from rdzv.errors import (
+    RdzvError,
+    RendezvousClosedError,
+    RendezvousError,
+    RendezvousGracefulExitError,
+    StoreTimeoutError,
+)
+from rdzv.launcher.assignment import Assignment, NodeInfo, exchange
+from rdzv.launcher.config import LaunchConfig, Std, std_for
+from rdzv.launcher.failures import (
+    WorkerFailure,
+    describe_exit,
+    format_summary,
+    read_error_file,
+)
+from rdzv.launcher.logs import ConsoleWriter, LogPump, WorkerStreams, console_writer, format_prefix
+from rdzv.launcher.peers import PeerEvent, PeerMonitor
+from rdzv.launcher.watchdog import Watchdog
+from rdzv.launcher.worker import ATTEMPT_ID_ENV
+from rdzv.launcher.workers import Worker, WorkerProcesses
+from rdzv.rendezvous.api import RendezvousHandler, RendezvousInfo
+from rdzv.store.base import Store
+
+__all__ = ["ElasticAgent", "RunResult", "WorkerState"]
+
+_log = logging.getLogger("rdzv.launcher.agent")
+
+
+class WorkerState(str, enum.Enum):
+    """State of the local worker group (torch's ``WorkerState`` names)."""
+
+    UNKNOWN = "UNKNOWN"
+    INIT = "INIT"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+
+@dataclass
+class RunResult:
+    """How a launch ended.
+
+    ``exit_code``: 0 on success; the root-cause worker's exit code (128 + signal if it was
+    killed by one) when workers failed; 128 + signal when the agent was signalled; 1 when the
+    rendezvous failed. ``summary``: the failure summary text, None on success.
+    """
+
+    state: WorkerState
+    exit_code: int
+    restarts: int = 0
+    failures: list[WorkerFailure] = field(default_factory=list)
+    summary: str | None = None
+    signal: int | None = None
+    message: str | None = None
+
+
+#: Consecutive rendezvous rounds whose rank exchange failed before the agent gives up.
+_MAX_RENDEZVOUS_RETRIES = 3
+
+
+class _SignalReceived(BaseException):
+    """Raised in the main thread by the agent's signal handler."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Restart(Exception):
+    """The worker group must be restarted after a new rendezvous."""
+
+    def __init__(self, reason: str, *, failure: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.failure = failure
+
+
+class ElasticAgent:
+    """Runs ``cmd`` as ``config.nproc_per_node`` workers under ``handler``'s rendezvous.
+
+    Args:
+        config: the launch configuration.
+        cmd: the worker command line (``${local_rank}`` is substituted in each argument).
+        handler: the rendezvous handler (created by the caller, e.g. from the registry).
+        hosted_store: a store server this agent already hosts (``--standalone``); it serves
+            as the workers' store when the handler offers none.
+        hosted_addr: the address workers use to reach ``hosted_store``.
+        subreaper: make this process the subreaper of its descendants (``rdzv run`` does;
+            a library caller normally should not).
+        stdout, stderr: console writers for worker output (default: this process's).
+        what: how the job is named in the failure summary (default: ``cmd[0]``).
+
+    Call :meth:`run` from the main thread to get signal handling (elsewhere signals are left
+    to the caller).
+    """
+
+    def __init__(
+        self,
+        config: LaunchConfig,
+        cmd: Sequence[str],
+        handler: RendezvousHandler,
+        *,
+        hosted_store: Store | None = None,
+        hosted_addr: str | None = None,
+        subreaper: bool = False,
+        stdout: ConsoleWriter | None = None,
+        stderr: ConsoleWriter | None = None,
+        what: str | None = None,
+    ) -> None:
+        if not cmd:
+            raise ValueError("ElasticAgent: the worker command is empty")
+        self.config = config
+        self.cmd = list(cmd)
+        self.handler = handler
+        self._hosted_store = hosted_store
+        self._hosted_addr = hosted_addr
+        self._subreaper = subreaper
+        self._stdout = stdout or console_writer(sys.stdout)
+        self._stderr = stderr or console_writer(sys.stderr)
+        self._what = what or self.cmd[0]
+        self._host = socket.gethostname()
+        self._changed = threading.Condition()
+        self._pump = LogPump()
+        self._watchdog: Watchdog | None = None
+        self._workers: WorkerProcesses | None = None
+        self._remaining_restarts = config.max_restarts
+        self._attempt = 0
+        self._assignment: Assignment | None = None
+        self._peers: PeerMonitor | None = None
+        self._stopping = False
+        self._own_server: Store | None = None
+        self._log_root: Path | None = None
+        self._own_log_root = False
+        self.state = WorkerState.INIT
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def restart_count(self) -> int:
+        """Restarts used so far (``TORCHELASTIC_RESTART_COUNT``)."""
+        return self.config.max_restarts - self._remaining_restarts
+
+    @property
+    def log_root(self) -> Path | None:
+        """The job's log directory (created at the first start)."""
+        return self._log_root
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> RunResult:
+        """Run the job to completion; never raises for worker or rendezvous failures (they
+        are in the result), only for programming errors."""
+        if self.config.event_log_handler is not None:
+            events.set_destinations(self.config.event_log_handler)
+        previous = self._install_signal_handlers()
+        signalled: int | None = None
+        result: RunResult | None = None
+        try:
+            result = self._run()
+        except _SignalReceived as sig:
+            signalled = sig.signum
+            result = self._on_signal(sig.signum)
+        finally:
+            self._stopping = True
+            try:
+                if self._workers is not None:
+                    self._workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
+                    self._workers.wait_output(2.0)
+                self._pump.close()
+                if self._watchdog is not None:
+                    self._watchdog.close()
+                if signalled is None:
+                    self._shutdown_handler()
+                self._cleanup()
+            finally:
+                self._restore_signal_handlers(previous)
+        assert result is not None
+        self._record_agent(result.state, result.message)
+        return result
+
+    def _run(self) -> RunResult:
+        last_failures: list[WorkerFailure] = []
+        retries = 0
+        while True:
+            try:
+                self._rendezvous_and_start()
+            except RendezvousGracefulExitError:
+                return RunResult(
+                    WorkerState.SUCCEEDED, 0, self.restart_count, message="not admitted"
+                )
+            except _Restart as restart:  # a node vanished right after the rendezvous
+                retries += 1
+                if retries > _MAX_RENDEZVOUS_RETRIES:
+                    return self._agent_failure(RendezvousError(restart.reason))
+                _log.warning("rendezvous again: %s", restart.reason)
+                continue
+            except (RendezvousError, RdzvError, OSError) as exc:
+                if last_failures:
+                    return self._job_failure(last_failures, then=exc)
+                return self._agent_failure(exc)
+            retries = 0
+            try:
+                self._monitor()
+            except _Restart as restart:
+                # Tell the other nodes first, so that they stop in parallel with us.
+                if self._peers is not None:
+                    self._peers.request_restart()
+                if restart.failure:
+                    last_failures = self._collect_failures()
+                    if self._remaining_restarts <= 0:
+                        return self._job_failure(last_failures)
+                    self._remaining_restarts -= 1
+                _log.warning(
+                    "restarting the worker group (%s); %s, %d of %d left",
+                    restart.reason,
+                    "one restart used" if restart.failure else "no restart used",
+                    self._remaining_restarts,
+                    self.config.max_restarts,
+                )
+                self._stop_workers()
+                continue
+            self.state = WorkerState.SUCCEEDED
+            if self._peers is not None and not self._peers.exit_barrier(
+                self.config.exit_barrier_timeout
+            ):
+                _log.warning("not every node reached the exit barrier; exiting anyway")
+            return RunResult(WorkerState.SUCCEEDED, 0, self.restart_count)
+
+    # ------------------------------------------------------------ rendezvous
+    def _rendezvous_and_start(self) -> None:
+        self.state = WorkerState.INIT
+        started = time.monotonic()
+        info = self.handler.next_rendezvous()
+        elapsed = time.monotonic() - started
+        assignment = self._assign(info)
+        self._assignment = assignment
+        self._peers = PeerMonitor(
+            info.store,
+            assignment.namespace,
+            assignment.group_rank,
+            assignment.group_world_size,
+            self.config.node_timeout,
+            self.config.node_heartbeat_interval,
+        )
+        _log.info(
+            "rendezvous complete in %.3f s: node %d of %d, ranks %d..%d of %d, workers' store "
+            "%s:%d",
+            elapsed,
+            assignment.group_rank,
+            assignment.group_world_size,
+            assignment.rank_base,
+            assignment.rank_base + self.config.nproc_per_node - 1,
+            assignment.world_size,
+            assignment.master_addr,
+            assignment.master_port,
+        )
+        self._record(
+            "RENDEZVOUS",
+            events.EventSource.AGENT,
+            None,
+            duration_ms=elapsed * 1000,
+            extra={"group_world_size": assignment.group_world_size},
+        )
+        self._start_workers(assignment)
+
+    def _workers_store(self, info: RendezvousInfo) -> tuple[str, int, bool]:
+        """Node 0: where the workers' store is (handler's, hosted already, or new)."""
+        boot = info.bootstrap_store_info
+        if boot is not None:
+            return boot.master_addr, boot.master_port, self.handler.use_agent_store
+        if self._hosted_store is not None:
+            return self._hosted_addr or "127.0.0.1", _store_port(self._hosted_store), True
+        if self._own_server is None:
+            from rdzv.store.tcp import TCPStore
+
+            # Listen where we advertise when told (--local-addr), else on every interface
+            # like torch's agent store; port 0 is bound once and kept (no free-port race).
+            self._own_server = TCPStore(
+                self.config.local_addr or "",
+                0,
+                is_master=True,
+                wait_for_workers=False,
+                multi_tenant=True,
+            )
+        addr = self.config.local_addr or socket.getfqdn()
+        return addr, _store_port(self._own_server), True
+
+    def _assign(self, info: RendezvousInfo) -> Assignment:
+        me = NodeInfo(self.config.role, self.config.nproc_per_node, self._host)
+        master = self._workers_store(info) if info.rank == 0 else None
+        timeout = self.config.node_timeout or 300.0
+        try:
+            return exchange(info.store, info.rank, info.world_size, me, master, timeout)
+        except StoreTimeoutError:
+            raise _Restart(
+                f"not every node published its workers within {timeout:g} s after the rendezvous",
+                failure=False,
+            ) from None
+
+    # --------------------------------------------------------------- workers
+    def worker_env(self, assignment: Assignment, local_rank: int) -> dict[str, str]:
+        """The environment of one worker: this process's, ``config.env``, then torchrun's
+        variables (which win)."""
+        cfg = self.config
+        env = dict(os.environ)
+        if cfg.nproc_per_node > 1 and "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = "1"  # torchrun's default, to avoid oversubscription
+        env.update(cfg.env)
+        env.update(
+            {
+                "LOCAL_RANK": str(local_rank),
+                "RANK": str(assignment.rank_base + local_rank),
+                "GROUP_RANK": str(assignment.group_rank),
+                "ROLE_RANK": str(assignment.role_rank_base + local_rank),
+                "ROLE_NAME": cfg.role,
+                "LOCAL_WORLD_SIZE": str(cfg.nproc_per_node),
+                "WORLD_SIZE": str(assignment.world_size),
+                "GROUP_WORLD_SIZE": str(assignment.group_world_size),
+                "ROLE_WORLD_SIZE": str(assignment.role_world_size),
+                "MASTER_ADDR": assignment.master_addr,
+                "MASTER_PORT": str(assignment.master_port),
+                "TORCHELASTIC_RESTART_COUNT": str(self.restart_count),
+                "TORCHELASTIC_MAX_RESTARTS": str(cfg.max_restarts),
+                "TORCHELASTIC_RUN_ID": self.handler.get_run_id(),
+                "TORCHELASTIC_USE_AGENT_STORE": str(assignment.use_agent_store),
+                "TORCH_NCCL_ASYNC_ERROR_HANDLING": env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+                ATTEMPT_ID_ENV: assignment.attempt_id,
+            }
+        )
+        return env
+
+    def _ensure_log_root(self) -> Path:
+        if self._log_root is None:
+            cfg = self.config
+            if cfg.log_dir is None:
+                self._log_root = Path(tempfile.mkdtemp(prefix=f"rdzv-{cfg.run_id}-"))
+                self._own_log_root = True
+            else:
+                base = Path(cfg.log_dir)
+                base.mkdir(parents=True, exist_ok=True)
+                self._log_root = Path(tempfile.mkdtemp(prefix=f"{cfg.run_id}_", dir=base))
+            _log.info("worker logs and error files under %s", self._log_root)
+        return self._log_root
+
+    def _start_workers(self, assignment: Assignment) -> None:
+        cfg = self.config
+        attempt_dir = self._ensure_log_root() / f"attempt_{self._attempt}"
+        self._attempt += 1
+        workers: list[Worker] = []
+        for local_rank in range(cfg.nproc_per_node):
+            rank = assignment.rank_base + local_rank
+            directory = attempt_dir / str(local_rank)
+            directory.mkdir(parents=True, exist_ok=True)
+            streams = WorkerStreams(
+                directory,
+                redirect=std_for(cfg.redirects, local_rank),
+                tee=std_for(cfg.tee, local_rank),
+                console=cfg.local_ranks_filter is None or local_rank in cfg.local_ranks_filter,
+                prefix=format_prefix(
+                    cfg.log_line_prefix_template,
+                    rank=rank,
+                    local_rank=local_rank,
+                    role_name=cfg.role,
+                ),
+                tail_lines=cfg.tail_lines,
+                stdout=self._stdout,
+                stderr=self._stderr,
+            )
+            env = self.worker_env(assignment, local_rank)
+            env["TORCHELASTIC_ERROR_FILE"] = str(directory / "error.json")
+            cmd = [arg.replace("${local_rank}", str(local_rank)) for arg in self.cmd]
+            workers.append(
+                Worker(
+                    local_rank=local_rank,
+                    global_rank=rank,
+                    role_rank=assignment.role_rank_base + local_rank,
+                    cmd=cmd,
+                    env=env,
+                    streams=streams,
+                )
+            )
+        if self._watchdog is None:
+            self._watchdog = Watchdog()
+        self._workers = WorkerProcesses(
+            self._changed, self._pump, reap_adopted=self._subreaper, watchdog=self._watchdog
+        )
+        self._workers.start(workers)
+        self.state = WorkerState.HEALTHY
+        for worker in workers:
+            self._record("HEALTHY", events.EventSource.WORKER, worker)
+
+    def _stop_workers(self, sig: int = signal.SIGTERM) -> None:
+        workers = self._workers
+        if workers is None:
+            return
+        workers.stop(sig, self.config.shutdown_timeout)
+        workers.wait_output(2.0)
+        for worker in workers.workers:
+            self._record_exit(worker)
+        self._workers = None
+        self.state = WorkerState.STOPPED
+
+    def _record_exit(self, worker: Worker) -> None:
+        if worker.returncode is None:
+            return
+        if worker.returncode == 0:
+            state = "SUCCEEDED"
+        elif worker.stopped_by_agent:
+            state = "STOPPED"
+        else:
+            state = "FAILED"
+        self._record(state, events.EventSource.WORKER, worker, duration_ms=worker.run_time() * 1000)
+
+    # -------------------------------------------------------------- monitoring
+    def _monitor(self) -> None:
+        """Watch the workers until they all succeed (returns) or the group must restart
+        (raises :class:`_Restart`)."""
+        workers = self._workers
+        peers = self._peers
+        assert workers is not None and peers is not None
+        interval = self.config.monitor_interval
+        next_check = time.monotonic() + interval
+        next_reap = time.monotonic() + 2.0
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                wait = min(next_check - now, peers.due(now))
+                if workers.failures() == [] and not workers.all_exited() and wait > 0:
+                    self._changed.wait(wait)
+                failed = workers.failures()
+                done = workers.all_exited()
+            if failed:
+                first = failed[0]
+                self.state = WorkerState.FAILED
+                raise _Restart(
+                    f"worker rank {first.global_rank} (local {first.local_rank}) ended with "
+                    f"{describe_exit(first.returncode or 0)}",
+                    failure=True,
+                )
+            if done:
+                for worker in workers.workers:
+                    self._record_exit(worker)
+                self._workers = None
+                return
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + interval
+                any_finished = any(w.returncode == 0 for w in workers.workers)
+                if not any_finished and self._nodes_waiting() > 0:
+                    raise _Restart("new nodes are waiting to join", failure=False)
+            event = peers.beat()
+            if event is PeerEvent.PEER_LOST:
+                raise _Restart(f"node {peers.watched_peer} was lost", failure=False)
+            if event is PeerEvent.RESTART_REQUESTED:
+                raise _Restart("another node restarts the group", failure=False)
+            if now >= next_reap:
+                next_reap = now + 2.0
+                workers.reap_adopted()
+
+    def _nodes_waiting(self) -> int:
+        try:
+            return self.handler.num_nodes_waiting()
+        except RendezvousError as exc:
+            _log.warning("num_nodes_waiting() failed: %s", exc)
+            return 0
+
+    # -------------------------------------------------------------- failures
+    def _collect_failures(self) -> list[WorkerFailure]:
+        """Stop the workers and describe those that failed on their own (first first)."""
+        workers = self._workers
+        assert workers is not None
+        workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
+        workers.wait_output(2.0)
+        result: list[WorkerFailure] = []
+        for worker in workers.failures():
+            assert worker.pid is not None and worker.returncode is not None
+            streams = worker.streams
+            logs = [str(p) for p in (streams.log_path(Std.OUT), streams.log_path(Std.ERR)) if p]
+            result.append(
+                WorkerFailure(
+                    rank=worker.global_rank,
+                    local_rank=worker.local_rank,
+                    group_rank=self._assignment.group_rank if self._assignment else 0,
+                    pid=worker.pid,
+                    returncode=worker.returncode,
+                    exit_time=worker.exit_time or time.time(),
+                    run_time=worker.run_time(),
+                    restart_count=self.restart_count,
+                    host=self._host,
+                    error_message=read_error_file(streams.directory / "error.json"),
+                    stderr_tail=streams.stderr_tail(),
+                    log_files=logs,
+                )
+            )
+        return result
+
+    def _job_failure(
+        self, failures: list[WorkerFailure], then: BaseException | None = None
+    ) -> RunResult:
+        """The result for worker failures; ``then``: the error that ended the restarts early
+        (the rendezvous failed or was closed)."""
+        self.state = WorkerState.FAILED
+        summary = format_summary(
+            self._what, failures, restarts=self.restart_count, max_restarts=self.config.max_restarts
+        )
+        message = f"worker rank {failures[0].rank} failed: {failures[0].describe()}"
+        if then is not None:
+            text = _error_text(then)
+            summary += f"\nNo further restart: {text}"
+            message += f"; no further restart: {text}"
+        return RunResult(
+            WorkerState.FAILED,
+            failures[0].exit_code or 1,
+            self.restart_count,
+            failures,
+            summary,
+            message=message,
+        )
+
+    def _agent_failure(self, exc: BaseException) -> RunResult:
+        self.state = WorkerState.FAILED
+        text = _error_text(exc)
+        _log.error("the agent failed: %s", text)
+        return RunResult(WorkerState.FAILED, 1, self.restart_count, message=text)
+
+    # ---------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous: dict[int, Any] = {}
+        for sig in self.config.signals_to_handle:
+            try:
+                previous[sig] = signal.signal(sig, self._on_signal_handler)
+            except (OSError, ValueError):
+                _log.debug("cannot handle %s", sig)
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal_handler(self, signum: int, frame: FrameType | None) -> None:
+        if self._stopping:
+            # Already shutting down: a second signal means "now".
+            _log.warning("received %s again: killing the workers", signal.Signals(signum).name)
+            if self._workers is not None:
+                self._workers.send_signal(signal.SIGKILL)
+            return
+        raise _SignalReceived(signum)
+
+    def _on_signal(self, signum: int) -> RunResult:
+        self._stopping = True
+        name = signal.Signals(signum).name
+        _log.warning("received %s: forwarding it to the workers", name)
+        if self._workers is not None:
+            self._stop_workers(signum)
+        self.state = WorkerState.STOPPED
+        return RunResult(
+            WorkerState.STOPPED,
+            128 + signum,
+            self.restart_count,
+            signal=signum,
+            message=f"stopped by {name}",
+        )
+
+    # ----------------------------------------------------------------- events
+    def _record(
+        self,
+        state: str,
+        source: events.EventSource,
+        worker: Worker | None,
+        *,
+        duration_ms: float | None = None,
+        message: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        if not events.is_enabled():
+            return
+        assignment = self._assignment
+        metadata: dict[str, events.EventMetadataValue] = {
+            "run_id": self.handler.get_run_id(),
+            "global_rank": worker.global_rank if worker else None,
+            "group_rank": assignment.group_rank if assignment else None,
+            "worker_id": str(worker.pid) if worker else None,
+            "role": self.config.role,
+            "hostname": self._host,
+            "state": state,
+            "total_run_time": round(worker.run_time(), 3) if worker else None,
+            "rdzv_backend": self.handler.get_backend(),
+            "raw_error": message,
+            "metadata": json.dumps(extra or {}),
+            "agent_restarts": self.restart_count,
+            "duration_ms": round(duration_ms, 3) if duration_ms is not None else None,
+        }
+        if worker is not None:
+            metadata["local_rank"] = worker.local_rank
+            metadata["exit_code"] = worker.returncode
+        events.record(
+            events.Event(
+                name=f"torchelastic.worker.status.{state}", source=source, metadata=metadata
+            )
+        )
+
+    def _record_agent(self, state: WorkerState, message: str | None) -> None:
+        self._record(state.value, events.EventSource.AGENT, None, message=message)
+
+    # ---------------------------------------------------------------- cleanup
+    def _shutdown_handler(self) -> None:
+        try:
+            if not self.handler.shutdown():
+                _log.warning("the rendezvous handler could not be shut down cleanly")
+        except Exception as exc:  # the job's result is known; report, do not mask it
+            _log.warning("shutting down the rendezvous handler failed: %s", exc)
+
+    def _cleanup(self) -> None:
+        if self._own_log_root and self._log_root is not None:
+            redirected = self.config.redirects != Std.NONE or self.config.tee != Std.NONE
+            if not redirected:
+                shutil.rmtree(self._log_root, ignore_errors=True)
+        for server in (self._own_server,):
+            close = getattr(server, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # closing must not mask the result
+                    _log.debug("closing the workers' store failed", exc_info=True)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, RendezvousClosedError):
+        return "the rendezvous was closed (another node finished or gave up)"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _store_port(store: Store) -> int:
+    port = getattr(store, "port", None)
+    if not isinstance(port, int):
+        raise TypeError(f"{store!r} has no integer 'port': it cannot be the workers' store")
+    return port

@@ -1,0 +1,141 @@
+"""Server limits (connections, parked waits, sizes) and ``rdzv serve``'s secure defaults."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rdzv import auth, wire
+from rdzv.errors import AuthError, NetworkError
+from rdzv.server import ServerThread
+from rdzv.store.tcp import TCPStore
+from rdzv.tls import TLSConfig
+from tests.conftest import subprocess_env
+from tests.security.certs import Certs
+from tests.server.helpers import Raw, eventually, rdzv_serve
+
+TOKEN = b"serve-token-for-the-cli-tests-0123"
+
+
+@pytest.fixture(autouse=True)
+def _setup(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv(auth.TOKEN_ENV, raising=False)
+    caplog.set_level(logging.INFO, logger="rdzv.server")
+
+
+def test_connection_limit(caplog: pytest.LogCaptureFixture) -> None:
+    thread = ServerThread(max_connections=2).start()
+    try:
+        first, second = Raw(thread.port), Raw(thread.port)
+        first.ping()
+        second.ping()
+        third = Raw(thread.port, validate=False)
+        third.assert_closed()
+        eventually(lambda: "connection limit reached" in caplog.text, what="the log")
+        assert "max_connections=2" in caplog.text
+        first.ping()  # the others are unaffected
+        first.close()
+        eventually(lambda: thread.server.num_connections == 1, what="the close")
+        fourth = Raw(thread.port)
+        fourth.ping()  # a freed slot is reusable
+    finally:
+        thread.stop()
+
+
+def test_parked_wait_limit(caplog: pytest.LogCaptureFixture) -> None:
+    thread = ServerThread(max_waits_per_connection=2).start()
+    try:
+        c = Raw(thread.port)
+        for i in range(2):
+            c.send(wire.encode_keys(wire.Op.WAIT, [b"/missing%d" % i]))
+        c.ping()  # two parked waits are fine
+        c.send(wire.encode_keys(wire.Op.WAIT, [b"/missing2"]))
+        c.assert_closed()
+        eventually(lambda: "pending-wait limit exceeded" in caplog.text, what="the log")
+        assert "closing connection from 127.0.0.1:" in caplog.text
+        assert "max_waits_per_connection=2" in caplog.text
+    finally:
+        thread.stop()
+
+
+def test_limit_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_connections must be >= 1"):
+        ServerThread(max_connections=0).start()
+
+
+def _serve_fails(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rdzv", "serve", "--port", "0", *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_serve_refuses_a_public_address_without_a_token() -> None:
+    out = _serve_fails("--host", "0.0.0.0")
+    assert out.returncode == 2
+    assert "refusing to listen on '0.0.0.0' without authentication" in out.stderr
+    assert "--token-file" in out.stderr and "--insecure" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--tls-ca", "ca.pem"), "need --tls-cert"),
+        (("--allow-unauthenticated", "127.0.0.0/8"), "only makes sense with a token"),
+        (("--token-file", "/nonexistent/token"), "cannot read the token file"),
+    ],
+)
+def test_serve_configuration_errors(args: tuple[str, ...], message: str) -> None:
+    out = _serve_fails(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
+def test_serve_with_token_tls_and_limits(tmp_path: Path, certs: Certs) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_bytes(TOKEN)
+    args = (
+        "--token-file",
+        str(token_file),
+        "--tls-cert",
+        str(certs.server.cert),
+        "--tls-key",
+        str(certs.server.key),
+        "--max-value-bytes",
+        "16",
+    )
+    tls = TLSConfig(ca=certs.ca)
+    with rdzv_serve(*args) as (proc, port):
+        with TCPStore("127.0.0.1", port, token=TOKEN, tls=tls, timeout=5) as store:
+            store.set("k", b"x" * 16)
+            with pytest.raises(NetworkError):  # set is fire-and-forget: the next call sees it
+                store.set("big", b"x" * 17)
+                store.get("k")
+        with pytest.raises(AuthError, match="requires authentication"):
+            TCPStore("127.0.0.1", port, tls=tls, timeout=5)
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stderr is not None
+        log = proc.stderr.read()
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+    assert "authentication: token; tls: on" in out
+    assert "value of 17 bytes exceeds the limit of 16 bytes" in log
+    assert "authenticated" in log
+
+
+def test_serve_loopback_default_explains_how_to_open_it() -> None:
+    with rdzv_serve() as (proc, _):
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+    assert "authentication: none; tls: off" in out
+    assert "only this machine can connect" in out
