@@ -270,9 +270,7 @@ class AsyncTCPStore:
                         result = await self._drive(make())
                 except Exception as exc:
                     reason = self._failed(exc, None if dropped is not None else unsafe)
-                    if recovery is not None:  # lost again: not a restart
-                        raise ops.lost_again(self._session, unacked, reason) from exc
-                    logger.warning("%r: %s; reconnecting to retry", self, reason)
+                    ops.before_retry(self._session, unacked, recovery is not None, reason, exc)
                     continue
                 unacked.settle(self._session, dropped, sent, unsafe, self._reconnect)
                 return result

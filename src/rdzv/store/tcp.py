@@ -394,9 +394,7 @@ class TCPStore(Store):
                         raise error from exc
                     if unsafe is not None and dropped is None:
                         raise ops.outcome_unknown(self._session, unsafe, reason) from exc
-                    if recovery is not None:  # lost again: not a restart
-                        raise ops.lost_again(self._session, unacked, reason) from exc
-                    logger.warning("%r: %s; reconnecting to retry", self, reason)
+                    ops.before_retry(self._session, unacked, recovery is not None, reason, exc)
                     continue
                 unacked.settle(self._session, dropped, sent, unsafe, self._reconnect)
                 return result

@@ -18,6 +18,7 @@ The generator's return value is the operation's result; its exceptions are the o
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import ssl
@@ -54,6 +55,7 @@ __all__ = [
 
 _T = TypeVar("_T")
 OpGen = Generator[Any, Any, _T]
+_log = logging.getLogger("rdzv.store.tcp")
 
 #: Floor of the deadline for replies the server sends at once (everything but WAIT-like
 #: requests), in seconds. torch's client has no such deadline at all (a silent server hangs
@@ -273,6 +275,16 @@ class Unacked:
 def ping(s: Session) -> OpGen[None]:
     """A PING round trip: its reply proves every request sent before it was processed."""
     yield from call(s, wire.encode_ping(0x5A), wire.read_u32, "the reply to PING")
+
+
+def before_retry(
+    s: Session, unacked: Unacked, reconnected: bool, reason: str, exc: BaseException
+) -> None:
+    """Called when the connection was lost during an operation that may be performed again:
+    raise :func:`lost_again` if this operation already reconnected once, else log."""
+    if reconnected:
+        raise lost_again(s, unacked, reason) from exc
+    _log.warning("%s: %s; reconnecting to retry", s.where, reason)
 
 
 def lost_again(s: Session, unacked: Unacked, reason: str) -> NetworkError:
