@@ -42,6 +42,7 @@ __all__ = [
     "RendezvousStateError",
     "RendezvousStoreInfo",
     "RendezvousTimeoutError",
+    "check_node_bounds",
     "rendezvous_handler_registry",
 ]
 
@@ -210,15 +211,7 @@ class RendezvousParameters:
     ) -> None:
         if not backend:
             raise ValueError("The rendezvous backend name must be a non-empty string.")
-        if min_nodes < 1:
-            raise ValueError(
-                f"The minimum number of rendezvous nodes ({min_nodes}) must be greater than zero."
-            )
-        if max_nodes < min_nodes:
-            raise ValueError(
-                f"The maximum number of rendezvous nodes ({max_nodes}) must be greater than or "
-                f"equal to the minimum number of rendezvous nodes ({min_nodes})."
-            )
+        check_node_bounds(min_nodes, max_nodes, "rendezvous nodes")
         self.backend = backend
         self.endpoint = endpoint
         self.run_id = run_id
@@ -269,6 +262,18 @@ class RendezvousParameters:
                 f"The rendezvous configuration option '{key}' does not represent a valid "
                 "integer value."
             ) from None
+
+
+def check_node_bounds(min_nodes: int, max_nodes: int, noun: str = "nodes") -> None:
+    """Validate ``1 <= min_nodes <= max_nodes`` with torch's messages ("The minimum number of
+    {noun} ..."); raises ValueError naming both numbers."""
+    if min_nodes < 1:
+        raise ValueError(f"The minimum number of {noun} ({min_nodes}) must be greater than zero.")
+    if max_nodes < min_nodes:
+        raise ValueError(
+            f"The maximum number of {noun} ({max_nodes}) must be greater than or equal to the "
+            f"minimum number of {noun} ({min_nodes})."
+        )
 
 
 RendezvousHandlerCreator = Callable[[RendezvousParameters], RendezvousHandler]

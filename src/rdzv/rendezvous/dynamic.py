@@ -54,6 +54,7 @@ from rdzv.rendezvous.api import (
     RendezvousInfo,
     RendezvousParameters,
     RendezvousStoreInfo,
+    check_node_bounds,
 )
 from rdzv.rendezvous.keepalive import KeepAlive
 from rdzv.rendezvous.liveness import HeartbeatLiveness, Liveness, LivenessObserver, Status
@@ -287,15 +288,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
     ) -> None:
         if not run_id:
             raise ValueError("The run id must be a non-empty string.")
-        if min_nodes < 1:
-            raise ValueError(
-                f"The minimum number of nodes ({min_nodes}) must be greater than zero."
-            )
-        if max_nodes < min_nodes:
-            raise ValueError(
-                f"The maximum number of nodes ({max_nodes}) must be greater than or equal to "
-                f"the minimum number of nodes ({min_nodes})."
-            )
+        check_node_bounds(min_nodes, max_nodes)
         if not isinstance(store, Store):
             raise TypeError(f"store must be an rdzv Store, got {type(store).__name__}")
         interval = _td(keep_alive_interval, "keep-alive interval")
