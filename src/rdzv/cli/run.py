@@ -229,6 +229,7 @@ def build_config(args: argparse.Namespace) -> Any:
         parse_signals,
         parse_std,
     )
+    from rdzv.launcher.worker import security_env
     from rdzv.rendezvous.utils import parse_rendezvous_config
 
     min_nodes, max_nodes = parse_min_max_nnodes(str(args.nnodes))
@@ -291,7 +292,18 @@ def build_config(args: argparse.Namespace) -> Any:
         log_line_prefix_template=args.log_line_prefix_template or DEFAULT_LOG_LINE_PREFIX,
         signals_to_handle=parse_signals(str(args.signals_to_handle)),
         event_log_handler=args.event_log_handler,
+        env=security_env(rdzv_configs),
     )
+
+
+def _explain(exc: BaseException) -> str:
+    """The message of ``exc`` followed by its causes ("See inner exception" names one)."""
+    parts = [str(exc) or type(exc).__name__]
+    cause = exc.__cause__
+    while cause is not None and len(parts) < 5:
+        parts.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__
+    return "\n  caused by ".join(parts)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -312,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = launch(config, cmd, subreaper=True, what=args.training_script)
     except (ValueError, RdzvError) as exc:
-        print(f"rdzv run: {exc}", file=sys.stderr)
+        print(f"rdzv run: {_explain(exc)}", file=sys.stderr)
         return 1
     if result.summary:
         print(result.summary, file=sys.stderr, flush=True)

@@ -12,13 +12,32 @@ from collections.abc import Mapping
 from rdzv.store.base import Store, TimeoutLike
 from rdzv.store.prefix import PrefixStore
 
-__all__ = ["ATTEMPT_ID_ENV", "connect", "worker_store_prefix"]
+__all__ = ["ATTEMPT_ID_ENV", "SECURITY_ENV", "connect", "security_env", "worker_store_prefix"]
 
 #: Set by ``rdzv run`` for every worker: the id of this incarnation of the worker group, the
 #: same on every node and new after every restart or re-rendezvous.
 ATTEMPT_ID_ENV = "RDZV_ATTEMPT_ID"
 
 _TRUE = ("true", "1", "yes", "y", "t")
+
+#: Rendezvous config keys (``--rdzv-conf``) that secure the store, and the environment
+#: variables through which ``rdzv run`` hands them to its workers for :func:`connect`.
+SECURITY_ENV = {
+    "tls_ca": "RDZV_TLS_CA",
+    "tls_cert": "RDZV_TLS_CERT",
+    "tls_key": "RDZV_TLS_KEY",
+    "tls_server_hostname": "RDZV_TLS_SERVER_HOSTNAME",
+    "token_file": "RDZV_TOKEN_FILE",
+}
+
+
+def security_env(rdzv_configs: Mapping[str, object]) -> dict[str, str]:
+    """The worker environment carrying the TLS and token settings found in
+    ``rdzv_configs`` (keys of :data:`SECURITY_ENV`; the token's *file name* travels, never the
+    secret)."""
+    return {
+        var: str(rdzv_configs[key]) for key, var in SECURITY_ENV.items() if rdzv_configs.get(key)
+    }
 
 
 def _require(env: Mapping[str, str], name: str) -> str:
@@ -75,6 +94,11 @@ def connect(
     Returns a :class:`~rdzv.store.base.Store` with torch's API (``set``, ``get``, ``add``,
     ``wait``, ``barrier``, ...).
 
+    Security: TLS settings come from ``RDZV_TLS_CA``, ``RDZV_TLS_CERT``, ``RDZV_TLS_KEY`` and
+    ``RDZV_TLS_SERVER_HOSTNAME``, the shared secret from ``RDZV_TOKEN_FILE`` or ``RDZV_TOKEN``;
+    ``rdzv run`` sets them from ``--rdzv-conf tls_ca=...,token_file=...`` (see
+    :func:`security_env`).
+
     Raises RuntimeError naming the variable when MASTER_ADDR, MASTER_PORT, RANK or WORLD_SIZE
     is missing or malformed, and :class:`~rdzv.errors.NetworkError` /
     :class:`~rdzv.errors.StoreTimeoutError` when the store cannot be reached in time.
@@ -87,11 +111,32 @@ def connect(
     rank = _int(env, "RANK")
     world_size = _int(env, "WORLD_SIZE")
     agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").strip().lower() in _TRUE
+    tls_files = {
+        key[len("tls_") :]: env[var]
+        for key, var in SECURITY_ENV.items()
+        if key.startswith("tls_") and env.get(var)
+    }
+    tls = None
+    if tls_files:
+        from rdzv.tls import TLSConfig
+
+        tls = TLSConfig(**tls_files)
+    token_file = env.get(SECURITY_ENV["token_file"]) or None
     store: Store
     if agent_store:
-        store = TCPStore(addr, port, is_master=False, timeout=timeout)
+        store = TCPStore(
+            addr, port, is_master=False, timeout=timeout, token_file=token_file, tls=tls
+        )
     else:
-        store = TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timeout)
+        store = TCPStore(
+            addr,
+            port,
+            world_size,
+            is_master=rank == 0,
+            timeout=timeout,
+            token_file=token_file,
+            tls=tls,
+        )
     if scoped:
         return PrefixStore(worker_store_prefix(env), store)
     return store
