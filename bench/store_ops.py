@@ -303,7 +303,7 @@ def main() -> None:
         help="client counts for rdzv's Python client on rdzv's server",
     )  # fmt: skip
     parser.add_argument(
-        "--security", action="store_true", help="measure auth and TLS costs instead"
+        "--security", action="store_true", help="measure auth and TLS costs (with --durability too)"
     )
     parser.add_argument(
         "--durability", action="store_true",
@@ -311,11 +311,12 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--durability-clients", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args()
-    if args.durability:
-        durability_main(args)
-        return
-    if args.security:
-        security_main(args)
+    if args.durability or args.security:
+        # Either or both in one run (both: durability's JSON document, then security's).
+        if args.durability:
+            durability_main(args)
+        if args.security:
+            security_main(args)
         return
     results = []
     plan = [("torch", "torch"), ("rdzv", "torch")]
