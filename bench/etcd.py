@@ -30,6 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
+from bench.release import NodeThreads  # noqa: E402
 from tests.etcd_fixtures import MAX_REQUEST_BYTES, MAX_TXN_OPS, start_member  # noqa: E402
 
 from rdzv.store.etcd import EtcdStore  # noqa: E402
@@ -86,28 +87,10 @@ def store_ops(make: Callable[[], Any], ops: int, threads: int) -> dict[str, floa
 
 def run_round(handlers: list[Any]) -> float:
     """Release every node at once; seconds until the last one holds its rank."""
-    go = threading.Event()
-    done: list[float] = []
-    errors: list[BaseException] = []
-
-    def node(h: Any) -> None:
-        go.wait()
-        try:
-            h.next_rendezvous()
-        except BaseException as exc:  # reported in the JSON
-            errors.append(exc)
-        done.append(time.monotonic())
-
-    threads = [threading.Thread(target=node, args=(h,), daemon=True) for h in handlers]
-    for t in threads:
-        t.start()
-    start = time.monotonic()
-    go.set()
-    for t in threads:
-        t.join(300)
-    if errors or len(done) < len(handlers):
-        raise RuntimeError(f"rendezvous failed: {errors[:3]!r}")
-    return max(done) - start
+    released = NodeThreads(handlers).release(300)
+    if released.errors or len(released.done) < len(handlers):
+        raise RuntimeError(f"rendezvous failed: {released.errors[:3]!r}")
+    return released.seconds()
 
 
 def stop_handlers(handlers: list[Any]) -> None:

@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import platform
 import sys
-import threading
 import time
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -37,6 +36,7 @@ for _p in (str(_REPO / "src"), str(_REPO)):
         sys.path.insert(0, _p)
 
 from bench.counting import CountingStore, OpCounter  # noqa: E402
+from bench.release import NodeThreads  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -180,39 +180,16 @@ def _worker(
     make = _ours_nodes if impl == "ours" else _torch_nodes
     handlers, counter, background = make(port, count, n, run_id, budget)
     counter.counts.clear()  # construction (torch's backend writes its sentinel) is not timed
-    go = threading.Event()
-    done: list[float] = []
-    ranks: list[int] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-
-    def node(handler: Any) -> None:
-        go.wait()
-        try:
-            info = handler.next_rendezvous()
-        except Exception as exc:
-            with lock:
-                errors.append(f"{type(exc).__name__}: {exc}"[:200])
-            return
-        finished = time.monotonic()
-        with lock:
-            done.append(finished)
-            ranks.append(info.rank)
-
-    threads = [threading.Thread(target=node, args=(h,), daemon=True) for h in handlers]
-    for t in threads:
-        t.start()
+    nodes = NodeThreads(handlers)
     pipe.send("ready")
     pipe.recv()
-    go.set()
-    for t in threads:
-        t.join(budget + 60)
+    released = nodes.release(budget + 60)
     pipe.send(
         {
-            "done": done,
-            "ranks": ranks,
-            "errors": errors[:5],
-            "n_errors": len(errors),
+            "done": released.done,
+            "ranks": released.ranks,
+            "errors": released.errors[:5],
+            "n_errors": len(released.errors),
             "ops": counter.snapshot(),
             "value_bytes": counter.value_bytes,
             "background_ops": background.snapshot(),
@@ -301,25 +278,11 @@ def hash_trial(n: int) -> dict[str, Any]:
         )
         for _ in range(n)
     ]
-    go = threading.Event()
-    done: list[float] = []
-
-    def node(h: Any) -> None:
-        go.wait()
-        h.next_rendezvous()
-        done.append(time.monotonic())
-
-    threads = [threading.Thread(target=node, args=(h,), daemon=True) for h in handlers]
-    for t in threads:
-        t.start()
-    start = time.monotonic()
-    go.set()
-    for t in threads:
-        t.join(120)
+    released = NodeThreads(handlers).release(120)
     return {
-        "seconds": round(max(done) - start, 4),
-        "lower_bound": len(done) < n,
-        "completed": len(done),
+        "seconds": round(released.seconds(), 4),
+        "lower_bound": len(released.done) < n,
+        "completed": len(released.done),
         "ops_per_node": round(counter.total() / n, 2),
         "value_bytes_per_node": round(counter.value_bytes / n),
         "ops": counter.snapshot(),
