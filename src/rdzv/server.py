@@ -43,6 +43,7 @@ from typing import Any, TypeVar, cast
 from rdzv import auth, wire
 from rdzv.engine import Engine, Waiter
 from rdzv.errors import AuthError, NetworkError, StoreError
+from rdzv.fastpath import REPLY_LIMIT, Receiver, executor_for
 from rdzv.persistence import DurableJournal
 from rdzv.wire import (
     CHECK_NOT_READY,
@@ -137,6 +138,7 @@ class _Connection(asyncio.Protocol):
         "_closed",
         "_paused",
         "_queued",
+        "_receiver",
         "auth_nonce",
         "auth_timer",
         "bound",
@@ -168,6 +170,10 @@ class _Connection(asyncio.Protocol):
         self.handlers = _HANDLERS
         self.auth_nonce: bytes | None = None
         self.auth_timer: asyncio.TimerHandle | None = None
+        fast = server._fast
+        self._receiver: Receiver | None = (
+            None if fast is None else Receiver(fast, self._receive, REPLY_LIMIT)
+        )
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -175,6 +181,8 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         server = self.server
         self.write = self.transport.write if server.journal is None else self._hold
+        if self._receiver is not None:
+            self._receiver.write = self.transport.write
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = format_endpoint(str(peer[0]), int(peer[1]))
@@ -205,6 +213,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._backlog = None
+        if self._receiver is not None:
+            self._receiver.enabled = False
+            self._receiver = None  # it refers back to this connection
         if self.auth_timer is not None:
             self.auth_timer.cancel()
         server = self.server
@@ -224,6 +235,8 @@ class _Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client does not read its replies: stop executing and reading its requests.
         self._paused = True
+        if self._receiver is not None:
+            self._receiver.enabled = False
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
@@ -235,8 +248,17 @@ class _Connection(asyncio.Protocol):
             self._execute(backlog)
         if not self._paused and not self._closed:
             self.transport.resume_reading()
+        self._refresh()
 
-    def data_received(self, data: bytes) -> None:
+    @property
+    def data_received(self) -> Callable[[bytes], None]:
+        """What the transport calls with received bytes (uvloop looks it up once per
+        connection): the C :class:`~rdzv.fastpath.Receiver` when the fast path is on, which
+        hands what it does not take to :meth:`_receive`; else :meth:`_receive` itself."""
+        receiver = self._receiver
+        return self._receive if receiver is None else receiver
+
+    def _receive(self, data: bytes) -> None:
         if self._closed:
             return  # closing; ignore whatever still arrives
         requests = self.parser.receive(data)
@@ -244,6 +266,23 @@ class _Connection(asyncio.Protocol):
             self._backlog += requests  # keep the order behind the postponed ones
         else:
             self._execute(requests)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Tell the C receiver whether the next bytes may skip the Python path: only when
+        nothing but the engine's state decides their outcome (see rdzv.fastpath)."""
+        receiver = self._receiver
+        if receiver is not None:
+            parser = self.parser
+            receiver.extended = parser.extended
+            receiver.enabled = (
+                parser.idle
+                and self.handlers is _HANDLERS
+                and not self.waiters
+                and self._backlog is None
+                and not self._paused
+                and not self._closed
+            )
 
     def _execute(self, requests: list[Request]) -> None:
         """Run ``requests`` in order, until the connection pauses (the rest is postponed)."""
@@ -306,6 +345,8 @@ class _Connection(asyncio.Protocol):
             self.server._commit()  # flush the replies held for this connection first
         self._closed = True
         self._backlog = None
+        if self._receiver is not None:
+            self._receiver.enabled = False
         self.transport.close()
 
 
@@ -733,6 +774,10 @@ class StoreServer:
         if data_dir is not None:
             self.journal = DurableJournal(data_dir, fsync=fsync, fsync_interval=fsync_interval)
         self._outbox: list[_Connection] = []
+        # The C hot path for plain in-memory serving (rdzv.fastpath); off with a journal.
+        self._fast = (
+            None if self.journal is not None else executor_for(self.engine, self._bound, limits)
+        )
         self._commit_scheduled = False
         self._sync_timer: asyncio.TimerHandle | None = None
         self._recovered = False

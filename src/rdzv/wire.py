@@ -494,6 +494,12 @@ class RequestParser:
         """Bytes received but not yet part of a complete request."""
         return len(self._pending)
 
+    @property
+    def idle(self) -> bool:
+        """Validated, no error, and between requests (nothing partial buffered): the next
+        byte received starts a new request."""
+        return self._need == 0 and self.validated and self.error is None
+
     def receive(self, data: bytes) -> list[Request]:
         """Feed ``data``; return the requests it completed, in order."""
         if self.error is not None:

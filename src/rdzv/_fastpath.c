@@ -1,0 +1,839 @@
+/*
+ * rdzv._fastpath: the TCPStore server's hot path in C.
+ *
+ * One call of Executor.run(buf, pos, extended) decodes the complete requests of ``buf`` from
+ * ``pos`` on and executes those that are *simple*: SET, GET, ADD, CHECK, WAIT and MULTI_GET
+ * (and, once a client negotiated extensions, EXT_ADD and EXT_GET_WAIT) whose outcome needs
+ * nothing but the engine's dictionaries: no waiter to wake, no key bound to a connection or
+ * lease, no barrier to release, no error to report, no wait to park. It stops at the first
+ * request that is not simple, incomplete, or over a limit, *before* changing anything for
+ * it, and returns how far it got plus the concatenated replies. The server then hands the
+ * rest of the bytes to the Python parser and handlers (rdzv.wire / rdzv.server), which
+ * implement every request; this module only short-cuts the common ones, with byte-identical
+ * replies and state changes (tests/server/test_fastpath.py checks both paths against each
+ * other). The rules mirror rdzv.engine.Engine and the handlers in rdzv.server; see
+ * rdzv/fastpath.py for the Python side.
+ *
+ * Wire format: docs/protocol.md (torch's TCPStore: one opcode byte, u64 little-endian
+ * lengths and counts, i64 little-endian integers).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+/* Opcodes (rdzv.wire.Op). */
+enum {
+    OP_SET = 1,
+    OP_GET = 3,
+    OP_ADD = 4,
+    OP_CHECK = 5,
+    OP_WAIT = 6,
+    OP_MULTI_GET = 10,
+    OP_EXT_ADD = 0x80,
+    OP_EXT_GET_WAIT = 0x82,
+};
+
+/* Lists of more keys than this go to the Python parser (which also enforces the request
+ * size limit from 17 keys on; rdzv.wire.RequestParser._p_list). */
+#define MAX_LIST 16
+
+#define REPLY_STOP_WAITING 0x00
+#define REPLY_CHECK_READY 0x00
+#define REPLY_CHECK_NOT_READY 0x01
+#define REPLY_EXT_OK 0x00
+
+/* Outcome of one request. */
+#define STEP_STOP (-1)  /* not taken: nothing changed, the Python path takes over here */
+#define STEP_ERROR (-2) /* a Python exception is set (out of memory) */
+
+/* ------------------------------------------------------------------------ reply buffer */
+typedef struct {
+    char *buf;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+    char small[512];
+} Out;
+
+static int
+out_reserve(Out *out, Py_ssize_t extra)
+{
+    Py_ssize_t need = out->len + extra;
+    if (need <= out->cap) {
+        return 0;
+    }
+    Py_ssize_t cap = out->cap * 2;
+    if (cap < need) {
+        cap = need;
+    }
+    char *grown;
+    if (out->buf == out->small) {
+        grown = PyMem_Malloc((size_t)cap);
+        if (grown != NULL) {
+            memcpy(grown, out->buf, (size_t)out->len);
+        }
+    }
+    else {
+        grown = PyMem_Realloc(out->buf, (size_t)cap);
+    }
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    out->buf = grown;
+    out->cap = cap;
+    return 0;
+}
+
+static int
+out_bytes(Out *out, const char *data, Py_ssize_t n)
+{
+    if (out_reserve(out, n) < 0) {
+        return -1;
+    }
+    memcpy(out->buf + out->len, data, (size_t)n);
+    out->len += n;
+    return 0;
+}
+
+static int
+out_u64(Out *out, uint64_t v)
+{
+    char le[8];
+    for (int i = 0; i < 8; i++) {
+        le[i] = (char)(v >> (8 * i));
+    }
+    return out_bytes(out, le, 8);
+}
+
+static int
+out_byte(Out *out, char b)
+{
+    return out_bytes(out, &b, 1);
+}
+
+/* A blob: u64 length + bytes. */
+static int
+out_blob(Out *out, PyObject *value)
+{
+    Py_ssize_t n = PyBytes_GET_SIZE(value);
+    if (out_u64(out, (uint64_t)n) < 0) {
+        return -1;
+    }
+    return out_bytes(out, PyBytes_AS_STRING(value), n);
+}
+
+/* ------------------------------------------------------------------------ frame reading */
+static uint64_t
+read_u64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) {
+        v |= (uint64_t)p[i] << (8 * i);
+    }
+    return v;
+}
+
+/* A blob at *pos: sets *start and *len and advances *pos. 0 when incomplete or over limit. */
+static int
+read_blob(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t end, Py_ssize_t limit,
+          Py_ssize_t *start, Py_ssize_t *len)
+{
+    if (end - *pos < 8) {
+        return 0;
+    }
+    uint64_t n = read_u64(p + *pos);
+    if (n > (uint64_t)limit || (uint64_t)(end - *pos - 8) < n) {
+        return 0;
+    }
+    *start = *pos + 8;
+    *len = (Py_ssize_t)n;
+    *pos = *start + *len;
+    return 1;
+}
+
+/* ------------------------------------------------------------------------ the executor */
+typedef struct {
+    PyObject_HEAD
+    PyObject *data;     /* Engine._data: bytes -> bytes */
+    PyObject *queues;   /* Engine._queues: bytes -> deque (non-empty) */
+    PyObject *waiters;  /* Engine._waiters: bytes -> waiters */
+    PyObject *barriers; /* Engine._barriers: bytes -> parked barrier waiters */
+    PyObject *bound;    /* StoreServer._bound: bytes -> owner */
+    Py_ssize_t max_key;
+    Py_ssize_t max_value;
+    Py_ssize_t max_keys;
+} Executor;
+
+/* 1 if ``key`` is a key of ``dict``, 0 if not, -1 on error. */
+static int
+has(PyObject *dict, PyObject *key)
+{
+    if (PyDict_GET_SIZE(dict) == 0) {
+        return 0;
+    }
+    return PyDict_Contains(dict, key);
+}
+
+/* Present = holds a value or names a non-empty queue (Engine._present). -1 on error. */
+static int
+present(Executor *self, PyObject *key)
+{
+    int found = PyDict_Contains(self->data, key);
+    if (found != 0) {
+        return found;
+    }
+    PyObject *queue = PyDict_GetItemWithError(self->queues, key); /* borrowed */
+    if (queue == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_ssize_t n = PyObject_Length(queue);
+    return n < 0 ? -1 : n > 0;
+}
+
+/* 1 if writing ``key`` needs the Python path (waiters to wake, a binding to drop, a barrier
+ * to release), 0 if not, -1 on error. */
+static int
+guarded(Executor *self, PyObject *key, int barrier_too)
+{
+    int hit = has(self->waiters, key);
+    if (hit == 0) {
+        hit = has(self->bound, key);
+    }
+    if (hit == 0 && barrier_too) {
+        hit = has(self->barriers, key);
+    }
+    return hit;
+}
+
+/* Parse a counter written as optional '-' then 1-19 ASCII digits (what ADD writes); 0 when
+ * the value has any other shape or leaves int64 (the Python path then parses strtoll-style
+ * or reports the error). */
+static int
+parse_counter(PyObject *raw, int64_t *out)
+{
+    const char *s = PyBytes_AS_STRING(raw);
+    Py_ssize_t n = PyBytes_GET_SIZE(raw);
+    Py_ssize_t i = 0;
+    int negative = 0;
+    if (n > 0 && s[0] == '-') {
+        negative = 1;
+        i = 1;
+    }
+    if (i == n || n - i > 19) {
+        return 0;
+    }
+    int64_t v = 0;
+    for (; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') {
+            return 0;
+        }
+        int digit = s[i] - '0';
+        if (__builtin_mul_overflow(v, 10, &v) ||
+            __builtin_add_overflow(v, negative ? -digit : digit, &v)) {
+            return 0;
+        }
+    }
+    *out = v;
+    return 1;
+}
+
+static Py_ssize_t
+step_set(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end)
+{
+    Py_ssize_t ks, kn, vs, vn;
+    if (!read_blob(p, &pos, end, self->max_key, &ks, &kn) ||
+        !read_blob(p, &pos, end, self->max_value, &vs, &vn)) {
+        return STEP_STOP;
+    }
+    PyObject *key = PyBytes_FromStringAndSize((const char *)p + ks, kn);
+    if (key == NULL) {
+        return STEP_ERROR;
+    }
+    int hit = guarded(self, key, 0);
+    if (hit != 0) {
+        Py_DECREF(key);
+        return hit < 0 ? STEP_ERROR : STEP_STOP;
+    }
+    PyObject *value = PyBytes_FromStringAndSize((const char *)p + vs, vn);
+    int rc = value == NULL ? -1 : PyDict_SetItem(self->data, key, value);
+    Py_DECREF(key);
+    Py_XDECREF(value);
+    return rc < 0 ? STEP_ERROR : pos;
+}
+
+static Py_ssize_t
+step_get(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out *out,
+         int wait)
+{
+    Py_ssize_t ks, kn;
+    if (!read_blob(p, &pos, end, self->max_key, &ks, &kn)) {
+        return STEP_STOP;
+    }
+    PyObject *key = PyBytes_FromStringAndSize((const char *)p + ks, kn);
+    if (key == NULL) {
+        return STEP_ERROR;
+    }
+    PyObject *value = PyDict_GetItemWithError(self->data, key); /* borrowed */
+    Py_DECREF(key);
+    if (value == NULL) {
+        if (PyErr_Occurred()) {
+            return STEP_ERROR;
+        }
+        if (wait) {
+            return STEP_STOP; /* EXT_GET_WAIT parks: the Python path */
+        }
+        return out_u64(out, 0) < 0 ? STEP_ERROR : pos; /* missing: an empty blob */
+    }
+    if (wait && out_byte(out, REPLY_EXT_OK) < 0) {
+        return STEP_ERROR;
+    }
+    return out_blob(out, value) < 0 ? STEP_ERROR : pos;
+}
+
+static Py_ssize_t
+step_add(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out *out,
+         int ext)
+{
+    Py_ssize_t ks, kn;
+    if (!read_blob(p, &pos, end, self->max_key, &ks, &kn) || end - pos < 8) {
+        return STEP_STOP;
+    }
+    int64_t amount = (int64_t)read_u64(p + pos);
+    pos += 8;
+    PyObject *key = PyBytes_FromStringAndSize((const char *)p + ks, kn);
+    if (key == NULL) {
+        return STEP_ERROR;
+    }
+    Py_ssize_t result = STEP_STOP;
+    int hit = guarded(self, key, 1);
+    if (hit != 0) {
+        result = hit < 0 ? STEP_ERROR : STEP_STOP;
+        goto done;
+    }
+    int64_t total = amount;
+    PyObject *old = PyDict_GetItemWithError(self->data, key); /* borrowed */
+    if (old == NULL && PyErr_Occurred()) {
+        result = STEP_ERROR;
+        goto done;
+    }
+    if (old != NULL) {
+        int64_t current;
+        if (!parse_counter(old, &current) || __builtin_add_overflow(current, amount, &total)) {
+            goto done; /* unusual text or overflow: the Python path */
+        }
+    }
+    char text[24];
+    int len = snprintf(text, sizeof text, "%lld", (long long)total);
+    PyObject *stored = PyBytes_FromStringAndSize(text, len);
+    if (stored == NULL || PyDict_SetItem(self->data, key, stored) < 0) {
+        Py_XDECREF(stored);
+        result = STEP_ERROR;
+        goto done;
+    }
+    Py_DECREF(stored);
+    if ((ext && out_byte(out, REPLY_EXT_OK) < 0) || out_u64(out, (uint64_t)total) < 0) {
+        result = STEP_ERROR;
+        goto done;
+    }
+    result = pos;
+done:
+    Py_DECREF(key);
+    return result;
+}
+
+/* CHECK, WAIT, MULTI_GET: a u64 count and that many key blobs. */
+static Py_ssize_t
+step_list(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out *out,
+          int op)
+{
+    if (end - pos < 8) {
+        return STEP_STOP;
+    }
+    uint64_t count = read_u64(p + pos);
+    if (count > MAX_LIST || count > (uint64_t)self->max_keys) {
+        return STEP_STOP;
+    }
+    pos += 8;
+    Py_ssize_t starts[MAX_LIST], lens[MAX_LIST];
+    Py_ssize_t n = (Py_ssize_t)count;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!read_blob(p, &pos, end, self->max_key, &starts[i], &lens[i])) {
+            return STEP_STOP;
+        }
+    }
+    Py_ssize_t mark = out->len; /* replies of a MULTI_GET are undone on error */
+    int all = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyBytes_FromStringAndSize((const char *)p + starts[i], lens[i]);
+        if (key == NULL) {
+            return STEP_ERROR;
+        }
+        int rc;
+        if (op == OP_MULTI_GET) {
+            PyObject *value = PyDict_GetItemWithError(self->data, key); /* borrowed */
+            if (value != NULL) {
+                rc = out_blob(out, value);
+            }
+            else {
+                rc = PyErr_Occurred() ? -1 : out_u64(out, 0);
+            }
+        }
+        else {
+            rc = present(self, key);
+            if (rc == 0) {
+                all = 0;
+            }
+        }
+        Py_DECREF(key);
+        if (rc < 0) {
+            out->len = mark;
+            return STEP_ERROR;
+        }
+        if (!all) {
+            break;
+        }
+    }
+    if (op == OP_CHECK) {
+        return out_byte(out, all ? REPLY_CHECK_READY : REPLY_CHECK_NOT_READY) < 0 ? STEP_ERROR
+                                                                                   : pos;
+    }
+    if (op == OP_WAIT) {
+        if (!all) {
+            return STEP_STOP; /* parks a waiter: the Python path */
+        }
+        return out_byte(out, REPLY_STOP_WAITING) < 0 ? STEP_ERROR : pos;
+    }
+    return pos;
+}
+
+static Py_ssize_t
+step(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out *out,
+     int extended)
+{
+    int op = p[pos];
+    pos += 1;
+    switch (op) {
+    case OP_SET:
+        return step_set(self, p, pos, end);
+    case OP_GET:
+        return step_get(self, p, pos, end, out, 0);
+    case OP_ADD:
+        return step_add(self, p, pos, end, out, 0);
+    case OP_CHECK:
+    case OP_WAIT:
+    case OP_MULTI_GET:
+        return step_list(self, p, pos, end, out, op);
+    case OP_EXT_ADD:
+        return extended ? step_add(self, p, pos, end, out, 1) : STEP_STOP;
+    case OP_EXT_GET_WAIT:
+        return extended ? step_get(self, p, pos, end, out, 1) : STEP_STOP;
+    default:
+        return STEP_STOP;
+    }
+}
+
+static void
+out_init(Out *out)
+{
+    out->buf = out->small;
+    out->len = 0;
+    out->cap = (Py_ssize_t)sizeof out->small;
+}
+
+static void
+out_free(Out *out)
+{
+    if (out->buf != out->small) {
+        PyMem_Free(out->buf);
+    }
+    out_init(out);
+}
+
+/* Execute the simple requests of p[*pos:end] into ``out`` while it is shorter than
+ * ``reply_limit``; advances *pos past them. -1 with an exception set on error. */
+static int
+execute(Executor *self, const unsigned char *p, Py_ssize_t *pos, Py_ssize_t end, Out *out,
+        int extended, Py_ssize_t reply_limit)
+{
+    while (*pos < end && out->len < reply_limit) {
+        Py_ssize_t next = step(self, p, *pos, end, out, extended);
+        if (next == STEP_ERROR) {
+            return -1;
+        }
+        if (next == STEP_STOP) {
+            break;
+        }
+        *pos = next;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(run_doc,
+"run(buf, pos, extended, reply_limit) -> (pos, reply)\n\n"
+"Execute the simple requests of ``buf`` (bytes) from offset ``pos`` on, in order, while\n"
+"``reply`` is shorter than ``reply_limit`` bytes; ``extended``: the client negotiated\n"
+"rdzv's extensions. Returns the offset of the first request not executed (``len(buf)``\n"
+"when all were) and their concatenated replies (bytes, or None when there are none).\n"
+"Raises TypeError if ``buf`` is not bytes, ValueError if ``pos`` is outside it,\n"
+"MemoryError when out of memory.");
+
+static PyObject *
+executor_run(Executor *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (self->data == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Executor.run() before __init__()");
+        return NULL;
+    }
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "run() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *buf = args[0];
+    if (!PyBytes_Check(buf)) {
+        PyErr_Format(PyExc_TypeError, "run(): buf must be bytes, not %.100s",
+                     Py_TYPE(buf)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int extended = PyObject_IsTrue(args[2]);
+    if (extended < 0) {
+        return NULL;
+    }
+    Py_ssize_t reply_limit = PyLong_AsSsize_t(args[3]);
+    if (reply_limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t end = PyBytes_GET_SIZE(buf);
+    if (pos < 0 || pos > end) {
+        PyErr_Format(PyExc_ValueError, "run(): pos %zd is outside the buffer (0..%zd)", pos,
+                     end);
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(buf);
+    Out out;
+    out_init(&out);
+    PyObject *result = NULL;
+    if (execute(self, p, &pos, end, &out, extended, reply_limit) == 0) {
+        if (out.len == 0) {
+            result = Py_BuildValue("(nO)", pos, Py_None);
+        }
+        else {
+            result = Py_BuildValue("(ny#)", pos, out.buf, out.len);
+        }
+    }
+    out_free(&out);
+    return result;
+}
+
+static int
+executor_init(Executor *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"data", "queues", "waiters", "barriers", "bound",
+                             "max_key_bytes", "max_value_bytes", "max_keys", NULL};
+    PyObject *data, *queues, *waiters, *barriers, *bound;
+    Py_ssize_t max_key, max_value, max_keys;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!O!O!nnn", kwlist, &PyDict_Type, &data,
+                                     &PyDict_Type, &queues, &PyDict_Type, &waiters,
+                                     &PyDict_Type, &barriers, &PyDict_Type, &bound, &max_key,
+                                     &max_value, &max_keys)) {
+        return -1;
+    }
+    if (max_key < 0 || max_value < 0 || max_keys < 0) {
+        PyErr_SetString(PyExc_ValueError, "Executor(): limits must be >= 0");
+        return -1;
+    }
+    Py_INCREF(data);
+    Py_XSETREF(self->data, data);
+    Py_INCREF(queues);
+    Py_XSETREF(self->queues, queues);
+    Py_INCREF(waiters);
+    Py_XSETREF(self->waiters, waiters);
+    Py_INCREF(barriers);
+    Py_XSETREF(self->barriers, barriers);
+    Py_INCREF(bound);
+    Py_XSETREF(self->bound, bound);
+    self->max_key = max_key;
+    self->max_value = max_value;
+    self->max_keys = max_keys;
+    return 0;
+}
+
+static int
+executor_traverse(Executor *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->data);
+    Py_VISIT(self->queues);
+    Py_VISIT(self->waiters);
+    Py_VISIT(self->barriers);
+    Py_VISIT(self->bound);
+    return 0;
+}
+
+static int
+executor_clear(Executor *self)
+{
+    Py_CLEAR(self->data);
+    Py_CLEAR(self->queues);
+    Py_CLEAR(self->waiters);
+    Py_CLEAR(self->barriers);
+    Py_CLEAR(self->bound);
+    return 0;
+}
+
+static void
+executor_dealloc(Executor *self)
+{
+    PyObject_GC_UnTrack(self);
+    executor_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef executor_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))executor_run, METH_FASTCALL, run_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(executor_doc,
+"Executor(data, queues, waiters, barriers, bound, max_key_bytes, max_value_bytes, max_keys)\n\n"
+"Executes simple TCPStore requests directly on an engine's dictionaries (see rdzv.fastpath).");
+
+static PyTypeObject ExecutorType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "rdzv._fastpath.Executor",
+    .tp_basicsize = sizeof(Executor),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = executor_doc,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)executor_init,
+    .tp_traverse = (traverseproc)executor_traverse,
+    .tp_clear = (inquiry)executor_clear,
+    .tp_dealloc = (destructor)executor_dealloc,
+    .tp_methods = executor_methods,
+};
+
+/* ------------------------------------------------------------------------ the receiver */
+/* What the transport calls with received bytes (the protocol's ``data_received``): runs
+ * the executor on them, writes the replies, and hands whatever it did not take to ``slow``
+ * (the Python path), which also decides, through ``enabled``, whether the next bytes may
+ * take the fast path at all. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *executor; /* Executor */
+    PyObject *slow;     /* callable(bytes) */
+    PyObject *write;    /* callable(bytes), the transport's write; None until connected */
+    char enabled;
+    char extended;
+    Py_ssize_t reply_limit;
+    vectorcallfunc vectorcall;
+} Receiver;
+
+
+static PyObject *
+receiver_feed(Receiver *self, PyObject *data)
+{
+    if (!self->enabled || !PyBytes_CheckExact(data) || self->write == Py_None) {
+        return PyObject_CallOneArg(self->slow, data);
+    }
+    Executor *executor = (Executor *)self->executor;
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t end = PyBytes_GET_SIZE(data);
+    Py_ssize_t pos = 0;
+    Out out;
+    out_init(&out);
+    for (;;) {
+        if (execute(executor, p, &pos, end, &out, self->extended, self->reply_limit) < 0) {
+            out_free(&out);
+            return NULL;
+        }
+        if (out.len == 0) {
+            break; /* stopped at a request the Python path must take */
+        }
+        int full = out.len >= self->reply_limit;
+        PyObject *reply = PyBytes_FromStringAndSize(out.buf, out.len);
+        out_free(&out);
+        if (reply == NULL) {
+            return NULL;
+        }
+        /* May call back into the protocol (pause_writing clears ``enabled``). */
+        PyObject *written = PyObject_CallOneArg(self->write, reply);
+        Py_DECREF(reply);
+        if (written == NULL) {
+            return NULL;
+        }
+        Py_DECREF(written);
+        if (!full || pos == end || !self->enabled) {
+            break;
+        }
+    }
+    out_free(&out);
+    if (pos == end) {
+        Py_RETURN_NONE;
+    }
+    PyObject *rest = pos == 0 ? Py_NewRef(data)
+                              : PyBytes_FromStringAndSize((const char *)p + pos, end - pos);
+    if (rest == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_CallOneArg(self->slow, rest);
+    Py_DECREF(rest);
+    return result;
+}
+
+static PyObject *
+receiver_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+                    PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_Format(PyExc_TypeError, "Receiver() takes exactly one argument, the data");
+        return NULL;
+    }
+    Receiver *self = (Receiver *)callable;
+    if (self->slow == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Receiver called before __init__()");
+        return NULL;
+    }
+    return receiver_feed(self, args[0]);
+}
+
+static int
+receiver_init(Receiver *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"executor", "slow", "reply_limit", NULL};
+    PyObject *executor, *slow;
+    Py_ssize_t reply_limit;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!On", kwlist, &ExecutorType, &executor,
+                                     &slow, &reply_limit)) {
+        return -1;
+    }
+    if (!PyCallable_Check(slow)) {
+        PyErr_SetString(PyExc_TypeError, "Receiver(): slow must be callable");
+        return -1;
+    }
+    if (reply_limit < 1) {
+        PyErr_SetString(PyExc_ValueError, "Receiver(): reply_limit must be >= 1");
+        return -1;
+    }
+    Py_XSETREF(self->executor, Py_NewRef(executor));
+    Py_XSETREF(self->slow, Py_NewRef(slow));
+    Py_XSETREF(self->write, Py_NewRef(Py_None));
+    self->enabled = 0;
+    self->extended = 0;
+    self->reply_limit = reply_limit;
+    self->vectorcall = receiver_vectorcall;
+    return 0;
+}
+
+static int
+receiver_traverse(Receiver *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->executor);
+    Py_VISIT(self->slow);
+    Py_VISIT(self->write);
+    return 0;
+}
+
+static int
+receiver_clear(Receiver *self)
+{
+    Py_CLEAR(self->executor);
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->write);
+    return 0;
+}
+
+static void
+receiver_dealloc(Receiver *self)
+{
+    PyObject_GC_UnTrack(self);
+    receiver_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+receiver_get_write(Receiver *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->write != NULL ? self->write : Py_None);
+}
+
+static int
+receiver_set_write(Receiver *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL || (value != Py_None && !PyCallable_Check(value))) {
+        PyErr_SetString(PyExc_TypeError, "Receiver.write must be a callable or None");
+        return -1;
+    }
+    Py_XSETREF(self->write, Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef receiver_getset[] = {
+    {"write", (getter)receiver_get_write, (setter)receiver_set_write,
+     "callable(bytes) writing replies (the transport's write), or None", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef receiver_members[] = {
+    {"enabled", T_BOOL, offsetof(Receiver, enabled), 0,
+     "bool: the next bytes may take the fast path (set by the Python side)"},
+    {"extended", T_BOOL, offsetof(Receiver, extended), 0,
+     "bool: the client negotiated rdzv's extensions"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+PyDoc_STRVAR(receiver_doc,
+"Receiver(executor, slow, reply_limit)\n\n"
+"A connection's data_received: receiver(data) executes the simple requests of ``data``\n"
+"(bytes) with ``executor`` while ``enabled``, writes their replies with ``write``, and\n"
+"calls ``slow(rest)`` with the bytes from the first request it did not take (or all of\n"
+"``data`` when disabled). See rdzv.fastpath.");
+
+static PyTypeObject ReceiverType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "rdzv._fastpath.Receiver",
+    .tp_basicsize = sizeof(Receiver),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = receiver_doc,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)receiver_init,
+    .tp_traverse = (traverseproc)receiver_traverse,
+    .tp_clear = (inquiry)receiver_clear,
+    .tp_dealloc = (destructor)receiver_dealloc,
+    .tp_vectorcall_offset = offsetof(Receiver, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_members = receiver_members,
+    .tp_getset = receiver_getset,
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "rdzv._fastpath",
+    .m_doc = "The TCPStore server's hot path in C (see rdzv.fastpath).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__fastpath(void)
+{
+    if (PyType_Ready(&ExecutorType) < 0 || PyType_Ready(&ReceiverType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&fastpath_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "Executor", (PyObject *)&ExecutorType) < 0 ||
+        PyModule_AddObjectRef(module, "Receiver", (PyObject *)&ReceiverType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

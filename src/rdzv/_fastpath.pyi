@@ -1,0 +1,28 @@
+"""Type stub of the C extension (src/rdzv/_fastpath.c); see rdzv.fastpath."""
+
+from collections.abc import Callable, Mapping
+
+class Executor:
+    def __init__(
+        self,
+        data: dict[bytes, bytes],
+        queues: Mapping[bytes, object],
+        waiters: Mapping[bytes, object],
+        barriers: Mapping[bytes, object],
+        bound: Mapping[bytes, object],
+        max_key_bytes: int,
+        max_value_bytes: int,
+        max_keys: int,
+    ) -> None: ...
+    def run(
+        self, buf: bytes, pos: int, extended: bool, reply_limit: int, /
+    ) -> tuple[int, bytes | None]: ...
+
+class Receiver:
+    enabled: bool
+    extended: bool
+    write: Callable[[bytes], object] | None
+    def __init__(
+        self, executor: Executor, slow: Callable[[bytes], object], reply_limit: int
+    ) -> None: ...
+    def __call__(self, data: bytes, /) -> None: ...
