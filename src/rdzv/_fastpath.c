@@ -20,9 +20,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#ifndef _WIN32
+#include <sys/socket.h>
+#include <sys/types.h>
+#define HAVE_SEND 1
+#endif
 
 /* Opcodes (rdzv.wire.Op). */
 enum {
@@ -627,12 +633,68 @@ typedef struct {
     PyObject *executor; /* Executor */
     PyObject *slow;     /* callable(bytes) */
     PyObject *write;    /* callable(bytes), the transport's write; None until connected */
+    PyObject *buffered; /* callable() -> int, the transport's get_write_buffer_size */
+    int fd;             /* the plain TCP socket to send on directly, -1: always ``write`` */
     char enabled;
     char extended;
     Py_ssize_t reply_limit;
     vectorcallfunc vectorcall;
 } Receiver;
 
+
+/* 1 if the transport holds unsent bytes (they must go first), 0 if not, -1 on error. */
+static int
+transport_busy(Receiver *self)
+{
+    PyObject *size = PyObject_CallNoArgs(self->buffered);
+    if (size == NULL) {
+        return -1;
+    }
+    int busy = PyObject_IsTrue(size);
+    Py_DECREF(size);
+    return busy;
+}
+
+/* Send the replies in ``out``: straight to the socket when the transport has nothing
+ * queued (the transport's own write does the same syscall with more steps), the rest (or
+ * all, on an error the transport will then report) through the transport. */
+static int
+deliver(Receiver *self, Out *out)
+{
+    Py_ssize_t sent = 0;
+#ifdef HAVE_SEND
+    if (self->fd >= 0 && self->buffered != Py_None) {
+        int busy = transport_busy(self);
+        if (busy < 0) {
+            return -1;
+        }
+        if (!busy) {
+            ssize_t n;
+            do {
+                n = send(self->fd, out->buf, (size_t)out->len, MSG_DONTWAIT | MSG_NOSIGNAL);
+            } while (n < 0 && errno == EINTR);
+            if (n == out->len) {
+                return 0;
+            }
+            if (n > 0) {
+                sent = n;
+            }
+        }
+    }
+#endif
+    PyObject *reply = PyBytes_FromStringAndSize(out->buf + sent, out->len - sent);
+    if (reply == NULL) {
+        return -1;
+    }
+    /* May call back into the protocol (pause_writing clears ``enabled``). */
+    PyObject *written = PyObject_CallOneArg(self->write, reply);
+    Py_DECREF(reply);
+    if (written == NULL) {
+        return -1;
+    }
+    Py_DECREF(written);
+    return 0;
+}
 
 static PyObject *
 receiver_feed(Receiver *self, PyObject *data)
@@ -655,18 +717,11 @@ receiver_feed(Receiver *self, PyObject *data)
             break; /* stopped at a request the Python path must take */
         }
         int full = out.len >= self->reply_limit;
-        PyObject *reply = PyBytes_FromStringAndSize(out.buf, out.len);
+        int rc = deliver(self, &out);
         out_free(&out);
-        if (reply == NULL) {
+        if (rc < 0) {
             return NULL;
         }
-        /* May call back into the protocol (pause_writing clears ``enabled``). */
-        PyObject *written = PyObject_CallOneArg(self->write, reply);
-        Py_DECREF(reply);
-        if (written == NULL) {
-            return NULL;
-        }
-        Py_DECREF(written);
         if (!full || pos == end || !self->enabled) {
             break;
         }
@@ -723,6 +778,8 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->executor, Py_NewRef(executor));
     Py_XSETREF(self->slow, Py_NewRef(slow));
     Py_XSETREF(self->write, Py_NewRef(Py_None));
+    Py_XSETREF(self->buffered, Py_NewRef(Py_None));
+    self->fd = -1;
     self->enabled = 0;
     self->extended = 0;
     self->reply_limit = reply_limit;
@@ -736,6 +793,7 @@ receiver_traverse(Receiver *self, visitproc visit, void *arg)
     Py_VISIT(self->executor);
     Py_VISIT(self->slow);
     Py_VISIT(self->write);
+    Py_VISIT(self->buffered);
     return 0;
 }
 
@@ -745,6 +803,7 @@ receiver_clear(Receiver *self)
     Py_CLEAR(self->executor);
     Py_CLEAR(self->slow);
     Py_CLEAR(self->write);
+    Py_CLEAR(self->buffered);
     return 0;
 }
 
@@ -756,28 +815,32 @@ receiver_dealloc(Receiver *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* ``write`` and ``buffered``: a callable or None (closure: offset of the field). */
 static PyObject *
-receiver_get_write(Receiver *self, void *closure)
+receiver_get_callable(Receiver *self, void *closure)
 {
-    (void)closure;
-    return Py_NewRef(self->write != NULL ? self->write : Py_None);
+    PyObject *value = *(PyObject **)((char *)self + (size_t)closure);
+    return Py_NewRef(value != NULL ? value : Py_None);
 }
 
 static int
-receiver_set_write(Receiver *self, PyObject *value, void *closure)
+receiver_set_callable(Receiver *self, PyObject *value, void *closure)
 {
-    (void)closure;
     if (value == NULL || (value != Py_None && !PyCallable_Check(value))) {
-        PyErr_SetString(PyExc_TypeError, "Receiver.write must be a callable or None");
+        PyErr_SetString(PyExc_TypeError, "Receiver: expected a callable or None");
         return -1;
     }
-    Py_XSETREF(self->write, Py_NewRef(value));
+    Py_XSETREF(*(PyObject **)((char *)self + (size_t)closure), Py_NewRef(value));
     return 0;
 }
 
 static PyGetSetDef receiver_getset[] = {
-    {"write", (getter)receiver_get_write, (setter)receiver_set_write,
-     "callable(bytes) writing replies (the transport's write), or None", NULL},
+    {"write", (getter)receiver_get_callable, (setter)receiver_set_callable,
+     "callable(bytes) writing replies (the transport's write), or None",
+     (void *)offsetof(Receiver, write)},
+    {"buffered", (getter)receiver_get_callable, (setter)receiver_set_callable,
+     "callable() -> int: bytes the transport holds unsent (get_write_buffer_size), or None",
+     (void *)offsetof(Receiver, buffered)},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -786,6 +849,9 @@ static PyMemberDef receiver_members[] = {
      "bool: the next bytes may take the fast path (set by the Python side)"},
     {"extended", T_BOOL, offsetof(Receiver, extended), 0,
      "bool: the client negotiated rdzv's extensions"},
+    {"fd", T_INT, offsetof(Receiver, fd), 0,
+     "int: the plain TCP socket replies may be sent on directly when ``buffered()`` is 0 "
+     "(-1: never; TLS connections must keep -1)"},
     {NULL, 0, 0, 0, NULL},
 };
 

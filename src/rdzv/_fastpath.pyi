@@ -22,6 +22,8 @@ class Receiver:
     enabled: bool
     extended: bool
     write: Callable[[bytes], object] | None
+    buffered: Callable[[], int] | None
+    fd: int
     def __init__(
         self, executor: Executor, slow: Callable[[bytes], object], reply_limit: int
     ) -> None: ...

@@ -181,8 +181,9 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         server = self.server
         self.write = self.transport.write if server.journal is None else self._hold
-        if self._receiver is not None:
-            self._receiver.write = self.transport.write
+        receiver = self._receiver
+        if receiver is not None:
+            receiver.write = self.transport.write
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = format_endpoint(str(peer[0]), int(peer[1]))
@@ -190,6 +191,10 @@ class _Connection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if receiver is not None and server.ssl_context is None:
+                # Plain TCP: the receiver may send replies itself while nothing is queued.
+                receiver.fd = sock.fileno()
+                receiver.buffered = self.transport.get_write_buffer_size
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         server = self.server
         limit = server.max_connections
