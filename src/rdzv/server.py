@@ -715,6 +715,9 @@ class StoreServer:
             loss), ``"interval"`` (at most every ``fsync_interval`` seconds; survives a
             killed server) or ``"never"`` (the OS decides).
         fsync_interval: seconds between fsyncs for ``fsync="interval"``.
+        fastpath: execute the common requests in C (:mod:`rdzv.fastpath`) when the extension
+            is built and ``RDZV_FASTPATH`` is not 0 (never with ``data_dir``); False: always
+            the Python path. Replies and state are the same either way.
 
     Raises :class:`~rdzv.errors.NetworkError` from :meth:`start` when binding fails (the
     message names the endpoint and the OS error); :class:`~rdzv.errors.StoreError` from
@@ -741,6 +744,7 @@ class StoreServer:
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
         fsync_interval: float = 0.05,
+        fastpath: bool = True,
     ) -> None:
         if token is not None and not allow_extensions:
             raise ValueError("a token requires allow_extensions=True (auth is an extension)")
@@ -781,7 +785,9 @@ class StoreServer:
         self._outbox: list[_Connection] = []
         # The C hot path for plain in-memory serving (rdzv.fastpath); off with a journal.
         self._fast = (
-            None if self.journal is not None else executor_for(self.engine, self._bound, limits)
+            executor_for(self.engine, self._bound, limits)
+            if fastpath and self.journal is None
+            else None
         )
         self._commit_scheduled = False
         self._sync_timer: asyncio.TimerHandle | None = None

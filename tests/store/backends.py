@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
 from rdzv import HashStore, PrefixStore, Store
+from rdzv.server import ServerThread
 from rdzv.store.async_tcp import AsyncTCPStore
 from rdzv.store.file import FileStore
 from rdzv.store.tcp import TCPStore
@@ -59,6 +60,17 @@ def tcp_store(tmp_path: Path) -> Iterator[Store]:
         TCPStore("127.0.0.1", master.port, timeout=5) as client,
     ):
         yield client
+
+
+@contextlib.contextmanager
+def tcp_python_server(tmp_path: Path) -> Iterator[Store]:
+    """A client of a server with its C fast path off (the pure-Python request path)."""
+    server = ServerThread("127.0.0.1", 0, fastpath=False).start()
+    try:
+        with TCPStore("127.0.0.1", server.port, timeout=5) as client:
+            yield client
+    finally:
+        server.stop()
 
 
 @contextlib.contextmanager
@@ -110,6 +122,7 @@ BACKENDS: dict[str, Factory] = {
     "file": file_store,
     "prefix_file": prefix_over_file,
     "tcp": tcp_store,
+    "tcp_python_server": tcp_python_server,
     "prefix_tcp": prefix_over_tcp,
     "async_tcp": async_tcp_store,
     "torch-adapters": torch_adapters,

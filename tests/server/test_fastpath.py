@@ -1,0 +1,321 @@
+"""The server's C fast path (rdzv._fastpath) against its Python path.
+
+The differential test feeds the same random request streams, cut at random places and
+interleaved over two connections, to a server with the fast path and one without, and
+requires byte-identical replies, the same closed connections and the same final state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rdzv import fastpath, wire
+from rdzv.engine import Engine
+from rdzv.server import StoreServer, _Connection
+from rdzv.wire import Op
+
+U64 = struct.Struct("<Q").pack
+KEYS = [b"/a", b"/b", b"/n", b"/q"]
+VALUES = [b"", b"1", b"-5", b" 7", b"+3", b"x", b"007", b"-", b"9223372036854775807", b"v" * 40]
+
+
+def test_the_extension_is_built() -> None:
+    # CI installs the package with pip, which compiles src/rdzv/_fastpath.c: without it the
+    # server silently runs its slower pure-Python path.
+    assert fastpath.AVAILABLE, (
+        "rdzv._fastpath is not built: run `pip install -e .` (needs a C compiler and the "
+        "Python headers) or `python setup.py build_ext --inplace`"
+    )
+
+
+class FakeTransport:
+    """Just enough of an asyncio transport for a server connection, recording writes."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+        self.writes = 0
+        self.sizes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.out += data
+            self.writes += 1
+            self.sizes.append(len(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 4242) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Harness:
+    """A StoreServer (never started) with hand-driven connections."""
+
+    def __init__(self, fast: bool) -> None:
+        self.server = StoreServer(fastpath=fast)
+        self.conns: list[_Connection] = []
+        self.transports: list[FakeTransport] = []
+        self.lost: list[bool] = []
+
+    def connect(self) -> int:
+        conn = _Connection(self.server)
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        self.conns.append(conn)
+        self.transports.append(transport)
+        self.lost.append(False)
+        return len(self.conns) - 1
+
+    def feed(self, i: int, data: bytes) -> None:
+        if self.lost[i]:
+            return
+        self.conns[i].data_received(data)
+        for j, transport in enumerate(self.transports):  # asyncio reports the close later
+            if transport.closed and not self.lost[j]:
+                self.lost[j] = True
+                self.conns[j].connection_lost(None)
+
+    def state(self) -> dict[str, Any]:
+        engine: Engine = self.server.engine
+        return {
+            "data": dict(engine.items()),
+            "queues": {k: list(v) for k, v in engine.queues()},
+            "bound": sorted(self.server._bound),
+            "waiters": engine.num_waiters(),
+            "replies": [bytes(t.out) for t in self.transports],
+            "closed": [t.closed for t in self.transports],
+        }
+
+
+def _request(draw: Callable[..., Any], extended: bool) -> bytes:
+    key = draw(st.sampled_from(KEYS))
+    keys = draw(st.lists(st.sampled_from(KEYS), min_size=0, max_size=4))
+    value = draw(st.sampled_from(VALUES))
+    amount = draw(st.sampled_from([1, -1, 0, 5, 2**62, -(2**63)]))
+    if draw(st.integers(0, 99)) == 42:  # rare: requests that close the connection
+        return draw(
+            st.sampled_from(
+                [
+                    bytes((Op.GET,)) + U64(wire.DEFAULT_LIMITS.max_key_bytes + 1),  # key limit
+                    wire.encode_key(Op.EXT_GET_WAIT, key),  # unnegotiated when not extended
+                ]
+            )
+        )
+    common = [
+        wire.encode_set(key, value),
+        wire.encode_key(Op.GET, key),
+        wire.encode_key_int(Op.ADD, key, amount),
+        wire.encode_keys(Op.CHECK, keys),
+        wire.encode_keys(Op.WAIT, keys),
+        wire.encode_keys(Op.MULTI_GET, keys),
+        wire.encode_key(Op.DELETE_KEY, key),
+        wire.encode_set(key, value, Op.APPEND),
+        wire.encode_compare_set(key, value, b"cs"),
+        wire.encode_set(key, value, Op.QUEUE_PUSH),
+        wire.encode_key(Op.QUEUE_POP, key),
+        wire.encode_key_int(Op.BARRIER, key, 2),
+        wire.encode_op(Op.GETNUMKEYS),
+        wire.encode_op(Op.CANCEL_WAIT),
+        wire.encode_keys(Op.MULTI_GET, [key] * 17),  # more keys than the fast path takes
+    ]
+    if extended:
+        common += [
+            wire.encode_key_int(Op.EXT_ADD, key, amount),
+            wire.encode_key(Op.EXT_GET_WAIT, key),
+            wire.encode_set(key, value, Op.EXT_SET_EPHEMERAL),
+            wire.encode_key_int(Op.EXT_BARRIER, key, 2),
+        ]
+    return draw(st.sampled_from(common))  # type: ignore[no-any-return]
+
+
+@st.composite
+def schedules(draw: Callable[..., Any]) -> list[tuple[int, bytes]]:
+    """Chunks to deliver, as (connection, bytes), each connection's stream in order."""
+    streams = []
+    for _ in range(2):
+        extended = draw(st.booleans())
+        frames = [wire.encode_validate()]
+        if extended:
+            frames.append(wire.encode_ping(wire.RDZV_PING_NONCE))
+        frames += [_request(draw, extended) for _ in range(draw(st.integers(0, 30)))]
+        stream = b"".join(frames)
+        # Cut between most requests (a client waiting for each reply), and inside a few.
+        cuts = set(draw(st.lists(st.integers(1, max(1, len(stream) - 1)), max_size=4)))
+        end = 0
+        for frame in frames:
+            end += len(frame)
+            if draw(st.integers(0, 3)) != 3:
+                cuts.add(end)
+        bounds = sorted(cuts | {0, len(stream)})
+        pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+        streams.append([p for p in pieces if p])
+    order = draw(st.permutations([0] * len(streams[0]) + [1] * len(streams[1])))
+    taken = [0, 0]
+    plan = []
+    for i in order:
+        plan.append((i, streams[i][taken[i]]))
+        taken[i] += 1
+    return plan
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedules())
+def test_fast_and_python_paths_agree(plan: list[tuple[int, bytes]]) -> None:
+    if not fastpath.ENABLED:
+        pytest.fail("the fast path is not enabled (extension missing or RDZV_FASTPATH=0)")
+    harnesses = [Harness(fast=True), Harness(fast=False)]
+    for h in harnesses:
+        h.connect()
+        h.connect()
+        for i, chunk in plan:
+            h.feed(i, chunk)
+    fast, slow = (h.state() for h in harnesses)
+    assert fast == slow
+
+
+# --------------------------------------------------------------------------- unit tests
+def _validated(h: Harness) -> int:
+    i = h.connect()
+    h.feed(i, wire.encode_validate())
+    return i
+
+
+def test_common_requests_never_reach_python() -> None:
+    h = Harness(fast=True)
+    i = _validated(h)
+    slow_calls: list[bytes] = []
+    receiver = h.conns[i]._receiver
+    assert receiver is not None and receiver.enabled
+    original = h.conns[i]._receive
+
+    def spy(data: bytes) -> None:
+        slow_calls.append(data)
+        original(data)
+
+    h.conns[i]._receiver = fastpath.Receiver(h.server._fast, spy, fastpath.REPLY_LIMIT)
+    h.conns[i]._receiver.write = h.transports[i].write
+    h.conns[i]._receiver.enabled = True
+    stream = (
+        wire.encode_set(b"/k", b"v")
+        + wire.encode_keys(Op.WAIT, [b"/k"])
+        + wire.encode_key(Op.GET, b"/k")
+        + wire.encode_key_int(Op.ADD, b"/c", 3)
+        + wire.encode_keys(Op.CHECK, [b"/k", b"/c"])
+        + wire.encode_keys(Op.MULTI_GET, [b"/k", b"/missing"])
+    )
+    h.feed(i, stream)
+    assert slow_calls == []
+    assert bytes(h.transports[i].out) == (
+        b"\x00" + U64(1) + b"v" + struct.pack("<q", 3) + b"\x00" + U64(1) + b"v" + U64(0)
+    )
+    assert h.transports[i].writes == 1  # one write for the whole batch
+
+
+def test_a_waiter_sends_the_set_to_python() -> None:
+    h = Harness(fast=True)
+    waiting = _validated(h)
+    writer = _validated(h)
+    h.feed(waiting, wire.encode_keys(Op.WAIT, [b"/k"]))
+    assert h.transports[waiting].out == b""
+    h.feed(writer, wire.encode_set(b"/k", b"v"))
+    assert h.transports[waiting].out == b"\x00"  # woken: the SET took the Python path
+    assert h.server.engine.num_waiters() == 0
+
+
+def test_the_fast_path_stops_at_a_partial_request() -> None:
+    h = Harness(fast=True)
+    i = _validated(h)
+    frame = wire.encode_key(Op.GET, b"/k")
+    h.feed(i, wire.encode_set(b"/k", b"v") + frame[:3])
+    assert h.transports[i].out == b""
+    receiver = h.conns[i]._receiver
+    assert receiver is not None and not receiver.enabled  # bytes of a request are buffered
+    h.feed(i, frame[3:])
+    assert bytes(h.transports[i].out) == U64(1) + b"v"
+    assert receiver.enabled
+
+
+def test_replies_are_written_in_bounded_batches() -> None:
+    h = Harness(fast=True)
+    i = _validated(h)
+    value = b"x" * 100_000
+    h.feed(i, wire.encode_set(b"/big", value))
+    h.feed(i, wire.encode_key(Op.GET, b"/big") * 8)
+    reply = U64(len(value)) + value
+    assert bytes(h.transports[i].out) == reply * 8
+    # A batch ends at the first reply that takes it to REPLY_LIMIT bytes or more.
+    per_write = -(-fastpath.REPLY_LIMIT // len(reply))
+    batches = [per_write * len(reply)] * (8 // per_write)
+    if 8 % per_write:
+        batches.append(8 % per_write * len(reply))
+    assert h.transports[i].sizes == batches
+
+
+def test_direct_send_on_the_socket_when_nothing_is_queued() -> None:
+    h = Harness(fast=True)
+    executor = h.server._fast
+    assert executor is not None
+    h.server.engine.set(b"/k", b"v")
+    a, b = socket.socketpair()
+    try:
+        slow: list[bytes] = []
+        written: list[bytes] = []
+        queued = [0]
+        receiver = fastpath.Receiver(executor, slow.append, fastpath.REPLY_LIMIT)
+        receiver.write = written.append
+        receiver.buffered = lambda: queued[0]
+        receiver.fd = a.fileno()
+        receiver.enabled = True
+        receiver(wire.encode_key(Op.GET, b"/k"))
+        assert written == []
+        assert b.recv(100) == U64(1) + b"v"
+        queued[0] = 10  # the transport holds bytes: they must go first
+        receiver(wire.encode_key(Op.GET, b"/k"))
+        assert written == [U64(1) + b"v"]
+        receiver.enabled = False
+        receiver(b"\x0d")
+        assert slow == [b"\x0d"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_receiver_rejects_bad_arguments() -> None:
+    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    assert executor is not None
+    with pytest.raises(TypeError):
+        fastpath.Receiver(executor, 42, 10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        fastpath.Receiver(executor, print, 0)
+    receiver = fastpath.Receiver(executor, print, 10)
+    with pytest.raises(TypeError):
+        receiver.write = 5  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        executor.run("text", 0, False, 10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        executor.run(b"", 1, False, 10)
