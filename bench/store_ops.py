@@ -5,7 +5,9 @@ client sends WAIT + GET for a get: two round trips) on its own 100 keys, for a f
 Clients are ``torch.distributed.TCPStore`` objects (C++; they release the GIL while they
 wait) spread over a few client processes, each running several client threads. Each server
 runs in a process of its own: (a) torch's default (libuv) server, (b) ``rdzv serve``
-(uvloop). Then rdzv's Python client against rdzv's server, for reference.
+(uvloop, with its C fast path when built, see ``rdzv.fastpath``), and with ``--python-path``
+(c) ``rdzv serve`` with the fast path off. Then rdzv's Python client against rdzv's server,
+for reference.
 
 Prints one JSON document: ops/s (an op is one ``set`` or one ``get`` call), p50 and p99
 latency per call in microseconds, and the rdzv/torch throughput ratio per client count.
@@ -13,6 +15,7 @@ latency per call in microseconds, and the rdzv/torch throughput ratio per client
 Usage (from the repository root)::
 
     python bench/store_ops.py [--clients 1 16 64] [--seconds 3] [--procs 4] [--repeats 3]
+                              [--python-path]
     python bench/store_ops.py --security [--python-clients 1 16] [--seconds 3] [--repeats 3]
 
 ``--security`` instead measures the cost of authentication and TLS (``security_main``):
@@ -66,13 +69,14 @@ sys.stdin.read()
 
 def start_server(kind: str, extra: Sequence[str] = ()) -> tuple[subprocess.Popen[str], int]:
     """Start a server process (``extra``: more ``rdzv serve`` arguments)."""
+    env = _env()
     if kind == "torch":
         cmd = [sys.executable, "-c", TORCH_SERVER]
     else:
         cmd = [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--quiet", *extra]
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env()
-    )
+        if kind == "rdzv-python":  # rdzv serve without its C fast path (rdzv.fastpath)
+            env["RDZV_FASTPATH"] = "0"
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("listening on "):
@@ -289,7 +293,18 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "uvloop": uv,
+        "rdzv_fastpath": fastpath_state(),
     }
+
+
+def fastpath_state() -> str:
+    """Whether ``rdzv serve`` runs its C fast path here (the extension built, not disabled)."""
+    sys.path.insert(0, str(SRC))
+    from rdzv import fastpath
+
+    if not fastpath.AVAILABLE:
+        return "not built"
+    return "on" if fastpath.ENABLED else "off (RDZV_FASTPATH=0)"
 
 
 def main() -> None:
@@ -310,6 +325,10 @@ def main() -> None:
         help="measure rdzv serve --data-dir (fsync always/interval/never) vs in memory",
     )  # fmt: skip
     parser.add_argument("--durability-clients", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--python-path", action="store_true",
+        help="also measure rdzv serve with its C fast path off (RDZV_FASTPATH=0)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.durability or args.security:
         # Either or both in one run (both: durability's JSON document, then security's).
@@ -320,8 +339,10 @@ def main() -> None:
         return
     results = []
     plan = [("torch", "torch"), ("rdzv", "torch")]
+    if args.python_path:
+        plan.append(("rdzv-python", "torch"))
     for clients in args.clients:
-        rows: dict[str, list[dict[str, Any]]] = {"torch": [], "rdzv": []}
+        rows: dict[str, list[dict[str, Any]]] = {server: [] for server, _ in plan}
         for _ in range(args.repeats):  # alternate servers: the machine's load drifts
             for server, client in plan:
                 rows[server].append(measure(server, client, clients, args))

@@ -40,7 +40,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
-from rdzv import auth, wire
+from rdzv import auth, fastpath, wire
 from rdzv.engine import Engine, Waiter
 from rdzv.errors import AuthError, NetworkError, StoreError
 from rdzv.fastpath import REPLY_LIMIT, Receiver, executor_for
@@ -892,6 +892,20 @@ class StoreServer:
     def endpoints(self) -> list[str]:
         """Every ``host:port`` listened on."""
         return [format_endpoint(host, port) for host, port in self._endpoints]
+
+    @property
+    def fastpath_state(self) -> str:
+        """Whether the C fast path (:mod:`rdzv.fastpath`) serves the common requests: "on",
+        or "off (" + the reason + ")"."""
+        if self._fast is not None:
+            return "on"
+        if self.journal is not None:
+            return "off (durable: every change is journaled)"
+        if not fastpath.AVAILABLE:
+            return "off (rdzv._fastpath is not built; reinstall with a C compiler)"
+        if not fastpath.ENABLED:
+            return "off (RDZV_FASTPATH=0)"
+        return "off (fastpath=False)"
 
     @property
     def num_connections(self) -> int:

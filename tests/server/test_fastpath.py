@@ -319,3 +319,10 @@ def test_receiver_rejects_bad_arguments() -> None:
         executor.run("text", 0, False, 10)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         executor.run(b"", 1, False, 10)
+
+
+def test_fastpath_state_says_why_it_is_off(tmp_path: Any) -> None:
+    assert StoreServer().fastpath_state == "on"
+    assert StoreServer(fastpath=False).fastpath_state == "off (fastpath=False)"
+    durable = StoreServer(data_dir=tmp_path / "data")
+    assert durable.fastpath_state.startswith("off (durable")

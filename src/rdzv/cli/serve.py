@@ -69,7 +69,11 @@ def _serve(args: argparse.Namespace) -> int:
         for endpoint in server.endpoints:
             print(f"listening on {endpoint}", flush=True)
         mode = "token" if token is not None else "none"
-        print(f"authentication: {mode}; tls: {'on' if context else 'off'}", flush=True)
+        print(
+            f"authentication: {mode}; tls: {'on' if context else 'off'}; "
+            f"fast path: {server.fastpath_state}",
+            flush=True,
+        )
         if token is None and _is_loopback(args.host):
             print(
                 "only this machine can connect; to open the server to other hosts, give it a "
