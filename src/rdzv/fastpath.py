@@ -14,7 +14,8 @@ The server uses it only on connections where nothing else must see each request:
 durable journal (``--data-dir``), authenticated (or no token), no parked waits, no partial
 request buffered. It is built from ``src/rdzv/_fastpath.c`` by ``pip install``
 (setup.py, an optional extension: without a C compiler the install still works and the
-server is pure Python). Set ``RDZV_FASTPATH=0`` in the environment to disable it.
+server is pure Python). Set ``RDZV_FASTPATH=0`` (or ``false``, ``no``, ``off``) in the
+environment to disable it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ except ImportError:  # not compiled (no C compiler at install time): pure Python
 #: The C extension is importable.
 AVAILABLE: bool = Executor is not None
 #: The server uses it: available and not disabled with ``RDZV_FASTPATH=0``.
-ENABLED: bool = AVAILABLE and os.environ.get("RDZV_FASTPATH", "1").strip() not in ("0", "")
+ENABLED: bool = AVAILABLE and os.environ.get("RDZV_FASTPATH", "1").strip().lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
 
 #: Bytes of replies one :meth:`Executor.run` call gathers before returning them to be
 #: written (bounds the memory a burst of pipelined GETs of large values can take at once).

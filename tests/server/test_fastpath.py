@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ from rdzv import fastpath, wire
 from rdzv.engine import Engine
 from rdzv.server import StoreServer, _Connection
 from rdzv.wire import Op
+from tests.conftest import subprocess_env
 
 U64 = struct.Struct("<Q").pack
 KEYS = [b"/a", b"/b", b"/n", b"/q"]
@@ -326,3 +329,13 @@ def test_fastpath_state_says_why_it_is_off(tmp_path: Any) -> None:
     assert StoreServer(fastpath=False).fastpath_state == "off (fastpath=False)"
     durable = StoreServer(data_dir=tmp_path / "data")
     assert durable.fastpath_state.startswith("off (durable")
+
+
+@pytest.mark.parametrize(("value", "enabled"), [("0", False), ("off", False), ("1", True)])
+def test_rdzv_fastpath_environment_variable(value: str, enabled: bool) -> None:
+    code = "from rdzv import fastpath; print(fastpath.ENABLED)"
+    env = {**subprocess_env(), "RDZV_FASTPATH": value}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == str(enabled), out.stderr
