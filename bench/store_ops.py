@@ -4,10 +4,10 @@ Workload: every client loops over ``set(key, 64-byte value)`` then ``get(key)`` 
 client sends WAIT + GET for a get: two round trips) on its own 100 keys, for a fixed time.
 Clients are ``torch.distributed.TCPStore`` objects (C++; they release the GIL while they
 wait) spread over a few client processes, each running several client threads. Each server
-runs in a process of its own: (a) torch's default (libuv) server, (b) ``rdzv serve``
-(uvloop, with its C fast path when built, see ``rdzv.fastpath``), and with ``--python-path``
-(c) ``rdzv serve`` with the fast path off. Then rdzv's Python client against rdzv's server,
-for reference.
+runs in a process of its own: (a) torch's default (libuv) server, (b) ``rdzv serve`` with
+its defaults (uvloop, the C fast path when built and busy polling, see ``rdzv.fastpath``),
+and with ``--variants`` (c) ``rdzv serve --busy-poll-us 0`` and (d) ``rdzv serve`` with the
+fast path off. Then rdzv's Python client against rdzv's server, for reference.
 
 Prints one JSON document: ops/s (an op is one ``set`` or one ``get`` call), p50 and p99
 latency per call in microseconds, and the rdzv/torch throughput ratio per client count.
@@ -15,7 +15,7 @@ latency per call in microseconds, and the rdzv/torch throughput ratio per client
 Usage (from the repository root)::
 
     python bench/store_ops.py [--clients 1 16 64] [--seconds 3] [--procs 4] [--repeats 3]
-                              [--python-path]
+                              [--variants]
     python bench/store_ops.py --security [--python-clients 1 16] [--seconds 3] [--repeats 3]
 
 ``--security`` instead measures the cost of authentication and TLS (``security_main``):
@@ -76,6 +76,8 @@ def start_server(kind: str, extra: Sequence[str] = ()) -> tuple[subprocess.Popen
         cmd = [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--quiet", *extra]
         if kind == "rdzv-python":  # rdzv serve without its C fast path (rdzv.fastpath)
             env["RDZV_FASTPATH"] = "0"
+        elif kind == "rdzv-nopoll":  # without busy polling (rdzv.fastpath.BusyPoller)
+            cmd += ["--busy-poll-us", "0"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -326,8 +328,9 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--durability-clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument(
-        "--python-path", action="store_true",
-        help="also measure rdzv serve with its C fast path off (RDZV_FASTPATH=0)",
+        "--variants", action="store_true",
+        help="also measure rdzv serve without busy polling (--busy-poll-us 0) and with its "
+        "C fast path off (RDZV_FASTPATH=0, which also turns busy polling off)",
     )  # fmt: skip
     args = parser.parse_args()
     if args.durability or args.security:
@@ -339,8 +342,8 @@ def main() -> None:
         return
     results = []
     plan = [("torch", "torch"), ("rdzv", "torch")]
-    if args.python_path:
-        plan.append(("rdzv-python", "torch"))
+    if args.variants:
+        plan += [("rdzv-nopoll", "torch"), ("rdzv-python", "torch")]
     for clients in args.clients:
         rows: dict[str, list[dict[str, Any]]] = {server: [] for server, _ in plan}
         for _ in range(args.repeats):  # alternate servers: the machine's load drifts

@@ -171,6 +171,13 @@ typedef struct {
     Py_ssize_t max_key;
     Py_ssize_t max_value;
     Py_ssize_t max_keys;
+    /* Busy polling (rdzv.fastpath.BusyPoller): reads seen by the receivers, whether the
+     * poller runs, and what to call on a read while it does not (None: no polling). */
+    unsigned long long activity;
+    unsigned long long epoch;  /* the poller's current period */
+    Py_ssize_t distinct;       /* receivers that read in this period */
+    char polling;
+    PyObject *on_activity;
 } Executor;
 
 /* 1 if ``key`` is a key of ``dict``, 0 if not, -1 on error. */
@@ -567,6 +574,11 @@ executor_init(Executor *self, PyObject *args, PyObject *kwds)
     self->max_key = max_key;
     self->max_value = max_value;
     self->max_keys = max_keys;
+    self->activity = 0;
+    self->epoch = 1; /* receivers start at 0: their first read counts */
+    self->distinct = 0;
+    self->polling = 0;
+    Py_XSETREF(self->on_activity, Py_NewRef(Py_None));
     return 0;
 }
 
@@ -578,6 +590,7 @@ executor_traverse(Executor *self, visitproc visit, void *arg)
     Py_VISIT(self->waiters);
     Py_VISIT(self->barriers);
     Py_VISIT(self->bound);
+    Py_VISIT(self->on_activity);
     return 0;
 }
 
@@ -589,6 +602,7 @@ executor_clear(Executor *self)
     Py_CLEAR(self->waiters);
     Py_CLEAR(self->barriers);
     Py_CLEAR(self->bound);
+    Py_CLEAR(self->on_activity);
     return 0;
 }
 
@@ -599,6 +613,21 @@ executor_dealloc(Executor *self)
     executor_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
+
+static PyMemberDef executor_members[] = {
+    {"activity", T_ULONGLONG, offsetof(Executor, activity), READONLY,
+     "int: reads handled by the receivers so far (wraps at 2**64)"},
+    {"epoch", T_ULONGLONG, offsetof(Executor, epoch), 0,
+     "int: the busy poller's period; a receiver's first read in a period counts in "
+     "``distinct``"},
+    {"distinct", T_PYSSIZET, offsetof(Executor, distinct), 0,
+     "int: receivers (connections) that read in this period"},
+    {"polling", T_BOOL, offsetof(Executor, polling), 0,
+     "bool: the busy poller runs; the receivers call ``on_activity`` while it is False"},
+    {"on_activity", T_OBJECT, offsetof(Executor, on_activity), 0,
+     "callable() or None: called (after ``polling`` is set) on a read while not polling"},
+    {NULL, 0, 0, 0, NULL},
+};
 
 static PyMethodDef executor_methods[] = {
     {"run", (PyCFunction)(void (*)(void))executor_run, METH_FASTCALL, run_doc},
@@ -621,6 +650,7 @@ static PyTypeObject ExecutorType = {
     .tp_clear = (inquiry)executor_clear,
     .tp_dealloc = (destructor)executor_dealloc,
     .tp_methods = executor_methods,
+    .tp_members = executor_members,
 };
 
 /* ------------------------------------------------------------------------ the receiver */
@@ -638,6 +668,7 @@ typedef struct {
     char enabled;
     char extended;
     Py_ssize_t reply_limit;
+    unsigned long long seen_epoch; /* the executor's epoch of this receiver's last read */
     vectorcallfunc vectorcall;
 } Receiver;
 
@@ -699,17 +730,30 @@ deliver(Receiver *self, Out *out)
 static PyObject *
 receiver_feed(Receiver *self, PyObject *data)
 {
+    Executor *ex = (Executor *)self->executor;
+    ex->activity++;
+    if (!ex->polling && ex->on_activity != NULL && ex->on_activity != Py_None) {
+        ex->polling = 1;
+        PyObject *started = PyObject_CallNoArgs(ex->on_activity);
+        if (started == NULL) {
+            return NULL;
+        }
+        Py_DECREF(started);
+    }
+    if (self->seen_epoch != ex->epoch) {
+        self->seen_epoch = ex->epoch;
+        ex->distinct++;
+    }
     if (!self->enabled || !PyBytes_CheckExact(data) || self->write == Py_None) {
         return PyObject_CallOneArg(self->slow, data);
     }
-    Executor *executor = (Executor *)self->executor;
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t end = PyBytes_GET_SIZE(data);
     Py_ssize_t pos = 0;
     Out out;
     out_init(&out);
     for (;;) {
-        if (execute(executor, p, &pos, end, &out, self->extended, self->reply_limit) < 0) {
+        if (execute(ex, p, &pos, end, &out, self->extended, self->reply_limit) < 0) {
             out_free(&out);
             return NULL;
         }
@@ -783,6 +827,7 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwds)
     self->enabled = 0;
     self->extended = 0;
     self->reply_limit = reply_limit;
+    self->seen_epoch = 0;
     self->vectorcall = receiver_vectorcall;
     return 0;
 }

@@ -3,6 +3,12 @@
 from collections.abc import Callable, Mapping
 
 class Executor:
+    @property
+    def activity(self) -> int: ...
+    epoch: int
+    distinct: int
+    polling: bool
+    on_activity: Callable[[], object] | None
     def __init__(
         self,
         data: dict[bytes, bytes],

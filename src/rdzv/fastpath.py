@@ -20,12 +20,24 @@ environment to disable it.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 
 from rdzv.engine import Engine
 from rdzv.wire import Limits
 
-__all__ = ["AVAILABLE", "ENABLED", "REPLY_LIMIT", "Executor", "Receiver", "executor_for"]
+__all__ = [
+    "AVAILABLE",
+    "ENABLED",
+    "MAX_POLLING_CLIENTS",
+    "POLL_COOLDOWN",
+    "REPLY_LIMIT",
+    "BusyPoller",
+    "Executor",
+    "Receiver",
+    "executor_for",
+]
 
 try:
     from rdzv._fastpath import Executor, Receiver
@@ -67,3 +79,103 @@ def executor_for(engine: Engine, bound: dict[bytes, object], limits: Limits) -> 
         limits.max_value_bytes,
         limits.max_keys,
     )
+
+
+#: While polling, more connections than this reading within one window stop the poller: with
+#: that many concurrent clients the loop rarely sleeps, and polling would take CPU time the
+#: clients need (measured on 2 CPUs: -3% throughput with 16 clients). One CPU is the
+#: server's; the others can run a client each.
+MAX_POLLING_CLIENTS = max(1, (os.cpu_count() or 2) - 1)
+#: Seconds the poller stays off after it stopped for concurrency.
+POLL_COOLDOWN = 0.01
+
+
+class BusyPoller:
+    """Keeps the event loop polling, instead of sleeping, for ``window`` seconds after each
+    request the receivers of ``executor`` handle, while few clients are active.
+
+    A server that sleeps in ``epoll_wait`` between the requests of a client doing one round
+    trip after another is woken by the kernel for each one; on a machine whose CPUs go idle
+    (a VM's vCPUs above all) that wake-up is most of the round trip (measured: 2.7x the
+    requests per second of one torch client, docs/performance.md). While the poller runs,
+    the loop keeps calling it back (``call_soon``), so it polls its sockets without
+    blocking and finds the next request as soon as it lands. It stops ``window`` seconds
+    after the last read (an idle server costs nothing), and for :data:`POLL_COOLDOWN`
+    seconds as soon as more than ``max_clients`` connections read within one window (many
+    concurrent clients keep the loop busy anyway, and need the CPU). The same idea as Linux's
+    ``SO_BUSY_POLL``. ``rdzv serve`` polls by default (``--busy-poll-us``);
+    :class:`~rdzv.server.StoreServer` does not, since a server thread inside another
+    program would take that program's CPU and GIL.
+
+    Args:
+        loop: the server's event loop.
+        executor: the executor whose receivers count reads and readers.
+        window: seconds to keep polling after a read (> 0).
+        max_clients: most connections reading within a window while polling continues.
+
+    Raises ValueError for ``window <= 0`` or ``max_clients < 1``.
+    """
+
+    __slots__ = ("_executor", "_loop", "_max_clients", "_period_end", "_seen", "_until", "_window")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        executor: Executor,
+        window: float,
+        max_clients: int = MAX_POLLING_CLIENTS,
+    ) -> None:
+        if not window > 0:
+            raise ValueError(f"busy-poll window must be > 0 seconds, got {window}")
+        if max_clients < 1:
+            raise ValueError(f"max_clients must be >= 1, got {max_clients}")
+        self._loop = loop
+        self._executor = executor
+        self._window = window
+        self._max_clients = max_clients
+        self._seen = executor.activity
+        self._until = self._period_end = 0.0
+        executor.polling = False
+        executor.on_activity = self._start
+
+    def _new_period(self, now: float) -> None:
+        executor = self._executor
+        executor.epoch += 1
+        executor.distinct = 0
+        self._period_end = now + self._window
+
+    def _start(self) -> None:
+        # Called by a receiver on a read while not polling (``polling`` is already True);
+        # that read then counts as the first reader of the new period.
+        now = time.perf_counter()
+        self._seen = self._executor.activity + 1
+        self._until = now + self._window
+        self._new_period(now)
+        self._loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        executor = self._executor
+        if executor.on_activity is None:  # closed
+            executor.polling = False
+            return
+        if executor.distinct > self._max_clients:  # busy: the clients need the CPU
+            self._loop.call_later(POLL_COOLDOWN, self._cooled)
+            return
+        now = time.perf_counter()
+        activity = executor.activity
+        if activity != self._seen:
+            self._seen = activity
+            self._until = now + self._window
+        if now >= self._until:
+            executor.polling = False
+            return
+        if now >= self._period_end:
+            self._new_period(now)
+        self._loop.call_soon(self._poll)
+
+    def _cooled(self) -> None:
+        self._executor.polling = False  # the next read starts the poller again
+
+    def close(self) -> None:
+        """Stop polling (within one loop iteration) and for good."""
+        self._executor.on_activity = None

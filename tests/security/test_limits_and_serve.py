@@ -137,5 +137,5 @@ def test_serve_loopback_default_explains_how_to_open_it() -> None:
         proc.wait(10)
         assert proc.stdout is not None
         out = proc.stdout.read()
-    assert "authentication: none; tls: off; fast path: on" in out
+    assert "authentication: none; tls: off; fast path: on; busy poll: 50 us" in out
     assert "only this machine can connect" in out

@@ -7,11 +7,13 @@ requires byte-identical replies, the same closed connections and the same final 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -339,3 +341,85 @@ def test_rdzv_fastpath_environment_variable(value: str, enabled: bool) -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
     assert out.stdout.strip() == str(enabled), out.stderr
+
+
+# --------------------------------------------------------------------------- busy polling
+def _poll_setup(window: float = 0.002, max_clients: int = 1) -> tuple[Any, ...]:
+    loop = asyncio.new_event_loop()
+    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    assert executor is not None
+    poller = fastpath.BusyPoller(loop, executor, window, max_clients)
+    receivers = []
+    for _ in range(2):
+        r = fastpath.Receiver(executor, lambda data: None, fastpath.REPLY_LIMIT)
+        r.write = lambda data: None
+        r.enabled = True
+        receivers.append(r)
+    return loop, executor, poller, receivers
+
+
+def _run_until(loop: asyncio.AbstractEventLoop, done: Callable[[], bool], limit: float) -> float:
+    """Run ``loop`` until ``done()``; the seconds it took (fails after ``limit``)."""
+
+    async def wait() -> float:
+        start = time.perf_counter()
+        while not done():
+            assert time.perf_counter() - start < limit, "condition not reached"
+            await asyncio.sleep(0)
+        return time.perf_counter() - start
+
+    return loop.run_until_complete(wait())
+
+
+def test_busy_poller_polls_for_the_window_after_a_read() -> None:
+    loop, executor, poller, (r, _) = _poll_setup(window=0.02)
+    try:
+        assert not executor.polling
+        r(wire.encode_key(Op.GET, b"/k"))
+        assert executor.polling and executor.activity == 1 and executor.distinct == 1
+        took = _run_until(loop, lambda: not executor.polling, limit=5.0)
+        assert took >= 0.015  # polled about the window after the read, then stopped
+        r(wire.encode_key(Op.GET, b"/k"))  # a later read starts it again
+        assert executor.polling
+        poller.close()
+        _run_until(loop, lambda: not executor.polling, limit=5.0)
+        r(wire.encode_key(Op.GET, b"/k"))
+        assert not executor.polling  # closed for good
+    finally:
+        loop.close()
+
+
+def test_busy_poller_backs_off_when_several_clients_read() -> None:
+    loop, executor, poller, (a, b) = _poll_setup(window=1.0, max_clients=1)
+    try:
+        a(wire.encode_key(Op.GET, b"/k"))
+        b(wire.encode_key(Op.GET, b"/k"))  # a second connection within the window
+        assert executor.distinct == 2
+        # Not the 1 s window: the poller stops at once, held off for the cool-down.
+        took = _run_until(loop, lambda: not executor.polling, limit=0.5)
+        assert took >= fastpath.POLL_COOLDOWN * 0.9
+        assert took < 0.5
+    finally:
+        poller.close()
+        loop.close()
+
+
+def test_busy_poller_rejects_bad_settings() -> None:
+    loop = asyncio.new_event_loop()
+    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    assert executor is not None
+    try:
+        with pytest.raises(ValueError, match="window"):
+            fastpath.BusyPoller(loop, executor, 0.0)
+        with pytest.raises(ValueError, match="max_clients"):
+            fastpath.BusyPoller(loop, executor, 0.001, max_clients=0)
+        with pytest.raises(ValueError, match="busy_poll"):
+            StoreServer(busy_poll=-1.0)
+    finally:
+        loop.close()
+
+
+def test_busy_poll_state() -> None:
+    assert StoreServer().busy_poll_state == "off"
+    assert StoreServer(busy_poll=50e-6).busy_poll_state == "50 us"
+    assert StoreServer(busy_poll=50e-6, fastpath=False).busy_poll_state == "off"

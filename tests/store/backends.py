@@ -74,6 +74,17 @@ def tcp_python_server(tmp_path: Path) -> Iterator[Store]:
 
 
 @contextlib.contextmanager
+def tcp_busy_poll(tmp_path: Path) -> Iterator[Store]:
+    """A client of a server that busy-polls after reads (rdzv serve's default)."""
+    server = ServerThread("127.0.0.1", 0, busy_poll=50e-6).start()
+    try:
+        with TCPStore("127.0.0.1", server.port, timeout=5) as client:
+            yield client
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
 def prefix_over_tcp(tmp_path: Path) -> Iterator[Store]:
     with tcp_store(tmp_path) as store:
         yield PrefixStore("pre", store)
@@ -123,6 +134,7 @@ BACKENDS: dict[str, Factory] = {
     "prefix_file": prefix_over_file,
     "tcp": tcp_store,
     "tcp_python_server": tcp_python_server,
+    "tcp_busy_poll": tcp_busy_poll,
     "prefix_tcp": prefix_over_tcp,
     "async_tcp": async_tcp_store,
     "torch-adapters": torch_adapters,
