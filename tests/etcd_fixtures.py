@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -73,9 +72,15 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _die_with_parent(args: list[str]) -> list[str]:
+    """``args`` run so that the process is killed when the test process dies.
+
+    With util-linux's ``setpriv --pdeathsig`` (PR_SET_PDEATHSIG) rather than a Python
+    ``preexec_fn``: that forces a plain fork of this multi-threaded process, whose child then
+    runs grpc's fork handlers and can abort before it execs (seen: etcd "exited with -6").
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *args] if setpriv else args
 
 
 class EtcdMember:
@@ -152,7 +157,7 @@ class EtcdMember:
             ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
-            args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            _die_with_parent(args), stdout=log, stderr=log, stdin=subprocess.DEVNULL
         )
         log.close()
         if self not in _started:

@@ -267,7 +267,9 @@ def test_rdzv_client_queues_on_torch_libuv_server() -> None:
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=T(seconds=10))
     s = TCPStore("127.0.0.1", master.port, timeout=5)
     s.queue_push("q", b"a")
+    assert s.queue_len("q") == 1  # a round trip: the push (no reply) has been applied
     master.queue_push("q", b"b")
+    assert master.queue_len("q") == 2  # same for the torch client's push
     assert s.queue_len("q") == 2
     assert s.queue_pop("q") == b"a"
     assert master.queue_pop("q") == b"b"
