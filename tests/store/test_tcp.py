@@ -355,3 +355,17 @@ def test_extension_only_calls_refuse_plain_servers() -> None:
         assert store.num_keys() == 1
     finally:
         thread.stop()
+
+
+def test_connect_backoff_leaves_the_global_random_state_alone() -> None:
+    # Training code seeds `random` for reproducibility; the store's jitter must not draw
+    # from it (reconnects happen in the background at unpredictable times).
+    import random
+
+    random.seed(1234)
+    state = random.getstate()
+    delays = tcp_ops.backoff_delays()
+    values = [next(delays) for _ in range(20)]
+    assert random.getstate() == state
+    assert len(set(values)) > 1  # still jittered
+    assert all(0 < v <= tcp_ops.BACKOFF_CAP * 1.5 for v in values)

@@ -145,11 +145,16 @@ def io_timeout_for(store_timeout: float) -> float:
     return max(store_timeout, MIN_IO_TIMEOUT)
 
 
+#: The jitter's own generator: the process-wide ``random`` state, which training code seeds
+#: for reproducibility, is never consumed by the store (nor by its background reconnects).
+_JITTER = random.Random()
+
+
 def backoff_delays() -> Iterator[float]:
     """Connect retry delays: exponential with +-50 % jitter, capped (seconds)."""
     delay = BACKOFF_INITIAL
     while True:
-        yield delay * random.uniform(0.5, 1.5)
+        yield delay * _JITTER.uniform(0.5, 1.5)
         delay = min(delay * BACKOFF_FACTOR, BACKOFF_CAP)
 
 
