@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
+from typing import Any
 
 from rdzv import HashStore, PrefixStore, Store
 from rdzv.server import ServerThread
@@ -63,25 +64,24 @@ def tcp_store(tmp_path: Path) -> Iterator[Store]:
 
 
 @contextlib.contextmanager
-def tcp_python_server(tmp_path: Path) -> Iterator[Store]:
+def _client_of_server(**server_options: Any) -> Iterator[Store]:
+    """A client of a server thread built with ``server_options`` (StoreServer's)."""
+    server = ServerThread("127.0.0.1", 0, **server_options).start()
+    try:
+        with TCPStore("127.0.0.1", server.port, timeout=5) as client:
+            yield client
+    finally:
+        server.stop()
+
+
+def tcp_python_server(tmp_path: Path) -> ContextManager[Store]:
     """A client of a server with its C fast path off (the pure-Python request path)."""
-    server = ServerThread("127.0.0.1", 0, fastpath=False).start()
-    try:
-        with TCPStore("127.0.0.1", server.port, timeout=5) as client:
-            yield client
-    finally:
-        server.stop()
+    return _client_of_server(fastpath=False)
 
 
-@contextlib.contextmanager
-def tcp_busy_poll(tmp_path: Path) -> Iterator[Store]:
+def tcp_busy_poll(tmp_path: Path) -> ContextManager[Store]:
     """A client of a server that busy-polls after reads (rdzv serve's default)."""
-    server = ServerThread("127.0.0.1", 0, busy_poll=50e-6).start()
-    try:
-        with TCPStore("127.0.0.1", server.port, timeout=5) as client:
-            yield client
-    finally:
-        server.stop()
+    return _client_of_server(busy_poll=50e-6)
 
 
 @contextlib.contextmanager
