@@ -672,7 +672,6 @@ typedef struct {
     vectorcallfunc vectorcall;
 } Receiver;
 
-
 /* 1 if the transport holds unsent bytes (they must go first), 0 if not, -1 on error. */
 static int
 transport_busy(Receiver *self)

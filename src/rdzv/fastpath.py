@@ -145,10 +145,11 @@ class BusyPoller:
         self._period_end = now + self._window
 
     def _start(self) -> None:
-        # Called by a receiver on a read while not polling (``polling`` is already True);
-        # that read then counts as the first reader of the new period.
+        # Called by a receiver on a read while not polling (``polling`` is already True and
+        # ``activity`` counts that read); the read then counts as the first reader of the new
+        # period.
         now = time.perf_counter()
-        self._seen = self._executor.activity + 1
+        self._seen = self._executor.activity
         self._until = now + self._window
         self._new_period(now)
         self._loop.call_soon(self._poll)

@@ -196,7 +196,6 @@ class _Connection(asyncio.Protocol):
                 receiver.fd = sock.fileno()
                 receiver.buffered = self.transport.get_write_buffer_size
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        server = self.server
         limit = server.max_connections
         if limit is not None and len(server._connections) >= limit:
             self.close(f"connection limit reached ({limit} open; max_connections={limit})")
@@ -1056,10 +1055,10 @@ class StoreServer:
             conn.send(STOP_WAITING)
         elif kind == _EXT_BARRIER:
             conn.send(_EXT_OK)
-        elif kind == _GET:
-            value = engine.get(arg)
-            if value is None:
-                self._park(conn, [arg], kind, arg, "value")
+        elif kind in (_GET, _QUEUE_POP):
+            value = engine.get(arg) if kind == _GET else engine.queue_pop(arg)
+            if value is None:  # gone again (a queue item another waiter took): wait again
+                self._park(conn, [arg], kind, arg, "value" if kind == _GET else "queue")
             else:
                 conn.send(_EXT_OK + wire.reply_blob(value))
         elif kind == _MULTI_GET:
@@ -1068,12 +1067,6 @@ class StoreServer:
                 self._park(conn, arg, kind, arg, "value")
             else:
                 conn.send(reply)
-        elif kind == _QUEUE_POP:
-            value = engine.queue_pop(arg)
-            if value is None:
-                self._park(conn, [arg], kind, arg, "queue")
-            else:
-                conn.send(_EXT_OK + wire.reply_blob(value))
 
     # ------------------------------------------------------------------ bound keys
     def _unbind(self, key: bytes) -> None:
