@@ -46,6 +46,7 @@ from typing import BinaryIO
 
 from rdzv.engine import Engine
 from rdzv.errors import StoreError
+from rdzv.stats import FSYNC_BUCKETS, Histogram
 
 __all__ = ["FSYNC_POLICIES", "DurableJournal", "recover"]
 
@@ -239,6 +240,9 @@ class DurableJournal:
         self._last_fsync = 0.0
         self._volatile: set[bytes] = set()
         self._unsynced = False  # written since the last fsync
+        #: Commits that wrote records, and the time of each fsync (for metrics).
+        self.commits = 0
+        self.fsync_time = Histogram(FSYNC_BUCKETS)
 
     def open(self, engine: Engine) -> None:
         """Recover ``engine`` from the directory, then journal its changes from now on."""
@@ -301,11 +305,12 @@ class DurableJournal:
         if not written or self._file is None:
             return
         self._log_size += written
+        self.commits += 1
         now = time.monotonic()
         if self.fsync == "always" or (
             self.fsync == "interval" and now - self._last_fsync >= self.fsync_interval
         ):
-            os.fsync(self._file.fileno())
+            self._timed_fsync()
             self._last_fsync = now
             self._unsynced = False
         else:
@@ -322,7 +327,7 @@ class DurableJournal:
     def sync(self) -> None:
         """fsync what :meth:`commit` wrote without one (``interval`` policy)."""
         if self._unsynced and self._file is not None:
-            os.fsync(self._file.fileno())
+            self._timed_fsync()
             self._last_fsync = time.monotonic()
             self._unsynced = False
 
@@ -355,6 +360,12 @@ class DurableJournal:
             for old in _generations(self.data_dir, kind):
                 if old < generation:
                     _path(self.data_dir, kind, old).unlink(missing_ok=True)
+
+    def _timed_fsync(self) -> None:
+        assert self._file is not None
+        start = time.perf_counter()
+        os.fsync(self._file.fileno())
+        self.fsync_time.observe(time.perf_counter() - start)
 
     def _write_pending(self) -> int:
         """Write the buffered records to the log (no fsync); return the bytes written."""
