@@ -21,6 +21,7 @@ __all__ = [
     "FSYNC_BUCKETS",
     "JOIN_BUCKETS",
     "REQUEST_BUCKETS",
+    "AgentStats",
     "Histogram",
     "HistogramSnapshot",
     "ServerSnapshot",
@@ -217,3 +218,24 @@ def _op_name(op: int) -> str:
         return Op(op).name
     except ValueError:
         return str(op)
+
+
+@dataclass
+class AgentStats:
+    """Counters of an elastic agent (:class:`rdzv.launcher.agent.ElasticAgent`), updated by
+    its thread: rendezvous ``rounds`` joined and the ``join_time`` of each, group
+    ``restarts`` by cause (worker_failure, scale_up, peer_lost, peer_restart, rendezvous),
+    local ``worker_exits`` by cause (succeeded, exit_code, signal, stopped), ``hangs``
+    detected."""
+
+    rounds: int = 0
+    join_time: Histogram = field(default_factory=lambda: Histogram(JOIN_BUCKETS))
+    restarts: dict[str, int] = field(default_factory=dict)
+    worker_exits: dict[str, int] = field(default_factory=dict)
+    hangs: int = 0
+
+    def restart(self, cause: str) -> None:
+        self.restarts[cause] = self.restarts.get(cause, 0) + 1
+
+    def worker_exit(self, cause: str) -> None:
+        self.worker_exits[cause] = self.worker_exits.get(cause, 0) + 1
