@@ -111,6 +111,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = REQUEST_TIMEOUT
     protocol_version = "HTTP/1.1"
+    # Errors before the request's version is parsed still get a status line (HTTP/0.9,
+    # http.server's default, has none and is not served).
+    default_request_version = "HTTP/1.0"
     server_version = "rdzv"
     sys_version = ""
 
