@@ -224,9 +224,9 @@ def _op_name(op: int) -> str:
 class AgentStats:
     """Counters of an elastic agent (:class:`rdzv.launcher.agent.ElasticAgent`), updated by
     its thread: rendezvous ``rounds`` joined and the ``join_time`` of each, group
-    ``restarts`` by cause (worker_failure, scale_up, peer_lost, peer_restart, rendezvous),
-    local ``worker_exits`` by cause (succeeded, exit_code, signal, stopped), ``hangs``
-    detected."""
+    ``restarts`` by cause (worker_failure, hang, scale_up, peer_lost, peer_restart,
+    rendezvous), local ``worker_exits`` by cause (succeeded, exit_code, signal, stopped),
+    ``hangs`` that restarted the group (detected on any node)."""
 
     rounds: int = 0
     join_time: Histogram = field(default_factory=lambda: Histogram(JOIN_BUCKETS))

@@ -171,7 +171,7 @@ class AgentCollector(Collector):
             "Restarts of the worker group, by cause.",
             "cause",
             dict(stats.restarts),
-            ("worker_failure", "scale_up", "peer_lost", "peer_restart", "rendezvous"),
+            ("worker_failure", "hang", "scale_up", "peer_lost", "peer_restart", "rendezvous"),
         )
         yield _by_label(
             "rdzv_agent_worker_exits",
@@ -180,7 +180,9 @@ class AgentCollector(Collector):
             dict(stats.worker_exits),
             ("succeeded", "exit_code", "signal", "stopped"),
         )
-        yield CounterMetricFamily("rdzv_agent_hangs", "Worker hangs detected.", stats.hangs)
+        yield CounterMetricFamily(
+            "rdzv_agent_hangs", "Worker hangs that restarted the group (any node's).", stats.hangs
+        )
         snap = agent.snapshot()
         workers = GaugeMetricFamily(
             "rdzv_agent_workers",
