@@ -122,6 +122,14 @@ def register(subparsers: Any) -> None:
     )
     _add(
         g,
+        "--hang-timeout",
+        type=float,
+        default=None,
+        help="seconds without rdzv.heartbeat() (after a worker's first) before it is declared "
+        "hung: stacks dumped, group restarted or job failed (default off)",
+    )
+    _add(
+        g,
         "--monitor-interval",
         type=float,
         default=0.1,
@@ -283,6 +291,7 @@ def build_config(args: argparse.Namespace) -> Any:
         max_restarts=int(args.max_restarts),
         monitor_interval=float(args.monitor_interval),
         node_timeout=float(args.node_timeout),
+        hang_timeout=None if args.hang_timeout is None else float(args.hang_timeout),
         shutdown_timeout=float(args.shutdown_timeout),
         exit_barrier_timeout=float(args.exit_barrier_timeout),
         log_dir=args.log_dir,

@@ -30,6 +30,7 @@ time in ``duration_ms``) and per agent (source AGENT: ``RENDEZVOUS`` with its du
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -68,6 +69,8 @@ from rdzv.launcher.failures import (
     read_root_cause,
     worker_failure_key,
 )
+from rdzv.launcher.hangs import HangMonitor, Hung, dump_stacks, innermost_frame
+from rdzv.launcher.heartbeat import HEARTBEAT_FILE_ENV, STACKS_FILE_ENV, STACKS_SIGNAL_ENV
 from rdzv.launcher.logs import ConsoleWriter, LogPump, WorkerStreams, console_writer, format_prefix
 from rdzv.launcher.peers import PeerEvent, PeerMonitor
 from rdzv.launcher.watchdog import Watchdog
@@ -197,6 +200,8 @@ class ElasticAgent:
         self._round_store: Store | None = None
         self._log_root: Path | None = None
         self._own_log_root = False
+        self._keep_logs = False
+        self._hangs: HangMonitor | None = None
         self.state = WorkerState.INIT
 
     # ------------------------------------------------------------------ properties
@@ -234,6 +239,8 @@ class ElasticAgent:
                 if self._watchdog is not None:
                     self._watchdog.close()
                 self._close_causes()
+                if self._hangs is not None:
+                    self._hangs.close()
                 if signalled is None:
                     self._shutdown_handler()
                 self._cleanup()
@@ -428,6 +435,14 @@ class ElasticAgent:
         attempt_dir = self._ensure_log_root() / f"attempt_{self._attempt}"
         self._attempt += 1
         workers: list[Worker] = []
+        directories = [attempt_dir / str(r) for r in range(cfg.nproc_per_node)]
+        for directory in directories:
+            directory.mkdir(parents=True, exist_ok=True)
+        if self._hangs is not None:
+            self._hangs.close()
+        self._hangs = None
+        if cfg.hang_timeout is not None:
+            self._hangs = HangMonitor(directories, cfg.hang_timeout)
         for local_rank in range(cfg.nproc_per_node):
             rank = assignment.rank_base + local_rank
             directory = attempt_dir / str(local_rank)
@@ -449,6 +464,10 @@ class ElasticAgent:
             )
             env = self.worker_env(assignment, local_rank)
             env["TORCHELASTIC_ERROR_FILE"] = str(directory / "error.json")
+            if self._hangs is not None:
+                env[HEARTBEAT_FILE_ENV] = str(self._hangs.path(local_rank))
+                env[STACKS_FILE_ENV] = str(directory / "stacks.txt")
+                env[STACKS_SIGNAL_ENV] = "SIGUSR2"
             cmd = [arg.replace("${local_rank}", str(local_rank)) for arg in self.cmd]
             workers.append(
                 Worker(
@@ -532,6 +551,12 @@ class ElasticAgent:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + interval
+                if self._hangs is not None:
+                    running = {w.local_rank for w in workers.workers if w.running}
+                    hung = self._hangs.check(now, running)
+                    if hung:
+                        cause = self._announce(self._hang_record(workers, hung[0]))
+                        raise _Restart(f"worker {cause.how()}", failure=True, cause=cause)
                 any_finished = any(w.returncode == 0 for w in workers.workers)
                 if not any_finished and self._nodes_waiting() > 0:
                     raise _Restart("new nodes are waiting to join", failure=False)
@@ -581,6 +606,11 @@ class ElasticAgent:
         """Another node's root cause: say it here too, then restart like a failure."""
         self.state = WorkerState.FAILED
         self._say_cause(cause)
+        if cause.kind == "hang" and self._workers is not None:
+            # What were the others doing meanwhile? Often waiting for the hung one.
+            path = self._dump_local_stacks(self._workers, f"peer-hang-rank{cause.rank}")
+            if path is not None:
+                self._stderr(f"[rdzv run] stacks of this node's workers: {path}\n".encode())
         return _Restart(cause.describe(), failure=cause.kind != "lost", cause=cause)
 
     def _worker_record(self, worker: Worker) -> FailureRecord:
@@ -601,6 +631,53 @@ class ElasticAgent:
             stderr_tail=worker.streams.stderr_tail(),
         )
         return FailureRecord.from_failure(failure)
+
+    def _dump_local_stacks(self, workers: WorkerProcesses, what: str) -> Path | None:
+        """Write the stacks of the running local workers to the job's log dir."""
+        targets = [
+            (w.global_rank, w.local_rank, w.pid, w.streams.directory / "stacks.txt")
+            for w in workers.workers
+            if w.running and w.pid is not None
+        ]
+        if not targets:
+            return None
+        self._keep_logs = True
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = self._ensure_log_root() / f"stacks-{what}-{stamp}.txt"
+        try:
+            return dump_stacks(targets, out)
+        except OSError as exc:
+            _log.warning("cannot write the workers' stacks to %s: %s", out, exc)
+            return None
+
+    def _hang_record(self, workers: WorkerProcesses, hung: Hung) -> FailureRecord:
+        """Dump the local stacks, kill the hung worker, and describe the hang."""
+        worker = workers.workers[hung.local_rank]
+        path = self._dump_local_stacks(workers, f"hang-rank{worker.global_rank}")
+        text = ""
+        if path is not None:
+            dump = path.read_text("utf-8", errors="replace")
+            header = f"=== rank {worker.global_rank} "
+            start = dump.find(header)
+            end = dump.find("\n=== rank ", start + 1) if start >= 0 else -1
+            text = dump[start : end if end >= 0 else None] if start >= 0 else ""
+        worker.stopped_by_agent = True
+        if worker.pid is not None:
+            # A hung (maybe SIGSTOPped) worker may not act on SIGTERM: end it now.
+            with contextlib.suppress(OSError):
+                os.killpg(worker.pid, signal.SIGKILL)
+        return FailureRecord(
+            kind="hang",
+            node_rank=self._assignment.group_rank if self._assignment else 0,
+            host=self._host,
+            rank=worker.global_rank,
+            local_rank=worker.local_rank,
+            pid=worker.pid,
+            last_step=hung.last_step,
+            frame=innermost_frame(text),
+            stacks_file=str(path) if path is not None else None,
+            message=text.strip() or None,
+        )
 
     def _lost_record(self, node: int) -> FailureRecord:
         assignment = self._assignment
@@ -851,7 +928,7 @@ class ElasticAgent:
     def _cleanup(self) -> None:
         if self._own_log_root and self._log_root is not None:
             redirected = self.config.redirects != Std.NONE or self.config.tee != Std.NONE
-            if not redirected:
+            if not redirected and not self._keep_logs:
                 shutil.rmtree(self._log_root, ignore_errors=True)
         for server in (self._own_server,):
             close = getattr(server, "close", None)
