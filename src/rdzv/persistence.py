@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import logging
 import math
 import os
@@ -153,7 +154,7 @@ def _read_commit(data: bytes, at: int, out: list[Record]) -> int:
     if header is None:
         if n - at < _COMMIT_SIZE:
             raise _Bad("a commit header is cut short", torn=True)
-        raise _Bad("no intact commit header here")
+        raise _Bad("no intact commit header where a commit should begin")
     body, count = header
     end = at + _COMMIT_SIZE + body
     if end > n:
@@ -216,12 +217,20 @@ class _Damage:
     def describe(self) -> str:
         if self.problem == "missing":
             return f"{self.path} is missing"
+        if self.torn:
+            return (
+                f"{self.path} ends in an unfinished commit at offset {self.offset} ({self.problem})"
+            )
         return f"{self.path} is corrupt at offset {self.offset}: {self.problem}"
 
     def loss(self) -> str:
-        records = f"at least {self.lost_records}" if self.lost_records else "an unknown number of"
-        where = f"{self.path} from offset {self.offset}"
-        return f"{self.lost_bytes} bytes ({records} records) of {where}"
+        if self.torn and self.lost_records:  # its intact header says how many
+            records = f"{self.lost_records} records"
+        elif self.lost_records:
+            records = f"at least {self.lost_records} records"
+        else:
+            records = "records that cannot be counted"
+        return f"{self.lost_bytes} bytes ({records}) of {self.path} from offset {self.offset}"
 
 
 @dataclass
@@ -339,7 +348,16 @@ def recover(
     --recover=discard-corrupt``) would lose; with it, the intact records are loaded instead
     (the snapshot's records before the damage, each log's commits before it, no log after
     a damaged one), the damaged files are renamed ``*.corrupt`` and ``rewrite`` is set."""
-    root = Path(data_dir)
+    collecting = gc.isenabled()
+    gc.disable()  # millions of long-lived records: collection passes would only cost time
+    try:
+        return _recover(Path(data_dir), engine, discard_corrupt)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _recover(root: Path, engine: Engine, discard_corrupt: bool) -> Recovery:
     snapshots = _generations(root, "snapshot")
     logs = _generations(root, "log")
     last = max(snapshots[-1:] + logs[-1:], default=0)
@@ -384,9 +402,10 @@ def recover(
         return result
     plan = _discard_plan(root, snapshots, last, load)
     if not discard_corrupt:
+        damaged = [p for p in problems if not p.endswith(" is missing")] or problems
         raise StoreError(
             f"durable store in {root} cannot be recovered to its last state: "
-            + "; ".join(problems)
+            + "; ".join(damaged)
             + ". Choices: restore the directory from a backup, or start from what is intact "
             "with `rdzv serve --recover=discard-corrupt` (StoreServer(recovery="
             "'discard-corrupt')), which loses: "

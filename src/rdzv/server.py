@@ -1104,12 +1104,12 @@ class StoreServer:
         if self._sync_timer is not None:
             self._sync_timer.cancel()
             self._sync_timer = None
+        if self.journal is not None:
+            self._commit(retry=True)  # a last try if the journal was failing
+            self.journal.close()
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
-        if self.journal is not None:
-            self._commit(retry=True)
-            self.journal.close()
         if self._closed is not None:
             self._closed.set()
         logger.info("server closed")

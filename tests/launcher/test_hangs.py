@@ -21,8 +21,8 @@ steps = int(sys.argv[1])
 for step in range(steps):
     rdzv.heartbeat(step)
 rdzv.heartbeat()  # a beat without a step keeps the last step given
-print("beating done", flush=True)
 def stuck():
+    print("beating done", flush=True)  # from inside: a dump taken now shows this frame
     time.sleep(60)
 stuck()
 """
