@@ -61,6 +61,7 @@ from pathlib import Path
 
 from rdzv.engine import Engine
 from rdzv.errors import StoreError
+from rdzv.stats import FSYNC_BUCKETS, Histogram
 
 __all__ = ["FSYNC_POLICIES", "RECOVERY_MODES", "DurableJournal", "Recovery", "recover"]
 
@@ -601,6 +602,9 @@ class DurableJournal:
         self._volatile: set[bytes] = set()
         self._unsynced = False  # written since the last fsync
         self._truncate_needed = False  # a failed commit left bytes after _log_size
+        #: Commits written, and the time of each fsync of the log (for metrics).
+        self.commits = 0
+        self.fsync_time = Histogram(FSYNC_BUCKETS)
         self.failed: OSError | None = None
         """The error of the last commit when it failed (its records are kept and written
         again by the next commit); None once a commit succeeds."""
@@ -732,6 +736,7 @@ class DurableJournal:
         self._pending.clear()
         self._pending_bytes = 0
         self._log_size += len(data)
+        self.commits += 1
         if sync:
             self._last_fsync = now
             self._unsynced = False
@@ -751,7 +756,12 @@ class DurableJournal:
         while view:
             view = view[os.write(self._fd, view) :]
         if sync:
-            os.fsync(self._fd)
+            self._fsync()
+
+    def _fsync(self) -> None:
+        start = time.perf_counter()
+        os.fsync(self._fd)
+        self.fsync_time.observe(time.perf_counter() - start)
 
     def _guard(self, step: Callable[[], None]) -> None:
         """Run ``step``; on OSError undo any partial commit, remember and re-raise it."""
@@ -785,7 +795,7 @@ class DurableJournal:
         """fsync what :meth:`commit` wrote without one (``interval`` policy). Raises
         OSError (and sets :attr:`failed`) when the fsync fails."""
         if self._unsynced and self._fd >= 0:
-            self._guard(lambda: os.fsync(self._fd))
+            self._guard(self._fsync)
             self._last_fsync = time.monotonic()
             self._unsynced = False
 

@@ -37,6 +37,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
@@ -45,6 +46,7 @@ from rdzv.engine import Engine, Waiter
 from rdzv.errors import AuthError, NetworkError, StoreError
 from rdzv.fastpath import REPLY_LIMIT, BusyPoller, Receiver, executor_for
 from rdzv.persistence import DurableJournal
+from rdzv.stats import REQUEST_BUCKETS, ServerSnapshot, ServerStats
 from rdzv.wire import (
     CHECK_NOT_READY,
     CHECK_READY,
@@ -211,9 +213,11 @@ class _Connection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         limit = server.max_connections
         if limit is not None and len(server._connections) >= limit:
+            server.stats.limit_hit("max_connections")
             self.close(f"connection limit reached ({limit} open; max_connections={limit})")
             return
         server._connections.add(self)
+        server.stats.accepted += 1
         if server.token is not None and not (
             isinstance(peer, tuple) and server.allow_unauthenticated.allows(str(peer[0]))
         ):
@@ -224,6 +228,7 @@ class _Connection(asyncio.Protocol):
 
     def _auth_expired(self) -> None:
         if self.handlers is _UNAUTH_HANDLERS:
+            self.server.stats.auth_failure("timeout")
             timeout = self.server.auth_timeout
             self.close(f"not authenticated within {timeout:g} s (auth_timeout={timeout:g})")
 
@@ -236,7 +241,9 @@ class _Connection(asyncio.Protocol):
         if self.auth_timer is not None:
             self.auth_timer.cancel()
         server = self.server
-        server._connections.discard(self)
+        if self in server._connections:
+            server._connections.discard(self)
+            server.stats.closed["rdzv" if self.parser.extended else "torch"] += 1
         engine = server.engine
         for waiter in self.waiters:
             engine.cancel(waiter)
@@ -284,7 +291,14 @@ class _Connection(asyncio.Protocol):
         connection): the C :class:`~rdzv.fastpath.Receiver` when the fast path is on, which
         hands what it does not take to :meth:`_receive`; else :meth:`_receive` itself."""
         receiver = self._receiver
-        return self._receive if receiver is None else receiver
+        if receiver is not None:
+            return receiver  # times itself while the server counts
+        return self._receive_timed if self.server.stats.counting else self._receive
+
+    def _receive_timed(self, data: bytes) -> None:
+        start = time.perf_counter()
+        self._receive(data)
+        self.server.stats.request_time.observe(time.perf_counter() - start)
 
     def _receive(self, data: bytes) -> None:
         if self._closed:
@@ -315,10 +329,13 @@ class _Connection(asyncio.Protocol):
     def _execute(self, requests: list[Request]) -> None:
         """Run ``requests`` in order, until the connection pauses (the rest is postponed)."""
         server = self.server
+        counts = server._op_counts
         i = 0
         try:
             for req in requests:
                 i += 1
+                if counts is not None:
+                    counts[req.op] += 1
                 if _IS_WRITE[req.op]:
                     if server.read_only is not None:
                         server._refuse_write(self, req)
@@ -343,6 +360,7 @@ class _Connection(asyncio.Protocol):
             self.close(f"{type(exc).__name__}: {exc}")
             return
         if self.parser.error is not None:
+            server.stats.protocol_error(str(self.parser.error))
             self.close(f"protocol violation: {self.parser.error}")
         elif server.journal is not None and server.journal.dirty:
             server._schedule_commit()  # commit writes nobody awaits a reply to, promptly
@@ -670,9 +688,11 @@ def _h_auth_proof(server: StoreServer, conn: _Connection, req: wire.ExtAuthProof
         return
     nonce, conn.auth_nonce = conn.auth_nonce, None  # single use
     if nonce is None:
+        server.stats.auth_failure("no_challenge")
         _ext_error(conn, AuthError("EXT_AUTH_PROOF sent before EXT_AUTH_BEGIN"))
         raise _Close("authentication refused: proof sent without asking for a challenge")
     if not auth.verify(auth.client_proof(token, nonce, req.client_nonce), req.proof):
+        server.stats.auth_failure("wrong_token")
         _ext_error(conn, AuthError("authentication failed: wrong token"))
         raise _Close("authentication failed: wrong token (the client's proof did not verify)")
     conn.handlers = _HANDLERS
@@ -684,6 +704,7 @@ def _h_unauth_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> No
     if req.nonce == wire.RDZV_PING_NONCE and conn.parser.extended:
         conn.send_stateless(wire.reply_ping(req.nonce, True, auth_required=True))
         return
+    server.stats.auth_failure("unauthenticated")
     raise _Close(
         "refused an unauthenticated client: this server requires a token and the client "
         "did not negotiate rdzv extensions (a torch client cannot authenticate); allow its "
@@ -692,6 +713,7 @@ def _h_unauth_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> No
 
 
 def _h_unauthenticated(server: StoreServer, conn: _Connection, req: Request) -> None:
+    server.stats.auth_failure("unauthenticated")
     raise _Close(
         f"refused {req.op.name} before authentication: this server requires a token "
         "(rdzv clients: pass token= / token_file= / $RDZV_TOKEN; torch clients: allow their "
@@ -818,6 +840,9 @@ class StoreServer:
             read (:class:`~rdzv.fastpath.BusyPoller`; lower round-trip latency for a client
             doing one request after another, at the price of up to one core while requests
             come that close together); 0 (the default) never polls. Needs the fast path.
+        metrics: count requests by opcode and time them (:attr:`stats`, the fast path's
+            counters; read by :mod:`rdzv.observe` through :meth:`snapshot`); the rare
+            events (connections, auth failures, limit hits) are counted either way.
 
     Raises :class:`~rdzv.errors.NetworkError` from :meth:`start` when binding fails (the
     message names the endpoint and the OS error); :class:`~rdzv.errors.StoreError` from
@@ -848,6 +873,7 @@ class StoreServer:
         recovery: str = "strict",
         fastpath: bool = True,
         busy_poll: float = 0.0,
+        metrics: bool = False,
     ) -> None:
         if token is not None and not allow_extensions:
             raise ValueError("a token requires allow_extensions=True (auth is an extension)")
@@ -900,6 +926,10 @@ class StoreServer:
             if fastpath and self.journal is None
             else None
         )
+        self.stats = ServerStats(counting=metrics)
+        self._op_counts = self.stats.requests if metrics else None
+        if metrics and self._fast is not None:
+            self._fast.enable_counting([round(b * 1e9) for b in REQUEST_BUCKETS])
         self._commit_scheduled = False
         self._sync_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -1037,6 +1067,25 @@ class StoreServer:
         """Connections currently open."""
         return len(self._connections)
 
+    def snapshot(self, *, sizes: bool = True) -> ServerSnapshot:
+        """The server's counters now, safe to call from any thread (the metrics listener's):
+        it only copies (atomic under the GIL) and never waits for the event loop.
+
+        ``sizes``: also sum the bytes of every value and queue item (O(keys); callers
+        polling often should cache it). See :class:`~rdzv.stats.ServerSnapshot`.
+        """
+        connections = list(self._connections)  # atomic copy; the loop may add meanwhile
+        extended = sum(1 for c in connections if c.parser.extended)
+        return ServerSnapshot.take(
+            self.stats,
+            self._fast,
+            self.engine,
+            self.journal,
+            open={"torch": len(connections) - extended, "rdzv": extended},
+            waiters=sum(len(c.waiters) for c in connections),
+            sizes=sizes,
+        )
+
     async def close(self) -> None:
         """Graceful shutdown: stop listening, flush and close every connection."""
         if self._poller is not None:
@@ -1165,6 +1214,7 @@ class StoreServer:
     def _check_waits(self, conn: _Connection) -> None:
         limit = self.max_waits_per_connection
         if limit is not None and len(conn.waiters) >= limit:
+            self.stats.limit_hit("max_waits_per_connection")
             raise _Close(
                 f"pending-wait limit exceeded ({limit} parked waits on this connection; "
                 f"max_waits_per_connection={limit})"

@@ -8,6 +8,8 @@ import math
 import sys
 from typing import Any
 
+from rdzv.cli.observe import add_observe_arguments, check_observe_host, observe_tokens
+from rdzv.cli.observe import is_loopback as _is_loopback
 from rdzv.errors import RdzvError
 
 #: ``rdzv serve --busy-poll-us`` default: covers a client's turnaround between two requests
@@ -15,20 +17,6 @@ from rdzv.errors import RdzvError
 DEFAULT_BUSY_POLL_US = 50.0
 
 __all__ = ["register"]
-
-
-def _is_loopback(host: str) -> bool:
-    """True if every address ``host`` resolves to is a loopback address."""
-    import ipaddress
-    import socket
-
-    if host == "":
-        return False
-    try:
-        infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False  # the bind reports it
-    return all(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]).is_loopback for info in infos)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -63,6 +51,9 @@ def _serve(args: argparse.Namespace) -> int:
             )
         if allowlist and token is None:
             raise ValueError("--allow-unauthenticated only makes sense with a token")
+        metrics_tokens = observe_tokens(token, args.metrics_token_file)
+        if args.metrics_port is not None:
+            check_observe_host(args.metrics_host, metrics_tokens, args.insecure)
         if token is None and not args.insecure and not _is_loopback(args.host):
             raise ValueError(
                 f"refusing to listen on {args.host!r} without authentication: anyone who "
@@ -74,9 +65,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"rdzv serve: error: {exc}", file=sys.stderr)
         return 2
 
+    observed: list[Any] = []
+
     def listening(server: StoreServer) -> None:
         for endpoint in server.endpoints:
             print(f"listening on {endpoint}", flush=True)
+        if args.metrics_port is not None:
+            from rdzv.observe import serve_store
+
+            listener = serve_store(server, args.metrics_host, args.metrics_port, metrics_tokens)
+            observed.append(listener)
+            print(f"status page on {listener.url} (metrics: {listener.url}metrics)", flush=True)
         mode = "token" if token is not None else "none"
         print(
             f"authentication: {mode}; tls: {'on' if context else 'off'}; "
@@ -109,10 +108,14 @@ def _serve(args: argparse.Namespace) -> int:
             max_output_bytes=args.max_output_bytes,
             auth_timeout=args.auth_timeout,
             busy_poll=args.busy_poll_us * 1e-6,
+            metrics=args.metrics_port is not None,
         )
     except (RdzvError, ValueError, OSError) as exc:
         print(f"rdzv serve: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for listener in observed:
+            listener.close()
     return 0
 
 
@@ -246,5 +249,6 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="refuse TLS clients without a certificate signed by --tls-ca (mutual TLS)",
     )
+    add_observe_arguments(parser, "the store")
     parser.add_argument("--quiet", action="store_true", help="do not log connections")
     parser.set_defaults(func=_serve)

@@ -30,6 +30,7 @@ time in ``duration_ms``) and per agent (source AGENT: ``RENDEZVOUS`` with its du
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import json
@@ -77,6 +78,7 @@ from rdzv.launcher.watchdog import Watchdog
 from rdzv.launcher.worker import ATTEMPT_ID_ENV, client_security
 from rdzv.launcher.workers import Worker, WorkerProcesses
 from rdzv.rendezvous.api import RendezvousHandler, RendezvousInfo
+from rdzv.stats import AgentStats
 from rdzv.store.base import Store
 
 __all__ = ["ElasticAgent", "RunResult", "WorkerState"]
@@ -203,12 +205,23 @@ class ElasticAgent:
         self._keep_logs = False
         self._hangs: HangMonitor | None = None
         self.state = WorkerState.INIT
+        #: Counters for metrics (rdzv.observe), and what snapshot() shows besides the
+        #: live workers: the rounds joined and the failures seen, latest last.
+        self.stats = AgentStats()
+        self._rounds: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        self._failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        self._exits_counted: set[int] = set()
 
     # ------------------------------------------------------------------ properties
     @property
     def restart_count(self) -> int:
         """Restarts used so far (``TORCHELASTIC_RESTART_COUNT``)."""
         return self.config.max_restarts - self._remaining_restarts
+
+    @property
+    def round_store(self) -> Store | None:
+        """The store of the round joined last (None before the first rendezvous)."""
+        return self._round_store
 
     @property
     def log_root(self) -> Path | None:
@@ -235,6 +248,7 @@ class ElasticAgent:
                 if self._workers is not None:
                     self._workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
                     self._workers.wait_output(2.0)
+                    self._count_exits(self._workers)
                 self._pump.close()
                 if self._watchdog is not None:
                     self._watchdog.close()
@@ -263,6 +277,7 @@ class ElasticAgent:
                 )
             except _Restart as restart:  # a node vanished right after the rendezvous
                 retries += 1
+                self.stats.restart("rendezvous")
                 if retries > _MAX_RENDEZVOUS_RETRIES:
                     return self._agent_failure(RendezvousError(restart.reason))
                 _log.warning("rendezvous again: %s", restart.reason)
@@ -278,6 +293,9 @@ class ElasticAgent:
                 # Tell the other nodes first, so that they stop in parallel with us.
                 if self._peers is not None:
                     self._peers.request_restart()
+                self.stats.restart(_restart_cause(restart))
+                if restart.cause is not None and restart.cause.kind == "hang":
+                    self.stats.hangs += 1
                 if restart.cause is not None:
                     self._let_workers_see(restart.cause)
                 if restart.failure:
@@ -310,8 +328,20 @@ class ElasticAgent:
         started = time.monotonic()
         info = self.handler.next_rendezvous()
         elapsed = time.monotonic() - started
+        self.stats.rounds += 1
+        self.stats.join_time.observe(elapsed)
         assignment = self._assign(info)
         self._assignment = assignment
+        self._rounds.append(
+            {
+                "time": time.time(),
+                "join_seconds": round(elapsed, 3),
+                "group_rank": assignment.group_rank,
+                "group_world_size": assignment.group_world_size,
+                "world_size": assignment.world_size,
+                "restart_count": self.restart_count,
+            }
+        )
         self._peers = PeerMonitor(
             info.store,
             assignment.namespace,
@@ -495,6 +525,7 @@ class ElasticAgent:
             return
         workers.stop(sig, self.config.shutdown_timeout)
         workers.wait_output(2.0)
+        self._count_exits(workers)
         for worker in workers.workers:
             self._record_exit(worker)
         self._workers = None
@@ -510,6 +541,53 @@ class ElasticAgent:
         else:
             state = "FAILED"
         self._record(state, events.EventSource.WORKER, worker, duration_ms=worker.run_time() * 1000)
+
+    def _count_exits(self, workers: WorkerProcesses) -> None:
+        """Count the exits of ``workers`` not counted yet in :attr:`stats`."""
+        for worker in workers.workers:
+            if worker.returncode is not None and id(worker) not in self._exits_counted:
+                self._exits_counted.add(id(worker))
+                self.stats.worker_exit(_exit_cause(worker))
+
+    def snapshot(self) -> dict[str, Any]:
+        """What this agent knows now, as JSON-able data (for the status page of
+        :mod:`rdzv.observe`; safe to call from another thread: it only reads): run id, state,
+        restarts, this node's place, the rounds joined, the local workers (rank, pid,
+        ``state`` running/succeeded/failed/stopped, ``cause`` of an exit, times) and the
+        failures of earlier attempts (:meth:`WorkerFailure.to_json`), latest last."""
+        assignment = self._assignment
+        group = self._workers
+        peers = self._peers
+        workers = []
+        for worker in list(group.workers) if group is not None else []:
+            code = worker.returncode
+            workers.append(
+                {
+                    "rank": worker.global_rank,
+                    "local_rank": worker.local_rank,
+                    "pid": worker.pid,
+                    "state": "running" if code is None else _exit_cause(worker),
+                    "cause": None if code is None else describe_exit(code),
+                    "exit_time": worker.exit_time,
+                    "run_time": round(worker.run_time(), 3),
+                }
+            )
+        return {
+            "run_id": self.handler.get_run_id(),
+            "backend": self.handler.get_backend(),
+            "host": self._host,
+            "state": self.state.value,
+            "restart_count": self.restart_count,
+            "max_restarts": self.config.max_restarts,
+            "group_rank": None if assignment is None else assignment.group_rank,
+            "group_world_size": None if assignment is None else assignment.group_world_size,
+            "world_size": None if assignment is None else assignment.world_size,
+            "namespace": None if assignment is None else assignment.namespace,
+            "rounds": list(self._rounds),
+            "workers": workers,
+            "failures": list(self._failures),
+            "peer": None if peers is None or not peers.active else peers.snapshot(),
+        }
 
     # -------------------------------------------------------------- monitoring
     def _monitor(self) -> None:
@@ -544,6 +622,7 @@ class ElasticAgent:
             if remote is not None:
                 raise self._remote_restart(remote)
             if done:
+                self._count_exits(workers)
                 for worker in workers.workers:
                     self._record_exit(worker)
                 self._workers = None
@@ -760,6 +839,7 @@ class ElasticAgent:
         assert workers is not None
         workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
         workers.wait_output(2.0)
+        self._count_exits(workers)
         result: list[WorkerFailure] = []
         for worker in workers.failures():
             assert worker.pid is not None and worker.returncode is not None
@@ -781,6 +861,7 @@ class ElasticAgent:
                     log_files=logs,
                 )
             )
+        self._failures.extend(f.to_json() for f in result)
         return result
 
     def _job_failure(
@@ -937,6 +1018,30 @@ class ElasticAgent:
                     close()
                 except Exception:  # closing must not mask the result
                     _log.debug("closing the workers' store failed", exc_info=True)
+
+
+def _exit_cause(worker: Worker) -> str:
+    """succeeded, stopped (by the agent), signal or exit_code: how ``worker`` ended."""
+    code = worker.returncode or 0
+    if code == 0:
+        return "succeeded"
+    if worker.stopped_by_agent:
+        return "stopped"
+    return "signal" if code < 0 else "exit_code"
+
+
+def _restart_cause(restart: _Restart) -> str:
+    """The metrics label of a group restart (worker_failure, hang, peer_lost, scale_up,
+    peer_restart)."""
+    if restart.cause is not None:
+        return {"hang": "hang", "lost": "peer_lost"}.get(restart.cause.kind, "worker_failure")
+    if restart.failure:
+        return "worker_failure"
+    if "waiting to join" in restart.reason:
+        return "scale_up"
+    if "was lost" in restart.reason:
+        return "peer_lost"
+    return "peer_restart"
 
 
 def _error_text(exc: BaseException) -> str:
