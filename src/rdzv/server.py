@@ -79,6 +79,9 @@ DEFAULT_AUTH_TIMEOUT = 10.0
 #: Default of ``max_output_bytes``: replies buffered for one connection (held for a commit
 #: plus the transport's buffer) past which a connection that does not read them is dropped.
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+#: Default of ``max_total_output_bytes``: replies buffered on the whole server for
+#: connections that stopped reading them, past which the one that stopped first is dropped.
+DEFAULT_MAX_TOTAL_OUTPUT_BYTES = 256 * 1024 * 1024
 #: Seconds between attempts to write the journal again after a commit failed (disk full).
 JOURNAL_RETRY_INTERVAL = 0.5
 
@@ -241,6 +244,7 @@ class _Connection(asyncio.Protocol):
         if self.auth_timer is not None:
             self.auth_timer.cancel()
         server = self.server
+        server._drained(self)
         if self in server._connections:
             server._connections.discard(self)
             server.stats.closed["rdzv" if self.parser.extended else "torch"] += 1
@@ -273,11 +277,13 @@ class _Connection(asyncio.Protocol):
             self._receiver.enabled = False
         if not self._closed:
             self.transport.pause_reading()
+            self.server._backed_up(self)
 
     def _resume(self) -> None:
         if self._transport_paused or self._held_paused or self._closed or not self._paused:
             return
         self._paused = False
+        self.server._drained(self)
         backlog, self._backlog = self._backlog, None
         if backlog:
             self._execute(backlog)
@@ -420,6 +426,8 @@ class _Connection(asyncio.Protocol):
             )
             return
         self.write(data)
+        if self._paused:
+            self.server._backed_up(self, len(data))
 
     def close(self, reason: str, abort: bool = False) -> None:
         """Close this connection (after flushing queued replies), logging why; ``abort``
@@ -822,6 +830,10 @@ class StoreServer:
             transport's buffer) past which a connection that is already backed up (it
             stopped reading its replies) is dropped, logged. Whatever the limit, a
             connection whose buffered replies pass 4 MiB is not read from until they drain.
+        max_total_output_bytes: replies buffered on the whole server for connections that
+            stopped reading (each counted from when its reading paused), past which the
+            connection that stopped first is dropped, logged: many connections of one
+            client cannot add up what ``max_output_bytes`` bounds for one.
         data_dir: make the state durable in this directory (created if missing): recovered
             by :meth:`start`, every change journaled and committed before any reply that
             depends on it is sent (see ``docs/durability.md``). None: in memory only.
@@ -867,6 +879,7 @@ class StoreServer:
         max_waits_per_connection: int | None = DEFAULT_MAX_WAITS_PER_CONNECTION,
         auth_timeout: float = DEFAULT_AUTH_TIMEOUT,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        max_total_output_bytes: int = DEFAULT_MAX_TOTAL_OUTPUT_BYTES,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
         fsync_interval: float = 0.05,
@@ -881,6 +894,7 @@ class StoreServer:
             ("max_connections", max_connections),
             ("max_waits_per_connection", max_waits_per_connection),
             ("max_output_bytes", max_output_bytes),
+            ("max_total_output_bytes", max_total_output_bytes),
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
@@ -894,6 +908,11 @@ class StoreServer:
         self.max_connections = max_connections
         self.max_waits_per_connection = max_waits_per_connection
         self.max_output_bytes = max_output_bytes
+        self.max_total_output_bytes = max_total_output_bytes
+        # Connections not read from because their replies are not read, oldest first, with
+        # the bytes buffered for them (from the pause on), and the sum.
+        self._backlogged: dict[_Connection, int] = {}
+        self._backlogged_bytes = 0
         if not busy_poll >= 0:
             raise ValueError(f"busy_poll must be >= 0 seconds, got {busy_poll}")
         self.busy_poll = busy_poll
@@ -1168,6 +1187,32 @@ class StoreServer:
                 resumed.append(conn)
         for conn in resumed:
             conn._resume()
+
+    # ------------------------------------------------------------------ output bounds
+    def _backed_up(self, conn: _Connection, more: int = 0) -> None:
+        """``conn`` stopped being read (``more`` == 0) or got ``more`` bytes of replies
+        while stopped: count them, and drop the connections that stopped first while the
+        server's total passes ``max_total_output_bytes``."""
+        if not more and conn in self._backlogged:
+            return
+        added = more if more else conn.buffered()
+        self._backlogged[conn] = self._backlogged.get(conn, 0) + added
+        self._backlogged_bytes += added
+        limit = self.max_total_output_bytes
+        while self._backlogged_bytes > limit and self._backlogged:
+            victim = next(iter(self._backlogged))
+            self._drained(victim)
+            victim.close(
+                f"the client does not read its replies, and replies buffered for such "
+                f"connections exceed {limit} bytes on this server (max_total_output_bytes="
+                f"{limit}); this connection stopped reading first",
+                abort=True,
+            )
+
+    def _drained(self, conn: _Connection) -> None:
+        size = self._backlogged.pop(conn, None)
+        if size is not None:
+            self._backlogged_bytes -= size
 
     def _enter_read_only(self, journal: DurableJournal, exc: OSError) -> None:
         if self.read_only is None:

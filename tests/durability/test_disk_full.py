@@ -37,7 +37,19 @@ def serve_with_file_limit(data_dir: Path) -> Iterator[tuple[subprocess.Popen[str
         resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, resource.RLIM_INFINITY))
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--data-dir", str(data_dir)],
+        # fsync never: a loaded machine's slow fsync must not pass for a held reply.
+        [
+            sys.executable,
+            "-m",
+            "rdzv",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            "--fsync",
+            "never",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -78,7 +90,7 @@ def test_full_disk_acknowledges_nothing_unwritten_and_refuses_writes(tmp_path: P
         for i in range(0, 10 * LIMIT // len(VALUE), 10):
             batch = b"".join(wire.encode_set(b"/k%d" % j, VALUE) for j in range(i, i + 10))
             writer.send(batch + wire.encode_key(wire.Op.GET, b"/k%d" % (i + 9)))
-            reply = held(writer, 8 + len(VALUE), timeout=1.0)
+            reply = held(writer, 8 + len(VALUE), timeout=2.0)
             if reply is None:
                 waiting = i + 10  # its commit failed: the reply must not come yet
                 break

@@ -49,6 +49,12 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--fsync-interval must be a number of seconds > 0, got {args.fsync_interval:g}"
             )
+        for flag, size in (
+            ("--max-output-bytes", args.max_output_bytes),
+            ("--max-total-output-bytes", args.max_total_output_bytes),
+        ):
+            if size < 1:
+                raise ValueError(f"{flag} must be a number of bytes >= 1, got {size}")
         if allowlist and token is None:
             raise ValueError("--allow-unauthenticated only makes sense with a token")
         metrics_tokens = observe_tokens(token, args.metrics_token_file)
@@ -106,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_connections=args.max_connections,
             max_waits_per_connection=args.max_waits_per_connection,
             max_output_bytes=args.max_output_bytes,
+            max_total_output_bytes=args.max_total_output_bytes,
             auth_timeout=args.auth_timeout,
             busy_poll=args.busy_poll_us * 1e-6,
             metrics=args.metrics_port is not None,
@@ -204,6 +211,14 @@ def register(subparsers: Any) -> None:
         help="replies buffered for one connection past which a client that does not read "
         "them is disconnected, logged; from 4 MiB on, its requests are not read until they "
         "drain (default: 67108864, 64 MiB)",
+    )
+    parser.add_argument(
+        "--max-total-output-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="replies buffered on the whole server for clients that stopped reading them, "
+        "past which the connection that stopped first is disconnected, logged (default: "
+        "268435456, 256 MiB)",
     )
     parser.add_argument(
         "--busy-poll-us",
