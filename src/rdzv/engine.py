@@ -426,6 +426,20 @@ class Engine:
                     del table[key]
         return not missing
 
+    def value_bytes(self) -> int:
+        """Bytes of every value and queue item. Safe to call from another thread than the
+        owner's: it sums copies (a dict's values, a deque) taken in C without releasing the
+        GIL, retrying if a copy met a concurrent change. O(keys + queue items)."""
+        for _ in range(3):
+            try:
+                total = sum(map(len, list(self._data.values())))
+                for queue in list(self._queues.values()):
+                    total += sum(map(len, list(queue)))
+                return total
+            except RuntimeError:  # changed while copied (an allocation ran a finalizer)
+                continue
+        return -1
+
     def num_waiters(self) -> int:
         """Number of distinct registered waiters (for metrics and tests)."""
         seen: set[Waiter] = set()

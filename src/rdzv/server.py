@@ -38,6 +38,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
@@ -46,6 +47,7 @@ from rdzv.engine import Engine, Waiter
 from rdzv.errors import AuthError, NetworkError, StoreError
 from rdzv.fastpath import REPLY_LIMIT, BusyPoller, Receiver, executor_for
 from rdzv.persistence import DurableJournal
+from rdzv.stats import REQUEST_BUCKETS, ServerSnapshot, ServerStats
 from rdzv.wire import (
     CHECK_NOT_READY,
     CHECK_READY,
@@ -107,6 +109,11 @@ TURN_REQUESTS = 1024
 #: Replies gathered before they are written (one ``transport.write`` per slice of requests,
 #: not per reply: a buffer of a million 4-byte writes stalls uvloop's flush for seconds).
 FLUSH_BYTES = 64 * 1024
+#: Default of ``max_output_bytes``: replies buffered for one connection (held for a commit
+#: plus the transport's buffer) past which a connection that does not read them is dropped.
+DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+#: Seconds between attempts to write the journal again after a commit failed (disk full).
+JOURNAL_RETRY_INTERVAL = 0.5
 
 _I64 = wire._I64.pack
 _U64 = wire._U64.pack
@@ -169,17 +176,21 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_backlog",
         "_closed",
+        "_held_paused",
         "_input",
         "_paused",
         "_queued",
         "_receiver",
         "_replies",
         "_replies_size",
+        "_transport_paused",
         "auth_nonce",
         "auth_timer",
         "bound",
         "handlers",
+        "last_write",
         "out",
+        "out_bytes",
         "parser",
         "partial",
         "partial_progress",
@@ -204,8 +215,10 @@ class _Connection(asyncio.Protocol):
         self.waiters: dict[Waiter, int] = {}  # parked waiter -> keys it named
         self.bound: set[bytes] = set()
         self._backlog: list[Request] | None = None
+        self._paused = False  # not reading: one of the two below
+        self._transport_paused = False  # the transport's buffer is above its high water
+        self._held_paused = False  # replies held for a commit are above WRITE_HIGH_WATER
         self._input: bytes | None = None  # received, not parsed yet: waits for its turn
-        self._paused = False
         self._closed = False
         self._replies: list[bytes] = []  # gathered by _execute, written by _flush
         self._replies_size = 0
@@ -217,6 +230,8 @@ class _Connection(asyncio.Protocol):
         self.unauth_bytes = 0
         self.wait_keys = 0  # keys of this connection's parked waits
         self.out: list[bytes] = []  # replies held until the journal is committed
+        self.out_bytes = 0
+        self.last_write = 0  # the server's commit count that will cover its last write
         self._queued = False  # in server._outbox
         # Until authenticated (when the server has a token), only the handshake is served.
         self.handlers = _HANDLERS
@@ -250,9 +265,11 @@ class _Connection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         limit = server.max_connections
         if limit is not None and len(server._connections) >= limit:
+            server.stats.limit_hit("max_connections")
             self.close(f"connection limit reached ({limit} open; max_connections={limit})")
             return
         server._connections.add(self)
+        server.stats.accepted += 1
         if server.token is not None and not (
             isinstance(peer, tuple) and server.allow_unauthenticated.allows(str(peer[0]))
         ):
@@ -263,6 +280,7 @@ class _Connection(asyncio.Protocol):
 
     def _auth_expired(self) -> None:
         if self.handlers is _UNAUTH_HANDLERS:
+            self.server.stats.auth_failure("timeout")
             timeout = self.server.auth_timeout
             self.close(f"not authenticated within {timeout:g} s (auth_timeout={timeout:g})")
 
@@ -278,7 +296,9 @@ class _Connection(asyncio.Protocol):
             self.partial_timer.cancel()
         server = self.server
         server._forget_partial(self)
-        server._connections.discard(self)
+        if self in server._connections:
+            server._connections.discard(self)
+            server.stats.closed["rdzv" if self.parser.extended else "torch"] += 1
         server._release(self)
         if self.bound:
             server._drop_bound(self, self.bound)
@@ -290,15 +310,26 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client does not read its replies: stop executing and reading its requests.
+        self._transport_paused = True
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._transport_paused = False
+        self._resume()
+
+    def _pause(self) -> None:
+        if self._paused:
+            return
         self._paused = True
         if self._receiver is not None:
             self._receiver.enabled = False
-        self.transport.pause_reading()
+        if not self._closed:
+            self.transport.pause_reading()
 
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._closed:
+    def _resume(self) -> None:
+        if self._transport_paused or self._held_paused or self._closed or not self._paused:
             return
+        self._paused = False
         backlog, self._backlog = self._backlog, None
         if backlog:
             self._execute(backlog)
@@ -307,7 +338,7 @@ class _Connection(asyncio.Protocol):
     def _continue(self) -> None:
         """Go on with the input left for a later turn, then read again once none is left."""
         if self._paused or self._closed:
-            return  # resume_writing calls again
+            return  # _resume calls again
         data, self._input = self._input, None
         if data is not None:
             self._consume(data)
@@ -321,7 +352,14 @@ class _Connection(asyncio.Protocol):
         connection): the C :class:`~rdzv.fastpath.Receiver` when the fast path is on, which
         hands what it does not take to :meth:`_receive`; else :meth:`_receive` itself."""
         receiver = self._receiver
-        return self._receive if receiver is None else receiver
+        if receiver is not None:
+            return receiver  # times itself while the server counts
+        return self._receive_timed if self.server.stats.counting else self._receive
+
+    def _receive_timed(self, data: bytes) -> None:
+        start = time.perf_counter()
+        self._receive(data)
+        self.server.stats.request_time.observe(time.perf_counter() - start)
 
     def _receive(self, data: bytes) -> None:
         if self._closed:
@@ -420,13 +458,23 @@ class _Connection(asyncio.Protocol):
 
     def _run(self, requests: list[Request]) -> None:
         server = self.server
+        counts = server._op_counts
         i = 0
         try:
             for req in requests:
                 i += 1
+                if counts is not None:
+                    counts[req.op] += 1
+                if _IS_WRITE[req.op]:
+                    if server.read_only is not None:
+                        server._refuse_write(self, req)
+                        continue
+                    self.last_write = server._commits + 1
                 self.handlers[req.op](server, self, req)
                 if server._fired:
                     server._drain()
+                if self._closed:
+                    return
                 if self._paused and i < len(requests):
                     self._backlog = requests[i:]
                     return
@@ -441,6 +489,7 @@ class _Connection(asyncio.Protocol):
             self.close(f"{type(exc).__name__}: {exc}")
             return
         if self.parser.error is not None:
+            server.stats.protocol_error(str(self.parser.error))
             self.close(f"protocol violation: {self.parser.error}")
         elif server.journal is not None and server.journal.dirty:
             server._schedule_commit()  # commit writes nobody awaits a reply to, promptly
@@ -455,10 +504,32 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
             return
         self.out.append(data)
+        self.out_bytes += len(data)
         if not self._queued:
             self._queued = True
             server._outbox.append(self)
         server._schedule_commit()
+        if self.out_bytes > WRITE_HIGH_WATER and not self._held_paused:
+            # Held replies count like the transport's buffer: stop reading requests until
+            # the commit releases them (and the client reads them).
+            self._held_paused = True
+            self._pause()
+
+    def buffered(self) -> int:
+        """Bytes of replies not yet sent: held for a commit plus the transport's buffer."""
+        return self.out_bytes + self.transport.get_write_buffer_size()
+
+    def send_stateless(self, data: bytes) -> None:
+        """Write a reply that reveals no state (a PING echo, an error, an authentication
+        step): at once, unless this connection has replies held or a write of its own not
+        yet committed (any reply acknowledges the writes sent before it)."""
+        server = self.server
+        if server.journal is None:
+            self.write(data)  # in order with the replies _execute gathers
+        elif not self.out and self.last_write <= server._commits:
+            self.transport.write(data)
+        else:
+            self.write(data)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport (and, through connection_lost, drop waiters)
@@ -470,25 +541,44 @@ class _Connection(asyncio.Protocol):
         self.wait_keys += keys
 
     def send(self, data: bytes) -> None:
-        """Write a deferred reply unless the connection is gone."""
-        if not self._closed:
-            self.write(data)
+        """Write a deferred reply (a woken waiter's) unless the connection is gone. These
+        come whether or not the connection reads: one that is already backed up past the
+        high-water mark and would pass ``max_output_bytes`` is dropped instead."""
+        if self._closed:
+            return
+        before = self.buffered()
+        limit = self.server.max_output_bytes
+        if before > WRITE_HIGH_WATER and before + len(data) > limit:
+            self.close(
+                f"the client does not read its replies ({before + len(data)} bytes of replies "
+                f"would be buffered; max_output_bytes={limit})",
+                abort=True,
+            )
+            return
+        self.write(data)
 
-    def close(self, reason: str) -> None:
-        """Close this connection (after flushing queued replies), logging why."""
+    def close(self, reason: str, abort: bool = False) -> None:
+        """Close this connection (after flushing queued replies), logging why; ``abort``
+        discards the unsent replies instead (a client that does not read them)."""
         if self._closed:
             return
         logger.warning("closing connection from %s: %s", self.peer, reason)
-        if self.out:
+        if self.out and not abort:
             self.server._commit()  # flush the replies held for this connection first
-        if self._replies:
+        if self._replies and not abort:
             self._flush()
+        self._replies.clear()
         self._closed = True
         self._backlog = self._input = None
         self.server._forget_partial(self)
         if self._receiver is not None:
             self._receiver.enabled = False
-        self.transport.close()
+        if abort:
+            self.out.clear()
+            self.out_bytes = 0
+            self.transport.abort()
+        else:
+            self.transport.close()
 
 
 # --------------------------------------------------------------------------- handlers
@@ -580,7 +670,7 @@ def _h_cancel_wait(server: StoreServer, conn: _Connection, req: wire.CancelWait)
 
 
 def _h_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> None:
-    conn.write(wire.reply_ping(req.nonce, conn.parser.extended))
+    conn.send_stateless(wire.reply_ping(req.nonce, conn.parser.extended))
 
 
 def _h_queue_push(server: StoreServer, conn: _Connection, req: wire.QueuePush) -> None:
@@ -725,7 +815,7 @@ def _h_auth_begin(server: StoreServer, conn: _Connection, req: wire.ExtAuthBegin
         _ext_error(conn, AuthError("this server has no token configured (authentication off)"))
         return
     conn.auth_nonce = auth.new_nonce()  # fresh per attempt: a recorded proof never verifies
-    conn.write(_EXT_OK + conn.auth_nonce)
+    conn.send_stateless(_EXT_OK + conn.auth_nonce)
 
 
 def _h_auth_proof(server: StoreServer, conn: _Connection, req: wire.ExtAuthProof) -> None:
@@ -735,20 +825,23 @@ def _h_auth_proof(server: StoreServer, conn: _Connection, req: wire.ExtAuthProof
         return
     nonce, conn.auth_nonce = conn.auth_nonce, None  # single use
     if nonce is None:
+        server.stats.auth_failure("no_challenge")
         _ext_error(conn, AuthError("EXT_AUTH_PROOF sent before EXT_AUTH_BEGIN"))
         raise _Close("authentication refused: proof sent without asking for a challenge")
     if not auth.verify(auth.client_proof(token, nonce, req.client_nonce), req.proof):
+        server.stats.auth_failure("wrong_token")
         _ext_error(conn, AuthError("authentication failed: wrong token"))
         raise _Close("authentication failed: wrong token (the client's proof did not verify)")
     conn.handlers = _HANDLERS
-    conn.write(_EXT_OK + auth.server_proof(token, nonce, req.client_nonce))
+    conn.send_stateless(_EXT_OK + auth.server_proof(token, nonce, req.client_nonce))
     logger.info("connection from %s authenticated", conn.peer)
 
 
 def _h_unauth_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> None:
     if req.nonce == wire.RDZV_PING_NONCE and conn.parser.extended:
-        conn.write(wire.reply_ping(req.nonce, True, auth_required=True))
+        conn.send_stateless(wire.reply_ping(req.nonce, True, auth_required=True))
         return
+    server.stats.auth_failure("unauthenticated")
     raise _Close(
         "refused an unauthenticated client: this server requires a token and the client "
         "did not negotiate rdzv extensions (a torch client cannot authenticate); allow its "
@@ -757,6 +850,7 @@ def _h_unauth_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> No
 
 
 def _h_unauthenticated(server: StoreServer, conn: _Connection, req: Request) -> None:
+    server.stats.auth_failure("unauthenticated")
     raise _Close(
         f"refused {req.op.name} before authentication: this server requires a token "
         "(rdzv clients: pass token= / token_file= / $RDZV_TOKEN; torch clients: allow their "
@@ -804,6 +898,26 @@ def _build_handlers() -> list[_Handler]:
 
 
 _HANDLERS = _build_handlers()
+#: Requests that change the store: refused while the journal cannot be written.
+_WRITE_OPS = (
+    Op.SET,
+    Op.COMPARE_SET,
+    Op.ADD,
+    Op.DELETE_KEY,
+    Op.APPEND,
+    Op.MULTI_SET,
+    Op.QUEUE_PUSH,
+    Op.QUEUE_POP,
+    Op.BARRIER,
+    Op.EXT_ADD,
+    Op.EXT_BARRIER,
+    Op.EXT_QUEUE_POP_WAIT,
+    Op.EXT_SET_EPHEMERAL,
+    Op.EXT_SET_LEASE,
+)
+_IS_WRITE = [op in _WRITE_OPS for op in range(256)]
+#: ... of which these have an extension reply, which can carry the error.
+_EXT_WRITE_OPS = frozenset(op for op in _WRITE_OPS if op >= Op.EXT_ADD)
 _UNAUTH_HANDLERS: list[_Handler] = [_h_unauthenticated] * 256
 _UNAUTH_HANDLERS[Op.VALIDATE] = _h_validate
 _UNAUTH_HANDLERS[Op.PING] = _h_unauth_ping
@@ -850,13 +964,21 @@ class StoreServer:
             closed, logged (the one receiving last, only if it alone is over the limit).
         auth_timeout: seconds a connection that must authenticate may take to do so; then
             it is closed, logged (a client cannot hold a connection without the token).
+        max_output_bytes: replies buffered for one connection (held for a commit plus the
+            transport's buffer) past which a connection that is already backed up (it
+            stopped reading its replies) is dropped, logged. Whatever the limit, a
+            connection whose buffered replies pass 4 MiB is not read from until they drain.
         data_dir: make the state durable in this directory (created if missing): recovered
             by :meth:`start`, every change journaled and committed before any reply that
             depends on it is sent (see ``docs/durability.md``). None: in memory only.
         fsync: with ``data_dir``: ``"always"`` (fsync at every group commit; survives power
             loss), ``"interval"`` (at most every ``fsync_interval`` seconds; survives a
             killed server) or ``"never"`` (the OS decides).
-        fsync_interval: seconds between fsyncs for ``fsync="interval"``.
+        fsync_interval: seconds between fsyncs for ``fsync="interval"`` (> 0).
+        recovery: with ``data_dir``: ``"strict"`` (refuse to start, naming the file and
+            offset, when damage goes beyond a torn last commit) or ``"discard-corrupt"``
+            (start from what is intact, logging every dropped record and byte); see
+            :func:`rdzv.persistence.recover`.
         fastpath: execute the common requests in C (:mod:`rdzv.fastpath`) when the extension
             is built and ``RDZV_FASTPATH`` is not 0 (never with ``data_dir``); False: always
             the Python path. Replies and state are the same either way.
@@ -864,6 +986,9 @@ class StoreServer:
             read (:class:`~rdzv.fastpath.BusyPoller`; lower round-trip latency for a client
             doing one request after another, at the price of up to one core while requests
             come that close together); 0 (the default) never polls. Needs the fast path.
+        metrics: count requests by opcode and time them (:attr:`stats`, the fast path's
+            counters; read by :mod:`rdzv.observe` through :meth:`snapshot`); the rare
+            events (connections, auth failures, limit hits) are counted either way.
 
     Raises :class:`~rdzv.errors.NetworkError` from :meth:`start` when binding fails (the
     message names the endpoint and the OS error); :class:`~rdzv.errors.StoreError` from
@@ -890,11 +1015,14 @@ class StoreServer:
         max_wait_keys_per_connection: int | None = DEFAULT_MAX_WAIT_KEYS_PER_CONNECTION,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
         fsync_interval: float = 0.05,
+        recovery: str = "strict",
         fastpath: bool = True,
         busy_poll: float = 0.0,
+        metrics: bool = False,
     ) -> None:
         if token is not None and not allow_extensions:
             raise ValueError("a token requires allow_extensions=True (auth is an extension)")
@@ -903,6 +1031,7 @@ class StoreServer:
             ("max_waits_per_connection", max_waits_per_connection),
             ("max_wait_keys_per_connection", max_wait_keys_per_connection),
             ("max_partial_bytes", max_partial_bytes),
+            ("max_output_bytes", max_output_bytes),
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
@@ -915,6 +1044,7 @@ class StoreServer:
         self.ssl_context = ssl
         self.max_connections = max_connections
         self.max_waits_per_connection = max_waits_per_connection
+        self.max_output_bytes = max_output_bytes
         if not busy_poll >= 0:
             raise ValueError(f"busy_poll must be >= 0 seconds, got {busy_poll}")
         self.busy_poll = busy_poll
@@ -946,7 +1076,9 @@ class StoreServer:
         self._closed: asyncio.Event | None = None
         self.journal: DurableJournal | None = None
         if data_dir is not None:
-            self.journal = DurableJournal(data_dir, fsync=fsync, fsync_interval=fsync_interval)
+            self.journal = DurableJournal(
+                data_dir, fsync=fsync, fsync_interval=fsync_interval, recovery=recovery
+            )
         self._outbox: list[_Connection] = []
         # The C hot path for plain in-memory serving (rdzv.fastpath); off with a journal.
         self._fast = (
@@ -954,8 +1086,16 @@ class StoreServer:
             if fastpath and self.journal is None
             else None
         )
+        self.stats = ServerStats(counting=metrics)
+        self._op_counts = self.stats.requests if metrics else None
+        if metrics and self._fast is not None:
+            self._fast.enable_counting([round(b * 1e9) for b in REQUEST_BUCKETS])
         self._commit_scheduled = False
         self._sync_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._commits = 0  # successful group commits
+        #: Why writes are refused (the journal cannot be written), or None.
+        self.read_only: str | None = None
         self._recovered = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -1087,6 +1227,25 @@ class StoreServer:
         """Connections currently open."""
         return len(self._connections)
 
+    def snapshot(self, *, sizes: bool = True) -> ServerSnapshot:
+        """The server's counters now, safe to call from any thread (the metrics listener's):
+        it only copies (atomic under the GIL) and never waits for the event loop.
+
+        ``sizes``: also sum the bytes of every value and queue item (O(keys); callers
+        polling often should cache it). See :class:`~rdzv.stats.ServerSnapshot`.
+        """
+        connections = list(self._connections)  # atomic copy; the loop may add meanwhile
+        extended = sum(1 for c in connections if c.parser.extended)
+        return ServerSnapshot.take(
+            self.stats,
+            self._fast,
+            self.engine,
+            self.journal,
+            open={"torch": len(connections) - extended, "rdzv": extended},
+            waiters=sum(len(c.waiters) for c in connections),
+            sizes=sizes,
+        )
+
     async def close(self) -> None:
         """Graceful shutdown: stop listening, flush and close every connection."""
         if self._poller is not None:
@@ -1106,8 +1265,11 @@ class StoreServer:
             self._sync_timer.cancel()
             self._sync_timer = None
         if self.journal is not None:
-            self._commit()
+            self._commit(retry=True)  # a last try if the journal was failing
             self.journal.close()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         if self._closed is not None:
             self._closed.set()
         logger.info("server closed")
@@ -1119,50 +1281,94 @@ class StoreServer:
 
     # ------------------------------------------------------------------ group commit
     def _schedule_commit(self) -> None:
-        if not self._commit_scheduled and self._loop is not None:
+        if not self._commit_scheduled and self.read_only is None and self._loop is not None:
             self._commit_scheduled = True
             # call_soon runs after every connection readable in this loop iteration was
             # served: one commit (one fsync) for all of them.
             self._loop.call_soon(self._commit)
 
-    def _commit(self) -> None:
-        """Commit the journal, then send every reply held for it."""
+    def _commit(self, retry: bool = False) -> None:
+        """Commit the journal, then send every reply held for it. While the journal cannot
+        be written (read-only), only the retry timer (``retry``) tries again."""
         self._commit_scheduled = False
         journal = self.journal
-        outbox, self._outbox = self._outbox, []
         if journal is None:
+            self._outbox = []
+            return
+        if self.read_only is not None and not retry:
             return
         try:
             journal.commit()
         except OSError as exc:
-            # Nothing held may be acknowledged: drop those connections (their clients see
-            # a lost connection: the outcome of their last writes is unknown to them).
-            logger.error("cannot write the journal in %s: %s", journal.data_dir, exc)
-            for conn in outbox:
-                conn.out.clear()
-                conn._queued = False
-                conn.close(f"the journal could not be written ({exc.strerror or exc})")
+            # Nothing held may be acknowledged: keep every held reply (and the records,
+            # which the journal keeps) until a commit succeeds; refuse writes meanwhile.
+            self._enter_read_only(journal, exc)
             return
+        self._commits += 1
+        if self.read_only is not None:
+            self.read_only = None
+            logger.warning(
+                "the journal in %s is writable again: accepting writes", journal.data_dir
+            )
         if journal.unsynced and self._sync_timer is None and self._loop is not None:
             # fsync=interval: the records just written get their fsync within the interval
             # even if no further commit comes.
             self._sync_timer = self._loop.call_later(journal.fsync_interval, self._sync)
+        outbox, self._outbox = self._outbox, []
+        resumed = []
         for conn in outbox:
             conn._queued = False
             if conn.out and not conn._closed:
                 data = b"".join(conn.out) if len(conn.out) > 1 else conn.out[0]
-                conn.out.clear()
                 conn.transport.write(data)
-            else:
-                conn.out.clear()
+            conn.out.clear()
+            conn.out_bytes = 0
+            if conn._held_paused:
+                conn._held_paused = False
+                resumed.append(conn)
+        for conn in resumed:
+            conn._resume()
+
+    def _enter_read_only(self, journal: DurableJournal, exc: OSError) -> None:
+        if self.read_only is None:
+            full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            why = "the disk is full" if full else "the journal cannot be written"
+            self.read_only = (
+                f"the store is read-only: {why} ({exc.strerror or exc}, in {journal.data_dir});"
+                " writes are refused until a commit succeeds again"
+            )
+            logger.error(
+                "%s; retrying every %g s (replies are held until then)",
+                self.read_only,
+                JOURNAL_RETRY_INTERVAL,
+            )
+        if self._retry_timer is None and self._loop is not None:
+            self._retry_timer = self._loop.call_later(JOURNAL_RETRY_INTERVAL, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self._commit(retry=True)
+
+    def _refuse_write(self, conn: _Connection, req: Request) -> None:
+        """Answer a write while :attr:`read_only`: an error reply where the protocol has one
+        (rdzv's extensions), else close the connection (torch's writes have no error)."""
+        reason = self.read_only
+        assert reason is not None
+        if conn.handlers is not _HANDLERS:
+            conn.handlers[req.op](self, conn, req)  # not authenticated: refused as such
+        elif req.op in _EXT_WRITE_OPS:
+            conn.send_stateless(wire.reply_ext_error(wire.ErrorCode.STORE, reason))
+        else:
+            raise _Close(f"refused {req.op.name}: {reason}")
 
     def _sync(self) -> None:
         self._sync_timer = None
-        if self.journal is not None:
+        journal = self.journal
+        if journal is not None:
             try:
-                self.journal.sync()
+                journal.sync()
             except OSError as exc:
-                logger.error("cannot fsync the journal in %s: %s", self.journal.data_dir, exc)
+                self._enter_read_only(journal, exc)
 
     # ------------------------------------------------------------------ partial requests
     def _track_partial(self, conn: _Connection, completed: bool) -> None:
@@ -1241,12 +1447,14 @@ class StoreServer:
         """Raise _Close if parking one more wait on ``keys`` keys would pass a limit."""
         limit = self.max_waits_per_connection
         if limit is not None and len(conn.waiters) >= limit:
+            self.stats.limit_hit("max_waits_per_connection")
             raise _Close(
                 f"pending-wait limit exceeded ({limit} parked waits on this connection; "
                 f"max_waits_per_connection={limit})"
             )
         limit = self.max_wait_keys_per_connection
         if limit is not None and conn.wait_keys + keys > limit:
+            self.stats.limit_hit("max_wait_keys_per_connection")
             raise _Close(
                 f"parked-wait key limit exceeded (a wait on {keys} keys with {conn.wait_keys} "
                 f"parked on this connection; max_wait_keys_per_connection={limit})"

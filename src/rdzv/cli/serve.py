@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Any
 
+from rdzv.cli.observe import add_observe_arguments, check_observe_host, observe_tokens
+from rdzv.cli.observe import is_loopback as _is_loopback
 from rdzv.errors import RdzvError
 from rdzv.server import (
     DEFAULT_AUTH_TIMEOUT,
@@ -53,29 +56,20 @@ def _port(text: str) -> int:
     return port
 
 
-def _resolve(host: str) -> list[str]:
-    """The addresses ``host`` resolves to (for ``""``: none, meaning every interface).
-
-    Raises ValueError naming the host when it does not resolve (``256.1.1.1``, a typo)."""
+def _check_host(host: str) -> None:
+    """Raise ValueError naming ``--host`` when it does not resolve (``256.1.1.1``, a typo):
+    that, not the lack of a token, is what the user has to fix."""
     import socket
 
     if host == "":
-        return []
+        return
     try:
-        infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+        socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise ValueError(
             f"--host {host!r} is not an IP address or a host name that resolves ({exc}); "
             "give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
         ) from None
-    return [str(info[4][0]).split("%", 1)[0] for info in infos]
-
-
-def _is_loopback(addresses: list[str]) -> bool:
-    """True if there are addresses and every one of them is a loopback address."""
-    import ipaddress
-
-    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -104,10 +98,17 @@ def _serve(args: argparse.Namespace) -> int:
             )
         elif args.tls_key or args.tls_ca or args.tls_require_client_cert:
             raise ValueError("--tls-key/--tls-ca/--tls-require-client-cert need --tls-cert")
+        if not (args.fsync_interval > 0 and math.isfinite(args.fsync_interval)):
+            raise ValueError(
+                f"--fsync-interval must be a number of seconds > 0, got {args.fsync_interval:g}"
+            )
         if allowlist and token is None:
             raise ValueError("--allow-unauthenticated only makes sense with a token")
-        loopback = _is_loopback(_resolve(args.host))
-        if token is None and not args.insecure and not loopback:
+        metrics_tokens = observe_tokens(token, args.metrics_token_file)
+        if args.metrics_port is not None:
+            check_observe_host(args.metrics_host, metrics_tokens, args.insecure)
+        _check_host(args.host)
+        if token is None and not args.insecure and not _is_loopback(args.host):
             raise ValueError(
                 f"refusing to listen on {args.host!r} without authentication: anyone who "
                 "reaches the port could read and change the store. Give a token "
@@ -118,16 +119,24 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"rdzv serve: error: {exc}", file=sys.stderr)
         return 2
 
+    observed: list[Any] = []
+
     def listening(server: StoreServer) -> None:
         for endpoint in server.endpoints:
             print(f"listening on {endpoint}", flush=True)
+        if args.metrics_port is not None:
+            from rdzv.observe import serve_store
+
+            listener = serve_store(server, args.metrics_host, args.metrics_port, metrics_tokens)
+            observed.append(listener)
+            print(f"status page on {listener.url} (metrics: {listener.url}metrics)", flush=True)
         mode = "token" if token is not None else "none"
         print(
             f"authentication: {mode}; tls: {'on' if context else 'off'}; "
             f"fast path: {server.fastpath_state}; busy poll: {server.busy_poll_state}",
             flush=True,
         )
-        if token is None and loopback:
+        if token is None and _is_loopback(args.host):
             print(
                 "only this machine can connect; to open the server to other hosts, give it a "
                 "token (--token-file FILE) and --host 0.0.0.0 (see docs/security.md)",
@@ -144,6 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             fsync=args.fsync,
             fsync_interval=args.fsync_interval,
+            recovery=args.recover,
             token=token,
             allow_unauthenticated=allowlist,
             ssl=context,
@@ -152,12 +162,17 @@ def _serve(args: argparse.Namespace) -> int:
             max_wait_keys_per_connection=args.max_wait_keys_per_connection,
             request_timeout=args.request_timeout,
             max_partial_bytes=args.max_partial_bytes,
+            max_output_bytes=args.max_output_bytes,
             auth_timeout=args.auth_timeout,
             busy_poll=args.busy_poll_us * 1e-6,
+            metrics=args.metrics_port is not None,
         )
     except (RdzvError, ValueError, OSError) as exc:
         print(f"rdzv serve: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for listener in observed:
+            listener.close()
     return 0
 
 
@@ -224,6 +239,15 @@ def register(subparsers: Any) -> None:
         help="seconds between fsyncs with --fsync interval (default: 0.05)",
     )
     parser.add_argument(
+        "--recover",
+        choices=("strict", "discard-corrupt"),
+        default="strict",
+        help="with --data-dir: when the log or snapshot is damaged beyond a torn last "
+        "commit, refuse to start and say what is damaged (strict), or start from what is "
+        "intact, logging every dropped record and byte and keeping the damaged files as "
+        "*.corrupt (discard-corrupt) (default: strict)",
+    )
+    parser.add_argument(
         "--max-connections",
         type=_positive_int,
         default=None,
@@ -256,6 +280,14 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_MAX_PARTIAL_BYTES,
         help="bytes of half-received requests held over all connections; past it the "
         "connections stalled longest are closed, logged (default: 256 MiB)",
+    )
+    parser.add_argument(
+        "--max-output-bytes",
+        type=_positive_int,
+        default=64 * 1024 * 1024,
+        help="replies buffered for one connection past which a client that does not read "
+        "them is disconnected, logged; from 4 MiB on, its requests are not read until they "
+        "drain (default: 67108864, 64 MiB)",
     )
     parser.add_argument(
         "--busy-poll-us",
@@ -302,5 +334,6 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="refuse TLS clients without a certificate signed by --tls-ca (mutual TLS)",
     )
+    add_observe_arguments(parser, "the store")
     parser.add_argument("--quiet", action="store_true", help="do not log connections")
     parser.set_defaults(func=_serve)
