@@ -112,6 +112,9 @@ FLUSH_BYTES = 64 * 1024
 #: Default of ``max_output_bytes``: replies buffered for one connection (held for a commit
 #: plus the transport's buffer) past which a connection that does not read them is dropped.
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+#: Default of ``max_total_output_bytes``: replies buffered on the whole server for
+#: connections that stopped reading them, past which the one that stopped first is dropped.
+DEFAULT_MAX_TOTAL_OUTPUT_BYTES = 256 * 1024 * 1024
 #: Seconds between attempts to write the journal again after a commit failed (disk full).
 JOURNAL_RETRY_INTERVAL = 0.5
 
@@ -296,6 +299,7 @@ class _Connection(asyncio.Protocol):
             self.partial_timer.cancel()
         server = self.server
         server._forget_partial(self)
+        server._drained(self)
         if self in server._connections:
             server._connections.discard(self)
             server.stats.closed["rdzv" if self.parser.extended else "torch"] += 1
@@ -325,11 +329,13 @@ class _Connection(asyncio.Protocol):
             self._receiver.enabled = False
         if not self._closed:
             self.transport.pause_reading()
+            self.server._backed_up(self)
 
     def _resume(self) -> None:
         if self._transport_paused or self._held_paused or self._closed or not self._paused:
             return
         self._paused = False
+        self.server._drained(self)
         backlog, self._backlog = self._backlog, None
         if backlog:
             self._execute(backlog)
@@ -556,6 +562,8 @@ class _Connection(asyncio.Protocol):
             )
             return
         self.write(data)
+        if self._paused:
+            self.server._backed_up(self, len(data))
 
     def close(self, reason: str, abort: bool = False) -> None:
         """Close this connection (after flushing queued replies), logging why; ``abort``
@@ -968,6 +976,10 @@ class StoreServer:
             transport's buffer) past which a connection that is already backed up (it
             stopped reading its replies) is dropped, logged. Whatever the limit, a
             connection whose buffered replies pass 4 MiB is not read from until they drain.
+        max_total_output_bytes: replies buffered on the whole server for connections that
+            stopped reading (each counted from when its reading paused), past which the
+            connection that stopped first is dropped, logged: many connections of one
+            client cannot add up what ``max_output_bytes`` bounds for one.
         data_dir: make the state durable in this directory (created if missing): recovered
             by :meth:`start`, every change journaled and committed before any reply that
             depends on it is sent (see ``docs/durability.md``). None: in memory only.
@@ -1016,6 +1028,7 @@ class StoreServer:
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        max_total_output_bytes: int = DEFAULT_MAX_TOTAL_OUTPUT_BYTES,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
         fsync_interval: float = 0.05,
@@ -1032,6 +1045,7 @@ class StoreServer:
             ("max_wait_keys_per_connection", max_wait_keys_per_connection),
             ("max_partial_bytes", max_partial_bytes),
             ("max_output_bytes", max_output_bytes),
+            ("max_total_output_bytes", max_total_output_bytes),
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
@@ -1045,6 +1059,11 @@ class StoreServer:
         self.max_connections = max_connections
         self.max_waits_per_connection = max_waits_per_connection
         self.max_output_bytes = max_output_bytes
+        self.max_total_output_bytes = max_total_output_bytes
+        # Connections not read from because their replies are not read, oldest first, with
+        # the bytes buffered for them (from the pause on), and the sum.
+        self._backlogged: dict[_Connection, int] = {}
+        self._backlogged_bytes = 0
         if not busy_poll >= 0:
             raise ValueError(f"busy_poll must be >= 0 seconds, got {busy_poll}")
         self.busy_poll = busy_poll
@@ -1328,6 +1347,32 @@ class StoreServer:
                 resumed.append(conn)
         for conn in resumed:
             conn._resume()
+
+    # ------------------------------------------------------------------ output bounds
+    def _backed_up(self, conn: _Connection, more: int = 0) -> None:
+        """``conn`` stopped being read (``more`` == 0) or got ``more`` bytes of replies
+        while stopped: count them, and drop the connections that stopped first while the
+        server's total passes ``max_total_output_bytes``."""
+        if not more and conn in self._backlogged:
+            return
+        added = more if more else conn.buffered()
+        self._backlogged[conn] = self._backlogged.get(conn, 0) + added
+        self._backlogged_bytes += added
+        limit = self.max_total_output_bytes
+        while self._backlogged_bytes > limit and self._backlogged:
+            victim = next(iter(self._backlogged))
+            self._drained(victim)
+            victim.close(
+                f"the client does not read its replies, and replies buffered for such "
+                f"connections exceed {limit} bytes on this server (max_total_output_bytes="
+                f"{limit}); this connection stopped reading first",
+                abort=True,
+            )
+
+    def _drained(self, conn: _Connection) -> None:
+        size = self._backlogged.pop(conn, None)
+        if size is not None:
+            self._backlogged_bytes -= size
 
     def _enter_read_only(self, journal: DurableJournal, exc: OSError) -> None:
         if self.read_only is None:

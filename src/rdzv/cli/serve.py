@@ -102,6 +102,12 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--fsync-interval must be a number of seconds > 0, got {args.fsync_interval:g}"
             )
+        for flag, size in (
+            ("--max-output-bytes", args.max_output_bytes),
+            ("--max-total-output-bytes", args.max_total_output_bytes),
+        ):
+            if size < 1:
+                raise ValueError(f"{flag} must be a number of bytes >= 1, got {size}")
         if allowlist and token is None:
             raise ValueError("--allow-unauthenticated only makes sense with a token")
         metrics_tokens = observe_tokens(token, args.metrics_token_file)
@@ -163,6 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
             request_timeout=args.request_timeout,
             max_partial_bytes=args.max_partial_bytes,
             max_output_bytes=args.max_output_bytes,
+            max_total_output_bytes=args.max_total_output_bytes,
             auth_timeout=args.auth_timeout,
             busy_poll=args.busy_poll_us * 1e-6,
             metrics=args.metrics_port is not None,
@@ -283,11 +290,19 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--max-output-bytes",
-        type=_positive_int,
+        type=int,
         default=64 * 1024 * 1024,
         help="replies buffered for one connection past which a client that does not read "
         "them is disconnected, logged; from 4 MiB on, its requests are not read until they "
         "drain (default: 67108864, 64 MiB)",
+    )
+    parser.add_argument(
+        "--max-total-output-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="replies buffered on the whole server for clients that stopped reading them, "
+        "past which the connection that stopped first is disconnected, logged (default: "
+        "268435456, 256 MiB)",
     )
     parser.add_argument(
         "--busy-poll-us",
