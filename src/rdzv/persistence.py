@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ from pathlib import Path
 
 from rdzv.engine import Engine
 from rdzv.errors import StoreError
+from rdzv.stats import FSYNC_BUCKETS, Histogram
 
 __all__ = ["FSYNC_POLICIES", "RECOVERY_MODES", "DurableJournal", "Recovery", "recover"]
 
@@ -152,7 +154,7 @@ def _read_commit(data: bytes, at: int, out: list[Record]) -> int:
     if header is None:
         if n - at < _COMMIT_SIZE:
             raise _Bad("a commit header is cut short", torn=True)
-        raise _Bad("no intact commit header here")
+        raise _Bad("no intact commit header where a commit should begin")
     body, count = header
     end = at + _COMMIT_SIZE + body
     if end > n:
@@ -215,12 +217,20 @@ class _Damage:
     def describe(self) -> str:
         if self.problem == "missing":
             return f"{self.path} is missing"
+        if self.torn:
+            return (
+                f"{self.path} ends in an unfinished commit at offset {self.offset} ({self.problem})"
+            )
         return f"{self.path} is corrupt at offset {self.offset}: {self.problem}"
 
     def loss(self) -> str:
-        records = f"at least {self.lost_records}" if self.lost_records else "an unknown number of"
-        where = f"{self.path} from offset {self.offset}"
-        return f"{self.lost_bytes} bytes ({records} records) of {where}"
+        if self.torn and self.lost_records:  # its intact header says how many
+            records = f"{self.lost_records} records"
+        elif self.lost_records:
+            records = f"at least {self.lost_records} records"
+        else:
+            records = "records that cannot be counted"
+        return f"{self.lost_bytes} bytes ({records}) of {self.path} from offset {self.offset}"
 
 
 @dataclass
@@ -338,7 +348,16 @@ def recover(
     --recover=discard-corrupt``) would lose; with it, the intact records are loaded instead
     (the snapshot's records before the damage, each log's commits before it, no log after
     a damaged one), the damaged files are renamed ``*.corrupt`` and ``rewrite`` is set."""
-    root = Path(data_dir)
+    collecting = gc.isenabled()
+    gc.disable()  # millions of long-lived records: collection passes would only cost time
+    try:
+        return _recover(Path(data_dir), engine, discard_corrupt)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _recover(root: Path, engine: Engine, discard_corrupt: bool) -> Recovery:
     snapshots = _generations(root, "snapshot")
     logs = _generations(root, "log")
     last = max(snapshots[-1:] + logs[-1:], default=0)
@@ -383,9 +402,10 @@ def recover(
         return result
     plan = _discard_plan(root, snapshots, last, load)
     if not discard_corrupt:
+        damaged = [p for p in problems if not p.endswith(" is missing")] or problems
         raise StoreError(
             f"durable store in {root} cannot be recovered to its last state: "
-            + "; ".join(problems)
+            + "; ".join(damaged)
             + ". Choices: restore the directory from a backup, or start from what is intact "
             "with `rdzv serve --recover=discard-corrupt` (StoreServer(recovery="
             "'discard-corrupt')), which loses: "
@@ -582,6 +602,9 @@ class DurableJournal:
         self._volatile: set[bytes] = set()
         self._unsynced = False  # written since the last fsync
         self._truncate_needed = False  # a failed commit left bytes after _log_size
+        #: Commits written, and the time of each fsync of the log (for metrics).
+        self.commits = 0
+        self.fsync_time = Histogram(FSYNC_BUCKETS)
         self.failed: OSError | None = None
         """The error of the last commit when it failed (its records are kept and written
         again by the next commit); None once a commit succeeds."""
@@ -604,6 +627,12 @@ class DurableJournal:
             )
             self._generation = result.generation
             self._open_log()
+        except OSError as exc:
+            self._release()
+            raise StoreError(
+                f"cannot use data directory {self.data_dir}: {exc.strerror or exc}; "
+                "give --data-dir a writable directory"
+            ) from exc
         except BaseException:
             self._release()
             raise
@@ -627,14 +656,9 @@ class DurableJournal:
         return result
 
     def _open_log(self) -> None:
+        """Open the current generation's log (raises OSError)."""
         path = _path(self.data_dir, "log", self._generation)
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot use data directory {self.data_dir}: {exc.strerror or exc}; "
-                "give --data-dir a writable directory"
-            ) from exc
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._log_size = os.fstat(self._fd).st_size
         self._snapshot_at = self.snapshot_bytes
 
@@ -696,8 +720,10 @@ class DurableJournal:
         EIO): the commit is then undone (the log truncated back), its records kept for the
         next commit, and :attr:`failed` set until a commit succeeds. While :attr:`failed`
         is set and nothing is buffered, a commit probes the disk with an fsync."""
-        if self._fd < 0:
-            return
+        if self._engine is None:
+            return  # not open (or closed)
+        if self._fd < 0:  # a snapshot could not open its new log: open it now
+            self._guard(self._open_log)
         if not self._pending:
             if self.failed is not None:
                 self._guard(lambda: os.fsync(self._fd))
@@ -713,6 +739,7 @@ class DurableJournal:
         self._pending.clear()
         self._pending_bytes = 0
         self._log_size += len(data)
+        self.commits += 1
         if sync:
             self._last_fsync = now
             self._unsynced = False
@@ -732,32 +759,34 @@ class DurableJournal:
         while view:
             view = view[os.write(self._fd, view) :]
         if sync:
-            os.fsync(self._fd)
+            self._fsync()
+
+    def _fsync(self) -> None:
+        start = time.perf_counter()
+        os.fsync(self._fd)
+        self.fsync_time.observe(time.perf_counter() - start)
 
     def _guard(self, step: Callable[[], None]) -> None:
         """Run ``step``; on OSError undo any partial commit, remember and re-raise it."""
         try:
-            if self._truncate_needed:  # a partial commit must not stay before the next
+            if self._truncate_needed and self._fd >= 0:  # no partial commit before the next
                 os.ftruncate(self._fd, self._log_size)
                 self._truncate_needed = False
             step()
         except OSError as exc:
-            if self.failed is None:
-                _log.error(
-                    "%s: cannot write the log: %s; refusing writes until a commit succeeds",
-                    self.data_dir,
-                    exc,
-                )
+            if self.failed is None:  # the server logs it for the operator, once
+                _log.debug("%s: cannot write the log: %s", self.data_dir, exc)
             self.failed = exc
             try:
-                os.ftruncate(self._fd, self._log_size)
+                if self._fd >= 0:
+                    os.ftruncate(self._fd, self._log_size)
             except OSError as undo:
                 _log.error("%s: cannot truncate the log back yet: %s", self.data_dir, undo)
                 self._truncate_needed = True
             raise
 
     def _recovered(self) -> None:
-        _log.warning("%s: the log is writable again; accepting writes", self.data_dir)
+        _log.debug("%s: the log is writable again", self.data_dir)
         self.failed = None
 
     @property
@@ -770,7 +799,7 @@ class DurableJournal:
         """fsync what :meth:`commit` wrote without one (``interval`` policy). Raises
         OSError (and sets :attr:`failed`) when the fsync fails."""
         if self._unsynced and self._fd >= 0:
-            self._guard(lambda: os.fsync(self._fd))
+            self._guard(self._fsync)
             self._last_fsync = time.monotonic()
             self._unsynced = False
 
@@ -819,21 +848,21 @@ class DurableJournal:
             os.close(fd)
 
     def close(self) -> None:
-        """Commit, fsync and close the log; release the directory."""
-        if self._fd < 0:
-            self._release()
-            return
-        try:
-            self.commit()
-            if self.fsync != "never":
-                os.fsync(self._fd)
-        except OSError as exc:
-            _log.error(
-                "%s: closing with %d records not written: %s",
-                self.data_dir,
-                len(self._pending),
-                exc,
-            )
+        """Commit, fsync and close the log; release the directory (idempotent)."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            self._engine = engine  # commit() needs it
+            try:
+                self.commit()
+                if self.fsync != "never" and self._fd >= 0:
+                    os.fsync(self._fd)
+            except OSError as exc:
+                _log.error(
+                    "%s: closing with %d records not written: %s",
+                    self.data_dir,
+                    len(self._pending),
+                    exc,
+                )
+            self._engine = None
+            engine.set_journal(None)
         self._release()
-        if self._engine is not None:
-            self._engine.set_journal(None)

@@ -30,6 +30,8 @@ time in ``duration_ms``) and per agent (source AGENT: ``RENDEZVOUS`` with its du
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import enum
 import json
 import logging
@@ -56,19 +58,27 @@ from rdzv.errors import (
     StoreTimeoutError,
 )
 from rdzv.launcher.assignment import Assignment, NodeInfo, exchange
+from rdzv.launcher.causes import CauseChannel
 from rdzv.launcher.config import LaunchConfig, Std, std_for
 from rdzv.launcher.failures import (
+    HANG_EXIT_CODE,
+    FailureRecord,
     WorkerFailure,
     describe_exit,
     format_summary,
     read_error_file,
+    read_root_cause,
+    worker_failure_key,
 )
+from rdzv.launcher.hangs import HangMonitor, Hung, dump_stacks, innermost_frame
+from rdzv.launcher.heartbeat import HEARTBEAT_FILE_ENV, STACKS_FILE_ENV, STACKS_SIGNAL_ENV
 from rdzv.launcher.logs import ConsoleWriter, LogPump, WorkerStreams, console_writer, format_prefix
 from rdzv.launcher.peers import PeerEvent, PeerMonitor
 from rdzv.launcher.watchdog import Watchdog
-from rdzv.launcher.worker import ATTEMPT_ID_ENV
+from rdzv.launcher.worker import ATTEMPT_ID_ENV, client_security
 from rdzv.launcher.workers import Worker, WorkerProcesses
 from rdzv.rendezvous.api import RendezvousHandler, RendezvousInfo
+from rdzv.stats import AgentStats
 from rdzv.store.base import Store
 
 __all__ = ["ElasticAgent", "RunResult", "WorkerState"]
@@ -106,6 +116,10 @@ class RunResult:
     message: str | None = None
 
 
+#: Seconds the workers get, after the root cause reached their store, to end on their own
+#: (``rdzv.connect()`` raised PeerFailedError in them) before they are sent SIGTERM.
+PEER_FAILED_GRACE = 0.5
+
 #: Consecutive rendezvous rounds whose rank exchange failed before the agent gives up.
 _MAX_RENDEZVOUS_RETRIES = 3
 
@@ -118,13 +132,19 @@ class _SignalReceived(BaseException):
         self.signum = signum
 
 
-class _Restart(Exception):
-    """The worker group must be restarted after a new rendezvous."""
+class _StoreLost(Exception):
+    """The round's store has been unreachable for ``node_timeout``: give up."""
 
-    def __init__(self, reason: str, *, failure: bool) -> None:
+
+class _Restart(Exception):
+    """The worker group must be restarted after a new rendezvous; ``cause``: the root cause
+    of a failure (here or on another node)."""
+
+    def __init__(self, reason: str, *, failure: bool, cause: FailureRecord | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.failure = failure
+        self.cause = cause
 
 
 class ElasticAgent:
@@ -179,17 +199,34 @@ class ElasticAgent:
         self._attempt = 0
         self._assignment: Assignment | None = None
         self._peers: PeerMonitor | None = None
+        self._causes: CauseChannel | None = None
+        self._remote_cause: FailureRecord | None = None
         self._stopping = False
         self._own_server: Store | None = None
+        self._round_store: Store | None = None
         self._log_root: Path | None = None
         self._own_log_root = False
+        self._keep_logs = False
+        self._store_lost = False
+        self._hangs: HangMonitor | None = None
         self.state = WorkerState.INIT
+        #: Counters for metrics (rdzv.observe), and what snapshot() shows besides the
+        #: live workers: the rounds joined and the failures seen, latest last.
+        self.stats = AgentStats()
+        self._rounds: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        self._failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        self._exits_counted: set[int] = set()
 
     # ------------------------------------------------------------------ properties
     @property
     def restart_count(self) -> int:
         """Restarts used so far (``TORCHELASTIC_RESTART_COUNT``)."""
         return self.config.max_restarts - self._remaining_restarts
+
+    @property
+    def round_store(self) -> Store | None:
+        """The store of the round joined last (None before the first rendezvous)."""
+        return self._round_store
 
     @property
     def log_root(self) -> Path | None:
@@ -216,10 +253,16 @@ class ElasticAgent:
                 if self._workers is not None:
                     self._workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
                     self._workers.wait_output(2.0)
+                    self._count_exits(self._workers)
                 self._pump.close()
                 if self._watchdog is not None:
                     self._watchdog.close()
-                if signalled is None:
+                self._close_causes()
+                if self._peers is not None:
+                    self._peers.close()
+                if self._hangs is not None:
+                    self._hangs.close()
+                if signalled is None and not self._store_lost:
                     self._shutdown_handler()
                 self._cleanup()
             finally:
@@ -230,6 +273,7 @@ class ElasticAgent:
 
     def _run(self) -> RunResult:
         last_failures: list[WorkerFailure] = []
+        last_cause: FailureRecord | None = None
         retries = 0
         while True:
             try:
@@ -240,25 +284,46 @@ class ElasticAgent:
                 )
             except _Restart as restart:  # a node vanished right after the rendezvous
                 retries += 1
+                self.stats.restart("rendezvous")
                 if retries > _MAX_RENDEZVOUS_RETRIES:
                     return self._agent_failure(RendezvousError(restart.reason))
                 _log.warning("rendezvous again: %s", restart.reason)
                 continue
             except (RendezvousError, RdzvError, OSError) as exc:
-                if last_failures:
-                    return self._job_failure(last_failures, then=exc)
+                if last_cause is not None:
+                    return self._job_failure(last_failures, last_cause, then=exc)
                 return self._agent_failure(exc)
             retries = 0
             try:
                 self._monitor()
+            except _StoreLost as lost:
+                self._store_lost = True
+                _log.debug("giving up: %s", lost)
+                if self._causes is not None:
+                    self._causes.abandon()
+                self._stop_workers()
+                if last_cause is not None:
+                    return self._job_failure(last_failures, last_cause, then=lost)
+                self.state = WorkerState.FAILED
+                return RunResult(
+                    WorkerState.FAILED, 1, self.restart_count, message=f"{lost}; giving up"
+                )
             except _Restart as restart:
                 # Tell the other nodes first, so that they stop in parallel with us.
                 if self._peers is not None:
                     self._peers.request_restart()
+                self.stats.restart(_restart_cause(restart))
+                if restart.cause is not None and restart.cause.kind == "hang":
+                    self.stats.hangs += 1
+                if restart.cause is not None:
+                    self._let_workers_see(restart.cause)
                 if restart.failure:
                     last_failures = self._collect_failures()
+                    last_cause = restart.cause
+                    if last_cause is None and last_failures:
+                        last_cause = FailureRecord.from_failure(last_failures[0])
                     if self._remaining_restarts <= 0:
-                        return self._job_failure(last_failures)
+                        return self._job_failure(last_failures, last_cause)
                     self._remaining_restarts -= 1
                 _log.warning(
                     "restarting the worker group (%s); %s, %d of %d left",
@@ -282,8 +347,21 @@ class ElasticAgent:
         started = time.monotonic()
         info = self.handler.next_rendezvous()
         elapsed = time.monotonic() - started
+        self.stats.rounds += 1
+        self.stats.join_time.observe(elapsed)
         assignment = self._assign(info)
         self._assignment = assignment
+        self._rounds.append(
+            {
+                "time": time.time(),
+                "join_seconds": round(elapsed, 3),
+                "group_rank": assignment.group_rank,
+                "group_world_size": assignment.group_world_size,
+                "world_size": assignment.world_size,
+                "restart_count": self.restart_count,
+            }
+        )
+        old_peers = self._peers
         self._peers = PeerMonitor(
             info.store,
             assignment.namespace,
@@ -291,6 +369,18 @@ class ElasticAgent:
             assignment.group_world_size,
             self.config.node_timeout,
             self.config.node_heartbeat_interval,
+        )
+        self._close_causes()
+        self._remote_cause = None
+        if old_peers is not None:
+            old_peers.close()
+        self._round_store = info.store
+        self._causes = CauseChannel(
+            info.store,
+            assignment.namespace,
+            assignment.group_rank,
+            assignment.group_world_size,
+            self._on_remote_cause,
         )
         _log.info(
             "rendezvous complete in %.3f s: node %d of %d, ranks %d..%d of %d, workers' store "
@@ -397,6 +487,14 @@ class ElasticAgent:
         attempt_dir = self._ensure_log_root() / f"attempt_{self._attempt}"
         self._attempt += 1
         workers: list[Worker] = []
+        directories = [attempt_dir / str(r) for r in range(cfg.nproc_per_node)]
+        for directory in directories:
+            directory.mkdir(parents=True, exist_ok=True)
+        if self._hangs is not None:
+            self._hangs.close()
+        self._hangs = None
+        if cfg.hang_timeout is not None:
+            self._hangs = HangMonitor(directories, cfg.hang_timeout)
         for local_rank in range(cfg.nproc_per_node):
             rank = assignment.rank_base + local_rank
             directory = attempt_dir / str(local_rank)
@@ -418,6 +516,10 @@ class ElasticAgent:
             )
             env = self.worker_env(assignment, local_rank)
             env["TORCHELASTIC_ERROR_FILE"] = str(directory / "error.json")
+            if self._hangs is not None:
+                env[HEARTBEAT_FILE_ENV] = str(self._hangs.path(local_rank))
+                env[STACKS_FILE_ENV] = str(directory / "stacks.txt")
+                env[STACKS_SIGNAL_ENV] = "SIGUSR2"
             cmd = [arg.replace("${local_rank}", str(local_rank)) for arg in self.cmd]
             workers.append(
                 Worker(
@@ -445,6 +547,7 @@ class ElasticAgent:
             return
         workers.stop(sig, self.config.shutdown_timeout)
         workers.wait_output(2.0)
+        self._count_exits(workers)
         for worker in workers.workers:
             self._record_exit(worker)
         self._workers = None
@@ -461,6 +564,53 @@ class ElasticAgent:
             state = "FAILED"
         self._record(state, events.EventSource.WORKER, worker, duration_ms=worker.run_time() * 1000)
 
+    def _count_exits(self, workers: WorkerProcesses) -> None:
+        """Count the exits of ``workers`` not counted yet in :attr:`stats`."""
+        for worker in workers.workers:
+            if worker.returncode is not None and id(worker) not in self._exits_counted:
+                self._exits_counted.add(id(worker))
+                self.stats.worker_exit(_exit_cause(worker))
+
+    def snapshot(self) -> dict[str, Any]:
+        """What this agent knows now, as JSON-able data (for the status page of
+        :mod:`rdzv.observe`; safe to call from another thread: it only reads): run id, state,
+        restarts, this node's place, the rounds joined, the local workers (rank, pid,
+        ``state`` running/succeeded/failed/stopped, ``cause`` of an exit, times) and the
+        failures of earlier attempts (:meth:`WorkerFailure.to_json`), latest last."""
+        assignment = self._assignment
+        group = self._workers
+        peers = self._peers
+        workers = []
+        for worker in list(group.workers) if group is not None else []:
+            code = worker.returncode
+            workers.append(
+                {
+                    "rank": worker.global_rank,
+                    "local_rank": worker.local_rank,
+                    "pid": worker.pid,
+                    "state": "running" if code is None else _exit_cause(worker),
+                    "cause": None if code is None else describe_exit(code),
+                    "exit_time": worker.exit_time,
+                    "run_time": round(worker.run_time(), 3),
+                }
+            )
+        return {
+            "run_id": self.handler.get_run_id(),
+            "backend": self.handler.get_backend(),
+            "host": self._host,
+            "state": self.state.value,
+            "restart_count": self.restart_count,
+            "max_restarts": self.config.max_restarts,
+            "group_rank": None if assignment is None else assignment.group_rank,
+            "group_world_size": None if assignment is None else assignment.group_world_size,
+            "world_size": None if assignment is None else assignment.world_size,
+            "namespace": None if assignment is None else assignment.namespace,
+            "rounds": list(self._rounds),
+            "workers": workers,
+            "failures": list(self._failures),
+            "peer": None if peers is None or not peers.active else peers.snapshot(),
+        }
+
     # -------------------------------------------------------------- monitoring
     def _monitor(self) -> None:
         """Watch the workers until they all succeed (returns) or the group must restart
@@ -475,19 +625,26 @@ class ElasticAgent:
             with self._changed:
                 now = time.monotonic()
                 wait = min(next_check - now, peers.due(now))
-                if workers.failures() == [] and not workers.all_exited() and wait > 0:
+                idle = not workers.failures() and not workers.all_exited()
+                if idle and self._remote_cause is None and wait > 0:
                     self._changed.wait(wait)
                 failed = workers.failures()
                 done = workers.all_exited()
+                remote = self._remote_cause
             if failed:
                 first = failed[0]
                 self.state = WorkerState.FAILED
+                cause = self._announce(self._worker_record(first))
                 raise _Restart(
                     f"worker rank {first.global_rank} (local {first.local_rank}) ended with "
                     f"{describe_exit(first.returncode or 0)}",
-                    failure=True,
+                    failure=cause.kind != "lost",
+                    cause=cause,
                 )
+            if remote is not None:
+                raise self._remote_restart(remote)
             if done:
+                self._count_exits(workers)
                 for worker in workers.workers:
                     self._record_exit(worker)
                 self._workers = None
@@ -495,13 +652,33 @@ class ElasticAgent:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + interval
+                if self._hangs is not None:
+                    running = {w.local_rank for w in workers.workers if w.running}
+                    hung = self._hangs.check(now, running)
+                    if hung:
+                        cause = self._announce(self._hang_record(workers, hung[0]))
+                        raise _Restart(f"worker {cause.how()}", failure=True, cause=cause)
                 any_finished = any(w.returncode == 0 for w in workers.workers)
                 if not any_finished and self._nodes_waiting() > 0:
                     raise _Restart("new nodes are waiting to join", failure=False)
             event = peers.beat()
             if event is PeerEvent.PEER_LOST:
-                raise _Restart(f"node {peers.watched_peer} was lost", failure=False)
+                self._declare_lost(peers.watched_peer)
+                cause = self._announce(self._lost_record(peers.watched_peer))
+                raise _Restart(
+                    f"node {peers.watched_peer} was lost", failure=cause.kind != "lost", cause=cause
+                )
+            if event is PeerEvent.STORE_LOST:
+                raise _StoreLost(
+                    f"the rendezvous store {self.handler.get_backend()} "
+                    f"({self.config.rdzv_endpoint or 'local'}) has been unreachable for "
+                    f"{self.config.node_timeout:g} s (its host is down or cut off): "
+                    f"{_error_text(peers.last_error) if peers.last_error else 'no reply'}"
+                )
             if event is PeerEvent.RESTART_REQUESTED:
+                remote = self._published_cause()
+                if remote is not None:
+                    raise self._remote_restart(remote)
                 raise _Restart("another node restarts the group", failure=False)
             if now >= next_reap:
                 next_reap = now + 2.0
@@ -515,12 +692,192 @@ class ElasticAgent:
             return 0
 
     # -------------------------------------------------------------- failures
+    def _on_remote_cause(self, record: FailureRecord) -> None:
+        """The cause channel's callback: another node published a root cause."""
+        with self._changed:
+            if self._remote_cause is None:
+                self._remote_cause = record
+            self._changed.notify_all()
+
+    def _published_cause(self) -> FailureRecord | None:
+        """The root cause in the round's store, if any (one read; None on errors)."""
+        if self._remote_cause is not None:
+            return self._remote_cause
+        if self._round_store is None or self._assignment is None:
+            return None
+        try:
+            return read_root_cause(self._round_store, self._assignment.namespace)
+        except (RdzvError, ValueError) as exc:
+            _log.warning("cannot read the root cause: %s", exc)
+            return None
+
+    def _remote_restart(self, cause: FailureRecord) -> _Restart:
+        """Another node's root cause: say it here too, then restart like a failure."""
+        self.state = WorkerState.FAILED
+        self._say_cause(cause)
+        if cause.kind == "hang" and self._workers is not None:
+            # What were the others doing meanwhile? Often waiting for the hung one.
+            path = self._dump_local_stacks(self._workers, f"peer-hang-rank{cause.rank}")
+            if path is not None:
+                self._stderr(f"[rdzv run] stacks of this node's workers: {path}\n".encode())
+        return _Restart(cause.describe(), failure=cause.kind != "lost", cause=cause)
+
+    def _worker_record(self, worker: Worker) -> FailureRecord:
+        """The record of a local worker that ended on its own, built at once (its error file
+        is complete; its stderr is whatever reached us so far)."""
+        assert worker.pid is not None and worker.returncode is not None
+        failure = WorkerFailure(
+            rank=worker.global_rank,
+            local_rank=worker.local_rank,
+            group_rank=self._assignment.group_rank if self._assignment else 0,
+            pid=worker.pid,
+            returncode=worker.returncode,
+            exit_time=worker.exit_time or time.time(),
+            run_time=worker.run_time(),
+            restart_count=self.restart_count,
+            host=self._host,
+            error_message=read_error_file(worker.streams.directory / "error.json"),
+            stderr_tail=worker.streams.stderr_tail(),
+        )
+        return FailureRecord.from_failure(failure)
+
+    def _dump_local_stacks(self, workers: WorkerProcesses, what: str) -> Path | None:
+        """Write the stacks of the running local workers to the job's log dir."""
+        targets = [
+            (w.global_rank, w.local_rank, w.pid, w.streams.directory / "stacks.txt")
+            for w in workers.workers
+            if w.running and w.pid is not None
+        ]
+        if not targets:
+            return None
+        self._keep_logs = True
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = self._ensure_log_root() / f"stacks-{what}-{stamp}.txt"
+        try:
+            return dump_stacks(targets, out)
+        except OSError as exc:
+            _log.warning("cannot write the workers' stacks to %s: %s", out, exc)
+            return None
+
+    def _hang_record(self, workers: WorkerProcesses, hung: Hung) -> FailureRecord:
+        """Dump the local stacks, kill the hung worker, and describe the hang."""
+        worker = workers.workers[hung.local_rank]
+        path = self._dump_local_stacks(workers, f"hang-rank{worker.global_rank}")
+        text = ""
+        if path is not None:
+            dump = path.read_text("utf-8", errors="replace")
+            header = f"=== rank {worker.global_rank} "
+            start = dump.find(header)
+            end = dump.find("\n=== rank ", start + 1) if start >= 0 else -1
+            text = dump[start : end if end >= 0 else None] if start >= 0 else ""
+        worker.stopped_by_agent = True
+        if worker.pid is not None:
+            # A hung (maybe SIGSTOPped) worker may not act on SIGTERM: end it now.
+            with contextlib.suppress(OSError):
+                os.killpg(worker.pid, signal.SIGKILL)
+        return FailureRecord(
+            kind="hang",
+            node_rank=self._assignment.group_rank if self._assignment else 0,
+            host=self._host,
+            rank=worker.global_rank,
+            local_rank=worker.local_rank,
+            pid=worker.pid,
+            last_step=hung.last_step,
+            frame=innermost_frame(text),
+            stacks_file=str(path) if path is not None else None,
+            message=text.strip() or None,
+        )
+
+    def _declare_lost(self, node: int) -> None:
+        """One verdict for launcher and rendezvous: tell the handler that ``node`` is lost, so
+        that the next round does not wait for the rendezvous' own heartbeat expiry."""
+        try:
+            self.handler.declare_lost(node)
+        except RendezvousError as exc:
+            _log.warning("could not mark node %d lost in the rendezvous: %s", node, exc)
+
+    def _lost_record(self, node: int) -> FailureRecord:
+        assignment = self._assignment
+        host = assignment.hosts[node] if assignment and node < len(assignment.hosts) else "?"
+        return FailureRecord(
+            kind="lost",
+            node_rank=node,
+            host=host,
+            message=f"no heartbeat for {self.config.node_timeout:g} s "
+            f"(seen by node {assignment.group_rank if assignment else '?'})",
+        )
+
+    def _announce(self, record: FailureRecord) -> FailureRecord:
+        """Publish ``record`` (the first cause of the generation wins), tell the workers'
+        store, and say the root cause on this console. A cause that cannot be published
+        (the store is gone) is still said here. Returns the root cause in force."""
+        root = record
+        if self._causes is not None:
+            try:
+                root = self._causes.publish(record)
+            except RdzvError as exc:
+                _log.error("could not publish the failure to the other nodes: %s", exc)
+        self._tell_workers(root)
+        self._say_cause(root)
+        return root
+
+    def _say_cause(self, cause: FailureRecord) -> None:
+        line = f"[rdzv run] {cause.describe()}"
+        self._stderr(line.encode() + b"\n")
+        _log.debug("%s", line)
+        if events.is_enabled():
+            self._record_failure(cause)
+
+    def _tell_workers(self, cause: FailureRecord) -> None:
+        """Set the root cause in the workers' store, where ``rdzv.connect()`` watches."""
+        assignment = self._assignment
+        if assignment is None:
+            return
+        key = worker_failure_key(self.handler.get_run_id(), assignment.attempt_id)
+        store: Store | None = self._own_server
+        try:
+            if store is None:
+                from rdzv.store.tcp import TCPStore
+
+                token_file, tls = client_security(self.config.env)
+                store = TCPStore(
+                    assignment.master_addr,
+                    assignment.master_port,
+                    is_master=False,
+                    timeout=2.0,
+                    wait_for_workers=False,
+                    token_file=token_file,
+                    tls=tls,
+                )
+                try:
+                    store.set(key, cause.to_json())
+                finally:
+                    store.close()
+            else:
+                store.set(key, cause.to_json())
+        except (RdzvError, OSError) as exc:
+            _log.warning("could not tell the workers' store about the failure: %s", exc)
+
+    def _let_workers_see(self, cause: FailureRecord) -> None:
+        """Give the local workers :data:`PEER_FAILED_GRACE` seconds to end on their own."""
+        workers = self._workers
+        if workers is None or cause.kind == "lost":
+            return
+        with self._changed:
+            self._changed.wait_for(workers.all_exited, PEER_FAILED_GRACE)
+
+    def _close_causes(self) -> None:
+        if self._causes is not None:
+            self._causes.close()
+            self._causes = None
+
     def _collect_failures(self) -> list[WorkerFailure]:
         """Stop the workers and describe those that failed on their own (first first)."""
         workers = self._workers
         assert workers is not None
         workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
         workers.wait_output(2.0)
+        self._count_exits(workers)
         result: list[WorkerFailure] = []
         for worker in workers.failures():
             assert worker.pid is not None and worker.returncode is not None
@@ -542,25 +899,34 @@ class ElasticAgent:
                     log_files=logs,
                 )
             )
+        self._failures.extend(f.to_json() for f in result)
         return result
 
     def _job_failure(
-        self, failures: list[WorkerFailure], then: BaseException | None = None
+        self,
+        failures: list[WorkerFailure],
+        cause: FailureRecord | None,
+        then: BaseException | None = None,
     ) -> RunResult:
-        """The result for worker failures; ``then``: the error that ended the restarts early
-        (the rendezvous failed or was closed)."""
+        """The result for a failed job: ``failures`` on this node, ``cause`` the root cause
+        (here or elsewhere); ``then``: the error that ended the restarts early (the
+        rendezvous failed or was closed)."""
         self.state = WorkerState.FAILED
         summary = format_summary(
-            self._what, failures, restarts=self.restart_count, max_restarts=self.config.max_restarts
+            self._what,
+            failures,
+            restarts=self.restart_count,
+            max_restarts=self.config.max_restarts,
+            cause=cause,
         )
-        message = f"worker rank {failures[0].rank} failed: {failures[0].describe()}"
+        message = cause.describe() if cause is not None else "a worker failed"
         if then is not None:
             text = _error_text(then)
             summary += f"\nNo further restart: {text}"
             message += f"; no further restart: {text}"
         return RunResult(
             WorkerState.FAILED,
-            failures[0].exit_code or 1,
+            _cause_exit_code(cause),
             self.restart_count,
             failures,
             summary,
@@ -651,6 +1017,22 @@ class ElasticAgent:
             )
         )
 
+    def _record_failure(self, cause: FailureRecord) -> None:
+        """Event ``rdzv.failure.{kind}``: a root cause as this node learnt it."""
+        metadata: dict[str, events.EventMetadataValue] = {
+            "run_id": self.handler.get_run_id(),
+            "reported_by": self._assignment.group_rank if self._assignment else None,
+            "hostname": self._host,
+            "record": cause.to_json(),
+        }
+        events.record(
+            events.Event(
+                name=f"rdzv.failure.{cause.kind}",
+                source=events.EventSource.AGENT,
+                metadata=metadata,
+            )
+        )
+
     def _record_agent(self, state: WorkerState, message: str | None) -> None:
         self._record(state.value, events.EventSource.AGENT, None, message=message)
 
@@ -665,7 +1047,7 @@ class ElasticAgent:
     def _cleanup(self) -> None:
         if self._own_log_root and self._log_root is not None:
             redirected = self.config.redirects != Std.NONE or self.config.tee != Std.NONE
-            if not redirected:
+            if not redirected and not self._keep_logs:
                 shutil.rmtree(self._log_root, ignore_errors=True)
         for server in (self._own_server,):
             close = getattr(server, "close", None)
@@ -676,10 +1058,44 @@ class ElasticAgent:
                     _log.debug("closing the workers' store failed", exc_info=True)
 
 
+def _exit_cause(worker: Worker) -> str:
+    """succeeded, stopped (by the agent), signal or exit_code: how ``worker`` ended."""
+    code = worker.returncode or 0
+    if code == 0:
+        return "succeeded"
+    if worker.stopped_by_agent:
+        return "stopped"
+    return "signal" if code < 0 else "exit_code"
+
+
+def _restart_cause(restart: _Restart) -> str:
+    """The metrics label of a group restart (worker_failure, hang, peer_lost, scale_up,
+    peer_restart)."""
+    if restart.cause is not None:
+        return {"hang": "hang", "lost": "peer_lost"}.get(restart.cause.kind, "worker_failure")
+    if restart.failure:
+        return "worker_failure"
+    if "waiting to join" in restart.reason:
+        return "scale_up"
+    if "was lost" in restart.reason:
+        return "peer_lost"
+    return "peer_restart"
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, RendezvousClosedError):
         return "the rendezvous was closed (another node finished or gave up)"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _cause_exit_code(cause: FailureRecord | None) -> int:
+    """The agent's exit code for a job ended by ``cause``: the root cause's exit code,
+    :data:`HANG_EXIT_CODE` for a hang, 1 for a lost node or an unknown cause."""
+    if cause is None:
+        return 1
+    if cause.kind == "hang":
+        return HANG_EXIT_CODE
+    return cause.exit_code or 1
 
 
 def _store_port(store: Store) -> int:
