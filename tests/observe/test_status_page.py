@@ -17,6 +17,7 @@ from selenium import webdriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import subprocess_env
+from tests.launcher.cluster import store_server
 from tests.observe.helpers import scrape, value
 from tests.server.helpers import eventually
 
@@ -41,12 +42,14 @@ return null;
 
 
 @contextlib.contextmanager
-def run_job(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``rdzv run`` of two workers with one restart allowed; yields (agent, page URL)."""
+def run_job(tmp_path: Path, *rendezvous: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``rdzv run`` of two workers with one restart allowed, ``--standalone`` unless
+    ``rendezvous`` options are given; yields (agent, page URL)."""
     script = tmp_path / "job.py"
     script.write_text(JOB)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rdzv", "run", "--standalone", "--nproc-per-node", "2",
+        [sys.executable, "-m", "rdzv", "run", *(rendezvous or ["--standalone"]),
+         "--nproc-per-node", "2",
          "--max-restarts", "1", "--monitor-interval", "0.1", "--shutdown-timeout", "5",
          "--metrics-port", "0", str(script), str(tmp_path)],
         stdout=subprocess.DEVNULL,
@@ -144,3 +147,26 @@ def test_agent_metrics_count_rounds_restarts_and_exits(tmp_path: Path) -> None:
         assert value(after, "rdzv_agent_worker_exits_total", cause="signal") == 1
         assert value(after, "rdzv_agent_worker_exits_total", cause="stopped") == 1
         assert value(after, "rdzv_agent_worker_exits_total", cause="succeeded") == 0
+
+
+def test_rdzv_status_web_prints_the_agents_page_url(tmp_path: Path) -> None:
+    with store_server() as port:
+        endpoint = ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "watched"]
+        status = [sys.executable, "-m", "rdzv", "status", "--endpoint", f"127.0.0.1:{port}",
+                  "--run-id", "watched", "--web"]  # fmt: skip
+        with run_job(tmp_path, *endpoint, "--local-addr", "127.0.0.1") as (_, url):
+            eventually(lambda: (tmp_path / "0.0").exists(), timeout=30, what="workers started")
+            result = subprocess.run(
+                status, capture_output=True, text=True, timeout=60, env=subprocess_env()
+            )
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == f"node 0 (127.0.0.1): {url}"
+        none = subprocess.run(
+            [*status[:-1], "--run-id", "other", "--web"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=subprocess_env(),
+        )
+        assert none.returncode == 1
+        assert "--metrics-port" in none.stdout

@@ -57,7 +57,7 @@ from rdzv.errors import (
     RendezvousGracefulExitError,
     StoreTimeoutError,
 )
-from rdzv.launcher.assignment import Assignment, NodeInfo, exchange
+from rdzv.launcher.assignment import Assignment, NodeInfo, exchange, status_url_key
 from rdzv.launcher.causes import CauseChannel
 from rdzv.launcher.config import LaunchConfig, Std, std_for
 from rdzv.launcher.failures import (
@@ -211,6 +211,9 @@ class ElasticAgent:
         self._rounds: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._exits_counted: set[int] = set()
+        #: The URL of this agent's status page (rdzv run --metrics-port), published in each
+        #: round's store for ``rdzv status --web``; None: none.
+        self.status_url: str | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -379,6 +382,8 @@ class ElasticAgent:
             duration_ms=elapsed * 1000,
             extra={"group_world_size": assignment.group_world_size},
         )
+        if self.status_url is not None:
+            self._publish_status_url(info.store, assignment, self.status_url)
         self._start_workers(assignment)
 
     def _workers_store(self, info: RendezvousInfo) -> tuple[str, int, bool]:
@@ -541,6 +546,13 @@ class ElasticAgent:
         else:
             state = "FAILED"
         self._record(state, events.EventSource.WORKER, worker, duration_ms=worker.run_time() * 1000)
+
+    def _publish_status_url(self, store: Store, assignment: Assignment, url: str) -> None:
+        """Best effort: ``{namespace}/web/{group_rank}`` = ``url``."""
+        try:
+            store.set(status_url_key(assignment.namespace, assignment.group_rank), url)
+        except RdzvError as exc:
+            _log.warning("could not publish the status page URL: %s", exc)
 
     def _count_exits(self, workers: WorkerProcesses) -> None:
         """Count the exits of ``workers`` not counted yet in :attr:`stats`."""
