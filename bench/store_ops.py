@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +171,24 @@ def measure_metrics(variant: str, clients: int, args: argparse.Namespace) -> dic
     return result
 
 
+def alternated(
+    variants: Sequence[str], repeats: int, run: Callable[[str], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """``run(variant)`` ``repeats`` times for each of ``variants``, alternating variants (the
+    machine's load drifts); the runs by variant."""
+    rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for variant in variants:
+            rows[variant].append(run(variant))
+    return rows
+
+
 def metrics_main(args: argparse.Namespace) -> None:
     results = []
     for clients in args.clients:
-        rows: dict[str, list[dict[str, Any]]] = {v: [] for v in METRICS_VARIANTS}
-        for _ in range(args.repeats):  # alternate variants: the machine's load drifts
-            for variant in METRICS_VARIANTS:
-                rows[variant].append(measure_metrics(variant, clients, args))
+        rows = alternated(
+            list(METRICS_VARIANTS), args.repeats, lambda v, n=clients: measure_metrics(v, n, args)
+        )
         for variant in METRICS_VARIANTS:
             results.append(
                 {"variant": variant, **summarize(variant, "torch", clients, rows[variant])}
@@ -380,10 +391,9 @@ def measure_durable(mode: str, clients: int, args: argparse.Namespace) -> dict[s
 def durability_main(args: argparse.Namespace) -> None:
     results = []
     for clients in args.durability_clients:
-        rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in DURABILITY_MODES}
-        for _ in range(args.repeats):  # alternate modes: the machine's load drifts
-            for mode in DURABILITY_MODES:
-                rows[mode].append(measure_durable(mode, clients, args))
+        rows = alternated(
+            DURABILITY_MODES, args.repeats, lambda m, n=clients: measure_durable(m, n, args)
+        )
         for mode in DURABILITY_MODES:
             results.append({"durability": mode, **summarize("rdzv", "rdzv", clients, rows[mode])})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)

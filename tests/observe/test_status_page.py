@@ -4,21 +4,24 @@ to SIGKILL; the page shows the failed rank and its cause, then the restarted ran
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from selenium import webdriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import subprocess_env
 from tests.launcher.cluster import store_server
-from tests.observe.helpers import scrape, value
+from tests.observe.helpers import scrape, serve_with_metrics, value
 from tests.server.helpers import eventually
 
 JOB = """
@@ -115,6 +118,11 @@ def test_page_shows_the_failed_rank_and_its_cause(
             ),
             "the page shows the restarted ranks and the earlier failure",
         )
+        # The failure record the agent published (every node's view) names it too.
+        record = browser.find_element(
+            "css selector", '#job-failures tr[data-rank="1"][data-kind="signal"] .cause'
+        )
+        assert "SIGKILL" in record.text
         assert "1 of 1" in browser.find_element("css selector", "#restarts").text
         screenshot = os.environ.get("RDZV_STATUS_SCREENSHOT")
         if screenshot:
@@ -170,3 +178,39 @@ def test_rdzv_status_web_prints_the_agents_page_url(tmp_path: Path) -> None:
         )
         assert none.returncode == 1
         assert "--metrics-port" in none.stdout
+
+
+def test_store_status_shows_the_run_its_nodes_and_failures(tmp_path: Path) -> None:
+    with serve_with_metrics() as (_, port, url):
+        endpoint = ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "watched"]
+        with run_job(tmp_path, *endpoint, "--local-addr", "127.0.0.1"):
+            eventually(
+                lambda: (tmp_path / "0.0").exists() and (tmp_path / "1.0").exists(),
+                timeout=30,
+                what="both workers started",
+            )
+            run = store_run(url)
+            assert run["round"] is not None and run["world_size"] == 1
+            [member] = run["members"]
+            assert (member["addr"], member["nproc"], member["state"]) == ("127.0.0.1", 2, "member")
+            assert run["failures"] == []
+            os.kill(int((tmp_path / "1.0").read_text()), signal.SIGKILL)
+            eventually(lambda: bool(store_run(url)["failures"]), what="the failure record")
+            [failure] = store_run(url)["failures"]
+            assert (failure["rank"], failure["kind"], failure["signal"]) == (1, "signal", "SIGKILL")
+            assert "SIGKILL" in failure["how"]
+            # After the restart (a new round, whose store has its own log) it is still shown.
+            eventually(lambda: (tmp_path / "1.1").exists(), timeout=30, what="the restart")
+            eventually(
+                lambda: store_run(url)["round"] > run["round"], what="the new round completed"
+            )
+            assert [f["rank"] for f in store_run(url)["failures"]] == [1]
+
+
+def store_run(url: str) -> dict[str, Any]:
+    """The run "watched" in the store server's status document."""
+    with urllib.request.urlopen(url + "api/status", timeout=10) as response:
+        doc = json.loads(response.read())
+    assert doc["kind"] == "store"
+    [run] = [r for r in doc["runs"] if r["run_id"] == "watched"]
+    return dict(run)

@@ -211,6 +211,7 @@ class ElasticAgent:
         self._rounds: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._exits_counted: set[int] = set()
+        self._seen_causes: collections.deque[FailureRecord] = collections.deque(maxlen=50)
         #: The URL of this agent's status page (rdzv run --metrics-port), published in each
         #: round's store for ``rdzv status --web``; None: none.
         self.status_url: str | None = None
@@ -565,8 +566,10 @@ class ElasticAgent:
         """What this agent knows now, as JSON-able data (for the status page of
         :mod:`rdzv.observe`; safe to call from another thread: it only reads): run id, state,
         restarts, this node's place, the rounds joined, the local workers (rank, pid,
-        ``state`` running/succeeded/failed/stopped, ``cause`` of an exit, times) and the
-        failures of earlier attempts (:meth:`WorkerFailure.to_json`), latest last."""
+        ``state`` running/succeeded/failed/stopped, ``cause`` of an exit, times), the
+        failures of earlier attempts (:meth:`WorkerFailure.to_json`) and the root causes
+        this agent announced or heard of (JSON of :meth:`FailureRecord.to_json`), latest
+        last."""
         assignment = self._assignment
         group = self._workers
         peers = self._peers
@@ -598,6 +601,7 @@ class ElasticAgent:
             "rounds": list(self._rounds),
             "workers": workers,
             "failures": list(self._failures),
+            "causes": [cause.to_json() for cause in list(self._seen_causes)],
             "peer": None if peers is None or not peers.active else peers.snapshot(),
         }
 
@@ -796,6 +800,7 @@ class ElasticAgent:
         return root
 
     def _say_cause(self, cause: FailureRecord) -> None:
+        self._seen_causes.append(cause)
         line = f"[rdzv run] {cause.describe()}"
         self._stderr(line.encode() + b"\n")
         _log.debug("%s", line)
