@@ -30,6 +30,7 @@ from rdzv.errors import (
 from rdzv.store.base import Store
 
 __all__ = [
+    "RendezvousBackend",
     "RendezvousClosedError",
     "RendezvousConnectionError",
     "RendezvousError",
@@ -42,6 +43,7 @@ __all__ = [
     "RendezvousStateError",
     "RendezvousStoreInfo",
     "RendezvousTimeoutError",
+    "Token",
     "check_node_bounds",
     "rendezvous_handler_registry",
 ]
@@ -182,6 +184,50 @@ class RendezvousHandler(ABC):
     def shutdown(self) -> bool:
         """Leave the rendezvous and release resources; True on success, False if the
         backend could not be told (the error is logged)."""
+
+
+#: A backend's fencing token: opaque to the handler, handed back to ``set_state``.
+Token = Any
+
+
+class RendezvousBackend(ABC):
+    """A store of one opaque rendezvous state with a fencing token (torch's
+    ``RendezvousBackend``, from ``dynamic_rendezvous``).
+
+    Backends written for torch (a single compare-and-set blob: etcd, Kubernetes objects, a
+    database row, ...) plug into :meth:`DynamicRendezvousHandler.from_backend
+    <rdzv.rendezvous.dynamic.DynamicRendezvousHandler.from_backend>`, which runs torch's
+    state-blob rendezvous on them (:mod:`rdzv.rendezvous.backend_state`). The handler writes
+    its state as JSON; it refuses (never unpickles) a pickled state written by torch.
+    """
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The backend's name (what the handler's ``get_backend()`` reports)."""
+
+    @abstractmethod
+    def get_state(self) -> tuple[bytes, Token] | None:
+        """The stored state and its fencing token, or None if there is no state yet.
+
+        Raises RendezvousConnectionError if the backend cannot be reached,
+        RendezvousStateError if what it holds is corrupt.
+        """
+
+    @abstractmethod
+    def set_state(
+        self, state: bytes, token: Token | None = None
+    ) -> tuple[bytes, Token, bool] | None:
+        """Set the state conditionally and return ``(state, token, has_set)``.
+
+        * ``token`` is the current fencing token: ``state`` is stored; the new state, its
+          new token and True are returned;
+        * ``token`` is stale or invalid: nothing changes; the stored state, its token and
+          False are returned;
+        * ``token`` is None: ``state`` is stored only if the backend holds no state yet.
+
+        Returns None if the backend holds no state afterwards. Raises as :meth:`get_state`.
+        """
 
 
 class RendezvousParameters:
