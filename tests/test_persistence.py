@@ -86,7 +86,7 @@ def test_corruption_in_the_middle_is_reported(tmp_path: Path) -> None:
     data = bytearray(log.read_bytes())
     data[12] ^= 0xFF  # inside the first record's payload
     log.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match=r"corrupt at offset 0.*valid data follows"):
+    with pytest.raises(StoreError, match=r"corrupt at offset 0.*--recover=discard-corrupt"):
         reopen(tmp_path)
 
 

@@ -16,6 +16,7 @@ rdzv                           torch
 ``NetworkError``               ``torch.distributed.DistNetworkError``
 ``ProtocolError``              ``DistStoreError`` on a protocol violation
 ``AuthError``                  (none: torch has no authentication)
+``PeerFailedError``            (none: torch waits out its timeout)
 ``RendezvousError`` and kin    ``torch.distributed.elastic.rendezvous`` errors
 =============================  ====================================================
 
@@ -29,6 +30,7 @@ __all__ = [
     "AuthError",
     "CounterError",
     "NetworkError",
+    "PeerFailedError",
     "ProtocolError",
     "QueueEmptyError",
     "RdzvError",
@@ -75,6 +77,21 @@ class NetworkError(RdzvError, ConnectionError):
 
     Like ``torch.distributed.DistNetworkError``; also a builtin :class:`ConnectionError`.
     """
+
+
+class PeerFailedError(StoreError):
+    """Another worker of the job failed (or hung, or its node was lost) while this one was
+    blocked in a store call of :func:`rdzv.connect`'s store; raised at once instead of
+    waiting out the call's timeout.
+
+    ``record`` is the :class:`rdzv.launcher.failures.FailureRecord` of the root cause (typed
+    ``object`` here so that this module imports nothing); the message names its rank, node,
+    host and exit code.
+    """
+
+    def __init__(self, message: str, record: object = None) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 class ProtocolError(StoreError):

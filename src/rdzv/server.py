@@ -713,7 +713,11 @@ class StoreServer:
         fsync: with ``data_dir``: ``"always"`` (fsync at every group commit; survives power
             loss), ``"interval"`` (at most every ``fsync_interval`` seconds; survives a
             killed server) or ``"never"`` (the OS decides).
-        fsync_interval: seconds between fsyncs for ``fsync="interval"``.
+        fsync_interval: seconds between fsyncs for ``fsync="interval"`` (> 0).
+        recovery: with ``data_dir``: ``"strict"`` (refuse to start, naming the file and
+            offset, when damage goes beyond a torn last commit) or ``"discard-corrupt"``
+            (start from what is intact, logging every dropped record and byte); see
+            :func:`rdzv.persistence.recover`.
         fastpath: execute the common requests in C (:mod:`rdzv.fastpath`) when the extension
             is built and ``RDZV_FASTPATH`` is not 0 (never with ``data_dir``); False: always
             the Python path. Replies and state are the same either way.
@@ -747,6 +751,7 @@ class StoreServer:
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
         fsync_interval: float = 0.05,
+        recovery: str = "strict",
         fastpath: bool = True,
         busy_poll: float = 0.0,
     ) -> None:
@@ -789,7 +794,9 @@ class StoreServer:
         self._closed: asyncio.Event | None = None
         self.journal: DurableJournal | None = None
         if data_dir is not None:
-            self.journal = DurableJournal(data_dir, fsync=fsync, fsync_interval=fsync_interval)
+            self.journal = DurableJournal(
+                data_dir, fsync=fsync, fsync_interval=fsync_interval, recovery=recovery
+            )
         self._outbox: list[_Connection] = []
         # The C hot path for plain in-memory serving (rdzv.fastpath); off with a journal.
         self._fast = (

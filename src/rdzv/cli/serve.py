@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Any
 
@@ -56,6 +57,10 @@ def _serve(args: argparse.Namespace) -> int:
             )
         elif args.tls_key or args.tls_ca or args.tls_require_client_cert:
             raise ValueError("--tls-key/--tls-ca/--tls-require-client-cert need --tls-cert")
+        if not (args.fsync_interval > 0 and math.isfinite(args.fsync_interval)):
+            raise ValueError(
+                f"--fsync-interval must be a number of seconds > 0, got {args.fsync_interval:g}"
+            )
         if allowlist and token is None:
             raise ValueError("--allow-unauthenticated only makes sense with a token")
         if token is None and not args.insecure and not _is_loopback(args.host):
@@ -95,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             fsync=args.fsync,
             fsync_interval=args.fsync_interval,
+            recovery=args.recover,
             token=token,
             allow_unauthenticated=allowlist,
             ssl=context,
@@ -164,6 +170,15 @@ def register(subparsers: Any) -> None:
         type=float,
         default=0.05,
         help="seconds between fsyncs with --fsync interval (default: 0.05)",
+    )
+    parser.add_argument(
+        "--recover",
+        choices=("strict", "discard-corrupt"),
+        default="strict",
+        help="with --data-dir: when the log or snapshot is damaged beyond a torn last "
+        "commit, refuse to start and say what is damaged (strict), or start from what is "
+        "intact, logging every dropped record and byte and keeping the damaged files as "
+        "*.corrupt (discard-corrupt) (default: strict)",
     )
     parser.add_argument(
         "--max-connections",

@@ -24,10 +24,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import threading
-import time
 from abc import ABC, abstractmethod
 
 from rdzv.errors import RendezvousStateError, StoreTimeoutError
+from rdzv.rendezvous.ops import NOW, Call, Check, CompareSet, MultiGet, Program, Wait, run_blocking
 from rdzv.store.base import Store
 
 __all__ = [
@@ -64,6 +64,12 @@ class LivenessObserver(ABC):
         Raises RendezvousStateError if a key holds something that is not a liveness value,
         store errors unchanged.
         """
+
+    def observe_program(self, keys: list[str]) -> Program[dict[str, Status]]:
+        """:meth:`observe` as a program (:mod:`rdzv.rendezvous.ops`); the default runs
+        :meth:`observe` on a blocking store."""
+        result: dict[str, Status] = yield Call(lambda store: self.observe(store, keys))
+        return result
 
     @abstractmethod
     def forget(self, keys: list[str]) -> None:
@@ -103,6 +109,21 @@ class Liveness(ABC):
     @abstractmethod
     def observer(self, token: str) -> LivenessObserver:
         """A new observer; ``token`` identifies it in the marks it writes."""
+
+    def keep_alive_program(self, key: str) -> Program[bool]:
+        """:meth:`keep_alive` as a program; the default runs it on a blocking store."""
+        result: bool = yield Call(lambda store: self.keep_alive(store, key))
+        return result
+
+    def retire_program(self, key: str) -> Program[bool]:
+        """:meth:`retire` as a program; the default runs it on a blocking store."""
+        result: bool = yield Call(lambda store: self.retire(store, key))
+        return result
+
+    def snapshot_program(self, keys: list[str], token: str) -> Program[list[Status]]:
+        """:meth:`snapshot` as a program; the default runs it on a blocking store."""
+        result: list[Status] = yield Call(lambda store: self.snapshot(store, keys, token))
+        return result
 
     @abstractmethod
     def snapshot(self, store: Store, keys: list[str], token: str) -> list[Status]:
@@ -167,6 +188,9 @@ class HeartbeatLiveness(Liveness):
         return [(key, b"0")]
 
     def keep_alive(self, store: Store, key: str) -> bool:
+        return run_blocking(store, self.keep_alive_program(key))
+
+    def keep_alive_program(self, key: str) -> Program[bool]:
         # compare_set rather than add: a retired key ("left"/"dead:...") makes add fail, and
         # a torch server drops the connection on that; a deleted key must not be re-created.
         with self._lock:
@@ -175,7 +199,7 @@ class HeartbeatLiveness(Liveness):
             return False
         expected = str(last).encode()
         desired = str(last + 1).encode()
-        current = store.compare_set(key, expected, desired)
+        current: bytes = yield CompareSet(key, expected, desired)
         with self._lock:
             if current != desired or key not in self._last:
                 # retired or declared dead (a marker), deleted with its round (compare_set
@@ -188,11 +212,14 @@ class HeartbeatLiveness(Liveness):
         return True
 
     def retire(self, store: Store, key: str) -> bool:
+        return run_blocking(store, self.retire_program(key))
+
+    def retire_program(self, key: str) -> Program[bool]:
         with self._lock:
             last = self._last.pop(key, None)
         expected = b"0" if last is None else str(last).encode()
         for _ in range(64):
-            current = store.compare_set(key, expected, LEFT)
+            current: bytes = yield CompareSet(key, expected, LEFT)
             if current == LEFT:
                 return True
             if current.startswith(DEAD_PREFIX):
@@ -207,18 +234,21 @@ class HeartbeatLiveness(Liveness):
         return _HeartbeatObserver(self._expiry, DEAD_PREFIX + token.encode())
 
     def snapshot(self, store: Store, keys: list[str], token: str) -> list[Status]:
+        return run_blocking(store, self.snapshot_program(keys, token))
+
+    def snapshot_program(self, keys: list[str], token: str) -> Program[list[Status]]:
         if not keys:
             return []
-        if not store.check(keys):
+        if not (yield Check(keys)):
             with contextlib.suppress(StoreTimeoutError):
-                store.wait(keys, self._expiry)
-        values = _read(store, keys)
+                yield Wait(keys, self._expiry)
+        values = yield from _read(keys)
         marker = DEAD_PREFIX + token.encode()
         result: list[Status] = []
         for key in keys:
             value = values[key]
             if value is None:
-                value = store.compare_set(key, b"", marker)
+                value = yield CompareSet(key, b"", marker)
                 if value == marker:
                     result.append(Status.DECLARED)
                     continue
@@ -230,27 +260,27 @@ class HeartbeatLiveness(Liveness):
         return result
 
 
-def _read(store: Store, keys: list[str]) -> dict[str, bytes | None]:
+def _read(keys: list[str]) -> Program[dict[str, bytes | None]]:
     """The values of ``keys`` (None for missing ones) without blocking: one ``check`` and
     one ``multi_get`` when all exist; otherwise the missing ones are found by halving (a few
     ``check`` calls: missing keys are rare, those of slots taken a moment ago)."""
     values: dict[str, bytes | None] = dict.fromkeys(keys)
-    missing = set() if store.check(keys) else set(_find_missing(store, keys))
+    missing = set() if (yield Check(keys)) else set((yield from _find_missing(keys)))
     present = [k for k in keys if k not in missing]
     if present:
-        values.update(zip(present, store.multi_get(present), strict=True))
+        values.update(zip(present, (yield MultiGet(present)), strict=True))
     return values
 
 
-def _find_missing(store: Store, keys: list[str]) -> list[str]:
+def _find_missing(keys: list[str]) -> Program[list[str]]:
     """The missing keys among ``keys``, known not to all exist."""
     if len(keys) == 1:
         return keys
     middle = len(keys) // 2
     missing: list[str] = []
     for half in (keys[:middle], keys[middle:]):
-        if not store.check(half):
-            missing.extend(_find_missing(store, half))
+        if not (yield Check(half)):
+            missing.extend((yield from _find_missing(half)))
     return missing
 
 
@@ -271,10 +301,13 @@ class _HeartbeatObserver(LivenessObserver):
         return min(since for _, since in self._seen.values()) + self._expiry
 
     def observe(self, store: Store, keys: list[str]) -> dict[str, Status]:
+        return run_blocking(store, self.observe_program(keys))
+
+    def observe_program(self, keys: list[str]) -> Program[dict[str, Status]]:
         if not keys:
             return {}
-        values = _read(store, keys)
-        now = time.monotonic()
+        values = yield from _read(keys)
+        now: float = yield NOW
         result: dict[str, Status] = {}
         for key, value in values.items():
             if value is not None and _is_gone(value):
@@ -291,7 +324,7 @@ class _HeartbeatObserver(LivenessObserver):
             if now - seen[1] < self._expiry:
                 result[key] = Status.ALIVE
                 continue
-            current = store.compare_set(key, b"" if value is None else value, self._marker)
+            current = yield CompareSet(key, b"" if value is None else value, self._marker)
             if current == self._marker:
                 self._seen.pop(key, None)
                 result[key] = Status.DECLARED
