@@ -355,15 +355,19 @@ class RendezvousHandlerRegistry:
     def create_handler(self, params: RendezvousParameters) -> RendezvousHandler:
         """Create the handler for ``params.backend``.
 
-        Raises ValueError naming the known backends if it is not registered, RuntimeError if
-        the created handler reports another backend name.
+        Raises ValueError if it is not registered (torch's message, exactly; the known
+        backends are in a note of the exception, shown in its traceback), RuntimeError if the
+        created handler reports another backend name.
         """
         creator = self._registry.get(params.backend)
         if creator is None:
-            raise ValueError(
+            error = ValueError(
                 f"The rendezvous backend '{params.backend}' is not registered. Did you forget "
-                f"to call `register`? Known backends: {', '.join(self.backends()) or 'none'}."
+                "to call `register`?"
             )
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"Known backends: {', '.join(self.backends()) or 'none'}.")
+            raise error
         handler = creator(params)
         if handler.get_backend() != params.backend:
             raise RuntimeError(

@@ -69,7 +69,7 @@ from rdzv.rendezvous.keepalive import KeepAlive
 from rdzv.rendezvous.liveness import HeartbeatLiveness, Liveness
 from rdzv.rendezvous.ops import Effect, Program, run_blocking
 from rdzv.rendezvous.state import RoundKeys, RunKeys, parse_counter_value, slot_count
-from rdzv.store.base import Store
+from rdzv.store.base import Store, handle_for_thread
 from rdzv.store.prefix import PrefixStore
 
 __all__ = [
@@ -207,7 +207,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._shut_down = False
         # The keep-alive thread's own connection, opened now (like the store itself) rather
         # than in the middle of a rendezvous.
-        self._keep_alive_store = self._guard(store.clone)
+        self._keep_alive_store = self._guard(lambda: handle_for_thread(store))
 
     @classmethod
     def from_backend(
@@ -421,7 +421,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _control(self) -> Store:
         with self._control_lock:
             if self._control_store is None:
-                self._control_store = self._store.clone()
+                self._control_store = handle_for_thread(self._store)
             return self._control_store
 
     def _ensure_keep_alive(self) -> KeepAlive:
@@ -532,7 +532,7 @@ def _record_keep_alive(
 def _clean_up_round(origin: Store, keys: RoundKeys) -> None:
     """Delete the keys of a round that every node has left (two rounds back)."""
     try:
-        store = origin.clone()
+        store = handle_for_thread(origin)
         if not store.check([keys.joined]):
             return
         joined = slot_count(parse_counter_value(keys.joined, store.get(keys.joined)))
