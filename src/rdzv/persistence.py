@@ -742,12 +742,8 @@ class DurableJournal:
                 self._truncate_needed = False
             step()
         except OSError as exc:
-            if self.failed is None:
-                _log.error(
-                    "%s: cannot write the log: %s; refusing writes until a commit succeeds",
-                    self.data_dir,
-                    exc,
-                )
+            if self.failed is None:  # the server logs it for the operator, once
+                _log.debug("%s: cannot write the log: %s", self.data_dir, exc)
             self.failed = exc
             try:
                 os.ftruncate(self._fd, self._log_size)
@@ -757,7 +753,7 @@ class DurableJournal:
             raise
 
     def _recovered(self) -> None:
-        _log.warning("%s: the log is writable again; accepting writes", self.data_dir)
+        _log.debug("%s: the log is writable again", self.data_dir)
         self.failed = None
 
     @property

@@ -76,6 +76,11 @@ LISTEN_FAILED = "The server socket has failed to listen on any local network add
 DEFAULT_MAX_WAITS_PER_CONNECTION = 4096
 #: Default of ``auth_timeout`` (seconds to authenticate on a server with a token).
 DEFAULT_AUTH_TIMEOUT = 10.0
+#: Default of ``max_output_bytes``: replies buffered for one connection (held for a commit
+#: plus the transport's buffer) past which a connection that does not read them is dropped.
+DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+#: Seconds between attempts to write the journal again after a commit failed (disk full).
+JOURNAL_RETRY_INTERVAL = 0.5
 
 _I64 = wire._I64.pack
 _U64 = wire._U64.pack
@@ -138,14 +143,18 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_backlog",
         "_closed",
+        "_held_paused",
         "_paused",
         "_queued",
         "_receiver",
+        "_transport_paused",
         "auth_nonce",
         "auth_timer",
         "bound",
         "handlers",
+        "last_write",
         "out",
+        "out_bytes",
         "parser",
         "peer",
         "server",
@@ -164,9 +173,13 @@ class _Connection(asyncio.Protocol):
         self.waiters: dict[Waiter, None] = {}
         self.bound: set[bytes] = set()
         self._backlog: list[Request] | None = None
-        self._paused = False
+        self._paused = False  # not reading: one of the two below
+        self._transport_paused = False  # the transport's buffer is above its high water
+        self._held_paused = False  # replies held for a commit are above WRITE_HIGH_WATER
         self._closed = False
         self.out: list[bytes] = []  # replies held until the journal is committed
+        self.out_bytes = 0
+        self.last_write = 0  # the server's commit count that will cover its last write
         self._queued = False  # in server._outbox
         # Until authenticated (when the server has a token), only the handshake is served.
         self.handlers = _HANDLERS
@@ -240,15 +253,26 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client does not read its replies: stop executing and reading its requests.
+        self._transport_paused = True
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._transport_paused = False
+        self._resume()
+
+    def _pause(self) -> None:
+        if self._paused:
+            return
         self._paused = True
         if self._receiver is not None:
             self._receiver.enabled = False
-        self.transport.pause_reading()
+        if not self._closed:
+            self.transport.pause_reading()
 
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._closed:
+    def _resume(self) -> None:
+        if self._transport_paused or self._held_paused or self._closed or not self._paused:
             return
+        self._paused = False
         backlog, self._backlog = self._backlog, None
         if backlog:
             self._execute(backlog)
@@ -297,9 +321,16 @@ class _Connection(asyncio.Protocol):
         try:
             for req in requests:
                 i += 1
+                if _IS_WRITE[req.op]:
+                    if server.read_only is not None:
+                        server._refuse_write(self, req)
+                        continue
+                    self.last_write = server._commits + 1
                 self.handlers[req.op](server, self, req)
                 if server._fired:
                     server._drain()
+                if self._closed:
+                    return
                 if self._paused and i < len(requests):
                     self._backlog = requests[i:]
                     return
@@ -328,32 +359,70 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
             return
         self.out.append(data)
+        self.out_bytes += len(data)
         if not self._queued:
             self._queued = True
             server._outbox.append(self)
         server._schedule_commit()
+        if self.out_bytes > WRITE_HIGH_WATER and not self._held_paused:
+            # Held replies count like the transport's buffer: stop reading requests until
+            # the commit releases them (and the client reads them).
+            self._held_paused = True
+            self._pause()
+
+    def buffered(self) -> int:
+        """Bytes of replies not yet sent: held for a commit plus the transport's buffer."""
+        return self.out_bytes + self.transport.get_write_buffer_size()
+
+    def send_stateless(self, data: bytes) -> None:
+        """Write a reply that reveals no state (a PING echo, an error, an authentication
+        step): at once, unless this connection has replies held or a write of its own not
+        yet committed (any reply acknowledges the writes sent before it)."""
+        server = self.server
+        if server.journal is None or (not self.out and self.last_write <= server._commits):
+            self.transport.write(data)
+        else:
+            self.write(data)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport (and, through connection_lost, drop waiters)
 
     # ------------------------------------------------------------------ helpers
     def send(self, data: bytes) -> None:
-        """Write a deferred reply unless the connection is gone."""
-        if not self._closed:
-            self.write(data)
+        """Write a deferred reply (a woken waiter's) unless the connection is gone. These
+        come whether or not the connection reads: one that is already backed up past the
+        high-water mark and would pass ``max_output_bytes`` is dropped instead."""
+        if self._closed:
+            return
+        before = self.buffered()
+        limit = self.server.max_output_bytes
+        if before > WRITE_HIGH_WATER and before + len(data) > limit:
+            self.close(
+                f"the client does not read its replies ({before + len(data)} bytes of replies "
+                f"would be buffered; max_output_bytes={limit})",
+                abort=True,
+            )
+            return
+        self.write(data)
 
-    def close(self, reason: str) -> None:
-        """Close this connection (after flushing queued replies), logging why."""
+    def close(self, reason: str, abort: bool = False) -> None:
+        """Close this connection (after flushing queued replies), logging why; ``abort``
+        discards the unsent replies instead (a client that does not read them)."""
         if self._closed:
             return
         logger.warning("closing connection from %s: %s", self.peer, reason)
-        if self.out:
+        if self.out and not abort:
             self.server._commit()  # flush the replies held for this connection first
         self._closed = True
         self._backlog = None
         if self._receiver is not None:
             self._receiver.enabled = False
-        self.transport.close()
+        if abort:
+            self.out.clear()
+            self.out_bytes = 0
+            self.transport.abort()
+        else:
+            self.transport.close()
 
 
 # --------------------------------------------------------------------------- handlers
@@ -448,7 +517,7 @@ def _h_cancel_wait(server: StoreServer, conn: _Connection, req: wire.CancelWait)
 
 
 def _h_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> None:
-    conn.write(wire.reply_ping(req.nonce, conn.parser.extended))
+    conn.send_stateless(wire.reply_ping(req.nonce, conn.parser.extended))
 
 
 def _h_queue_push(server: StoreServer, conn: _Connection, req: wire.QueuePush) -> None:
@@ -593,7 +662,7 @@ def _h_auth_begin(server: StoreServer, conn: _Connection, req: wire.ExtAuthBegin
         _ext_error(conn, AuthError("this server has no token configured (authentication off)"))
         return
     conn.auth_nonce = auth.new_nonce()  # fresh per attempt: a recorded proof never verifies
-    conn.write(_EXT_OK + conn.auth_nonce)
+    conn.send_stateless(_EXT_OK + conn.auth_nonce)
 
 
 def _h_auth_proof(server: StoreServer, conn: _Connection, req: wire.ExtAuthProof) -> None:
@@ -609,13 +678,13 @@ def _h_auth_proof(server: StoreServer, conn: _Connection, req: wire.ExtAuthProof
         _ext_error(conn, AuthError("authentication failed: wrong token"))
         raise _Close("authentication failed: wrong token (the client's proof did not verify)")
     conn.handlers = _HANDLERS
-    conn.write(_EXT_OK + auth.server_proof(token, nonce, req.client_nonce))
+    conn.send_stateless(_EXT_OK + auth.server_proof(token, nonce, req.client_nonce))
     logger.info("connection from %s authenticated", conn.peer)
 
 
 def _h_unauth_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> None:
     if req.nonce == wire.RDZV_PING_NONCE and conn.parser.extended:
-        conn.write(wire.reply_ping(req.nonce, True, auth_required=True))
+        conn.send_stateless(wire.reply_ping(req.nonce, True, auth_required=True))
         return
     raise _Close(
         "refused an unauthenticated client: this server requires a token and the client "
@@ -672,6 +741,26 @@ def _build_handlers() -> list[_Handler]:
 
 
 _HANDLERS = _build_handlers()
+#: Requests that change the store: refused while the journal cannot be written.
+_WRITE_OPS = (
+    Op.SET,
+    Op.COMPARE_SET,
+    Op.ADD,
+    Op.DELETE_KEY,
+    Op.APPEND,
+    Op.MULTI_SET,
+    Op.QUEUE_PUSH,
+    Op.QUEUE_POP,
+    Op.BARRIER,
+    Op.EXT_ADD,
+    Op.EXT_BARRIER,
+    Op.EXT_QUEUE_POP_WAIT,
+    Op.EXT_SET_EPHEMERAL,
+    Op.EXT_SET_LEASE,
+)
+_IS_WRITE = [op in _WRITE_OPS for op in range(256)]
+#: ... of which these have an extension reply, which can carry the error.
+_EXT_WRITE_OPS = frozenset(op for op in _WRITE_OPS if op >= Op.EXT_ADD)
 _UNAUTH_HANDLERS: list[_Handler] = [_h_unauthenticated] * 256
 _UNAUTH_HANDLERS[Op.VALIDATE] = _h_validate
 _UNAUTH_HANDLERS[Op.PING] = _h_unauth_ping
@@ -709,6 +798,10 @@ class StoreServer:
             multi_get, queue_pop) per connection; one more closes the connection, logged.
         auth_timeout: seconds a connection that must authenticate may take to do so; then
             it is closed, logged (a client cannot hold a connection without the token).
+        max_output_bytes: replies buffered for one connection (held for a commit plus the
+            transport's buffer) past which a connection that is already backed up (it
+            stopped reading its replies) is dropped, logged. Whatever the limit, a
+            connection whose buffered replies pass 4 MiB is not read from until they drain.
         data_dir: make the state durable in this directory (created if missing): recovered
             by :meth:`start`, every change journaled and committed before any reply that
             depends on it is sent (see ``docs/durability.md``). None: in memory only.
@@ -750,6 +843,7 @@ class StoreServer:
         max_connections: int | None = None,
         max_waits_per_connection: int | None = DEFAULT_MAX_WAITS_PER_CONNECTION,
         auth_timeout: float = DEFAULT_AUTH_TIMEOUT,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
         fsync_interval: float = 0.05,
@@ -762,6 +856,7 @@ class StoreServer:
         for name, value in (
             ("max_connections", max_connections),
             ("max_waits_per_connection", max_waits_per_connection),
+            ("max_output_bytes", max_output_bytes),
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
@@ -774,6 +869,7 @@ class StoreServer:
         self.ssl_context = ssl
         self.max_connections = max_connections
         self.max_waits_per_connection = max_waits_per_connection
+        self.max_output_bytes = max_output_bytes
         if not busy_poll >= 0:
             raise ValueError(f"busy_poll must be >= 0 seconds, got {busy_poll}")
         self.busy_poll = busy_poll
@@ -808,6 +904,10 @@ class StoreServer:
         )
         self._commit_scheduled = False
         self._sync_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._commits = 0  # successful group commits
+        #: Why writes are refused (the journal cannot be written), or None.
+        self.read_only: str | None = None
         self._recovered = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -959,8 +1059,11 @@ class StoreServer:
         if self._sync_timer is not None:
             self._sync_timer.cancel()
             self._sync_timer = None
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         if self.journal is not None:
-            self._commit()
+            self._commit(retry=True)
             self.journal.close()
         if self._closed is not None:
             self._closed.set()
@@ -973,50 +1076,94 @@ class StoreServer:
 
     # ------------------------------------------------------------------ group commit
     def _schedule_commit(self) -> None:
-        if not self._commit_scheduled and self._loop is not None:
+        if not self._commit_scheduled and self.read_only is None and self._loop is not None:
             self._commit_scheduled = True
             # call_soon runs after every connection readable in this loop iteration was
             # served: one commit (one fsync) for all of them.
             self._loop.call_soon(self._commit)
 
-    def _commit(self) -> None:
-        """Commit the journal, then send every reply held for it."""
+    def _commit(self, retry: bool = False) -> None:
+        """Commit the journal, then send every reply held for it. While the journal cannot
+        be written (read-only), only the retry timer (``retry``) tries again."""
         self._commit_scheduled = False
         journal = self.journal
-        outbox, self._outbox = self._outbox, []
         if journal is None:
+            self._outbox = []
+            return
+        if self.read_only is not None and not retry:
             return
         try:
             journal.commit()
         except OSError as exc:
-            # Nothing held may be acknowledged: drop those connections (their clients see
-            # a lost connection: the outcome of their last writes is unknown to them).
-            logger.error("cannot write the journal in %s: %s", journal.data_dir, exc)
-            for conn in outbox:
-                conn.out.clear()
-                conn._queued = False
-                conn.close(f"the journal could not be written ({exc.strerror or exc})")
+            # Nothing held may be acknowledged: keep every held reply (and the records,
+            # which the journal keeps) until a commit succeeds; refuse writes meanwhile.
+            self._enter_read_only(journal, exc)
             return
+        self._commits += 1
+        if self.read_only is not None:
+            self.read_only = None
+            logger.warning(
+                "the journal in %s is writable again: accepting writes", journal.data_dir
+            )
         if journal.unsynced and self._sync_timer is None and self._loop is not None:
             # fsync=interval: the records just written get their fsync within the interval
             # even if no further commit comes.
             self._sync_timer = self._loop.call_later(journal.fsync_interval, self._sync)
+        outbox, self._outbox = self._outbox, []
+        resumed = []
         for conn in outbox:
             conn._queued = False
             if conn.out and not conn._closed:
                 data = b"".join(conn.out) if len(conn.out) > 1 else conn.out[0]
-                conn.out.clear()
                 conn.transport.write(data)
-            else:
-                conn.out.clear()
+            conn.out.clear()
+            conn.out_bytes = 0
+            if conn._held_paused:
+                conn._held_paused = False
+                resumed.append(conn)
+        for conn in resumed:
+            conn._resume()
+
+    def _enter_read_only(self, journal: DurableJournal, exc: OSError) -> None:
+        if self.read_only is None:
+            full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            why = "the disk is full" if full else "the journal cannot be written"
+            self.read_only = (
+                f"the store is read-only: {why} ({exc.strerror or exc}, in {journal.data_dir});"
+                " writes are refused until a commit succeeds again"
+            )
+            logger.error(
+                "%s; retrying every %g s (replies are held until then)",
+                self.read_only,
+                JOURNAL_RETRY_INTERVAL,
+            )
+        if self._retry_timer is None and self._loop is not None:
+            self._retry_timer = self._loop.call_later(JOURNAL_RETRY_INTERVAL, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self._commit(retry=True)
+
+    def _refuse_write(self, conn: _Connection, req: Request) -> None:
+        """Answer a write while :attr:`read_only`: an error reply where the protocol has one
+        (rdzv's extensions), else close the connection (torch's writes have no error)."""
+        reason = self.read_only
+        assert reason is not None
+        if conn.handlers is not _HANDLERS:
+            conn.handlers[req.op](self, conn, req)  # not authenticated: refused as such
+        elif req.op in _EXT_WRITE_OPS:
+            conn.send_stateless(wire.reply_ext_error(wire.ErrorCode.STORE, reason))
+        else:
+            raise _Close(f"refused {req.op.name}: {reason}")
 
     def _sync(self) -> None:
         self._sync_timer = None
-        if self.journal is not None:
+        journal = self.journal
+        if journal is not None:
             try:
-                self.journal.sync()
+                journal.sync()
             except OSError as exc:
-                logger.error("cannot fsync the journal in %s: %s", self.journal.data_dir, exc)
+                self._enter_read_only(journal, exc)
 
     # ------------------------------------------------------------------ waiters
     def _check_waits(self, conn: _Connection) -> None:

@@ -106,6 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
             ssl=context,
             max_connections=args.max_connections,
             max_waits_per_connection=args.max_waits_per_connection,
+            max_output_bytes=args.max_output_bytes,
             auth_timeout=args.auth_timeout,
             busy_poll=args.busy_poll_us * 1e-6,
         )
@@ -192,6 +193,14 @@ def register(subparsers: Any) -> None:
         default=4096,
         help="most parked waits (wait, barrier, blocking get) per connection; one more "
         "closes the connection, logged (default: 4096)",
+    )
+    parser.add_argument(
+        "--max-output-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="replies buffered for one connection past which a client that does not read "
+        "them is disconnected, logged; from 4 MiB on, its requests are not read until they "
+        "drain (default: 67108864, 64 MiB)",
     )
     parser.add_argument(
         "--busy-poll-us",

@@ -56,17 +56,22 @@ from rdzv.errors import (
     StoreTimeoutError,
 )
 from rdzv.launcher.assignment import Assignment, NodeInfo, exchange
+from rdzv.launcher.causes import CauseChannel
 from rdzv.launcher.config import LaunchConfig, Std, std_for
 from rdzv.launcher.failures import (
+    HANG_EXIT_CODE,
+    FailureRecord,
     WorkerFailure,
     describe_exit,
     format_summary,
     read_error_file,
+    read_root_cause,
+    worker_failure_key,
 )
 from rdzv.launcher.logs import ConsoleWriter, LogPump, WorkerStreams, console_writer, format_prefix
 from rdzv.launcher.peers import PeerEvent, PeerMonitor
 from rdzv.launcher.watchdog import Watchdog
-from rdzv.launcher.worker import ATTEMPT_ID_ENV
+from rdzv.launcher.worker import ATTEMPT_ID_ENV, client_security
 from rdzv.launcher.workers import Worker, WorkerProcesses
 from rdzv.rendezvous.api import RendezvousHandler, RendezvousInfo
 from rdzv.store.base import Store
@@ -106,6 +111,10 @@ class RunResult:
     message: str | None = None
 
 
+#: Seconds the workers get, after the root cause reached their store, to end on their own
+#: (``rdzv.connect()`` raised PeerFailedError in them) before they are sent SIGTERM.
+PEER_FAILED_GRACE = 0.5
+
 #: Consecutive rendezvous rounds whose rank exchange failed before the agent gives up.
 _MAX_RENDEZVOUS_RETRIES = 3
 
@@ -119,12 +128,14 @@ class _SignalReceived(BaseException):
 
 
 class _Restart(Exception):
-    """The worker group must be restarted after a new rendezvous."""
+    """The worker group must be restarted after a new rendezvous; ``cause``: the root cause
+    of a failure (here or on another node)."""
 
-    def __init__(self, reason: str, *, failure: bool) -> None:
+    def __init__(self, reason: str, *, failure: bool, cause: FailureRecord | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.failure = failure
+        self.cause = cause
 
 
 class ElasticAgent:
@@ -179,8 +190,11 @@ class ElasticAgent:
         self._attempt = 0
         self._assignment: Assignment | None = None
         self._peers: PeerMonitor | None = None
+        self._causes: CauseChannel | None = None
+        self._remote_cause: FailureRecord | None = None
         self._stopping = False
         self._own_server: Store | None = None
+        self._round_store: Store | None = None
         self._log_root: Path | None = None
         self._own_log_root = False
         self.state = WorkerState.INIT
@@ -219,6 +233,7 @@ class ElasticAgent:
                 self._pump.close()
                 if self._watchdog is not None:
                     self._watchdog.close()
+                self._close_causes()
                 if signalled is None:
                     self._shutdown_handler()
                 self._cleanup()
@@ -230,6 +245,7 @@ class ElasticAgent:
 
     def _run(self) -> RunResult:
         last_failures: list[WorkerFailure] = []
+        last_cause: FailureRecord | None = None
         retries = 0
         while True:
             try:
@@ -245,8 +261,8 @@ class ElasticAgent:
                 _log.warning("rendezvous again: %s", restart.reason)
                 continue
             except (RendezvousError, RdzvError, OSError) as exc:
-                if last_failures:
-                    return self._job_failure(last_failures, then=exc)
+                if last_cause is not None:
+                    return self._job_failure(last_failures, last_cause, then=exc)
                 return self._agent_failure(exc)
             retries = 0
             try:
@@ -255,10 +271,15 @@ class ElasticAgent:
                 # Tell the other nodes first, so that they stop in parallel with us.
                 if self._peers is not None:
                     self._peers.request_restart()
+                if restart.cause is not None:
+                    self._let_workers_see(restart.cause)
                 if restart.failure:
                     last_failures = self._collect_failures()
+                    last_cause = restart.cause
+                    if last_cause is None and last_failures:
+                        last_cause = FailureRecord.from_failure(last_failures[0])
                     if self._remaining_restarts <= 0:
-                        return self._job_failure(last_failures)
+                        return self._job_failure(last_failures, last_cause)
                     self._remaining_restarts -= 1
                 _log.warning(
                     "restarting the worker group (%s); %s, %d of %d left",
@@ -291,6 +312,16 @@ class ElasticAgent:
             assignment.group_world_size,
             self.config.node_timeout,
             self.config.node_heartbeat_interval,
+        )
+        self._close_causes()
+        self._remote_cause = None
+        self._round_store = info.store
+        self._causes = CauseChannel(
+            info.store,
+            assignment.namespace,
+            assignment.group_rank,
+            assignment.group_world_size,
+            self._on_remote_cause,
         )
         _log.info(
             "rendezvous complete in %.3f s: node %d of %d, ranks %d..%d of %d, workers' store "
@@ -475,18 +506,24 @@ class ElasticAgent:
             with self._changed:
                 now = time.monotonic()
                 wait = min(next_check - now, peers.due(now))
-                if workers.failures() == [] and not workers.all_exited() and wait > 0:
+                idle = not workers.failures() and not workers.all_exited()
+                if idle and self._remote_cause is None and wait > 0:
                     self._changed.wait(wait)
                 failed = workers.failures()
                 done = workers.all_exited()
+                remote = self._remote_cause
             if failed:
                 first = failed[0]
                 self.state = WorkerState.FAILED
+                cause = self._announce(self._worker_record(first))
                 raise _Restart(
                     f"worker rank {first.global_rank} (local {first.local_rank}) ended with "
                     f"{describe_exit(first.returncode or 0)}",
-                    failure=True,
+                    failure=cause.kind != "lost",
+                    cause=cause,
                 )
+            if remote is not None:
+                raise self._remote_restart(remote)
             if done:
                 for worker in workers.workers:
                     self._record_exit(worker)
@@ -500,8 +537,14 @@ class ElasticAgent:
                     raise _Restart("new nodes are waiting to join", failure=False)
             event = peers.beat()
             if event is PeerEvent.PEER_LOST:
-                raise _Restart(f"node {peers.watched_peer} was lost", failure=False)
+                cause = self._announce(self._lost_record(peers.watched_peer))
+                raise _Restart(
+                    f"node {peers.watched_peer} was lost", failure=cause.kind != "lost", cause=cause
+                )
             if event is PeerEvent.RESTART_REQUESTED:
+                remote = self._published_cause()
+                if remote is not None:
+                    raise self._remote_restart(remote)
                 raise _Restart("another node restarts the group", failure=False)
             if now >= next_reap:
                 next_reap = now + 2.0
@@ -515,6 +558,125 @@ class ElasticAgent:
             return 0
 
     # -------------------------------------------------------------- failures
+    def _on_remote_cause(self, record: FailureRecord) -> None:
+        """The cause channel's callback: another node published a root cause."""
+        with self._changed:
+            if self._remote_cause is None:
+                self._remote_cause = record
+            self._changed.notify_all()
+
+    def _published_cause(self) -> FailureRecord | None:
+        """The root cause in the round's store, if any (one read; None on errors)."""
+        if self._remote_cause is not None:
+            return self._remote_cause
+        if self._round_store is None or self._assignment is None:
+            return None
+        try:
+            return read_root_cause(self._round_store, self._assignment.namespace)
+        except (RdzvError, ValueError) as exc:
+            _log.warning("cannot read the root cause: %s", exc)
+            return None
+
+    def _remote_restart(self, cause: FailureRecord) -> _Restart:
+        """Another node's root cause: say it here too, then restart like a failure."""
+        self.state = WorkerState.FAILED
+        self._say_cause(cause)
+        return _Restart(cause.describe(), failure=cause.kind != "lost", cause=cause)
+
+    def _worker_record(self, worker: Worker) -> FailureRecord:
+        """The record of a local worker that ended on its own, built at once (its error file
+        is complete; its stderr is whatever reached us so far)."""
+        assert worker.pid is not None and worker.returncode is not None
+        failure = WorkerFailure(
+            rank=worker.global_rank,
+            local_rank=worker.local_rank,
+            group_rank=self._assignment.group_rank if self._assignment else 0,
+            pid=worker.pid,
+            returncode=worker.returncode,
+            exit_time=worker.exit_time or time.time(),
+            run_time=worker.run_time(),
+            restart_count=self.restart_count,
+            host=self._host,
+            error_message=read_error_file(worker.streams.directory / "error.json"),
+            stderr_tail=worker.streams.stderr_tail(),
+        )
+        return FailureRecord.from_failure(failure)
+
+    def _lost_record(self, node: int) -> FailureRecord:
+        assignment = self._assignment
+        host = assignment.hosts[node] if assignment and node < len(assignment.hosts) else "?"
+        return FailureRecord(
+            kind="lost",
+            node_rank=node,
+            host=host,
+            message=f"no heartbeat for {self.config.node_timeout:g} s "
+            f"(seen by node {assignment.group_rank if assignment else '?'})",
+        )
+
+    def _announce(self, record: FailureRecord) -> FailureRecord:
+        """Publish ``record`` (the first cause of the generation wins), tell the workers'
+        store, and say the root cause on this console. A cause that cannot be published
+        (the store is gone) is still said here. Returns the root cause in force."""
+        root = record
+        if self._causes is not None:
+            try:
+                root = self._causes.publish(record)
+            except RdzvError as exc:
+                _log.error("could not publish the failure to the other nodes: %s", exc)
+        self._tell_workers(root)
+        self._say_cause(root)
+        return root
+
+    def _say_cause(self, cause: FailureRecord) -> None:
+        line = f"[rdzv run] {cause.describe()}"
+        self._stderr(line.encode() + b"\n")
+        _log.debug("%s", line)
+        if events.is_enabled():
+            self._record_failure(cause)
+
+    def _tell_workers(self, cause: FailureRecord) -> None:
+        """Set the root cause in the workers' store, where ``rdzv.connect()`` watches."""
+        assignment = self._assignment
+        if assignment is None:
+            return
+        key = worker_failure_key(self.handler.get_run_id(), assignment.attempt_id)
+        store: Store | None = self._own_server
+        try:
+            if store is None:
+                from rdzv.store.tcp import TCPStore
+
+                token_file, tls = client_security(self.config.env)
+                store = TCPStore(
+                    assignment.master_addr,
+                    assignment.master_port,
+                    is_master=False,
+                    timeout=2.0,
+                    wait_for_workers=False,
+                    token_file=token_file,
+                    tls=tls,
+                )
+                try:
+                    store.set(key, cause.to_json())
+                finally:
+                    store.close()
+            else:
+                store.set(key, cause.to_json())
+        except (RdzvError, OSError) as exc:
+            _log.warning("could not tell the workers' store about the failure: %s", exc)
+
+    def _let_workers_see(self, cause: FailureRecord) -> None:
+        """Give the local workers :data:`PEER_FAILED_GRACE` seconds to end on their own."""
+        workers = self._workers
+        if workers is None or cause.kind == "lost":
+            return
+        with self._changed:
+            self._changed.wait_for(workers.all_exited, PEER_FAILED_GRACE)
+
+    def _close_causes(self) -> None:
+        if self._causes is not None:
+            self._causes.close()
+            self._causes = None
+
     def _collect_failures(self) -> list[WorkerFailure]:
         """Stop the workers and describe those that failed on their own (first first)."""
         workers = self._workers
@@ -545,22 +707,30 @@ class ElasticAgent:
         return result
 
     def _job_failure(
-        self, failures: list[WorkerFailure], then: BaseException | None = None
+        self,
+        failures: list[WorkerFailure],
+        cause: FailureRecord | None,
+        then: BaseException | None = None,
     ) -> RunResult:
-        """The result for worker failures; ``then``: the error that ended the restarts early
-        (the rendezvous failed or was closed)."""
+        """The result for a failed job: ``failures`` on this node, ``cause`` the root cause
+        (here or elsewhere); ``then``: the error that ended the restarts early (the
+        rendezvous failed or was closed)."""
         self.state = WorkerState.FAILED
         summary = format_summary(
-            self._what, failures, restarts=self.restart_count, max_restarts=self.config.max_restarts
+            self._what,
+            failures,
+            restarts=self.restart_count,
+            max_restarts=self.config.max_restarts,
+            cause=cause,
         )
-        message = f"worker rank {failures[0].rank} failed: {failures[0].describe()}"
+        message = cause.describe() if cause is not None else "a worker failed"
         if then is not None:
             text = _error_text(then)
             summary += f"\nNo further restart: {text}"
             message += f"; no further restart: {text}"
         return RunResult(
             WorkerState.FAILED,
-            failures[0].exit_code or 1,
+            _cause_exit_code(cause),
             self.restart_count,
             failures,
             summary,
@@ -651,6 +821,22 @@ class ElasticAgent:
             )
         )
 
+    def _record_failure(self, cause: FailureRecord) -> None:
+        """Event ``rdzv.failure.{kind}``: a root cause as this node learnt it."""
+        metadata: dict[str, events.EventMetadataValue] = {
+            "run_id": self.handler.get_run_id(),
+            "reported_by": self._assignment.group_rank if self._assignment else None,
+            "hostname": self._host,
+            "record": cause.to_json(),
+        }
+        events.record(
+            events.Event(
+                name=f"rdzv.failure.{cause.kind}",
+                source=events.EventSource.AGENT,
+                metadata=metadata,
+            )
+        )
+
     def _record_agent(self, state: WorkerState, message: str | None) -> None:
         self._record(state.value, events.EventSource.AGENT, None, message=message)
 
@@ -680,6 +866,16 @@ def _error_text(exc: BaseException) -> str:
     if isinstance(exc, RendezvousClosedError):
         return "the rendezvous was closed (another node finished or gave up)"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _cause_exit_code(cause: FailureRecord | None) -> int:
+    """The agent's exit code for a job ended by ``cause``: the root cause's exit code,
+    :data:`HANG_EXIT_CODE` for a hang, 1 for a lost node or an unknown cause."""
+    if cause is None:
+        return 1
+    if cause.kind == "hang":
+        return HANG_EXIT_CODE
+    return cause.exit_code or 1
 
 
 def _store_port(store: Store) -> int:

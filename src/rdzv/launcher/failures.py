@@ -322,37 +322,72 @@ class WorkerFailure:
 
 
 def format_summary(
-    what: str, failures: list[WorkerFailure], *, restarts: int, max_restarts: int
+    what: str,
+    failures: list[WorkerFailure],
+    *,
+    restarts: int,
+    max_restarts: int,
+    cause: FailureRecord | None = None,
 ) -> str:
-    """The failure summary for ``failures`` (first = root cause) of the job ``what``."""
-    root = failures[0]
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(root.exit_time))
+    """The failure summary of the job ``what``: ``failures`` on this node (first first) and
+    ``cause``, the root cause of the whole job (default: the first of ``failures``). When the
+    root cause is on another node (or is a hang or a lost node), its record is shown and every
+    local failure is listed under "Other failures"."""
+    if cause is None:
+        if not failures:
+            raise ValueError("format_summary needs failures or a cause")
+        cause = FailureRecord.from_failure(failures[0])
+    root = failures[0] if failures else None
+    local = root is not None and cause.kind in ("exit", "signal") and cause.pid == root.pid
     lines = [
         _RULE,
         f"{what} FAILED after {restarts} restart(s) (max_restarts={max_restarts})",
+        cause.describe(),
         _THIN,
-        "Root cause (first worker to fail):",
-        f"  rank       : {root.rank} (local_rank {root.local_rank}, node {root.group_rank})",
-        f"  host       : {root.host}",
-        f"  exit       : {root.describe()} (pid {root.pid})",
-        f"  time       : {stamp} after {root.run_time:.2f} s",
     ]
-    if root.error_message:
-        lines.append(f"  error      : {root.error_message}")
-    for path in root.log_files:
-        lines.append(f"  log file   : {path}")
-    if root.stderr_tail:
-        lines.append(f"  stderr (last {len(root.stderr_tail)} lines):")
-        lines.extend(f"    | {line}" for line in root.stderr_tail)
+    if local:
+        assert root is not None
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(root.exit_time))
+        lines += [
+            "Root cause (first worker to fail):",
+            f"  rank       : {root.rank} (local_rank {root.local_rank}, node {root.group_rank})",
+            f"  host       : {root.host}",
+            f"  exit       : {root.describe()} (pid {root.pid})",
+            f"  time       : {stamp} after {root.run_time:.2f} s",
+        ]
+        if root.error_message:
+            lines.append(f"  error      : {root.error_message}")
+        for path in root.log_files:
+            lines.append(f"  log file   : {path}")
+        if root.stderr_tail:
+            lines.append(f"  stderr (last {len(root.stderr_tail)} lines):")
+            lines.extend(f"    | {line}" for line in root.stderr_tail)
+        else:
+            lines.append("  stderr     : (empty)")
+        others = failures[1:]
     else:
-        lines.append("  stderr     : (empty)")
-    if len(failures) > 1:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cause.time))
+        who = f"node {cause.node_rank} ({cause.host})"
+        if cause.rank is not None:
+            who = f"rank {cause.rank} on {who}"
+        lines += [
+            f"Root cause ({who}):",
+            f"  {cause.how()}" + (f" (pid {cause.pid})" if cause.pid is not None else ""),
+            f"  time       : {stamp}",
+        ]
+        if cause.stacks_file:
+            lines.append(f"  stacks     : {cause.stacks_file}")
+        if cause.message:
+            lines.append("  message:")
+            lines.extend(f"    | {line}" for line in cause.message.splitlines()[-20:])
+        others = failures
+    if others:
         lines.append(_THIN)
         lines.append("Other failures:")
-        for f in failures[1:]:
+        for f in others:
             lines.append(
                 f"  rank {f.rank} (local_rank {f.local_rank}): {f.describe()} (pid {f.pid}) "
-                f"{f.exit_time - root.exit_time:+.2f} s after the root cause"
+                f"{f.exit_time - cause.time:+.2f} s after the root cause"
             )
     lines.append(_RULE)
     return "\n".join(lines)

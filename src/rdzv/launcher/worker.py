@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from rdzv.store.base import Store, TimeoutLike
 from rdzv.store.prefix import PrefixStore
 
-__all__ = ["ATTEMPT_ID_ENV", "SECURITY_ENV", "connect", "security_env", "worker_store_prefix"]
+if TYPE_CHECKING:
+    from rdzv.tls import TLSConfig
+
+__all__ = [
+    "ATTEMPT_ID_ENV",
+    "SECURITY_ENV",
+    "client_security",
+    "connect",
+    "security_env",
+    "worker_store_prefix",
+]
 
 #: Set by ``rdzv run`` for every worker: the id of this incarnation of the worker group, the
 #: same on every node and new after every restart or re-rendezvous.
@@ -69,6 +80,21 @@ def worker_store_prefix(env: Mapping[str, str] | None = None) -> str:
     return f"rdzv.worker/{run_id}/{attempt}"
 
 
+def client_security(env: Mapping[str, str]) -> tuple[str | None, TLSConfig | None]:
+    """``(token_file, tls)`` for a store client from the variables of :data:`SECURITY_ENV`."""
+    tls_files = {
+        key[len("tls_") :]: env[var]
+        for key, var in SECURITY_ENV.items()
+        if key.startswith("tls_") and env.get(var)
+    }
+    tls = None
+    if tls_files:
+        from rdzv.tls import TLSConfig
+
+        tls = TLSConfig(**tls_files)
+    return env.get(SECURITY_ENV["token_file"]) or None, tls
+
+
 def connect(
     timeout: TimeoutLike = 300.0,
     *,
@@ -99,6 +125,11 @@ def connect(
     ``rdzv run`` sets them from ``--rdzv-conf tls_ca=...,token_file=...`` (see
     :func:`security_env`).
 
+    Under ``rdzv run`` a thread of the returned store watches for a failure of another
+    worker (or a hang, or a lost node) anywhere in the job: a call blocked in the store then
+    raises :class:`~rdzv.errors.PeerFailedError` naming the root cause at once, and so does
+    every later call (see :mod:`rdzv.launcher.peerwatch`).
+
     Raises RuntimeError naming the variable when MASTER_ADDR, MASTER_PORT, RANK or WORLD_SIZE
     is missing or malformed, and :class:`~rdzv.errors.NetworkError` /
     :class:`~rdzv.errors.StoreTimeoutError` when the store cannot be reached in time.
@@ -111,18 +142,8 @@ def connect(
     rank = _int(env, "RANK")
     world_size = _int(env, "WORLD_SIZE")
     agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").strip().lower() in _TRUE
-    tls_files = {
-        key[len("tls_") :]: env[var]
-        for key, var in SECURITY_ENV.items()
-        if key.startswith("tls_") and env.get(var)
-    }
-    tls = None
-    if tls_files:
-        from rdzv.tls import TLSConfig
-
-        tls = TLSConfig(**tls_files)
-    token_file = env.get(SECURITY_ENV["token_file"]) or None
-    store: Store
+    token_file, tls = client_security(env)
+    store: TCPStore
     if agent_store:
         store = TCPStore(
             addr, port, is_master=False, timeout=timeout, token_file=token_file, tls=tls
@@ -137,6 +158,12 @@ def connect(
             token_file=token_file,
             tls=tls,
         )
+    attempt = env.get(ATTEMPT_ID_ENV)
+    if attempt:  # under rdzv run: a peer's failure interrupts our blocked calls at once
+        from rdzv.launcher.failures import worker_failure_key
+        from rdzv.launcher.peerwatch import watch_failures
+
+        watch_failures(store, worker_failure_key(env.get("TORCHELASTIC_RUN_ID") or "none", attempt))
     if scoped:
         return PrefixStore(worker_store_prefix(env), store)
     return store

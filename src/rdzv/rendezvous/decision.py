@@ -63,6 +63,7 @@ from rdzv.rendezvous.state import (
     SizeRecord,
     assign_ranks,
     choose_members,
+    parse_counter_value,
     slot_count,
 )
 
@@ -75,6 +76,7 @@ __all__ = [
     "RendezvousSettings",
     "RendezvousTimeout",
     "Track",
+    "clean_up_program",
     "seconds",
 ]
 
@@ -791,3 +793,16 @@ class RendezvousCore:
         joined = slot_count((yield Add(keys.joined, SEAL)))
         out_keys = [keys.quorum] + [keys.rank(s) for s in range(1, joined + 1)]
         yield MultiSet(out_keys, [b"1"] + [CLOSED_RANK] * joined)
+
+
+def clean_up_program(keys: RoundKeys) -> Program[None]:
+    """Delete the rendezvous keys of round ``keys`` (every node has left it: two rounds
+    back); the user keys under its store prefix are the executor's (they need a listing)."""
+    if not (yield Check([keys.joined])):
+        return
+    joined = slot_count(parse_counter_value(keys.joined, (yield Get(keys.joined))))
+    for slot in range(1, joined + 1):
+        for key in keys.per_slot(slot):
+            yield DeleteKey(key)
+    for key in keys.round_level():
+        yield DeleteKey(key)

@@ -35,12 +35,9 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from rdzv.errors import (
-    CounterError,
     RendezvousClosedError,
-    RendezvousConnectionError,
     RendezvousError,
     RendezvousGracefulExitError,
-    RendezvousStateError,
     StoreError,
 )
 from rdzv.events import NodeState, record_rdzv_event_fields
@@ -63,12 +60,13 @@ from rdzv.rendezvous.decision import (
     RendezvousTimeout,
     Track,
     _Pending,
+    clean_up_program,
     seconds,
 )
 from rdzv.rendezvous.keepalive import KeepAlive
 from rdzv.rendezvous.liveness import HeartbeatLiveness, Liveness
-from rdzv.rendezvous.ops import Effect, Program, run_blocking
-from rdzv.rendezvous.state import RoundKeys, RunKeys, parse_counter_value, slot_count
+from rdzv.rendezvous.ops import Effect, Program, rendezvous_error, run_blocking
+from rdzv.rendezvous.state import RoundKeys, RunKeys
 from rdzv.store.base import Store, handle_for_thread
 from rdzv.store.prefix import PrefixStore
 
@@ -407,16 +405,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
             return fn()
         except RendezvousError:
             raise
-        except CounterError as exc:
-            raise RendezvousStateError(
-                f"a counter of the rendezvous '{self._settings.run_id}' holds a value that is "
-                f"not an integer: {exc}; the rendezvous state is corrupt or hostile"
-            ) from exc
-        except (StoreError, OSError) as exc:
-            raise RendezvousConnectionError(
-                f"The connection to the store {self._store!r} of the rendezvous "
-                f"'{self._settings.run_id}' has failed: {type(exc).__name__}: {exc}"
-            ) from exc
+        except Exception as exc:
+            error = rendezvous_error(exc, self._settings.run_id, repr(self._store))
+            if error is None:
+                raise
+            raise error from exc
 
     def _control(self) -> Store:
         with self._control_lock:
@@ -533,14 +526,7 @@ def _clean_up_round(origin: Store, keys: RoundKeys) -> None:
     """Delete the keys of a round that every node has left (two rounds back)."""
     try:
         store = handle_for_thread(origin)
-        if not store.check([keys.joined]):
-            return
-        joined = slot_count(parse_counter_value(keys.joined, store.get(keys.joined)))
-        for slot in range(1, joined + 1):
-            for key in keys.per_slot(slot):
-                store.delete_key(key)
-        for key in keys.round_level():
-            store.delete_key(key)
+        run_blocking(store, clean_up_program(keys))
         user = PrefixStore(keys.store_prefix, store)
         with contextlib.suppress(NotImplementedError):
             for key in user.list_keys():

@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from rdzv.errors import CounterError, RendezvousConnectionError, RendezvousStateError, StoreError
 from rdzv.store.base import Store
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "Set",
     "StoreOp",
     "Wait",
+    "rendezvous_error",
     "run_blocking",
 ]
 
@@ -207,3 +209,20 @@ def run_blocking(
                 result = _perform(store, op)
         except Exception as exc:  # handed to the program, which decides
             result, error = None, exc
+
+
+def rendezvous_error(exc: BaseException, run_id: str, store: str) -> Exception | None:
+    """The rendezvous error that a store failure ``exc`` becomes, None if it is not one: a
+    counter holding a non-integer is RendezvousStateError (corrupt or hostile state), a store
+    or OS error is RendezvousConnectionError (with ``store``, its repr, in the message)."""
+    if isinstance(exc, CounterError):
+        return RendezvousStateError(
+            f"a counter of the rendezvous '{run_id}' holds a value that is not an integer: "
+            f"{exc}; the rendezvous state is corrupt or hostile"
+        )
+    if isinstance(exc, (StoreError, OSError)):
+        return RendezvousConnectionError(
+            f"The connection to the store {store} of the rendezvous '{run_id}' has failed: "
+            f"{type(exc).__name__}: {exc}"
+        )
+    return None

@@ -360,8 +360,10 @@ class AsyncTCPStore:
     async def set(self, key: KeyLike, value: ValueLike) -> None:
         await self._send(wire.encode_set(ops.wire_key(key_to_str(key)), value_to_bytes(value)))
 
-    async def get(self, key: KeyLike) -> bytes:
-        k, deadline = key_to_str(key), Deadline(self._timeout)
+    async def get(self, key: KeyLike, timeout: TimeoutLike | None = None) -> bytes:
+        """The value of ``key``, waiting for it at most ``timeout`` (default: the store's
+        timeout; one request on an rdzv server). Raises StoreTimeoutError on expiry."""
+        k, deadline = key_to_str(key), Deadline(self._resolve(timeout))
         return await self._run(lambda: ops.get(self._session, k, deadline.remaining()))
 
     async def add(self, key: KeyLike, amount: int) -> int:

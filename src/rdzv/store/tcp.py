@@ -33,6 +33,8 @@ Differences from ``torch.distributed.TCPStore`` (each on purpose):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import os
@@ -46,7 +48,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from rdzv import auth, wire
-from rdzv.errors import NetworkError, ProtocolError
+from rdzv.errors import NetworkError, ProtocolError, RdzvError
 from rdzv.server import ServerThread, format_endpoint
 from rdzv.store import tcp_ops as ops
 from rdzv.store.base import (
@@ -220,6 +222,7 @@ class TCPStore(Store):
         self._broken: str | None = None
         self._reconnect = bool(reconnect)
         self._lost = False  # the connection was lost (reconnectable), not broken
+        self._interrupted: RdzvError | None = None  # set by interrupt(): fail every call
         self._unacked = ops.Unacked()
         self._rbuf = wire.ReplyBuffer()
         self._server: _ServerRef | None = None
@@ -301,6 +304,18 @@ class TCPStore(Store):
             self._lost = False
             self._server = None
 
+    def interrupt(self, error: RdzvError) -> None:
+        """From any thread: make the call blocked on this connection, and every later call,
+        raise (a copy of) ``error`` at once; the connection is shut down and never reopened.
+        Used to abort a worker's blocked ``wait`` with
+        :class:`~rdzv.errors.PeerFailedError` when a peer failed (:func:`rdzv.connect`)."""
+        self._interrupted = error
+        sock = self._sock
+        if sock is not None:
+            # Already closed: the blocked call fails anyway.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def __enter__(self) -> TCPStore:
         return self
 
@@ -368,6 +383,9 @@ class TCPStore(Store):
         dropped: str | None = None
         with self._lock:
             while True:
+                if self._interrupted is not None:
+                    self._fail(str(self._interrupted))
+                    raise copy.copy(self._interrupted)
                 fresh = False
                 if self._sock is None:
                     if not self._lost:
@@ -389,6 +407,8 @@ class TCPStore(Store):
                     reason = ops.failure_reason(self._session, exc)
                     if reason is None:
                         raise
+                    if self._interrupted is not None:
+                        continue  # the loop's head raises with the interruption's reason
                     error = self._fail(reason, self._reconnect and ops.connection_lost(exc))
                     if not self._lost:
                         raise error from exc

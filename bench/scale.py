@@ -1,0 +1,316 @@
+"""Benchmark: the dynamic rendezvous at 1,000 to 16,000 nodes against a real ``rdzv serve``.
+
+Each node is an :class:`~rdzv.rendezvous.async_node.AsyncRendezvousNode` (the decision core of
+the handler, run by the asyncio executor) with its own connection to the server; the nodes
+are spread over worker processes (one process holds at most ~19,000 descriptors here), and
+the heartbeats of one process share one connection (a node-local agent's). The server is
+``python -m rdzv serve`` in its own process, so its CPU seconds and peak RSS are its own.
+
+    python bench/scale.py [--sizes 1024,4096,10000] [--procs 4] [--repeat 1]
+        [--loss 4096] [--interval 1] [--attempts 3]
+
+Figures per N (min = max = N, all nodes connected first, then released at once):
+``seconds`` from the release to the last node holding its rank; ``ops_per_node`` store
+operations (rendezvous and heartbeats); ``server_cpu_s_per_node`` the server's CPU seconds
+(user + system, /proc) during the round divided by N; ``server_rss_per_conn_bytes`` the
+server's RSS growth from idle to all connected, per connection; ``server_peak_rss_mb``.
+
+``--loss N``: N nodes with min = N - 1, max = N complete a round; one node then dies (its
+heartbeats stop, its connection closes) and the others call ``next_rendezvous`` at once:
+``seconds`` from the death to the last survivor holding its rank in the new round, to set
+against the detection time (keep-alive interval x attempts).
+
+Prints one JSON document (machine, load, workload, results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+_REPO = Path(__file__).resolve().parent.parent
+for _p in (str(_REPO / "src"), str(_REPO)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+HOST = "127.0.0.1"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------- the server
+class Server:
+    """``rdzv serve`` in a child process, with its CPU seconds and memory from /proc."""
+
+    def __init__(self, extra: list[str]) -> None:
+        env = dict(os.environ, PYTHONPATH=str(_REPO / "src"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rdzv", "serve", "--host", HOST, "--port", "0", *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        for _ in range(50):
+            line = self.proc.stdout.readline()
+            match = re.search(r"listening on [^\s]*:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+        else:
+            raise RuntimeError("rdzv serve did not report its port")
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+
+    def mem(self, field: str) -> int:
+        """``VmRSS`` or ``VmHWM`` in bytes."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(field)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+# ---------------------------------------------------------------------------- worker process
+async def _worker_main(
+    port: int, count: int, n: int, min_nodes: int, run_id: str, args: dict[str, Any], pipe: Any
+) -> None:
+    from rdzv.rendezvous.async_node import AsyncRendezvousNode
+    from rdzv.rendezvous.decision import RendezvousTimeout
+    from rdzv.store.async_tcp import AsyncTCPStore
+
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(128)
+
+    async def connect() -> AsyncTCPStore:
+        async with gate:
+            return await AsyncTCPStore(HOST, port, timeout=120, wait_for_workers=False).connect()
+
+    shared = await connect()
+    stores = await asyncio.gather(*(connect() for _ in range(count)))
+    timeout = RendezvousTimeout(join=args["budget"], last_call=args["last_call"])
+    nodes = [
+        AsyncRendezvousNode(
+            run_id,
+            store,
+            min_nodes,
+            n,
+            timeout=timeout,
+            keep_alive_interval=args["interval"],
+            keep_alive_max_attempt=args["attempts"],
+            master_endpoint=(HOST, port),
+            keep_alive_store=shared,
+        )
+        for store in stores
+    ]
+    recv = lambda: loop.run_in_executor(None, pipe.recv)  # noqa: E731 - keeps the loop running
+
+    async def one(node: AsyncRendezvousNode) -> tuple[float, int | str]:
+        try:
+            done = await node.next_rendezvous()
+        except Exception as exc:  # reported, not raised: the parent counts them
+            return time.monotonic(), f"{type(exc).__name__}: {exc}"
+        return time.monotonic(), done.rank
+
+    async def round_(members: list[AsyncRendezvousNode]) -> dict[str, Any]:
+        before = sum(node.ops[0] for node in nodes)
+        results = await asyncio.gather(*(one(node) for node in members))
+        return {
+            "done": [t for t, r in results if isinstance(r, int)],
+            "ranks": [r for _, r in results if isinstance(r, int)],
+            "errors": [r for _, r in results if isinstance(r, str)][:3],
+            "n_errors": sum(1 for _, r in results if isinstance(r, str)),
+            "ops": sum(node.ops[0] for node in nodes) - before,
+        }
+
+    pipe.send("ready")
+    assert await recv() == "go"
+    pipe.send(await round_(nodes))
+    command = await recv()
+    if command == "loss":
+        survivors = nodes
+        if args["victim"]:
+            victim, survivors = nodes[0], nodes[1:]
+            victim.stop()
+            await victim._store.close()
+            pipe.send(time.monotonic())
+        pipe.send(await round_(survivors))
+        await recv()
+    os._exit(0)  # no orderly goodbye for thousands of connections
+
+
+def _worker(
+    port: int, count: int, n: int, min_nodes: int, run_id: str, args: dict[str, Any], pipe: Any
+) -> None:
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    if args["uvloop"]:
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(_worker_main(port, count, n, min_nodes, run_id, args, pipe))
+
+
+# ---------------------------------------------------------------------------- one trial
+def trial(n: int, procs: int, args: dict[str, Any], loss: bool = False) -> dict[str, Any]:
+    server = Server(args["server_args"])
+    try:
+        return _trial(server, n, procs, args, loss)
+    finally:
+        server.stop()
+
+
+def _trial(server: Server, n: int, procs: int, args: dict[str, Any], loss: bool) -> dict[str, Any]:
+    run_id = f"scale-{n}-{os.getpid()}-{time.monotonic_ns()}"
+    ctx = mp.get_context("spawn")
+    k = max(1, min(procs, n))
+    shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    min_nodes = n - 1 if loss else n
+    rss_idle = server.mem("VmRSS")
+    pipes: list[Connection] = []
+    workers = []
+    for i, share in enumerate(shares):
+        parent, child = ctx.Pipe()
+        wargs = dict(args, victim=loss and i == 0)
+        proc = ctx.Process(
+            target=_worker, args=(server.port, share, n, min_nodes, run_id, wargs, child)
+        )
+        proc.start()
+        pipes.append(parent)
+        workers.append(proc)
+    try:
+        for pipe in pipes:
+            if not pipe.poll(args["budget"] + 60):
+                raise RuntimeError("a worker did not connect its nodes in time")
+            assert pipe.recv() == "ready"
+        connections = n + k
+        rss_connected = server.mem("VmRSS")
+        cpu0 = server.cpu()
+        start = time.monotonic()
+        for pipe in pipes:
+            pipe.send("go")
+        first = [pipe.recv() for pipe in pipes]
+        cpu1 = server.cpu()
+        result = _summary(first, start, n, cpu1 - cpu0)
+        result.update(
+            server_rss_per_conn_bytes=round((rss_connected - rss_idle) / connections),
+            connections=connections,
+        )
+        if loss:
+            for pipe in pipes:
+                pipe.send("loss")
+            death = pipes[0].recv()
+            cpu2 = server.cpu()
+            second = [pipe.recv() for pipe in pipes]
+            result["loss"] = _summary(second, death, n - 1, server.cpu() - cpu2)
+            result["loss"]["detection_s"] = args["interval"] * args["attempts"]
+            for pipe in pipes:
+                pipe.send("end")
+        result["server_peak_rss_mb"] = round(server.mem("VmHWM") / 2**20, 1)
+        return result
+    finally:
+        for proc in workers:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _summary(reports: list[dict[str, Any]], start: float, n: int, cpu: float) -> dict[str, Any]:
+    done = [t for r in reports for t in r["done"]]
+    ranks = sorted(x for r in reports for x in r["ranks"])
+    complete = len(done) == n and ranks == list(range(n))
+    return {
+        "seconds": round(max(done) - start, 4) if complete else None,
+        "complete": complete,
+        "completed": len(done),
+        "errors": sum(r["n_errors"] for r in reports),
+        "error_samples": [e for r in reports for e in r["errors"]][:3],
+        "ops_per_node": round(sum(r["ops"] for r in reports) / n, 2),
+        "server_cpu_s": round(cpu, 3),
+        "server_cpu_s_per_node": round(cpu / n, 7),
+    }
+
+
+def _load() -> dict[str, Any]:
+    one, five, _ = os.getloadavg()
+    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1024,4096,10000")
+    parser.add_argument("--procs", type=int, default=4, help="worker processes per trial")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=120.0, help="join timeout, seconds")
+    parser.add_argument("--interval", type=float, default=1.0, help="keep-alive interval, s")
+    parser.add_argument("--attempts", type=int, default=3, help="keep-alive max attempts")
+    parser.add_argument("--last-call", type=float, default=0.1, help="last call, seconds")
+    parser.add_argument("--loss", type=int, default=0, help="N of the node-loss scenario")
+    parser.add_argument("--no-uvloop", action="store_true", help="asyncio's loop in workers")
+    parser.add_argument("--server-arg", action="append", default=[], help="for rdzv serve")
+    opts = parser.parse_args()
+    args = {
+        "budget": opts.budget,
+        "interval": opts.interval,
+        "attempts": opts.attempts,
+        "last_call": opts.last_call,
+        "uvloop": not opts.no_uvloop,
+        "server_args": opts.server_arg,
+    }
+    results: dict[str, Any] = {}
+    sizes = [int(s) for s in opts.sizes.split(",") if s]
+    for n in sizes:
+        runs = []
+        for _ in range(opts.repeat):
+            runs.append(dict(trial(n, opts.procs, args), load_after=_load()))
+        secs = sorted(r["seconds"] for r in runs if r["seconds"] is not None)
+        results[str(n)] = {"median_seconds": secs[len(secs) // 2] if secs else None, "runs": runs}
+    if opts.loss:
+        results[f"loss_{opts.loss}"] = trial(opts.loss, opts.procs, args, loss=True)
+    ratios = {}
+    if "1024" in results and "4096" in results:
+        a, b = results["1024"]["median_seconds"], results["4096"]["median_seconds"]
+        if a and b:
+            ratios["time_4096_over_1024"] = round(b / a, 2)
+    doc = {
+        "benchmark": "dynamic rendezvous at scale (asyncio nodes, rdzv serve)",
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "shared": "2 cores shared with other engineers' work",
+            "load_before": _load(),
+        },
+        "workload": {
+            "procs": opts.procs,
+            "keep_alive_interval_s": opts.interval,
+            "keep_alive_max_attempt": opts.attempts,
+            "last_call_s": opts.last_call,
+            "client_loop": "uvloop" if args["uvloop"] else "asyncio",
+            "server_args": opts.server_arg,
+        },
+        "results": results,
+        "ratios": ratios,
+    }
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Failure attribution across nodes, end to end: real agents, workers and store."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.launcher.cluster import agents_cleanup, finish, start_agent, store_server
+from tests.launcher.test_run_e2e import _c10d
+
+#: Rank 3 (node 1, local rank 1) exits 3 once every rank is connected; the others block in
+#: a store wait that nobody will satisfy and report what the wait raised.
+BLOCKED = r"""
+import os, sys, time
+import rdzv
+store = rdzv.connect(timeout=60)
+rank = int(os.environ["RANK"])
+store.barrier("up", int(os.environ["WORLD_SIZE"]))
+if rank == 3:
+    sys.stderr.write("rank 3 gives up\n")
+    sys.exit(3)
+started = time.monotonic()
+try:
+    store.wait(["never"])
+except rdzv.errors.PeerFailedError as exc:
+    print(f"rank {rank} PeerFailedError after {time.monotonic() - started:.2f} s: {exc}",
+          flush=True)
+    sys.exit(1)
+"""
+
+
+def test_every_node_names_the_root_cause_and_workers_stop_waiting(tmp_path: Path) -> None:
+    script = tmp_path / "blocked.py"
+    script.write_text(BLOCKED)
+    with store_server() as port:
+        args = [*_c10d(port, "attrib", "2", 2, "--max-restarts", "0"), str(script)]
+        a, b = start_agent(*args), start_agent(*args)
+        with agents_cleanup(a, b):
+            started = time.monotonic()
+            (code_a, out_a, err_a), (code_b, out_b, err_b) = finish(a), finish(b)
+    assert time.monotonic() - started < 60
+    # Both agents exit with the root cause's exit code and name it, on their console and in
+    # the summary.
+    assert (code_a, code_b) == (3, 3), (err_a, err_b)
+    for err in (err_a, err_b):
+        line = next(x for x in err.splitlines() if "] root cause:" in x)
+        assert "root cause: rank 3 on node 1 (" in line and ": exit code 3 (pid " in line
+        assert "local rank 1" in line and "rank 3 gives up" in line
+        assert "FAILED after 0 restart(s)" in err
+    # The three blocked workers got PeerFailedError naming rank 3 (not their 60 s timeout).
+    blocked = [x for x in (out_a + out_b).splitlines() if "PeerFailedError after" in x]
+    assert len(blocked) == 3, (out_a, out_b)
+    for line in blocked:
+        assert "rank 3 on node 1" in line and "exit code 3" in line
+        assert float(line.split(" after ")[1].split(" s")[0]) < 10
