@@ -442,7 +442,8 @@ class BackendRendezvousHandler(RendezvousHandler):
         timeout: a :class:`~rdzv.rendezvous.dynamic.RendezvousTimeout` (None: defaults).
         keep_alive_interval: seconds or timedelta between heartbeats (default 5).
         keep_alive_max_attempt: missed heartbeats before a node is dropped (default 3).
-        poll_interval: seconds between two reads of the state while waiting (torch: 1).
+        poll_interval: seconds between two reads of the state while waiting (None:
+            :data:`POLL_INTERVAL`, torch's 1 s).
 
     The errors are torch's: RendezvousClosedError, RendezvousTimeoutError,
     RendezvousGracefulExitError (a spare when the rendezvous closes), and what the backend
@@ -461,7 +462,7 @@ class BackendRendezvousHandler(RendezvousHandler):
         keep_alive_interval: timedelta | float = 5,
         keep_alive_max_attempt: int = 3,
         *,
-        poll_interval: float = POLL_INTERVAL,
+        poll_interval: float | None = None,
     ) -> None:
         if not run_id:
             raise ValueError("The run id must be a non-empty string.")
@@ -488,13 +489,12 @@ class BackendRendezvousHandler(RendezvousHandler):
         self._addr = local_addr or socket.getfqdn()
         self.node = f"{self._addr}_{os.getpid()}_{self._local_id}"
         self._holder = _StateHolder(backend, self._settings, self.node, cache=1.0)
-        self._poll_interval = poll_interval
+        self._poll_interval = POLL_INTERVAL if poll_interval is None else poll_interval
         self._lock = threading.RLock()
         self._beat = 0
         self._beat_at: float | None = None
         self._heartbeats: _Heartbeats | None = None
         self._bootstrap_server: Any = None
-        self._bootstrap_info: RendezvousStoreInfo | None = None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -691,10 +691,9 @@ class BackendRendezvousHandler(RendezvousHandler):
     # ------------------------------------------------------------------ round store
     def _bootstrap(self, rank: int, store: Store) -> RendezvousStoreInfo:
         """Where the workers' store lives: the rendezvous store's own server when it is a
-        TCPStore (and sharing is on), else a server that rank 0 starts (or, sharing off, a
-        free port for the workers' own store) published through the round store."""
-        if self._bootstrap_info is not None:
-            return self._bootstrap_info
+        TCPStore (and sharing is on), else a server that rank 0 starts (once per handler;
+        or, sharing off, a free port for the workers' own store), published through each
+        round's store (rank 0 may be another node in the next round)."""
         from rdzv.store.tcp import TCPStore
 
         if self.use_agent_store and isinstance(self._store, TCPStore):
@@ -703,16 +702,16 @@ class BackendRendezvousHandler(RendezvousHandler):
             port = None
             if rank == 0:
                 if self.use_agent_store:
-                    self._bootstrap_server = TCPStore(
-                        self._addr, 0, is_master=True, multi_tenant=True
-                    )
+                    if self._bootstrap_server is None:
+                        self._bootstrap_server = TCPStore(
+                            self._addr, 0, is_master=True, multi_tenant=True
+                        )
                     port = int(self._bootstrap_server.port)
                 else:
                     with socket.socket() as sock:
                         sock.bind(("", 0))
                         port = int(sock.getsockname()[1])
             info = RendezvousStoreInfo.build(rank, store, self._addr, port)
-        self._bootstrap_info = info
         return info
 
     # ------------------------------------------------------------------ heartbeats
