@@ -35,6 +35,7 @@ _LAZY = {
     "EtcdStore": "rdzv.store.etcd",
     "register_rendezvous_handler": "rdzv.rendezvous.url",
     "connect": "rdzv.launcher.worker",
+    "heartbeat": "rdzv.launcher.heartbeat",
 }
 
 __all__ = [

@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #ifndef _WIN32
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -50,6 +51,9 @@ enum {
 #define REPLY_CHECK_READY 0x00
 #define REPLY_CHECK_NOT_READY 0x01
 #define REPLY_EXT_OK 0x00
+
+/* Most latency buckets Executor.enable_counting() accepts. */
+#define MAX_BUCKETS 32
 
 /* Outcome of one request. */
 #define STEP_STOP (-1)  /* not taken: nothing changed, the Python path takes over here */
@@ -178,6 +182,13 @@ typedef struct {
     Py_ssize_t distinct;       /* receivers that read in this period */
     char polling;
     PyObject *on_activity;
+    /* Metrics (rdzv.observe reads them with counters()): off until enable_counting(). */
+    char counting;
+    unsigned long long ops[256];                /* requests executed here, by opcode */
+    Py_ssize_t nbounds;                         /* latency bucket upper bounds, ns */
+    unsigned long long bounds[MAX_BUCKETS];
+    unsigned long long buckets[MAX_BUCKETS + 1]; /* reads per bucket; the last is +Inf */
+    unsigned long long latency_sum_ns;
 } Executor;
 
 /* 1 if ``key`` is a key of ``dict``, 0 if not, -1 on error. */
@@ -479,6 +490,9 @@ execute(Executor *self, const unsigned char *p, Py_ssize_t *pos, Py_ssize_t end,
         if (next == STEP_STOP) {
             break;
         }
+        if (self->counting) {
+            self->ops[p[*pos]]++;
+        }
         *pos = next;
     }
     return 0;
@@ -544,6 +558,116 @@ executor_run(Executor *self, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+PyDoc_STRVAR(enable_counting_doc,
+"enable_counting(bounds_ns)\n\n"
+"Start counting: requests executed here by opcode, and the time of each receiver call\n"
+"(one read: its requests and replies) in a histogram whose bucket upper bounds are\n"
+"``bounds_ns`` (an increasing sequence of at most 32 ints, nanoseconds; a last bucket\n"
+"counts the rest). Resets the counters. Raises ValueError for bounds that are not\n"
+"increasing or too many, TypeError if they are not ints.");
+
+static PyObject *
+executor_enable_counting(Executor *self, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "enable_counting(): bounds_ns must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > MAX_BUCKETS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "enable_counting(): at most %d bounds, got %zd",
+                     MAX_BUCKETS, n);
+        return NULL;
+    }
+    unsigned long long bounds[MAX_BUCKETS];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        bounds[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (bounds[i] == (unsigned long long)-1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (i > 0 && bounds[i] <= bounds[i - 1]) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "enable_counting(): bounds must increase");
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    memcpy(self->bounds, bounds, sizeof(bounds[0]) * (size_t)n);
+    self->nbounds = n;
+    memset(self->ops, 0, sizeof self->ops);
+    memset(self->buckets, 0, sizeof self->buckets);
+    self->latency_sum_ns = 0;
+    self->counting = 1;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(counters_doc,
+"counters() -> (ops, buckets, latency_sum_ns)\n\n"
+"What was counted since enable_counting(): ``ops`` a dict opcode -> requests executed\n"
+"here (opcodes never seen are absent), ``buckets`` a tuple of reads per latency bucket\n"
+"(len(bounds_ns) + 1, not cumulative; the last is above every bound), and the sum of\n"
+"those reads' times in nanoseconds. All zero while counting is off.");
+
+static PyObject *
+executor_counters(Executor *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *ops = PyDict_New();
+    if (ops == NULL) {
+        return NULL;
+    }
+    for (int op = 0; op < 256; op++) {
+        if (self->ops[op] == 0) {
+            continue;
+        }
+        PyObject *k = PyLong_FromLong(op);
+        PyObject *v = PyLong_FromUnsignedLongLong(self->ops[op]);
+        int rc = (k == NULL || v == NULL) ? -1 : PyDict_SetItem(ops, k, v);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (rc < 0) {
+            Py_DECREF(ops);
+            return NULL;
+        }
+    }
+    PyObject *buckets = PyTuple_New(self->nbounds + 1);
+    if (buckets == NULL) {
+        Py_DECREF(ops);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i <= self->nbounds; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(self->buckets[i]);
+        if (v == NULL) {
+            Py_DECREF(ops);
+            Py_DECREF(buckets);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(buckets, i, v);
+    }
+    return Py_BuildValue("(NNK)", ops, buckets, self->latency_sum_ns);
+}
+
+static unsigned long long
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000000ULL + (unsigned long long)ts.tv_nsec;
+}
+
+/* Count one read that took ``ns`` nanoseconds in the latency histogram. */
+static void
+observe_latency(Executor *self, unsigned long long ns)
+{
+    Py_ssize_t i = 0;
+    while (i < self->nbounds && ns > self->bounds[i]) {
+        i++;
+    }
+    self->buckets[i]++;
+    self->latency_sum_ns += ns;
+}
+
 static int
 executor_init(Executor *self, PyObject *args, PyObject *kwds)
 {
@@ -579,6 +703,11 @@ executor_init(Executor *self, PyObject *args, PyObject *kwds)
     self->distinct = 0;
     self->polling = 0;
     Py_XSETREF(self->on_activity, Py_NewRef(Py_None));
+    self->counting = 0;
+    self->nbounds = 0;
+    memset(self->ops, 0, sizeof self->ops);
+    memset(self->buckets, 0, sizeof self->buckets);
+    self->latency_sum_ns = 0;
     return 0;
 }
 
@@ -626,11 +755,15 @@ static PyMemberDef executor_members[] = {
      "bool: the busy poller runs; the receivers call ``on_activity`` while it is False"},
     {"on_activity", T_OBJECT, offsetof(Executor, on_activity), 0,
      "callable() or None: called (after ``polling`` is set) on a read while not polling"},
+    {"counting", T_BOOL, offsetof(Executor, counting), READONLY,
+     "bool: enable_counting() was called"},
     {NULL, 0, 0, 0, NULL},
 };
 
 static PyMethodDef executor_methods[] = {
     {"run", (PyCFunction)(void (*)(void))executor_run, METH_FASTCALL, run_doc},
+    {"enable_counting", (PyCFunction)executor_enable_counting, METH_O, enable_counting_doc},
+    {"counters", (PyCFunction)executor_counters, METH_NOARGS, counters_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -783,6 +916,22 @@ receiver_feed(Receiver *self, PyObject *data)
     return result;
 }
 
+/* receiver_feed, timed into the executor's latency histogram while it counts. */
+static PyObject *
+receiver_feed_counted(Receiver *self, PyObject *data)
+{
+    Executor *ex = (Executor *)self->executor;
+    if (!ex->counting) {
+        return receiver_feed(self, data);
+    }
+    Py_INCREF(ex); /* the feed may drop the connection's references */
+    unsigned long long start = now_ns();
+    PyObject *result = receiver_feed(self, data);
+    observe_latency(ex, now_ns() - start);
+    Py_DECREF(ex);
+    return result;
+}
+
 static PyObject *
 receiver_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
                     PyObject *kwnames)
@@ -797,7 +946,7 @@ receiver_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
         PyErr_SetString(PyExc_RuntimeError, "Receiver called before __init__()");
         return NULL;
     }
-    return receiver_feed(self, args[0]);
+    return receiver_feed_counted(self, args[0]);
 }
 
 static int

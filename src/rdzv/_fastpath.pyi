@@ -1,6 +1,6 @@
 """Type stub of the C extension (src/rdzv/_fastpath.c); see rdzv.fastpath."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 class Executor:
     @property
@@ -9,6 +9,10 @@ class Executor:
     distinct: int
     polling: bool
     on_activity: Callable[[], object] | None
+    @property
+    def counting(self) -> bool: ...
+    def enable_counting(self, bounds_ns: Sequence[int], /) -> None: ...
+    def counters(self) -> tuple[dict[int, int], tuple[int, ...], int]: ...
     def __init__(
         self,
         data: dict[bytes, bytes],

@@ -410,6 +410,36 @@ class Engine:
         waiter.missing = set()
         return registered
 
+    def release(self, waiter: Waiter, budget: int) -> bool:
+        """Unregister at most ``budget`` of ``waiter``'s keys: :meth:`cancel` in steps, so
+        that dropping a waiter of many keys need not hold the caller for long. Returns True
+        once none is left registered. The caller must ignore the waiter's callback from the
+        first step on (its remaining keys may still arrive and fire it)."""
+        table = self._waiters if waiter.barrier_target is None else self._barriers
+        missing = waiter.missing
+        for _ in range(min(budget, len(missing))):
+            key = missing.pop()
+            registry = table.get(key)
+            if registry is not None and waiter in registry:
+                del registry[waiter]
+                if not registry:
+                    del table[key]
+        return not missing
+
+    def value_bytes(self) -> int:
+        """Bytes of every value and queue item. Safe to call from another thread than the
+        owner's: it sums copies (a dict's values, a deque) taken in C without releasing the
+        GIL, retrying if a copy met a concurrent change. O(keys + queue items)."""
+        for _ in range(3):
+            try:
+                total = sum(map(len, list(self._data.values())))
+                for queue in list(self._queues.values()):
+                    total += sum(map(len, list(queue)))
+                return total
+            except RuntimeError:  # changed while copied (an allocation ran a finalizer)
+                continue
+        return -1
+
     def num_waiters(self) -> int:
         """Number of distinct registered waiters (for metrics and tests)."""
         seen: set[Waiter] = set()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ from pathlib import Path
 
 from rdzv.engine import Engine
 from rdzv.errors import StoreError
+from rdzv.stats import FSYNC_BUCKETS, Histogram
 
 __all__ = ["FSYNC_POLICIES", "RECOVERY_MODES", "DurableJournal", "Recovery", "recover"]
 
@@ -152,7 +154,7 @@ def _read_commit(data: bytes, at: int, out: list[Record]) -> int:
     if header is None:
         if n - at < _COMMIT_SIZE:
             raise _Bad("a commit header is cut short", torn=True)
-        raise _Bad("no intact commit header here")
+        raise _Bad("no intact commit header where a commit should begin")
     body, count = header
     end = at + _COMMIT_SIZE + body
     if end > n:
@@ -215,12 +217,20 @@ class _Damage:
     def describe(self) -> str:
         if self.problem == "missing":
             return f"{self.path} is missing"
+        if self.torn:
+            return (
+                f"{self.path} ends in an unfinished commit at offset {self.offset} ({self.problem})"
+            )
         return f"{self.path} is corrupt at offset {self.offset}: {self.problem}"
 
     def loss(self) -> str:
-        records = f"at least {self.lost_records}" if self.lost_records else "an unknown number of"
-        where = f"{self.path} from offset {self.offset}"
-        return f"{self.lost_bytes} bytes ({records} records) of {where}"
+        if self.torn and self.lost_records:  # its intact header says how many
+            records = f"{self.lost_records} records"
+        elif self.lost_records:
+            records = f"at least {self.lost_records} records"
+        else:
+            records = "records that cannot be counted"
+        return f"{self.lost_bytes} bytes ({records}) of {self.path} from offset {self.offset}"
 
 
 @dataclass
@@ -338,7 +348,16 @@ def recover(
     --recover=discard-corrupt``) would lose; with it, the intact records are loaded instead
     (the snapshot's records before the damage, each log's commits before it, no log after
     a damaged one), the damaged files are renamed ``*.corrupt`` and ``rewrite`` is set."""
-    root = Path(data_dir)
+    collecting = gc.isenabled()
+    gc.disable()  # millions of long-lived records: collection passes would only cost time
+    try:
+        return _recover(Path(data_dir), engine, discard_corrupt)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _recover(root: Path, engine: Engine, discard_corrupt: bool) -> Recovery:
     snapshots = _generations(root, "snapshot")
     logs = _generations(root, "log")
     last = max(snapshots[-1:] + logs[-1:], default=0)
@@ -383,9 +402,10 @@ def recover(
         return result
     plan = _discard_plan(root, snapshots, last, load)
     if not discard_corrupt:
+        damaged = [p for p in problems if not p.endswith(" is missing")] or problems
         raise StoreError(
             f"durable store in {root} cannot be recovered to its last state: "
-            + "; ".join(problems)
+            + "; ".join(damaged)
             + ". Choices: restore the directory from a backup, or start from what is intact "
             "with `rdzv serve --recover=discard-corrupt` (StoreServer(recovery="
             "'discard-corrupt')), which loses: "
@@ -582,6 +602,9 @@ class DurableJournal:
         self._volatile: set[bytes] = set()
         self._unsynced = False  # written since the last fsync
         self._truncate_needed = False  # a failed commit left bytes after _log_size
+        #: Commits written, and the time of each fsync of the log (for metrics).
+        self.commits = 0
+        self.fsync_time = Histogram(FSYNC_BUCKETS)
         self.failed: OSError | None = None
         """The error of the last commit when it failed (its records are kept and written
         again by the next commit); None once a commit succeeds."""
@@ -713,6 +736,7 @@ class DurableJournal:
         self._pending.clear()
         self._pending_bytes = 0
         self._log_size += len(data)
+        self.commits += 1
         if sync:
             self._last_fsync = now
             self._unsynced = False
@@ -732,7 +756,12 @@ class DurableJournal:
         while view:
             view = view[os.write(self._fd, view) :]
         if sync:
-            os.fsync(self._fd)
+            self._fsync()
+
+    def _fsync(self) -> None:
+        start = time.perf_counter()
+        os.fsync(self._fd)
+        self.fsync_time.observe(time.perf_counter() - start)
 
     def _guard(self, step: Callable[[], None]) -> None:
         """Run ``step``; on OSError undo any partial commit, remember and re-raise it."""
@@ -766,7 +795,7 @@ class DurableJournal:
         """fsync what :meth:`commit` wrote without one (``interval`` policy). Raises
         OSError (and sets :attr:`failed`) when the fsync fails."""
         if self._unsynced and self._fd >= 0:
-            self._guard(lambda: os.fsync(self._fd))
+            self._guard(self._fsync)
             self._last_fsync = time.monotonic()
             self._unsynced = False
 

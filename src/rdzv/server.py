@@ -30,6 +30,7 @@ background thread with its own loop (what ``TCPStore(is_master=True)`` uses);
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -37,6 +38,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
@@ -45,6 +47,7 @@ from rdzv.engine import Engine, Waiter
 from rdzv.errors import AuthError, NetworkError, StoreError
 from rdzv.fastpath import REPLY_LIMIT, BusyPoller, Receiver, executor_for
 from rdzv.persistence import DurableJournal
+from rdzv.stats import REQUEST_BUCKETS, ServerSnapshot, ServerStats
 from rdzv.wire import (
     CHECK_NOT_READY,
     CHECK_READY,
@@ -74,11 +77,46 @@ LISTEN_FAILED = "The server socket has failed to listen on any local network add
 #: Default of ``max_waits_per_connection``: a torch client parks at most one wait at a time;
 #: rdzv's pipelining clients a few; 4096 bounds the memory one connection can pin.
 DEFAULT_MAX_WAITS_PER_CONNECTION = 4096
+#: Default of ``max_wait_keys_per_connection``: keys over one connection's parked waits; one
+#: WAIT of torch's largest key count (131072) fits, so does any torch client (one wait at a
+#: time). 131072 parked keys pin ~15 MB.
+DEFAULT_MAX_WAIT_KEYS_PER_CONNECTION = 128 * 1024
+#: Keys of dropped waits unregistered per event-loop iteration (a closed connection's, or
+#: after CANCEL_WAIT): ~2 ms of work, so a connection dropping waits on millions of keys
+#: delays the others by that much per iteration, not by seconds.
+RELEASE_KEYS = 8192
 #: Default of ``auth_timeout`` (seconds to authenticate on a server with a token).
 DEFAULT_AUTH_TIMEOUT = 10.0
+#: Bytes a connection may send before it authenticates (on a server with a token). The
+#: handshake takes 76 (VALIDATE 5, PING 5, EXT_AUTH_BEGIN 1, EXT_AUTH_PROOF 65); the rest is
+#: room for a retried challenge. More closes the connection: without the token, a client
+#: cannot make the server buffer a request.
+MAX_UNAUTHENTICATED_BYTES = 1024
+#: Default of ``request_timeout``: seconds a request may take to arrive once its first byte
+#: has (a half-sent request is not held forever). A full 256 MiB request needs ~4.5 MB/s.
+DEFAULT_REQUEST_TIMEOUT = 60.0
+#: Default of ``max_partial_bytes``: bytes of half-received requests the server holds, over
+#: all connections; past it, the connections whose requests stalled longest are closed. One
+#: request of ``max_request_bytes`` (256 MiB) fits.
+DEFAULT_MAX_PARTIAL_BYTES = 256 * 1024 * 1024
+#: Received bytes parsed at a time: a read (up to 256 KiB) is parsed and executed in slices
+#: this size, so the replies of one slice are written together and a client pipelining many
+#: small requests can be made to wait its turn (see TURN_REQUESTS).
+INPUT_SLICE = 16 * 1024
+#: Requests a connection may execute in one turn (one event-loop iteration): past it, the
+#: rest of its input waits for the next iteration, so one client pipelining thousands of
+#: requests delays the others by a few milliseconds at most (measured: a 256 KiB read of
+#: PINGs took 80 ms in one go).
+TURN_REQUESTS = 1024
+#: Replies gathered before they are written (one ``transport.write`` per slice of requests,
+#: not per reply: a buffer of a million 4-byte writes stalls uvloop's flush for seconds).
+FLUSH_BYTES = 64 * 1024
 #: Default of ``max_output_bytes``: replies buffered for one connection (held for a commit
 #: plus the transport's buffer) past which a connection that does not read them is dropped.
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+#: Default of ``max_total_output_bytes``: replies buffered on the whole server for
+#: connections that stopped reading them, past which the one that stopped first is dropped.
+DEFAULT_MAX_TOTAL_OUTPUT_BYTES = 256 * 1024 * 1024
 #: Seconds between attempts to write the journal again after a commit failed (disk full).
 JOURNAL_RETRY_INTERVAL = 0.5
 
@@ -144,9 +182,12 @@ class _Connection(asyncio.Protocol):
         "_backlog",
         "_closed",
         "_held_paused",
+        "_input",
         "_paused",
         "_queued",
         "_receiver",
+        "_replies",
+        "_replies_size",
         "_transport_paused",
         "auth_nonce",
         "auth_timer",
@@ -156,9 +197,15 @@ class _Connection(asyncio.Protocol):
         "out",
         "out_bytes",
         "parser",
+        "partial",
+        "partial_progress",
+        "partial_since",
+        "partial_timer",
         "peer",
         "server",
         "transport",
+        "unauth_bytes",
+        "wait_keys",
         "waiters",
         "write",
     )
@@ -170,13 +217,23 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.parser = wire.RequestParser(server.limits, allow_extensions=server.allow_extensions)
         self.peer = "?"
-        self.waiters: dict[Waiter, None] = {}
+        self.waiters: dict[Waiter, int] = {}  # parked waiter -> keys it named
         self.bound: set[bytes] = set()
         self._backlog: list[Request] | None = None
         self._paused = False  # not reading: one of the two below
         self._transport_paused = False  # the transport's buffer is above its high water
         self._held_paused = False  # replies held for a commit are above WRITE_HIGH_WATER
+        self._input: bytes | None = None  # received, not parsed yet: waits for its turn
         self._closed = False
+        self._replies: list[bytes] = []  # gathered by _execute, written by _flush
+        self._replies_size = 0
+        # The request in progress: bytes held, when its first byte came, when bytes last came.
+        self.partial = 0
+        self.partial_since: float | None = None
+        self.partial_progress = 0.0
+        self.partial_timer: asyncio.TimerHandle | None = None
+        self.unauth_bytes = 0
+        self.wait_keys = 0  # keys of this connection's parked waits
         self.out: list[bytes] = []  # replies held until the journal is committed
         self.out_bytes = 0
         self.last_write = 0  # the server's commit count that will cover its last write
@@ -213,9 +270,11 @@ class _Connection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         limit = server.max_connections
         if limit is not None and len(server._connections) >= limit:
+            server.stats.limit_hit("max_connections")
             self.close(f"connection limit reached ({limit} open; max_connections={limit})")
             return
         server._connections.add(self)
+        server.stats.accepted += 1
         if server.token is not None and not (
             isinstance(peer, tuple) and server.allow_unauthenticated.allows(str(peer[0]))
         ):
@@ -226,23 +285,27 @@ class _Connection(asyncio.Protocol):
 
     def _auth_expired(self) -> None:
         if self.handlers is _UNAUTH_HANDLERS:
+            self.server.stats.auth_failure("timeout")
             timeout = self.server.auth_timeout
             self.close(f"not authenticated within {timeout:g} s (auth_timeout={timeout:g})")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._backlog = None
+        self._backlog = self._input = None
         if self._receiver is not None:
             self._receiver.enabled = False
             self._receiver = None  # it refers back to this connection
         if self.auth_timer is not None:
             self.auth_timer.cancel()
+        if self.partial_timer is not None:
+            self.partial_timer.cancel()
         server = self.server
-        server._connections.discard(self)
-        engine = server.engine
-        for waiter in self.waiters:
-            engine.cancel(waiter)
-        self.waiters.clear()
+        server._forget_partial(self)
+        server._drained(self)
+        if self in server._connections:
+            server._connections.discard(self)
+            server.stats.closed["rdzv" if self.parser.extended else "torch"] += 1
+        server._release(self)
         if self.bound:
             server._drop_bound(self, self.bound)
             self.bound.clear()
@@ -268,15 +331,26 @@ class _Connection(asyncio.Protocol):
             self._receiver.enabled = False
         if not self._closed:
             self.transport.pause_reading()
+            self.server._backed_up(self)
 
     def _resume(self) -> None:
         if self._transport_paused or self._held_paused or self._closed or not self._paused:
             return
         self._paused = False
+        self.server._drained(self)
         backlog, self._backlog = self._backlog, None
         if backlog:
             self._execute(backlog)
-        if not self._paused and not self._closed:
+        self._continue()
+
+    def _continue(self) -> None:
+        """Go on with the input left for a later turn, then read again once none is left."""
+        if self._paused or self._closed:
+            return  # _resume calls again
+        data, self._input = self._input, None
+        if data is not None:
+            self._consume(data)
+        if self._input is None and not self._paused and not self._closed:
             self.transport.resume_reading()
         self._refresh()
 
@@ -286,17 +360,64 @@ class _Connection(asyncio.Protocol):
         connection): the C :class:`~rdzv.fastpath.Receiver` when the fast path is on, which
         hands what it does not take to :meth:`_receive`; else :meth:`_receive` itself."""
         receiver = self._receiver
-        return self._receive if receiver is None else receiver
+        if receiver is not None:
+            return receiver  # times itself while the server counts
+        return self._receive_timed if self.server.stats.counting else self._receive
+
+    def _receive_timed(self, data: bytes) -> None:
+        start = time.perf_counter()
+        self._receive(data)
+        self.server.stats.request_time.observe(time.perf_counter() - start)
 
     def _receive(self, data: bytes) -> None:
         if self._closed:
             return  # closing; ignore whatever still arrives
-        requests = self.parser.receive(data)
-        if self._backlog is not None:
-            self._backlog += requests  # keep the order behind the postponed ones
-        else:
-            self._execute(requests)
+        if self.handlers is _UNAUTH_HANDLERS:
+            self.unauth_bytes += len(data)
+            if self.unauth_bytes > MAX_UNAUTHENTICATED_BYTES:
+                self.close(
+                    f"sent {self.unauth_bytes} bytes without authenticating: only the "
+                    f"authentication handshake (at most {MAX_UNAUTHENTICATED_BYTES} bytes) "
+                    "is accepted before it"
+                )
+                return
+        if self._input is not None:  # earlier input still waits for its turn
+            self._input += data
+            return
+        self._consume(data)
         self._refresh()
+
+    def _consume(self, data: bytes) -> None:
+        """Parse and execute ``data`` a slice at a time; past :data:`TURN_REQUESTS`, keep
+        the rest for the next loop iteration (reading paused until then)."""
+        parser = self.parser
+        parsed = pos = 0
+        size = len(data)
+        view = memoryview(data) if size > INPUT_SLICE else None
+        while True:
+            if view is None:
+                requests = parser.receive(data)
+                pos = size
+            else:
+                requests = parser.receive(view[pos : pos + INPUT_SLICE])
+                pos += INPUT_SLICE
+            if self._backlog is not None:
+                self._backlog += requests  # keep the order behind the postponed ones
+            else:
+                self._execute(requests)
+            parsed += len(requests)
+            if pos >= size or self._closed:
+                break
+            if self._backlog is not None or parsed >= TURN_REQUESTS:
+                self._input = data[pos:]
+                self.transport.pause_reading()
+                if self._backlog is None:
+                    loop = self.server._loop
+                    assert loop is not None
+                    loop.call_soon(self._continue)
+                break
+        if not self._closed:
+            self.server._track_partial(self, parsed > 0)
 
     def _refresh(self) -> None:
         """Tell the C receiver whether the next bytes may skip the Python path: only when
@@ -310,17 +431,48 @@ class _Connection(asyncio.Protocol):
                 and self.handlers is _HANDLERS
                 and not self.waiters
                 and self._backlog is None
+                and self._input is None
                 and not self._paused
                 and not self._closed
             )
 
     def _execute(self, requests: list[Request]) -> None:
-        """Run ``requests`` in order, until the connection pauses (the rest is postponed)."""
+        """Run ``requests`` in order, until the connection pauses (the rest is postponed).
+
+        Without a journal, the replies are gathered and written together (:meth:`_flush`)."""
+        if self.server.journal is not None or not requests:
+            self._run(requests)
+            return
+        self.write = self._gather
+        try:
+            self._run(requests)
+        finally:
+            self.write = self.transport.write
+            if self._replies:
+                self._flush()
+
+    def _gather(self, data: bytes) -> None:
+        self._replies.append(data)
+        self._replies_size += len(data)
+        if self._replies_size >= FLUSH_BYTES:
+            self._flush()  # may pause writing (the client does not read)
+
+    def _flush(self) -> None:
+        replies = self._replies
+        data = b"".join(replies) if len(replies) > 1 else replies[0]
+        replies.clear()
+        self._replies_size = 0
+        self.transport.write(data)
+
+    def _run(self, requests: list[Request]) -> None:
         server = self.server
+        counts = server._op_counts
         i = 0
         try:
             for req in requests:
                 i += 1
+                if counts is not None:
+                    counts[req.op] += 1
                 if _IS_WRITE[req.op]:
                     if server.read_only is not None:
                         server._refuse_write(self, req)
@@ -345,6 +497,7 @@ class _Connection(asyncio.Protocol):
             self.close(f"{type(exc).__name__}: {exc}")
             return
         if self.parser.error is not None:
+            server.stats.protocol_error(str(self.parser.error))
             self.close(f"protocol violation: {self.parser.error}")
         elif server.journal is not None and server.journal.dirty:
             server._schedule_commit()  # commit writes nobody awaits a reply to, promptly
@@ -379,7 +532,9 @@ class _Connection(asyncio.Protocol):
         step): at once, unless this connection has replies held or a write of its own not
         yet committed (any reply acknowledges the writes sent before it)."""
         server = self.server
-        if server.journal is None or (not self.out and self.last_write <= server._commits):
+        if server.journal is None:
+            self.write(data)  # in order with the replies _execute gathers
+        elif not self.out and self.last_write <= server._commits:
             self.transport.write(data)
         else:
             self.write(data)
@@ -388,6 +543,11 @@ class _Connection(asyncio.Protocol):
         return None  # close the transport (and, through connection_lost, drop waiters)
 
     # ------------------------------------------------------------------ helpers
+    def add_waiter(self, waiter: Waiter, keys: int) -> None:
+        """Record a parked ``waiter`` of this connection, named ``keys`` keys."""
+        self.waiters[waiter] = keys
+        self.wait_keys += keys
+
     def send(self, data: bytes) -> None:
         """Write a deferred reply (a woken waiter's) unless the connection is gone. These
         come whether or not the connection reads: one that is already backed up past the
@@ -404,6 +564,8 @@ class _Connection(asyncio.Protocol):
             )
             return
         self.write(data)
+        if self._paused:
+            self.server._backed_up(self, len(data))
 
     def close(self, reason: str, abort: bool = False) -> None:
         """Close this connection (after flushing queued replies), logging why; ``abort``
@@ -413,8 +575,12 @@ class _Connection(asyncio.Protocol):
         logger.warning("closing connection from %s: %s", self.peer, reason)
         if self.out and not abort:
             self.server._commit()  # flush the replies held for this connection first
+        if self._replies and not abort:
+            self._flush()
+        self._replies.clear()
         self._closed = True
-        self._backlog = None
+        self._backlog = self._input = None
+        self.server._forget_partial(self)
         if self._receiver is not None:
             self._receiver.enabled = False
         if abort:
@@ -472,12 +638,12 @@ def _h_wait(server: StoreServer, conn: _Connection, req: wire.Wait) -> None:
     if len(keys) == 1 and engine.get(keys[0]) is not None:  # fast path: torch's get()
         conn.write(STOP_WAITING)
         return
-    server._check_waits(conn)
+    server._check_waits(conn, len(keys))
     waiter = engine.wait(keys, server._on_fire, (conn, _WAIT, None))
     if waiter is None:
         conn.write(STOP_WAITING)
     else:
-        conn.waiters[waiter] = None
+        conn.add_waiter(waiter, len(keys))
 
 
 def _h_num_keys(server: StoreServer, conn: _Connection, req: wire.GetNumKeys) -> None:
@@ -509,10 +675,7 @@ def _h_multi_set(server: StoreServer, conn: _Connection, req: wire.MultiSet) -> 
 
 
 def _h_cancel_wait(server: StoreServer, conn: _Connection, req: wire.CancelWait) -> None:
-    engine = server.engine
-    for waiter in conn.waiters:
-        engine.cancel(waiter)
-    conn.waiters.clear()
+    server._release(conn)
     conn.write(WAIT_CANCELED)
 
 
@@ -541,12 +704,12 @@ def _h_list_keys(server: StoreServer, conn: _Connection, req: wire.ListKeys) -> 
 def _h_barrier(server: StoreServer, conn: _Connection, req: wire.Barrier) -> None:
     if server._bound:
         server._unbind(req.key)
-    server._check_waits(conn)
+    server._check_waits(conn, 1)
     waiter = server.engine.barrier(req.key, req.world_size, server._on_fire, (conn, _BARRIER, None))
     if waiter is None:
         conn.write(STOP_WAITING)
     else:
-        conn.waiters[waiter] = None
+        conn.add_waiter(waiter, 1)
 
 
 # ---- extensions: every reply starts with EXT_OK or EXT_ERROR.
@@ -570,7 +733,7 @@ def _h_ext_add(server: StoreServer, conn: _Connection, req: wire.ExtAdd) -> None
 def _h_ext_barrier(server: StoreServer, conn: _Connection, req: wire.ExtBarrier) -> None:
     if server._bound:
         server._unbind(req.key)
-    server._check_waits(conn)
+    server._check_waits(conn, 1)
     try:
         waiter = server.engine.barrier(
             req.key, req.world_size, server._on_fire, (conn, _EXT_BARRIER, None)
@@ -581,7 +744,7 @@ def _h_ext_barrier(server: StoreServer, conn: _Connection, req: wire.ExtBarrier)
     if waiter is None:
         conn.write(_EXT_OK)
     else:
-        conn.waiters[waiter] = None
+        conn.add_waiter(waiter, 1)
 
 
 def _h_ext_get_wait(server: StoreServer, conn: _Connection, req: wire.ExtGetWait) -> None:
@@ -589,7 +752,7 @@ def _h_ext_get_wait(server: StoreServer, conn: _Connection, req: wire.ExtGetWait
     if value is not None:
         conn.write(_EXT_OK + wire.reply_blob(value))
     else:
-        server._check_waits(conn)
+        server._check_waits(conn, 1)
         server._park(conn, [req.key], _GET, req.key, "value")
 
 
@@ -600,7 +763,7 @@ def _h_ext_multi_get_wait(
     if reply is not None:
         conn.write(reply)
     else:
-        server._check_waits(conn)
+        server._check_waits(conn, len(req.keys))
         server._park(conn, req.keys, _MULTI_GET, req.keys, "value")
 
 
@@ -611,7 +774,7 @@ def _h_ext_queue_pop_wait(
     if value is not None:
         conn.write(_EXT_OK + wire.reply_blob(value))
     else:
-        server._check_waits(conn)
+        server._check_waits(conn, 1)
         server._park(conn, [req.key], _QUEUE_POP, req.key, "queue")
 
 
@@ -672,9 +835,11 @@ def _h_auth_proof(server: StoreServer, conn: _Connection, req: wire.ExtAuthProof
         return
     nonce, conn.auth_nonce = conn.auth_nonce, None  # single use
     if nonce is None:
+        server.stats.auth_failure("no_challenge")
         _ext_error(conn, AuthError("EXT_AUTH_PROOF sent before EXT_AUTH_BEGIN"))
         raise _Close("authentication refused: proof sent without asking for a challenge")
     if not auth.verify(auth.client_proof(token, nonce, req.client_nonce), req.proof):
+        server.stats.auth_failure("wrong_token")
         _ext_error(conn, AuthError("authentication failed: wrong token"))
         raise _Close("authentication failed: wrong token (the client's proof did not verify)")
     conn.handlers = _HANDLERS
@@ -686,6 +851,7 @@ def _h_unauth_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> No
     if req.nonce == wire.RDZV_PING_NONCE and conn.parser.extended:
         conn.send_stateless(wire.reply_ping(req.nonce, True, auth_required=True))
         return
+    server.stats.auth_failure("unauthenticated")
     raise _Close(
         "refused an unauthenticated client: this server requires a token and the client "
         "did not negotiate rdzv extensions (a torch client cannot authenticate); allow its "
@@ -694,6 +860,7 @@ def _h_unauth_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> No
 
 
 def _h_unauthenticated(server: StoreServer, conn: _Connection, req: Request) -> None:
+    server.stats.auth_failure("unauthenticated")
     raise _Close(
         f"refused {req.op.name} before authentication: this server requires a token "
         "(rdzv clients: pass token= / token_file= / $RDZV_TOKEN; torch clients: allow their "
@@ -796,12 +963,25 @@ class StoreServer:
             logged with the peer and the limit (None: no limit but the fd limit).
         max_waits_per_connection: most parked waits (WAIT, BARRIER, blocking get,
             multi_get, queue_pop) per connection; one more closes the connection, logged.
+        max_wait_keys_per_connection: most keys over the parked waits of one connection
+            (each key costs the server ~120 bytes while parked); past it the connection is
+            closed, logged. The default admits one wait of torch's largest key count.
+        request_timeout: seconds a request may take to arrive once its first byte has
+            (time the connection is paused for not reading its replies excepted); then the
+            connection is closed, logged: a half-sent request is not held forever.
+        max_partial_bytes: bytes of half-received requests held over all connections;
+            past it, the connections whose requests made no progress for the longest are
+            closed, logged (the one receiving last, only if it alone is over the limit).
         auth_timeout: seconds a connection that must authenticate may take to do so; then
             it is closed, logged (a client cannot hold a connection without the token).
         max_output_bytes: replies buffered for one connection (held for a commit plus the
             transport's buffer) past which a connection that is already backed up (it
             stopped reading its replies) is dropped, logged. Whatever the limit, a
             connection whose buffered replies pass 4 MiB is not read from until they drain.
+        max_total_output_bytes: replies buffered on the whole server for connections that
+            stopped reading (each counted from when its reading paused), past which the
+            connection that stopped first is dropped, logged: many connections of one
+            client cannot add up what ``max_output_bytes`` bounds for one.
         data_dir: make the state durable in this directory (created if missing): recovered
             by :meth:`start`, every change journaled and committed before any reply that
             depends on it is sent (see ``docs/durability.md``). None: in memory only.
@@ -820,6 +1000,9 @@ class StoreServer:
             read (:class:`~rdzv.fastpath.BusyPoller`; lower round-trip latency for a client
             doing one request after another, at the price of up to one core while requests
             come that close together); 0 (the default) never polls. Needs the fast path.
+        metrics: count requests by opcode and time them (:attr:`stats`, the fast path's
+            counters; read by :mod:`rdzv.observe` through :meth:`snapshot`); the rare
+            events (connections, auth failures, limit hits) are counted either way.
 
     Raises :class:`~rdzv.errors.NetworkError` from :meth:`start` when binding fails (the
     message names the endpoint and the OS error); :class:`~rdzv.errors.StoreError` from
@@ -843,20 +1026,28 @@ class StoreServer:
         max_connections: int | None = None,
         max_waits_per_connection: int | None = DEFAULT_MAX_WAITS_PER_CONNECTION,
         auth_timeout: float = DEFAULT_AUTH_TIMEOUT,
+        max_wait_keys_per_connection: int | None = DEFAULT_MAX_WAIT_KEYS_PER_CONNECTION,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        max_total_output_bytes: int = DEFAULT_MAX_TOTAL_OUTPUT_BYTES,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
         fsync_interval: float = 0.05,
         recovery: str = "strict",
         fastpath: bool = True,
         busy_poll: float = 0.0,
+        metrics: bool = False,
     ) -> None:
         if token is not None and not allow_extensions:
             raise ValueError("a token requires allow_extensions=True (auth is an extension)")
         for name, value in (
             ("max_connections", max_connections),
             ("max_waits_per_connection", max_waits_per_connection),
+            ("max_wait_keys_per_connection", max_wait_keys_per_connection),
+            ("max_partial_bytes", max_partial_bytes),
             ("max_output_bytes", max_output_bytes),
+            ("max_total_output_bytes", max_total_output_bytes),
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
@@ -870,6 +1061,11 @@ class StoreServer:
         self.max_connections = max_connections
         self.max_waits_per_connection = max_waits_per_connection
         self.max_output_bytes = max_output_bytes
+        self.max_total_output_bytes = max_total_output_bytes
+        # Connections not read from because their replies are not read, oldest first, with
+        # the bytes buffered for them (from the pause on), and the sum.
+        self._backlogged: dict[_Connection, int] = {}
+        self._backlogged_bytes = 0
         if not busy_poll >= 0:
             raise ValueError(f"busy_poll must be >= 0 seconds, got {busy_poll}")
         self.busy_poll = busy_poll
@@ -877,6 +1073,15 @@ class StoreServer:
         if not auth_timeout > 0:
             raise ValueError(f"auth_timeout must be > 0 seconds, got {auth_timeout}")
         self.auth_timeout = auth_timeout
+        if not request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
+        self.request_timeout = request_timeout
+        self.max_partial_bytes = max_partial_bytes
+        self.max_wait_keys_per_connection = max_wait_keys_per_connection
+        self._partial: dict[_Connection, None] = {}  # connections holding a partial request
+        self._releasing: collections.deque[Waiter] = collections.deque()  # see _release
+        self._release_scheduled = False
+        self._partial_total = 0
         self.host = host
         self._requested_port = port
         self._sock = sock
@@ -902,6 +1107,10 @@ class StoreServer:
             if fastpath and self.journal is None
             else None
         )
+        self.stats = ServerStats(counting=metrics)
+        self._op_counts = self.stats.requests if metrics else None
+        if metrics and self._fast is not None:
+            self._fast.enable_counting([round(b * 1e9) for b in REQUEST_BUCKETS])
         self._commit_scheduled = False
         self._sync_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -1041,6 +1250,25 @@ class StoreServer:
         """Connections currently open."""
         return len(self._connections)
 
+    def snapshot(self, *, sizes: bool = True) -> ServerSnapshot:
+        """The server's counters now, safe to call from any thread (the metrics listener's):
+        it only copies (atomic under the GIL) and never waits for the event loop.
+
+        ``sizes``: also sum the bytes of every value and queue item (O(keys); callers
+        polling often should cache it). See :class:`~rdzv.stats.ServerSnapshot`.
+        """
+        connections = list(self._connections)  # atomic copy; the loop may add meanwhile
+        extended = sum(1 for c in connections if c.parser.extended)
+        return ServerSnapshot.take(
+            self.stats,
+            self._fast,
+            self.engine,
+            self.journal,
+            open={"torch": len(connections) - extended, "rdzv": extended},
+            waiters=sum(len(c.waiters) for c in connections),
+            sizes=sizes,
+        )
+
     async def close(self) -> None:
         """Graceful shutdown: stop listening, flush and close every connection."""
         if self._poller is not None:
@@ -1059,12 +1287,12 @@ class StoreServer:
         if self._sync_timer is not None:
             self._sync_timer.cancel()
             self._sync_timer = None
+        if self.journal is not None:
+            self._commit(retry=True)  # a last try if the journal was failing
+            self.journal.close()
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
-        if self.journal is not None:
-            self._commit(retry=True)
-            self.journal.close()
         if self._closed is not None:
             self._closed.set()
         logger.info("server closed")
@@ -1124,6 +1352,32 @@ class StoreServer:
         for conn in resumed:
             conn._resume()
 
+    # ------------------------------------------------------------------ output bounds
+    def _backed_up(self, conn: _Connection, more: int = 0) -> None:
+        """``conn`` stopped being read (``more`` == 0) or got ``more`` bytes of replies
+        while stopped: count them, and drop the connections that stopped first while the
+        server's total passes ``max_total_output_bytes``."""
+        if not more and conn in self._backlogged:
+            return
+        added = more if more else conn.buffered()
+        self._backlogged[conn] = self._backlogged.get(conn, 0) + added
+        self._backlogged_bytes += added
+        limit = self.max_total_output_bytes
+        while self._backlogged_bytes > limit and self._backlogged:
+            victim = next(iter(self._backlogged))
+            self._drained(victim)
+            victim.close(
+                f"the client does not read its replies, and replies buffered for such "
+                f"connections exceed {limit} bytes on this server (max_total_output_bytes="
+                f"{limit}); this connection stopped reading first",
+                abort=True,
+            )
+
+    def _drained(self, conn: _Connection) -> None:
+        size = self._backlogged.pop(conn, None)
+        if size is not None:
+            self._backlogged_bytes -= size
+
     def _enter_read_only(self, journal: DurableJournal, exc: OSError) -> None:
         if self.read_only is None:
             full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -1165,14 +1419,124 @@ class StoreServer:
             except OSError as exc:
                 self._enter_read_only(journal, exc)
 
+    # ------------------------------------------------------------------ partial requests
+    def _track_partial(self, conn: _Connection, completed: bool) -> None:
+        """Account for ``conn``'s request in progress after a read (``completed``: at least
+        one request of it was complete, so a new one started)."""
+        held = conn.parser.partial_bytes
+        if held == 0:
+            if conn.partial:
+                self._forget_partial(conn)
+            conn.partial_since = None
+            return
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        if held != conn.partial:
+            self._partial_total += held - conn.partial
+            conn.partial = held
+            conn.partial_progress = now
+            self._partial[conn] = None
+        if completed or conn.partial_since is None:
+            conn.partial_since = now
+            if conn.partial_timer is None:
+                conn.partial_timer = loop.call_at(
+                    now + self.request_timeout, self._partial_expired, conn
+                )
+        if self._partial_total > self.max_partial_bytes:
+            self._shed_partial(conn)
+
+    def _forget_partial(self, conn: _Connection) -> None:
+        if conn.partial:
+            self._partial_total -= conn.partial
+            conn.partial = 0
+        self._partial.pop(conn, None)
+
+    def _partial_expired(self, conn: _Connection) -> None:
+        conn.partial_timer = None
+        since = conn.partial_since
+        if conn._closed or since is None:
+            return
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        if conn._paused or conn._input is not None:
+            since = conn.partial_since = now  # we are not reading: not the client's delay
+        due = since + self.request_timeout
+        if now < due:
+            conn.partial_timer = loop.call_at(due, self._partial_expired, conn)
+            return
+        timeout = self.request_timeout
+        conn.close(
+            f"request not complete {timeout:g} s after its first byte ({conn.partial} bytes "
+            f"received; request_timeout={timeout:g})"
+        )
+
+    def _shed_partial(self, current: _Connection) -> None:
+        """Close connections holding partial requests until their total fits the limit:
+        the longest stalled first, ``current`` (receiving now) last."""
+        limit = self.max_partial_bytes
+        stalled = sorted(
+            (c for c in self._partial if c is not current), key=lambda c: c.partial_progress
+        )
+        for conn in [*stalled, current]:
+            if self._partial_total <= limit:
+                return
+            conn.close(
+                f"partial-request limit: {self._partial_total} bytes of half-received "
+                f"requests held (max_partial_bytes={limit}); this connection's "
+                f"{conn.partial}-byte request made no progress for the longest"
+                if conn is not current
+                else f"partial-request limit: this connection's request alone holds "
+                f"{conn.partial} bytes (max_partial_bytes={limit})"
+            )
+
     # ------------------------------------------------------------------ waiters
-    def _check_waits(self, conn: _Connection) -> None:
+    def _check_waits(self, conn: _Connection, keys: int) -> None:
+        """Raise _Close if parking one more wait on ``keys`` keys would pass a limit."""
         limit = self.max_waits_per_connection
         if limit is not None and len(conn.waiters) >= limit:
+            self.stats.limit_hit("max_waits_per_connection")
             raise _Close(
                 f"pending-wait limit exceeded ({limit} parked waits on this connection; "
                 f"max_waits_per_connection={limit})"
             )
+        limit = self.max_wait_keys_per_connection
+        if limit is not None and conn.wait_keys + keys > limit:
+            self.stats.limit_hit("max_wait_keys_per_connection")
+            raise _Close(
+                f"parked-wait key limit exceeded (a wait on {keys} keys with {conn.wait_keys} "
+                f"parked on this connection; max_wait_keys_per_connection={limit})"
+            )
+
+    def _release(self, conn: _Connection) -> None:
+        """Drop every parked wait of ``conn`` (they never reply). Their keys are
+        unregistered :data:`RELEASE_KEYS` per loop iteration, so that dropping waits on
+        many keys does not stall the other connections."""
+        if not conn.waiters:
+            return
+        for waiter in conn.waiters:
+            waiter.owner = None  # fired or not, no reply any more (see _reply_to)
+        self._releasing.extend(conn.waiters)
+        conn.waiters.clear()
+        conn.wait_keys = 0
+        if not self._release_scheduled:
+            self._release_step()
+
+    def _release_step(self) -> None:
+        self._release_scheduled = False
+        releasing = self._releasing
+        engine = self.engine
+        budget = RELEASE_KEYS
+        while releasing and budget > 0:
+            waiter = releasing[0]
+            step = min(budget, len(waiter.missing))
+            if engine.release(waiter, step):
+                releasing.popleft()
+            budget -= max(step, 1)
+        if releasing and self._loop is not None:
+            self._release_scheduled = True
+            self._loop.call_soon(self._release_step)
 
     def _on_fire(self, waiter: Waiter) -> None:
         # Engine callback: must not re-enter the engine, so defer the work to _drain, which
@@ -1186,7 +1550,7 @@ class StoreServer:
         if waiter is None:  # became present: cannot happen on one loop, but stay correct
             self._fired.append(Waiter(set(), self._on_fire, (conn, kind, arg)))
         else:
-            conn.waiters[waiter] = None
+            conn.add_waiter(waiter, len(keys))
 
     def _multi_get_reply(self, keys: list[bytes]) -> bytes | None:
         values = self.engine.multi_get(keys)
@@ -1205,8 +1569,10 @@ class StoreServer:
                 self._reply_to(waiter, engine)
 
     def _reply_to(self, waiter: Waiter, engine: Engine) -> None:
+        if waiter.owner is None:
+            return  # dropped (connection closed, CANCEL_WAIT) while it was being released
         conn, kind, arg = cast(tuple[_Connection, int, Any], waiter.owner)
-        conn.waiters.pop(waiter, None)
+        conn.wait_keys -= conn.waiters.pop(waiter, 0)
         if conn._closed:
             return
         if kind in (_WAIT, _BARRIER):

@@ -184,6 +184,12 @@ class Limits:
     max_keys: int = 128 * 1024
     max_request_bytes: int = 256 * 1024 * 1024
 
+    def __post_init__(self) -> None:
+        for name in ("max_key_bytes", "max_value_bytes", "max_keys", "max_request_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits: {name} must be an integer >= 1, got {value!r}")
+
 
 DEFAULT_LIMITS = Limits()
 
@@ -495,12 +501,21 @@ class RequestParser:
         return len(self._pending)
 
     @property
+    def partial_bytes(self) -> int:
+        """Bytes this parser holds for the request in progress: the unparsed tail plus the
+        keys and values of a multi-key request decoded so far (0 between requests)."""
+        held = len(self._pending)
+        if self._list is not None:
+            held += self._list.size
+        return held
+
+    @property
     def idle(self) -> bool:
         """Validated, no error, and between requests (nothing partial buffered): the next
         byte received starts a new request."""
         return self._need == 0 and self.validated and self.error is None
 
-    def receive(self, data: bytes) -> list[Request]:
+    def receive(self, data: bytes | memoryview) -> list[Request]:
         """Feed ``data``; return the requests it completed, in order."""
         if self.error is not None:
             raise self.error

@@ -53,3 +53,58 @@ def test_every_node_names_the_root_cause_and_workers_stop_waiting(tmp_path: Path
     for line in blocked:
         assert "rank 3 on node 1" in line and "exit code 3" in line
         assert float(line.split(" after ")[1].split(" s")[0]) < 10
+
+
+#: Every rank beats; rank 3 stops (SIGSTOP) inside ``stuck()`` after step 5; the others keep
+#: beating while they block in a store wait.
+HANGS = r"""
+import os, signal, sys, threading, time
+import rdzv
+store = rdzv.connect(timeout=60)
+rank = int(os.environ["RANK"])
+store.barrier("up", int(os.environ["WORLD_SIZE"]))
+def stuck():
+    os.kill(os.getpid(), signal.SIGSTOP)
+for step in range(6):
+    rdzv.heartbeat(step)
+if rank == 3:
+    stuck()
+def beat():
+    for step in range(6, 1000):
+        rdzv.heartbeat(step)
+        time.sleep(0.05)
+threading.Thread(target=beat, daemon=True).start()
+try:
+    store.wait(["never"])
+except rdzv.errors.PeerFailedError as exc:
+    print(f"rank {rank}: {exc}", flush=True)
+    sys.exit(1)
+"""
+
+
+def test_a_hung_rank_is_named_with_its_stack_on_every_node(tmp_path: Path) -> None:
+    script = tmp_path / "hangs.py"
+    script.write_text(HANGS)
+    logs = tmp_path / "logs"
+    with store_server() as port:
+        args = [
+            *_c10d(port, "hang", "2", 2, "--max-restarts", "0", "--hang-timeout", "2"),
+            "--log-dir",
+            str(logs),
+            str(script),
+        ]
+        a, b = start_agent(*args), start_agent(*args)
+        with agents_cleanup(a, b):
+            (code_a, out_a, err_a), (code_b, out_b, err_b) = finish(a), finish(b)
+    assert (code_a, code_b) == (124, 124), (err_a, err_b)
+    for err in (err_a, err_b):
+        line = next(x for x in err.splitlines() if "] root cause:" in x)
+        assert "root cause: rank 3 on node 1 (" in line
+        assert "hung (no heartbeat; last step 5) in stuck (" in line and "hangs.py:" in line
+    stacks = sorted(logs.glob("*/stacks-hang-rank3-*.txt"))
+    assert len(stacks) == 1
+    text = stacks[0].read_text()
+    assert "=== rank 3 (local rank 1" in text and "stuck (" in text
+    # The node without the hung rank dumped its own workers' stacks too.
+    assert len(sorted(logs.glob("*/stacks-peer-hang-rank3-*.txt"))) == 1
+    assert "rank 3 on node 1" in out_a + out_b  # PeerFailedError in the waiting ranks

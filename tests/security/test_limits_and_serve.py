@@ -65,6 +65,10 @@ def test_parked_wait_limit(caplog: pytest.LogCaptureFixture) -> None:
 def test_limit_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="max_connections must be >= 1"):
         ServerThread(max_connections=0).start()
+    with pytest.raises(ValueError, match="max_value_bytes must be an integer >= 1, got -5"):
+        wire.Limits(max_value_bytes=-5)
+    with pytest.raises(ValueError, match="request_timeout must be > 0"):
+        ServerThread(request_timeout=0).start()
 
 
 def _serve_fails(*args: str) -> subprocess.CompletedProcess[str]:
@@ -90,6 +94,13 @@ def test_serve_refuses_a_public_address_without_a_token() -> None:
         (("--tls-ca", "ca.pem"), "need --tls-cert"),
         (("--allow-unauthenticated", "127.0.0.0/8"), "only makes sense with a token"),
         (("--token-file", "/nonexistent/token"), "cannot read the token file"),
+        (("--host", "256.1.1.1"), "--host '256.1.1.1' is not an IP address or a host name"),
+        (("--host", "no-such-host.invalid"), "'no-such-host.invalid' is not an IP address"),
+        (("--max-value-bytes", "-5"), "argument --max-value-bytes: must be an integer >= 1"),
+        (("--max-key-bytes", "0"), "argument --max-key-bytes: must be an integer >= 1"),
+        (("--request-timeout", "0"), "argument --request-timeout: must be a number > 0"),
+        (("--max-partial-bytes", "x"), "argument --max-partial-bytes: must be an integer"),
+        (("--port", "70000"), "argument --port: must be a TCP port"),
     ],
 )
 def test_serve_configuration_errors(args: tuple[str, ...], message: str) -> None:

@@ -85,14 +85,17 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = 
 
 
 @contextlib.contextmanager
-def rdzv_serve(*extra: str, host: str = "127.0.0.1") -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """Run ``rdzv serve --port 0`` in a subprocess; yields (process, port)."""
+def rdzv_serve(
+    *extra: str, host: str = "127.0.0.1", env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Run ``rdzv serve --port 0`` in a subprocess (``env``: extra environment variables);
+    yields (process, port)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "rdzv", "serve", "--host", host, "--port", "0", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=subprocess_env(),
+        env=subprocess_env(**(env or {})),
     )
     try:
         assert proc.stdout is not None

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,7 @@ class FakeTransport:
         self.closed = False
         self.writes = 0
         self.sizes: list[int] = []
+        self.reading = True
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -66,10 +68,10 @@ class FakeTransport:
         return 0
 
     def pause_reading(self) -> None:
-        pass
+        self.reading = False
 
     def resume_reading(self) -> None:
-        pass
+        self.reading = True
 
     def is_closing(self) -> bool:
         return self.closed
@@ -83,6 +85,10 @@ class Harness:
 
     def __init__(self, fast: bool) -> None:
         self.server = StoreServer(fastpath=fast)
+        # Timers and deferred turns of the never-started server go to a loop of its own,
+        # run only by tests that ask for it (run_once).
+        self.loop = self.server._loop = asyncio.new_event_loop()
+        weakref.finalize(self, self.loop.close)
         self.conns: list[_Connection] = []
         self.transports: list[FakeTransport] = []
         self.lost: list[bool] = []
@@ -104,6 +110,10 @@ class Harness:
             if transport.closed and not self.lost[j]:
                 self.lost[j] = True
                 self.conns[j].connection_lost(None)
+
+    def run_once(self) -> None:
+        """Run one iteration of the server's loop (what call_soon scheduled)."""
+        self.loop.run_until_complete(asyncio.sleep(0))
 
     def state(self) -> dict[str, Any]:
         engine: Engine = self.server.engine

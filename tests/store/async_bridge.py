@@ -109,8 +109,14 @@ class AsyncBridge(Store):
     def queue_len(self, key: KeyLike) -> int:
         return self._do(self._store.queue_len(key))
 
-    def barrier(self, key: KeyLike, world_size: int, timeout: TimeoutLike | None = None) -> None:
-        self._do(self._store.barrier(key, world_size, timeout))
+    def barrier(
+        self,
+        key: KeyLike,
+        world_size: int,
+        timeout: TimeoutLike | None = None,
+        rank: int | None = None,
+    ) -> None:
+        self._do(self._store.barrier(key, world_size, timeout, rank))
 
     # The facade overrides every public method; the core is never reached.
     def _set(self, key: str, value: bytes) -> None:

@@ -453,6 +453,45 @@ def test_barrier_bad_world_size(store: Store) -> None:
         store.barrier("x", 0)
 
 
+def test_ranked_barrier_timeout_lists_every_missing_rank(store: Store) -> None:
+    # Ranks 0, 2 and 4 of 7 arrive (the first two in threads of their own), 1 3 5 6 never do.
+    clones = {r: store.clone() for r in (0, 2)}
+    waiting = [
+        Background(lambda c=c, r=r: c.barrier("rk", 7, 2.0, rank=r))  # type: ignore[misc]
+        for r, c in clones.items()
+    ]
+    deadline = time.monotonic() + 10
+    while not (
+        store.check(["rk/arrived_ranks"]) and store.get("rk/arrived_ranks").count(b"\n") == 2
+    ):
+        assert time.monotonic() < deadline, "the two threads did not arrive"
+        time.sleep(0.01)
+    with pytest.raises(StoreTimeoutError, match=r"4 of 7 ranks never arrived: 1, 3, 5, 6$"):
+        store.barrier("rk", 7, 0.3, rank=4)
+    for task in waiting:
+        with pytest.raises(StoreTimeoutError, match=r"never arrived: 1, 3, 5, 6$"):
+            task.result()
+
+
+def test_ranked_barrier_reused_names_the_missing_of_its_generation(store: Store) -> None:
+    clones = [store.clone() for _ in range(3)]
+    tasks = [
+        Background(lambda c=c, r=r: c.barrier("rg", 3, 10, rank=r))  # type: ignore[misc]
+        for r, c in enumerate(clones)
+    ]
+    assert [t.result() for t in tasks] == [None] * 3
+    # Second generation: only rank 1 comes.
+    with pytest.raises(StoreTimeoutError, match=r"2 of 3 ranks never arrived: 0, 2$"):
+        store.barrier("rg", 3, 0.1, rank=1)
+
+
+def test_ranked_barrier_bad_rank(store: Store) -> None:
+    with pytest.raises(ValueError, match=r"rank must be in 0\.\.1, got 2"):
+        store.barrier("x", 2, 0, rank=2)
+    with pytest.raises(TypeError, match="rank must be an int"):
+        store.barrier("x", 2, 0, rank="1")  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- clone / misc
 def test_clone_shares_data(store: Store) -> None:
     other = store.clone()

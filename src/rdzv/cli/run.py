@@ -20,6 +20,9 @@ import sys
 import uuid
 from typing import Any
 
+from rdzv.cli.observe import add_observe_arguments, check_observe_host, observe_tokens
+from rdzv.errors import RdzvError
+
 __all__ = ["build_config", "register", "worker_command"]
 
 _FLAG_TRUE = ("1", "true", "yes", "y", "t", "on")
@@ -122,6 +125,14 @@ def register(subparsers: Any) -> None:
     )
     _add(
         g,
+        "--hang-timeout",
+        type=float,
+        default=None,
+        help="seconds without rdzv.heartbeat() (after a worker's first) before it is declared "
+        "hung: stacks dumped, group restarted or job failed (default off)",
+    )
+    _add(
+        g,
         "--monitor-interval",
         type=float,
         default=0.1,
@@ -191,6 +202,7 @@ def register(subparsers: Any) -> None:
         help="console prefix of worker lines (${rank}, ${local_rank}, ${role_name}); "
         "default '[${rank}]: '",
     )
+    add_observe_arguments(p, "this agent (rounds, restarts, worker exits)")
     g = p.add_argument_group("command")
     _add_flag(g, "-m", "--module", help="run the target as a module (python -m)")
     _add_flag(g, "--no-python", help="run the target as a command, not a Python script")
@@ -283,6 +295,7 @@ def build_config(args: argparse.Namespace) -> Any:
         max_restarts=int(args.max_restarts),
         monitor_interval=float(args.monitor_interval),
         node_timeout=float(args.node_timeout),
+        hang_timeout=None if args.hang_timeout is None else float(args.hang_timeout),
         shutdown_timeout=float(args.shutdown_timeout),
         exit_barrier_timeout=float(args.exit_barrier_timeout),
         log_dir=args.log_dir,
@@ -306,26 +319,54 @@ def _explain(exc: BaseException) -> str:
     return "\n  caused by ".join(parts)
 
 
+def _store_token(rdzv_configs: dict[str, str]) -> bytes | None:
+    """The rendezvous store's token (``token_file`` in --rdzv-conf, else $RDZV_TOKEN)."""
+    from rdzv.auth import load_token
+
+    return load_token(None, rdzv_configs.get("token_file") or None)
+
+
 def _run(args: argparse.Namespace) -> int:
-    from rdzv.errors import RdzvError
     from rdzv.launcher.api import launch
     from rdzv.launcher.proctree import set_child_subreaper
 
     try:
         config = build_config(args)
         cmd = worker_command(args)
-    except ValueError as exc:
+        tokens: list[bytes] = []
+        if args.metrics_port is not None:
+            tokens = observe_tokens(_store_token(config.rdzv_configs), args.metrics_token_file)
+            check_observe_host(args.metrics_host, tokens, insecure=False)
+    except (ValueError, RdzvError) as exc:
         print(f"rdzv run: {exc}", file=sys.stderr)
         return 2
     if not args.no_python and not args.module and not os.path.exists(args.training_script):
         print(f"rdzv run: script {args.training_script!r} not found", file=sys.stderr)
         return 2
     set_child_subreaper()
+    observed: list[Any] = []
+
+    def observe(agent: Any) -> None:
+        from rdzv.observe import serve_agent
+
+        listener = serve_agent(agent, args.metrics_host, args.metrics_port, tokens)
+        observed.append(listener)
+        print(f"rdzv run: status page on {listener.url}", file=sys.stderr, flush=True)
+
     try:
-        result = launch(config, cmd, subreaper=True, what=args.training_script)
-    except (ValueError, RdzvError) as exc:
+        result = launch(
+            config,
+            cmd,
+            subreaper=True,
+            what=args.training_script,
+            on_agent=observe if args.metrics_port is not None else None,
+        )
+    except (ValueError, RdzvError, OSError) as exc:
         print(f"rdzv run: {_explain(exc)}", file=sys.stderr)
         return 1
+    finally:
+        for listener in observed:
+            listener.close()
     if result.summary:
         print(result.summary, file=sys.stderr, flush=True)
     elif result.exit_code != 0 and result.message:

@@ -8,7 +8,16 @@ import math
 import sys
 from typing import Any
 
+from rdzv.cli.observe import add_observe_arguments, check_observe_host, observe_tokens
+from rdzv.cli.observe import is_loopback as _is_loopback
 from rdzv.errors import RdzvError
+from rdzv.server import (
+    DEFAULT_AUTH_TIMEOUT,
+    DEFAULT_MAX_PARTIAL_BYTES,
+    DEFAULT_MAX_WAIT_KEYS_PER_CONNECTION,
+    DEFAULT_MAX_WAITS_PER_CONNECTION,
+    DEFAULT_REQUEST_TIMEOUT,
+)
 
 #: ``rdzv serve --busy-poll-us`` default: covers a client's turnaround between two requests
 #: (see rdzv.fastpath.BusyPoller and docs/performance.md).
@@ -17,18 +26,50 @@ DEFAULT_BUSY_POLL_US = 50.0
 __all__ = ["register"]
 
 
-def _is_loopback(host: str) -> bool:
-    """True if every address ``host`` resolves to is a loopback address."""
-    import ipaddress
+def _number(kind: type[int] | type[float], low: float, strict: bool) -> Any:
+    """An argparse ``type=``: a ``kind`` number ``> low`` (``strict``) or ``>= low``; else a
+    usage error naming the flag (argparse adds the flag's name)."""
+    word = "an integer" if kind is int else "a number"
+    bound = f"> {low:g}" if strict else f">= {low:g}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {word} {bound}, got {text!r}") from None
+        if not (value > low if strict else value >= low):  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be {word} {bound}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1, strict=False)
+_positive_float = _number(float, 0, strict=True)
+_non_negative_float = _number(float, 0, strict=False)
+
+
+def _port(text: str) -> int:
+    port: int = _number(int, 0, strict=False)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0..65535), got {text}")
+    return port
+
+
+def _check_host(host: str) -> None:
+    """Raise ValueError naming ``--host`` when it does not resolve (``256.1.1.1``, a typo):
+    that, not the lack of a token, is what the user has to fix."""
     import socket
 
     if host == "":
-        return False
+        return
     try:
-        infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False  # the bind reports it
-    return all(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]).is_loopback for info in infos)
+        socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(
+            f"--host {host!r} is not an IP address or a host name that resolves ({exc}); "
+            "give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -61,8 +102,18 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--fsync-interval must be a number of seconds > 0, got {args.fsync_interval:g}"
             )
+        for flag, size in (
+            ("--max-output-bytes", args.max_output_bytes),
+            ("--max-total-output-bytes", args.max_total_output_bytes),
+        ):
+            if size < 1:
+                raise ValueError(f"{flag} must be a number of bytes >= 1, got {size}")
         if allowlist and token is None:
             raise ValueError("--allow-unauthenticated only makes sense with a token")
+        metrics_tokens = observe_tokens(token, args.metrics_token_file)
+        if args.metrics_port is not None:
+            check_observe_host(args.metrics_host, metrics_tokens, args.insecure)
+        _check_host(args.host)
         if token is None and not args.insecure and not _is_loopback(args.host):
             raise ValueError(
                 f"refusing to listen on {args.host!r} without authentication: anyone who "
@@ -74,9 +125,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"rdzv serve: error: {exc}", file=sys.stderr)
         return 2
 
+    observed: list[Any] = []
+
     def listening(server: StoreServer) -> None:
         for endpoint in server.endpoints:
             print(f"listening on {endpoint}", flush=True)
+        if args.metrics_port is not None:
+            from rdzv.observe import serve_store
+
+            listener = serve_store(server, args.metrics_host, args.metrics_port, metrics_tokens)
+            observed.append(listener)
+            print(f"status page on {listener.url} (metrics: {listener.url}metrics)", flush=True)
         mode = "token" if token is not None else "none"
         print(
             f"authentication: {mode}; tls: {'on' if context else 'off'}; "
@@ -106,13 +165,21 @@ def _serve(args: argparse.Namespace) -> int:
             ssl=context,
             max_connections=args.max_connections,
             max_waits_per_connection=args.max_waits_per_connection,
+            max_wait_keys_per_connection=args.max_wait_keys_per_connection,
+            request_timeout=args.request_timeout,
+            max_partial_bytes=args.max_partial_bytes,
             max_output_bytes=args.max_output_bytes,
+            max_total_output_bytes=args.max_total_output_bytes,
             auth_timeout=args.auth_timeout,
             busy_poll=args.busy_poll_us * 1e-6,
+            metrics=args.metrics_port is not None,
         )
     except (RdzvError, ValueError, OSError) as exc:
         print(f"rdzv serve: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for listener in observed:
+            listener.close()
     return 0
 
 
@@ -132,19 +199,25 @@ def register(subparsers: Any) -> None:
         "IPv4/IPv6 interface, which needs a token or --insecure)",
     )
     parser.add_argument(
-        "--port", type=int, default=29500, help="TCP port, 0 for a free one (default: 29500)"
+        "--port", type=_port, default=29500, help="TCP port, 0 for a free one (default: 29500)"
     )
     parser.add_argument(
-        "--max-key-bytes", type=int, default=8192, help="largest key accepted (default: 8192)"
+        "--max-key-bytes",
+        type=_positive_int,
+        default=8192,
+        help="largest key accepted (default: 8192)",
     )
     parser.add_argument(
         "--max-value-bytes",
-        type=int,
+        type=_positive_int,
         default=8 * 1024 * 1024,
         help="largest value accepted (default: 8 MiB)",
     )
     parser.add_argument(
-        "--max-keys", type=int, default=128 * 1024, help="most keys per request (default: 131072)"
+        "--max-keys",
+        type=_positive_int,
+        default=128 * 1024,
+        help="most keys per request (default: 131072)",
     )
     parser.add_argument(
         "--no-extensions",
@@ -183,16 +256,37 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--max-connections",
-        type=int,
+        type=_positive_int,
         default=None,
         help="most connections open at once; more are closed and logged (default: no limit)",
     )
     parser.add_argument(
         "--max-waits-per-connection",
-        type=int,
-        default=4096,
+        type=_positive_int,
+        default=DEFAULT_MAX_WAITS_PER_CONNECTION,
         help="most parked waits (wait, barrier, blocking get) per connection; one more "
-        "closes the connection, logged (default: 4096)",
+        f"closes the connection, logged (default: {DEFAULT_MAX_WAITS_PER_CONNECTION})",
+    )
+    parser.add_argument(
+        "--max-wait-keys-per-connection",
+        type=_positive_int,
+        default=DEFAULT_MAX_WAIT_KEYS_PER_CONNECTION,
+        help="most keys over the parked waits of one connection; past it the connection "
+        f"is closed, logged (default: {DEFAULT_MAX_WAIT_KEYS_PER_CONNECTION})",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        help="seconds a request may take to arrive once its first byte has; a half-sent "
+        f"request is then closed, logged (default: {DEFAULT_REQUEST_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-partial-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_PARTIAL_BYTES,
+        help="bytes of half-received requests held over all connections; past it the "
+        "connections stalled longest are closed, logged (default: 256 MiB)",
     )
     parser.add_argument(
         "--max-output-bytes",
@@ -203,8 +297,16 @@ def register(subparsers: Any) -> None:
         "drain (default: 67108864, 64 MiB)",
     )
     parser.add_argument(
+        "--max-total-output-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="replies buffered on the whole server for clients that stopped reading them, "
+        "past which the connection that stopped first is disconnected, logged (default: "
+        "268435456, 256 MiB)",
+    )
+    parser.add_argument(
         "--busy-poll-us",
-        type=float,
+        type=_non_negative_float,
         default=DEFAULT_BUSY_POLL_US,
         help="microseconds to keep polling for requests instead of sleeping after each "
         "read: lower latency for clients doing one request after another, at the price of "
@@ -227,9 +329,10 @@ def register(subparsers: Any) -> None:
     )
     security.add_argument(
         "--auth-timeout",
-        type=float,
-        default=10.0,
-        help="seconds a client has to authenticate before it is disconnected (default: 10)",
+        type=_positive_float,
+        default=DEFAULT_AUTH_TIMEOUT,
+        help="seconds a client has to authenticate before it is disconnected "
+        f"(default: {DEFAULT_AUTH_TIMEOUT:g})",
     )
     security.add_argument(
         "--insecure",
@@ -246,5 +349,6 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="refuse TLS clients without a certificate signed by --tls-ca (mutual TLS)",
     )
+    add_observe_arguments(parser, "the store")
     parser.add_argument("--quiet", action="store_true", help="do not log connections")
     parser.set_defaults(func=_serve)

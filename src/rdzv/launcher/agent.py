@@ -30,6 +30,8 @@ time in ``duration_ms``) and per agent (source AGENT: ``RENDEZVOUS`` with its du
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import enum
 import json
 import logging
@@ -68,12 +70,15 @@ from rdzv.launcher.failures import (
     read_root_cause,
     worker_failure_key,
 )
+from rdzv.launcher.hangs import HangMonitor, Hung, dump_stacks, innermost_frame
+from rdzv.launcher.heartbeat import HEARTBEAT_FILE_ENV, STACKS_FILE_ENV, STACKS_SIGNAL_ENV
 from rdzv.launcher.logs import ConsoleWriter, LogPump, WorkerStreams, console_writer, format_prefix
 from rdzv.launcher.peers import PeerEvent, PeerMonitor
 from rdzv.launcher.watchdog import Watchdog
 from rdzv.launcher.worker import ATTEMPT_ID_ENV, client_security
 from rdzv.launcher.workers import Worker, WorkerProcesses
 from rdzv.rendezvous.api import RendezvousHandler, RendezvousInfo
+from rdzv.stats import AgentStats
 from rdzv.store.base import Store
 
 __all__ = ["ElasticAgent", "RunResult", "WorkerState"]
@@ -197,13 +202,26 @@ class ElasticAgent:
         self._round_store: Store | None = None
         self._log_root: Path | None = None
         self._own_log_root = False
+        self._keep_logs = False
+        self._hangs: HangMonitor | None = None
         self.state = WorkerState.INIT
+        #: Counters for metrics (rdzv.observe), and what snapshot() shows besides the
+        #: live workers: the rounds joined and the failures seen, latest last.
+        self.stats = AgentStats()
+        self._rounds: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        self._failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        self._exits_counted: set[int] = set()
 
     # ------------------------------------------------------------------ properties
     @property
     def restart_count(self) -> int:
         """Restarts used so far (``TORCHELASTIC_RESTART_COUNT``)."""
         return self.config.max_restarts - self._remaining_restarts
+
+    @property
+    def round_store(self) -> Store | None:
+        """The store of the round joined last (None before the first rendezvous)."""
+        return self._round_store
 
     @property
     def log_root(self) -> Path | None:
@@ -230,10 +248,13 @@ class ElasticAgent:
                 if self._workers is not None:
                     self._workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
                     self._workers.wait_output(2.0)
+                    self._count_exits(self._workers)
                 self._pump.close()
                 if self._watchdog is not None:
                     self._watchdog.close()
                 self._close_causes()
+                if self._hangs is not None:
+                    self._hangs.close()
                 if signalled is None:
                     self._shutdown_handler()
                 self._cleanup()
@@ -256,6 +277,7 @@ class ElasticAgent:
                 )
             except _Restart as restart:  # a node vanished right after the rendezvous
                 retries += 1
+                self.stats.restart("rendezvous")
                 if retries > _MAX_RENDEZVOUS_RETRIES:
                     return self._agent_failure(RendezvousError(restart.reason))
                 _log.warning("rendezvous again: %s", restart.reason)
@@ -271,6 +293,9 @@ class ElasticAgent:
                 # Tell the other nodes first, so that they stop in parallel with us.
                 if self._peers is not None:
                     self._peers.request_restart()
+                self.stats.restart(_restart_cause(restart))
+                if restart.cause is not None and restart.cause.kind == "hang":
+                    self.stats.hangs += 1
                 if restart.cause is not None:
                     self._let_workers_see(restart.cause)
                 if restart.failure:
@@ -303,8 +328,20 @@ class ElasticAgent:
         started = time.monotonic()
         info = self.handler.next_rendezvous()
         elapsed = time.monotonic() - started
+        self.stats.rounds += 1
+        self.stats.join_time.observe(elapsed)
         assignment = self._assign(info)
         self._assignment = assignment
+        self._rounds.append(
+            {
+                "time": time.time(),
+                "join_seconds": round(elapsed, 3),
+                "group_rank": assignment.group_rank,
+                "group_world_size": assignment.group_world_size,
+                "world_size": assignment.world_size,
+                "restart_count": self.restart_count,
+            }
+        )
         self._peers = PeerMonitor(
             info.store,
             assignment.namespace,
@@ -428,6 +465,14 @@ class ElasticAgent:
         attempt_dir = self._ensure_log_root() / f"attempt_{self._attempt}"
         self._attempt += 1
         workers: list[Worker] = []
+        directories = [attempt_dir / str(r) for r in range(cfg.nproc_per_node)]
+        for directory in directories:
+            directory.mkdir(parents=True, exist_ok=True)
+        if self._hangs is not None:
+            self._hangs.close()
+        self._hangs = None
+        if cfg.hang_timeout is not None:
+            self._hangs = HangMonitor(directories, cfg.hang_timeout)
         for local_rank in range(cfg.nproc_per_node):
             rank = assignment.rank_base + local_rank
             directory = attempt_dir / str(local_rank)
@@ -449,6 +494,10 @@ class ElasticAgent:
             )
             env = self.worker_env(assignment, local_rank)
             env["TORCHELASTIC_ERROR_FILE"] = str(directory / "error.json")
+            if self._hangs is not None:
+                env[HEARTBEAT_FILE_ENV] = str(self._hangs.path(local_rank))
+                env[STACKS_FILE_ENV] = str(directory / "stacks.txt")
+                env[STACKS_SIGNAL_ENV] = "SIGUSR2"
             cmd = [arg.replace("${local_rank}", str(local_rank)) for arg in self.cmd]
             workers.append(
                 Worker(
@@ -476,6 +525,7 @@ class ElasticAgent:
             return
         workers.stop(sig, self.config.shutdown_timeout)
         workers.wait_output(2.0)
+        self._count_exits(workers)
         for worker in workers.workers:
             self._record_exit(worker)
         self._workers = None
@@ -491,6 +541,53 @@ class ElasticAgent:
         else:
             state = "FAILED"
         self._record(state, events.EventSource.WORKER, worker, duration_ms=worker.run_time() * 1000)
+
+    def _count_exits(self, workers: WorkerProcesses) -> None:
+        """Count the exits of ``workers`` not counted yet in :attr:`stats`."""
+        for worker in workers.workers:
+            if worker.returncode is not None and id(worker) not in self._exits_counted:
+                self._exits_counted.add(id(worker))
+                self.stats.worker_exit(_exit_cause(worker))
+
+    def snapshot(self) -> dict[str, Any]:
+        """What this agent knows now, as JSON-able data (for the status page of
+        :mod:`rdzv.observe`; safe to call from another thread: it only reads): run id, state,
+        restarts, this node's place, the rounds joined, the local workers (rank, pid,
+        ``state`` running/succeeded/failed/stopped, ``cause`` of an exit, times) and the
+        failures of earlier attempts (:meth:`WorkerFailure.to_json`), latest last."""
+        assignment = self._assignment
+        group = self._workers
+        peers = self._peers
+        workers = []
+        for worker in list(group.workers) if group is not None else []:
+            code = worker.returncode
+            workers.append(
+                {
+                    "rank": worker.global_rank,
+                    "local_rank": worker.local_rank,
+                    "pid": worker.pid,
+                    "state": "running" if code is None else _exit_cause(worker),
+                    "cause": None if code is None else describe_exit(code),
+                    "exit_time": worker.exit_time,
+                    "run_time": round(worker.run_time(), 3),
+                }
+            )
+        return {
+            "run_id": self.handler.get_run_id(),
+            "backend": self.handler.get_backend(),
+            "host": self._host,
+            "state": self.state.value,
+            "restart_count": self.restart_count,
+            "max_restarts": self.config.max_restarts,
+            "group_rank": None if assignment is None else assignment.group_rank,
+            "group_world_size": None if assignment is None else assignment.group_world_size,
+            "world_size": None if assignment is None else assignment.world_size,
+            "namespace": None if assignment is None else assignment.namespace,
+            "rounds": list(self._rounds),
+            "workers": workers,
+            "failures": list(self._failures),
+            "peer": None if peers is None or not peers.active else peers.snapshot(),
+        }
 
     # -------------------------------------------------------------- monitoring
     def _monitor(self) -> None:
@@ -525,6 +622,7 @@ class ElasticAgent:
             if remote is not None:
                 raise self._remote_restart(remote)
             if done:
+                self._count_exits(workers)
                 for worker in workers.workers:
                     self._record_exit(worker)
                 self._workers = None
@@ -532,6 +630,12 @@ class ElasticAgent:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + interval
+                if self._hangs is not None:
+                    running = {w.local_rank for w in workers.workers if w.running}
+                    hung = self._hangs.check(now, running)
+                    if hung:
+                        cause = self._announce(self._hang_record(workers, hung[0]))
+                        raise _Restart(f"worker {cause.how()}", failure=True, cause=cause)
                 any_finished = any(w.returncode == 0 for w in workers.workers)
                 if not any_finished and self._nodes_waiting() > 0:
                     raise _Restart("new nodes are waiting to join", failure=False)
@@ -581,6 +685,11 @@ class ElasticAgent:
         """Another node's root cause: say it here too, then restart like a failure."""
         self.state = WorkerState.FAILED
         self._say_cause(cause)
+        if cause.kind == "hang" and self._workers is not None:
+            # What were the others doing meanwhile? Often waiting for the hung one.
+            path = self._dump_local_stacks(self._workers, f"peer-hang-rank{cause.rank}")
+            if path is not None:
+                self._stderr(f"[rdzv run] stacks of this node's workers: {path}\n".encode())
         return _Restart(cause.describe(), failure=cause.kind != "lost", cause=cause)
 
     def _worker_record(self, worker: Worker) -> FailureRecord:
@@ -601,6 +710,53 @@ class ElasticAgent:
             stderr_tail=worker.streams.stderr_tail(),
         )
         return FailureRecord.from_failure(failure)
+
+    def _dump_local_stacks(self, workers: WorkerProcesses, what: str) -> Path | None:
+        """Write the stacks of the running local workers to the job's log dir."""
+        targets = [
+            (w.global_rank, w.local_rank, w.pid, w.streams.directory / "stacks.txt")
+            for w in workers.workers
+            if w.running and w.pid is not None
+        ]
+        if not targets:
+            return None
+        self._keep_logs = True
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = self._ensure_log_root() / f"stacks-{what}-{stamp}.txt"
+        try:
+            return dump_stacks(targets, out)
+        except OSError as exc:
+            _log.warning("cannot write the workers' stacks to %s: %s", out, exc)
+            return None
+
+    def _hang_record(self, workers: WorkerProcesses, hung: Hung) -> FailureRecord:
+        """Dump the local stacks, kill the hung worker, and describe the hang."""
+        worker = workers.workers[hung.local_rank]
+        path = self._dump_local_stacks(workers, f"hang-rank{worker.global_rank}")
+        text = ""
+        if path is not None:
+            dump = path.read_text("utf-8", errors="replace")
+            header = f"=== rank {worker.global_rank} "
+            start = dump.find(header)
+            end = dump.find("\n=== rank ", start + 1) if start >= 0 else -1
+            text = dump[start : end if end >= 0 else None] if start >= 0 else ""
+        worker.stopped_by_agent = True
+        if worker.pid is not None:
+            # A hung (maybe SIGSTOPped) worker may not act on SIGTERM: end it now.
+            with contextlib.suppress(OSError):
+                os.killpg(worker.pid, signal.SIGKILL)
+        return FailureRecord(
+            kind="hang",
+            node_rank=self._assignment.group_rank if self._assignment else 0,
+            host=self._host,
+            rank=worker.global_rank,
+            local_rank=worker.local_rank,
+            pid=worker.pid,
+            last_step=hung.last_step,
+            frame=innermost_frame(text),
+            stacks_file=str(path) if path is not None else None,
+            message=text.strip() or None,
+        )
 
     def _lost_record(self, node: int) -> FailureRecord:
         assignment = self._assignment
@@ -683,6 +839,7 @@ class ElasticAgent:
         assert workers is not None
         workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
         workers.wait_output(2.0)
+        self._count_exits(workers)
         result: list[WorkerFailure] = []
         for worker in workers.failures():
             assert worker.pid is not None and worker.returncode is not None
@@ -704,6 +861,7 @@ class ElasticAgent:
                     log_files=logs,
                 )
             )
+        self._failures.extend(f.to_json() for f in result)
         return result
 
     def _job_failure(
@@ -851,7 +1009,7 @@ class ElasticAgent:
     def _cleanup(self) -> None:
         if self._own_log_root and self._log_root is not None:
             redirected = self.config.redirects != Std.NONE or self.config.tee != Std.NONE
-            if not redirected:
+            if not redirected and not self._keep_logs:
                 shutil.rmtree(self._log_root, ignore_errors=True)
         for server in (self._own_server,):
             close = getattr(server, "close", None)
@@ -860,6 +1018,30 @@ class ElasticAgent:
                     close()
                 except Exception:  # closing must not mask the result
                     _log.debug("closing the workers' store failed", exc_info=True)
+
+
+def _exit_cause(worker: Worker) -> str:
+    """succeeded, stopped (by the agent), signal or exit_code: how ``worker`` ended."""
+    code = worker.returncode or 0
+    if code == 0:
+        return "succeeded"
+    if worker.stopped_by_agent:
+        return "stopped"
+    return "signal" if code < 0 else "exit_code"
+
+
+def _restart_cause(restart: _Restart) -> str:
+    """The metrics label of a group restart (worker_failure, hang, peer_lost, scale_up,
+    peer_restart)."""
+    if restart.cause is not None:
+        return {"hang": "hang", "lost": "peer_lost"}.get(restart.cause.kind, "worker_failure")
+    if restart.failure:
+        return "worker_failure"
+    if "waiting to join" in restart.reason:
+        return "scale_up"
+    if "was lost" in restart.reason:
+        return "peer_lost"
+    return "peer_restart"
 
 
 def _error_text(exc: BaseException) -> str:

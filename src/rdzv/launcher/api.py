@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rdzv.launcher.agent import ElasticAgent, RunResult
 from rdzv.launcher.config import LaunchConfig
@@ -58,6 +58,7 @@ def launch(
     what: str | None = None,
     stdout: ConsoleWriter | None = None,
     stderr: ConsoleWriter | None = None,
+    on_agent: Callable[[ElasticAgent], object] | None = None,
 ) -> RunResult:
     """Run ``cmd`` as ``config.nproc_per_node`` workers on this node, elastically.
 
@@ -66,6 +67,9 @@ def launch(
     client (``is_host=false``); that server is also the workers' store unless the handler
     offers its own. Otherwise the handler comes from the registry
     (:func:`rdzv.rendezvous.registry.get_rendezvous_handler`).
+
+    ``on_agent(agent)`` is called with the :class:`~rdzv.launcher.agent.ElasticAgent` before
+    it runs (``rdzv run --metrics-port`` starts its listener there).
 
     Returns the :class:`~rdzv.launcher.agent.RunResult` (worker failures and rendezvous
     failures are reported there). Raises ValueError for a configuration the backend rejects
@@ -101,6 +105,8 @@ def launch(
             stderr=stderr,
             what=what,
         )
+        if on_agent is not None:
+            on_agent(agent)
         return agent.run()
     finally:
         close = getattr(hosted, "close", None)

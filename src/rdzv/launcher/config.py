@@ -191,6 +191,9 @@ class LaunchConfig:
             heartbeats; worker exits are noticed at once regardless.
         node_timeout: a peer agent whose heartbeat counter did not move for this long is
             considered lost and the group re-rendezvous without it; 0 disables the check.
+        hang_timeout: a worker whose ``rdzv.heartbeat()`` calls stop for this long (after
+            its first one) is hung: its stacks are dumped and the group restarts or the job
+            fails (None: off, the default). Must be >= ``monitor_interval``.
         shutdown_timeout: grace period between the stop signal and SIGKILL.
         exit_barrier_timeout: how long a finished agent waits for the other nodes.
 
@@ -223,6 +226,7 @@ class LaunchConfig:
     max_restarts: int = 0
     monitor_interval: float = 0.1
     node_timeout: float = 30.0
+    hang_timeout: float | None = None
     shutdown_timeout: float = 30.0
     exit_barrier_timeout: float = 300.0
     log_dir: str | None = None
@@ -268,6 +272,12 @@ class LaunchConfig:
         if not self.node_timeout >= 0:
             raise ValueError(
                 f"LaunchConfig: node_timeout must be >= 0 seconds, got {self.node_timeout}"
+            )
+        if self.hang_timeout is not None and not self.hang_timeout >= self.monitor_interval:
+            raise ValueError(
+                f"--hang-timeout {self.hang_timeout:g} is below --monitor-interval "
+                f"{self.monitor_interval:g}: hangs are checked once per monitor interval, so "
+                "give a hang timeout of at least one interval (typically tens of seconds)"
             )
         if self.tail_lines < 0:
             raise ValueError(f"LaunchConfig: tail_lines must be >= 0, got {self.tail_lines}")

@@ -193,7 +193,7 @@ class FailureRecord:
 
     def describe(self) -> str:
         """One line: ``root cause: rank 3 on node 1 (host): exit code 3 (pid 123, local rank
-        1) at 12:00:01``, plus the first line of the message."""
+        1) at 12:00:01``, plus the last line of the message (not for a hang)."""
         who = f"node {self.node_rank} ({self.host})"
         if self.rank is not None:
             who = f"rank {self.rank} on {who}"
@@ -207,10 +207,10 @@ class FailureRecord:
         if extra:
             line += f" ({', '.join(extra)})"
         line += f" at {stamp}"
-        if self.message:
-            first = self.message.strip().splitlines()
-            if first:
-                line += f": {first[-1] if self.kind != 'exit' else first[0]}"
+        if self.message and self.kind != "hang":  # a hang's message is its stack dump
+            last = self.message.strip().splitlines()
+            if last:
+                line += f": {last[-1].strip()}"
         return line
 
     def to_json(self) -> str:
@@ -379,7 +379,10 @@ def format_summary(
             lines.append(f"  stacks     : {cause.stacks_file}")
         if cause.message:
             lines.append("  message:")
-            lines.extend(f"    | {line}" for line in cause.message.splitlines()[-20:])
+            text = cause.message.splitlines()
+            # A hang's stack dump starts with the stuck thread; an error ends with its cause.
+            text = text[:20] if cause.kind == "hang" else text[-20:]
+            lines.extend(f"    | {line}" for line in text)
         others = failures
     if others:
         lines.append(_THIN)

@@ -73,6 +73,8 @@ class PeerMonitor:
         self._seen_at = now
         self._next_beat = now
         self._store_failing_since: float | None = None
+        #: Beats sent (for metrics).
+        self.beats = 0
 
     @property
     def active(self) -> bool:
@@ -81,6 +83,17 @@ class PeerMonitor:
     @property
     def watched_peer(self) -> int:
         return self._peer
+
+    def snapshot(self) -> dict[str, object]:
+        """This monitor's view (JSON-able; readable from another thread): the watched
+        ``peer``, ``beats`` sent, ``peer_silence`` (seconds since the peer's counter last
+        moved, on this process's clock) and ``node_timeout``."""
+        return {
+            "peer": self._peer,
+            "beats": self.beats,
+            "peer_silence": round(time.monotonic() - self._seen_at, 3),
+            "node_timeout": self._timeout,
+        }
 
     def due(self, now: float) -> float:
         """Seconds until the next beat is due (<= 0: now)."""
@@ -98,6 +111,7 @@ class PeerMonitor:
         self._next_beat = now + self._interval
         try:
             self._store.add(f"{self._ns}/hb/{self._rank}", 1)
+            self.beats += 1
             seen = self._store.add(f"{self._ns}/hb/{self._peer}", 0)
             restart = self._store.check([f"{self._ns}/restart"])
         except RdzvError as exc:

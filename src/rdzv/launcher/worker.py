@@ -158,6 +158,9 @@ def connect(
             token_file=token_file,
             tls=tls,
         )
+    from rdzv.launcher.heartbeat import install_stack_dumper
+
+    install_stack_dumper()
     attempt = env.get(ATTEMPT_ID_ENV)
     if attempt:  # under rdzv run: a peer's failure interrupts our blocked calls at once
         from rdzv.launcher.failures import worker_failure_key

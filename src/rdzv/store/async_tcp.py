@@ -29,7 +29,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from rdzv import auth, wire
-from rdzv.errors import NetworkError, ProtocolError
+from rdzv.errors import NetworkError, ProtocolError, StoreTimeoutError
 from rdzv.server import StoreServer, format_endpoint
 from rdzv.store import tcp_ops as ops
 from rdzv.store.base import (
@@ -39,11 +39,15 @@ from rdzv.store.base import (
     TimeoutLike,
     ValueLike,
     _seconds_to_timedelta,
+    barrier_arrivals_key,
     check_amount,
+    check_barrier_rank,
     check_block,
     check_world_size,
     key_to_str,
     keys_to_list,
+    missing_ranks,
+    missing_ranks_error,
     timeout_to_seconds,
     value_to_bytes,
     values_to_list,
@@ -433,11 +437,27 @@ class AsyncTCPStore:
         return await self._run(lambda: ops.queue_len(self._session, k))
 
     async def barrier(
-        self, key: KeyLike, world_size: int, timeout: TimeoutLike | None = None
+        self,
+        key: KeyLike,
+        world_size: int,
+        timeout: TimeoutLike | None = None,
+        rank: int | None = None,
     ) -> None:
+        """See :meth:`rdzv.store.base.Store.barrier` (``rank``: list the missing on a
+        timeout)."""
         size = check_world_size(world_size)
         k, seconds = key_to_str(key), self._resolve(timeout)
-        await self._run(lambda: ops.barrier(self._session, k, size, seconds), "barrier")
+        if rank is None:
+            await self._run(lambda: ops.barrier(self._session, k, size, seconds), "barrier")
+            return
+        me = check_barrier_rank(rank, size)
+        log = barrier_arrivals_key(k)
+        await self.append(log, f"{me}\n")
+        try:
+            await self._run(lambda: ops.barrier(self._session, k, size, seconds), "barrier")
+        except StoreTimeoutError as exc:
+            missing = missing_ranks(await self.get(log), size, me)
+            raise StoreTimeoutError(missing_ranks_error(exc, missing, size)) from None
 
     async def set_ephemeral(self, key: KeyLike, value: ValueLike) -> None:
         """See :meth:`rdzv.store.tcp.TCPStore.set_ephemeral`."""

@@ -162,6 +162,39 @@ def check_world_size(world_size: object) -> int:
     return world_size
 
 
+def check_barrier_rank(rank: object, world_size: int) -> int:
+    """Validate a barrier's ``rank``: TypeError unless an int, ValueError outside
+    ``0..world_size-1``."""
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise TypeError(f"barrier: rank must be an int or None, got {rank!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"barrier: rank must be in 0..{world_size - 1}, got {rank}")
+    return rank
+
+
+def barrier_arrivals_key(key: str) -> str:
+    """Where ranked barrier arrivals are logged (one ``"{rank}\\n"`` per arrival)."""
+    return f"{key}/arrived_ranks"
+
+
+def missing_ranks(log: bytes, world_size: int, rank: int) -> list[int]:
+    """The ranks that did not reach the barrier generation that ``rank`` waits in, from the
+    arrivals log: those that arrived fewer times than ``rank`` did."""
+    counts: dict[int, int] = {}
+    for line in log.split(b"\n"):
+        if line.strip().isdigit():
+            counts[int(line)] = counts.get(int(line), 0) + 1
+    mine = max(counts.get(rank, 0), 1)
+    return [r for r in range(world_size) if counts.get(r, 0) < mine]
+
+
+def missing_ranks_error(exc: StoreTimeoutError, missing: list[int], world_size: int) -> str:
+    """The message of a ranked barrier's timeout: ``exc``'s plus every missing rank."""
+    return (
+        f"{exc}; {len(missing)} of {world_size} ranks never arrived: {', '.join(map(str, missing))}"
+    )
+
+
 def timeout_error(op: str, keys: Sequence[str], seconds: float, where: str) -> StoreTimeoutError:
     """The error of a blocking ``op`` on ``keys`` that ran out of ``seconds`` on ``where``."""
     # torch's sentence first ("wait timeout after 100ms, keys: /a, /b"; a get is a wait
@@ -349,15 +382,37 @@ class Store:
         """The number of items in the FIFO queue ``key`` (0 for a queue never used)."""
         return self._queue_len(key_to_str(key))
 
-    def barrier(self, key: KeyLike, world_size: int, timeout: TimeoutLike | None = None) -> None:
+    def barrier(
+        self,
+        key: KeyLike,
+        world_size: int,
+        timeout: TimeoutLike | None = None,
+        rank: int | None = None,
+    ) -> None:
         """Block until ``world_size`` callers have reached the barrier ``key``.
 
         ``timeout`` as in :meth:`wait`. The key can be reused: the next ``world_size``
-        arrivals form the next barrier (torch releases a reused key at once). Raises
-        ValueError for ``world_size < 1``, :class:`~rdzv.errors.StoreTimeoutError` at the
-        deadline (the arrival stays counted, as in torch).
+        arrivals form the next barrier (torch releases a reused key at once). ``rank``
+        (``0..world_size-1``): the caller's rank; every ranked arrival is also logged (one
+        ``append`` to ``{key}/arrived_ranks``), so that a timeout's error lists every rank
+        that never arrived (no cap). Callers of one barrier should all pass their rank or
+        none. Raises ValueError for ``world_size < 1`` or a rank out of range,
+        :class:`~rdzv.errors.StoreTimeoutError` at the deadline (the arrival stays counted,
+        as in torch).
         """
-        self._barrier(key_to_str(key), check_world_size(world_size), self._resolve_timeout(timeout))
+        name, size = key_to_str(key), check_world_size(world_size)
+        seconds = self._resolve_timeout(timeout)
+        if rank is None:
+            self._barrier(name, size, seconds)
+            return
+        me = check_barrier_rank(rank, size)
+        log = barrier_arrivals_key(name)
+        self._append(log, f"{me}\n".encode())
+        try:
+            self._barrier(name, size, seconds)
+        except StoreTimeoutError as exc:
+            missing = missing_ranks(self._get(log, 0.0), size, me)
+            raise StoreTimeoutError(missing_ranks_error(exc, missing, size)) from None
 
     def has_extended_api(self) -> bool:
         """True when append, multi_get and multi_set are native rather than fallbacks."""

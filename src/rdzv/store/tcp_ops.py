@@ -301,7 +301,9 @@ def lost_again(s: Session, unacked: Unacked, reason: str) -> NetworkError:
     return NetworkError(
         f"{s.where}: the connection was lost again after reconnecting ({reason}); the server "
         "closes the connection on this request or on the writes sent before it (a request "
-        "above its limits?); those writes were dropped, their outcome is unknown"
+        "above its limits, or a write to a store that is read-only because its disk is "
+        "full? the server's log says why); those writes were dropped, their outcome is "
+        "unknown"
     )
 
 

@@ -1,0 +1,276 @@
+"""The metrics and status-page listener: an HTTP server in threads of its own.
+
+Routes (GET and HEAD; other methods get 405, unknown paths 404):
+
+* ``/metrics``: the Prometheus text format (OpenMetrics when the scraper asks for it),
+  rendered from the collectors at scrape time;
+* ``/api/status``: the status document (JSON, :mod:`rdzv.observe.status`);
+* ``/`` and ``/static/...``: the status page (static files shipped in the package; they hold
+  no data, so they are served without a token and ask for one when the data needs it).
+
+It never runs on, and never waits for, the store's event loop or the agent's thread: each
+request is served in a thread of :class:`http.server.ThreadingHTTPServer` that reads plain
+counters and snapshots (copies taken under the GIL). A client's mistake costs that client a
+4xx; at most :data:`MAX_CONCURRENT` requests are served at once (more get 503), each socket
+times out after :data:`REQUEST_TIMEOUT` seconds.
+
+Security (``docs/observability.md``): bind loopback unless told otherwise; with tokens,
+``/metrics`` and ``/api/status`` require ``Authorization: Bearer <token>`` (any of the
+tokens: the store's, or a read-only one); on a loopback address, requests naming another
+host in ``Host`` are refused (a web page elsewhere cannot reach the listener through DNS
+rebinding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+
+__all__ = ["MAX_CONCURRENT", "REQUEST_TIMEOUT", "ObserveServer"]
+
+_log = logging.getLogger("rdzv.observe.http")
+
+#: Requests served at once; more are answered 503 at once (a flood of scrapes or page
+#: loads costs threads and the GIL the store needs; Prometheus scrapes one at a time).
+MAX_CONCURRENT = 16
+#: Seconds a connection may take to send its request (a slow client holds a thread).
+REQUEST_TIMEOUT = 10.0
+
+_STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/static/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
+}
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    root = resources.files("rdzv.observe") / "static"
+    return {path: ((root / name).read_bytes(), ctype) for path, (name, ctype) in _STATIC.items()}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], family: int, owner: ObserveServer) -> None:
+        self.address_family = family
+        self.owner = owner
+        self.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Retry-After: 1\r\nConnection: close\r\n\r\n"
+                )
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        _log.warning("metrics listener: error serving %s", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = REQUEST_TIMEOUT
+    protocol_version = "HTTP/1.1"
+    # Errors before the request's version is parsed still get a status line (HTTP/0.9,
+    # http.server's default, has none and is not served).
+    default_request_version = "HTTP/1.0"
+    server_version = "rdzv"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _log.debug("%s %s", self.address_string(), format % args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method: the client's mistake
+            code = HTTPStatus.METHOD_NOT_ALLOWED
+        super().send_error(code, message, explain)
+
+    def _reply(
+        self, code: int, body: bytes, ctype: str, extra: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(code)
+        for name, value in (_HEADERS | (extra or {})).items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _text(self, code: int, text: str, extra: dict[str, str] | None = None) -> None:
+        self._reply(code, text.encode() + b"\n", "text/plain; charset=utf-8", extra)
+
+    def _host_allowed(self) -> bool:
+        owner = self.server.owner
+        if not owner.loopback:
+            return True
+        host = self.headers.get("Host")
+        if host is None:
+            return True  # HTTP/1.0 clients (curl -0, scrapers) send none
+        name = urlsplit("//" + host).hostname or ""
+        return _is_loopback(name)
+
+    def _authorized(self) -> bool:
+        tokens = self.server.owner.tokens
+        if not tokens:
+            return True
+        header = self.headers.get("Authorization", "")
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer" or not credentials:
+            return False
+        given = credentials.strip().encode("utf-8", "replace")
+        return any(hmac.compare_digest(given, token) for token in tokens)
+
+    def do_GET(self) -> None:
+        owner = self.server.owner
+        if not self._host_allowed():
+            self._text(HTTPStatus.FORBIDDEN, "forbidden: Host is not a loopback address")
+            return
+        path = urlsplit(self.path).path
+        static = owner.static.get(path)
+        if static is not None:
+            self._reply(HTTPStatus.OK, static[0], static[1])
+            return
+        if path not in ("/metrics", "/api/status"):
+            self._text(HTTPStatus.NOT_FOUND, f"not found: {path} (try /, /metrics, /api/status)")
+            return
+        if not self._authorized():
+            owner.auth_failures += 1
+            self._text(
+                HTTPStatus.UNAUTHORIZED,
+                "unauthorized: send the store's token (or the read-only metrics token) as "
+                "'Authorization: Bearer <token>'",
+                {"WWW-Authenticate": 'Bearer realm="rdzv"'},
+            )
+            return
+        try:
+            if path == "/metrics":
+                encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+                body = encoder(owner.registry)
+            else:
+                ctype = "application/json"
+                body = json.dumps(owner.status(), default=str).encode()
+        except Exception:  # a bug in a collector must cost this request, not the store
+            _log.exception("metrics listener: %s failed", path)
+            self._text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the logs)")
+            return
+        self._reply(HTTPStatus.OK, body, ctype)
+
+    do_HEAD = do_GET
+
+    def _not_allowed(self) -> None:
+        self._text(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", {"Allow": "GET, HEAD"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+
+class ObserveServer:
+    """Serves ``/metrics`` from ``registry`` and the status page with ``status()``'s
+    document, on ``host:port`` (port 0: a free one), in daemon threads.
+
+    Args:
+        host: address to bind (loopback by default; callers refuse other addresses without
+            a token unless told otherwise, see ``rdzv serve --metrics-host``).
+        port: TCP port, 0 for a free one (read :attr:`port`).
+        registry: the collectors (:func:`rdzv.observe.metrics.registry_for`).
+        status: returns the status document (JSON-able).
+        tokens: accepted bearer tokens (bytes); empty: no authentication.
+
+    Raises OSError from :meth:`start` when the address cannot be bound.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        registry: CollectorRegistry,
+        status: Callable[[], dict[str, Any]],
+        tokens: Sequence[bytes] = (),
+    ) -> None:
+        self.host = host
+        self.registry = registry
+        self.status = status
+        self.tokens = tuple(tokens)
+        self.static = _load_static()
+        self.auth_failures = 0
+        self._requested_port = port
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.loopback = False
+
+    def start(self) -> ObserveServer:
+        infos = socket.getaddrinfo(self.host, self._requested_port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        self.loopback = all(_is_loopback(str(info[4][0])) for info in infos)
+        self._server = _Server((str(address[0]), int(address[1])), family, self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            name="rdzv-metrics",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the metrics listener is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/`` (IPv6 literals bracketed)."""
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"http://{host}:{self.port}/"
+
+    def close(self) -> None:
+        """Stop serving and close the socket (idempotent)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None

@@ -1,0 +1,237 @@
+"""What the status page shows, as JSON: a store server's or an agent's view of the job.
+
+* :class:`StoreStatus` (``rdzv serve``): store statistics from the server's snapshot, and
+  every rendezvous run found in the store (:func:`rdzv.launcher.status.read_status`: the
+  current round, its nodes with heartbeats, waiting nodes) with the failure records the
+  agents published in the round's store (:func:`rdzv.launcher.failures.read_failure_log`).
+  It reads the engine directly through :class:`EngineReader` (single dictionary lookups,
+  atomic under the GIL): never through the event loop, never writing.
+* :class:`AgentStatus` (``rdzv run``): the agent's own snapshot (rounds, local workers,
+  earlier failures, restarts), the nodes of the round (host, workers, heartbeat age) and
+  the published failure records, read through the round's store.
+
+Values are never shown; keys only as counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from rdzv.engine import Engine
+from rdzv.errors import RdzvError, StoreError, StoreTimeoutError
+from rdzv.launcher.assignment import NodeInfo
+from rdzv.launcher.failures import FAILURE_LOG_KEY, read_failure_log
+from rdzv.launcher.status import HeartbeatClock, read_status
+from rdzv.rendezvous.state import RunKeys
+from rdzv.store.base import Store
+
+if TYPE_CHECKING:
+    from rdzv.launcher.agent import ElasticAgent
+    from rdzv.observe.metrics import SnapshotCache
+
+__all__ = ["AgentStatus", "EngineReader", "StoreStatus"]
+
+_log = logging.getLogger("rdzv.observe.status")
+
+#: Most rendezvous runs a store page lists (the most recently seen first is not knowable;
+#: they are sorted by run id).
+MAX_RUNS = 20
+#: Seconds between scans of the store's keys for rendezvous runs (O(keys)).
+RUN_SCAN_INTERVAL = 2.0
+#: Most failure records shown per run (the latest).
+MAX_FAILURES = 50
+
+
+class EngineReader(Store):
+    """A read-only :class:`~rdzv.store.base.Store` over an :class:`~rdzv.engine.Engine`
+    owned by another thread (the server's event loop), with keys as a torch client names
+    them (``"/" + prefix + key`` in the engine). Each read is one dictionary lookup, atomic
+    under the GIL; writes raise :class:`~rdzv.errors.StoreError`; a missing key is never
+    waited for (:class:`~rdzv.errors.StoreTimeoutError` at once)."""
+
+    def __init__(self, engine: Engine, prefix: str = "") -> None:
+        super().__init__(0)
+        self._engine = engine
+        self._prefix = "/" + prefix
+
+    def clone(self) -> Store:
+        return EngineReader(self._engine, self._prefix[1:])
+
+    def _key(self, key: str) -> bytes:
+        return (self._prefix + key).encode("utf-8")
+
+    def _get(self, key: str, timeout: float) -> bytes:
+        value = self._engine.get(self._key(key))
+        if value is None:
+            raise StoreTimeoutError(f"key {key!r} is not set (read-only view, no waiting)")
+        return value
+
+    def _check(self, keys: list[str]) -> bool:
+        return self._engine.check([self._key(k) for k in keys])
+
+    def _wait(self, keys: list[str], timeout: float) -> None:
+        if not self._check(keys):
+            raise StoreTimeoutError(f"keys {keys!r} are not all set (read-only view)")
+
+    def _num_keys(self) -> int:
+        return self._engine.num_keys()
+
+    def _set(self, key: str, value: bytes) -> None:
+        raise _READ_ONLY
+
+    def _add(self, key: str, amount: int) -> int:
+        raise _READ_ONLY
+
+    def _compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        raise _READ_ONLY
+
+    def _delete_key(self, key: str) -> bool:
+        raise _READ_ONLY
+
+
+_READ_ONLY = StoreError("the status page's view of the store is read-only")
+
+
+def _failures(store: Store) -> list[dict[str, Any]]:
+    records = read_failure_log(store)[-MAX_FAILURES:]
+    return [asdict(record) | {"how": record.how()} for record in records]
+
+
+class StoreStatus:
+    """The status of a store server (``rdzv serve``); call it for the JSON document."""
+
+    def __init__(self, cache: SnapshotCache, engine: Engine) -> None:
+        self._cache = cache
+        self._engine = engine
+        self._reader = EngineReader(engine)
+        self._clock = HeartbeatClock()
+        self._lock = threading.Lock()
+        self._runs: list[str] = []
+        self._scanned = -float("inf")
+
+    def _run_ids(self) -> list[str]:
+        now = time.monotonic()
+        if now - self._scanned >= RUN_SCAN_INTERVAL:
+            self._scanned = now
+            found = set()
+            for key in self._engine.list_keys():  # one atomic copy of the key list
+                if key.startswith(b"/rdzv/") and key.endswith(b"/round"):
+                    run_id = key[len(b"/rdzv/") : -len(b"/round")]
+                    if b"/" not in run_id:
+                        found.add(run_id.decode("utf-8", "replace"))
+            self._runs = sorted(found)[:MAX_RUNS]
+        return self._runs
+
+    def _run(self, run_id: str) -> dict[str, Any]:
+        status = read_status(self._reader, run_id)
+        now = time.monotonic()
+        run = RunKeys(f"rdzv/{run_id}/")
+        for slot in (*status.members, *status.waiting):
+            value = slot.heartbeat
+            key = run.of(slot.round).alive(slot.slot)
+            slot.heartbeat_age, slot.heartbeat_age_min = self._clock.observe(key, value, now)
+        data = status.to_json()
+        failures: list[dict[str, Any]] = []
+        if status.round is not None:
+            prefix = run.of(status.round).store_prefix
+            round_store = EngineReader(self._engine, prefix + "/")
+            if round_store.check([FAILURE_LOG_KEY]):
+                failures = _failures(round_store)
+        data["failures"] = failures
+        return data
+
+    def __call__(self) -> dict[str, Any]:
+        snap = self._cache.get()
+        runs = []
+        with self._lock:  # one reader at a time keeps the heartbeat clock consistent
+            for run_id in self._run_ids():
+                try:
+                    runs.append(self._run(run_id))
+                except RdzvError as exc:
+                    runs.append({"run_id": run_id, "error": str(exc)})
+        return {
+            "kind": "store",
+            "time": time.time(),
+            "store": {
+                "connections": snap.open,
+                "accepted": sum(snap.open.values()) + sum(snap.closed.values()),
+                "requests": sum(snap.requests.values()),
+                "requests_by_op": snap.requests,
+                "waiters": snap.waiters,
+                "keys": snap.keys,
+                "value_bytes": snap.value_bytes,
+                "auth_failures": sum(snap.auth_failures.values()),
+                "limit_hits": sum(snap.limit_hits.values()),
+                "journal_commits": snap.commits,
+            },
+            "runs": runs,
+        }
+
+
+class AgentStatus:
+    """The status of an elastic agent (``rdzv run``); call it for the JSON document.
+
+    ``round_store`` reads (node records, heartbeats, failure records) go through the agent's
+    store client from the listener's thread (the client gives each thread its own
+    connection); their errors are reported in the document, never raised.
+    """
+
+    def __init__(self, agent: ElasticAgent) -> None:
+        self._agent = agent
+        self._clock = HeartbeatClock()
+        self._lock = threading.Lock()
+
+    def _nodes(self, store: Store, namespace: str, count: int) -> list[dict[str, Any]]:
+        keys = [f"{namespace}/node/{i}" for i in range(count)]
+        beats = [f"{namespace}/hb/{i}" for i in range(count)]
+        now = time.monotonic()
+        nodes = []
+        for rank, (key, beat) in enumerate(zip(keys, beats, strict=True)):
+            info = NodeInfo.decode(store.get(key), rank) if store.check([key]) else None
+            counter = int(store.get(beat)) if store.check([beat]) else None
+            age, watched = self._clock.observe(beat, counter, now)
+            nodes.append(
+                {
+                    "group_rank": rank,
+                    "host": None if info is None else info.host,
+                    "nproc": None if info is None else info.nproc,
+                    "role": None if info is None else info.role,
+                    "heartbeat": counter,
+                    "heartbeat_age": age,
+                    "heartbeat_watched": round(watched, 3),
+                }
+            )
+        return nodes
+
+    def __call__(self) -> dict[str, Any]:
+        agent = self._agent
+        data = agent.snapshot()
+        store = agent.round_store
+        namespace = data.get("namespace")
+        count = data.get("group_world_size")
+        nodes: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        error = None
+        if store is not None and isinstance(namespace, str) and isinstance(count, int):
+            with self._lock:
+                try:
+                    nodes = self._nodes(store, namespace, count)
+                    failures = _failures(store)
+                except (RdzvError, OSError, ValueError) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+        return {
+            "kind": "agent",
+            "time": time.time(),
+            "agent": data,
+            "nodes": nodes,
+            "failures": failures,
+            "error": error,
+        }
+
+
+StatusSource = Callable[[], dict[str, Any]]
