@@ -132,6 +132,10 @@ class _SignalReceived(BaseException):
         self.signum = signum
 
 
+class _StoreLost(Exception):
+    """The round's store has been unreachable for ``node_timeout``: give up."""
+
+
 class _Restart(Exception):
     """The worker group must be restarted after a new rendezvous; ``cause``: the root cause
     of a failure (here or on another node)."""
@@ -203,6 +207,7 @@ class ElasticAgent:
         self._log_root: Path | None = None
         self._own_log_root = False
         self._keep_logs = False
+        self._store_lost = False
         self._hangs: HangMonitor | None = None
         self.state = WorkerState.INIT
         #: Counters for metrics (rdzv.observe), and what snapshot() shows besides the
@@ -253,9 +258,11 @@ class ElasticAgent:
                 if self._watchdog is not None:
                     self._watchdog.close()
                 self._close_causes()
+                if self._peers is not None:
+                    self._peers.close()
                 if self._hangs is not None:
                     self._hangs.close()
-                if signalled is None:
+                if signalled is None and not self._store_lost:
                     self._shutdown_handler()
                 self._cleanup()
             finally:
@@ -289,6 +296,18 @@ class ElasticAgent:
             retries = 0
             try:
                 self._monitor()
+            except _StoreLost as lost:
+                self._store_lost = True
+                _log.debug("giving up: %s", lost)
+                if self._causes is not None:
+                    self._causes.abandon()
+                self._stop_workers()
+                if last_cause is not None:
+                    return self._job_failure(last_failures, last_cause, then=lost)
+                self.state = WorkerState.FAILED
+                return RunResult(
+                    WorkerState.FAILED, 1, self.restart_count, message=f"{lost}; giving up"
+                )
             except _Restart as restart:
                 # Tell the other nodes first, so that they stop in parallel with us.
                 if self._peers is not None:
@@ -342,6 +361,7 @@ class ElasticAgent:
                 "restart_count": self.restart_count,
             }
         )
+        old_peers = self._peers
         self._peers = PeerMonitor(
             info.store,
             assignment.namespace,
@@ -352,6 +372,8 @@ class ElasticAgent:
         )
         self._close_causes()
         self._remote_cause = None
+        if old_peers is not None:
+            old_peers.close()
         self._round_store = info.store
         self._causes = CauseChannel(
             info.store,
@@ -641,9 +663,17 @@ class ElasticAgent:
                     raise _Restart("new nodes are waiting to join", failure=False)
             event = peers.beat()
             if event is PeerEvent.PEER_LOST:
+                self._declare_lost(peers.watched_peer)
                 cause = self._announce(self._lost_record(peers.watched_peer))
                 raise _Restart(
                     f"node {peers.watched_peer} was lost", failure=cause.kind != "lost", cause=cause
+                )
+            if event is PeerEvent.STORE_LOST:
+                raise _StoreLost(
+                    f"the rendezvous store {self.handler.get_backend()} "
+                    f"({self.config.rdzv_endpoint or 'local'}) has been unreachable for "
+                    f"{self.config.node_timeout:g} s (its host is down or cut off): "
+                    f"{_error_text(peers.last_error) if peers.last_error else 'no reply'}"
                 )
             if event is PeerEvent.RESTART_REQUESTED:
                 remote = self._published_cause()
@@ -757,6 +787,14 @@ class ElasticAgent:
             stacks_file=str(path) if path is not None else None,
             message=text.strip() or None,
         )
+
+    def _declare_lost(self, node: int) -> None:
+        """One verdict for launcher and rendezvous: tell the handler that ``node`` is lost, so
+        that the next round does not wait for the rendezvous' own heartbeat expiry."""
+        try:
+            self.handler.declare_lost(node)
+        except RendezvousError as exc:
+            _log.warning("could not mark node %d lost in the rendezvous: %s", node, exc)
 
     def _lost_record(self, node: int) -> FailureRecord:
         assignment = self._assignment

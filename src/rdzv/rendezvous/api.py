@@ -185,6 +185,15 @@ class RendezvousHandler(ABC):
         """Leave the rendezvous and release resources; True on success, False if the
         backend could not be told (the error is logged)."""
 
+    def declare_lost(self, rank: int) -> bool:
+        """The launcher's verdict that the node of ``rank`` in this node's last completed
+        round is lost (its agent stopped heartbeating): a handler that watches liveness
+        itself marks that node dead at once, so that the next round does not wait for a
+        second, independent expiry. True if this call marked it; the default (no liveness
+        of its own to update) returns False. Raises RendezvousConnectionError when the
+        backend cannot be reached."""
+        return False
+
 
 #: A backend's fencing token: opaque to the handler, handed back to ``set_state``.
 Token = Any

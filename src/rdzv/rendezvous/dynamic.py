@@ -66,7 +66,7 @@ from rdzv.rendezvous.decision import (
 from rdzv.rendezvous.keepalive import KeepAlive
 from rdzv.rendezvous.liveness import HeartbeatLiveness, Liveness
 from rdzv.rendezvous.ops import Effect, Program, rendezvous_error, run_blocking
-from rdzv.rendezvous.state import RoundKeys, RunKeys
+from rdzv.rendezvous.state import RankRecord, RoundKeys, RunKeys, SizeRecord
 from rdzv.store.base import Store, handle_for_thread
 from rdzv.store.prefix import PrefixStore
 
@@ -398,6 +398,36 @@ class DynamicRendezvousHandler(RendezvousHandler):
             master_endpoint=master,
             duration_ms=None if started is None else (time.monotonic() - started) * 1000.0,
         )
+
+    def declare_lost(self, rank: int) -> bool:
+        """See :meth:`RendezvousHandler.declare_lost`: marks the liveness key of the slot
+        that held ``rank`` in this node's last completed round dead, so that the next round
+        forms without waiting for the keep-alive expiry."""
+        member = self._membership
+        if member is None or rank == member.rank:
+            return False
+        keys, max_nodes = member.keys, self._settings.max_nodes
+
+        def mark() -> bool:
+            store = self._control()
+            size = SizeRecord.decode(keys.size, store.get(keys.size), max_nodes)
+            slots = size.members()
+            raws = store.multi_get([keys.rank(s) for s in slots]) if slots else []
+            for slot, raw in zip(slots, raws, strict=True):
+                if RankRecord.decode(keys.rank(slot), raw, max_nodes).rank == rank:
+                    if self._liveness.declare_dead(store, keys.alive(slot), self.node):
+                        logger.warning(
+                            "the node of rank %d (slot %d of round %d) was declared lost by "
+                            "the launcher; marked dead in the rendezvous",
+                            rank,
+                            slot,
+                            keys.number,
+                        )
+                        return True
+                    return False
+            return False
+
+        return self._guard(mark)
 
     def _guard(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn``; store failures become RendezvousConnectionError (with the cause)."""
