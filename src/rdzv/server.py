@@ -557,6 +557,7 @@ class _Connection(asyncio.Protocol):
         before = self.buffered()
         limit = self.server.max_output_bytes
         if before > WRITE_HIGH_WATER and before + len(data) > limit:
+            self.server.stats.limit_hit("max_output_bytes")
             self.close(
                 f"the client does not read its replies ({before + len(data)} bytes of replies "
                 f"would be buffered; max_output_bytes={limit})",
@@ -1366,6 +1367,7 @@ class StoreServer:
         while self._backlogged_bytes > limit and self._backlogged:
             victim = next(iter(self._backlogged))
             self._drained(victim)
+            self.stats.limit_hit("max_total_output_bytes")
             victim.close(
                 f"the client does not read its replies, and replies buffered for such "
                 f"connections exceed {limit} bytes on this server (max_total_output_bytes="
@@ -1482,6 +1484,7 @@ class StoreServer:
         for conn in [*stalled, current]:
             if self._partial_total <= limit:
                 return
+            self.stats.limit_hit("max_partial_bytes")
             conn.close(
                 f"partial-request limit: {self._partial_total} bytes of half-received "
                 f"requests held (max_partial_bytes={limit}); this connection's "

@@ -57,7 +57,7 @@ from rdzv.errors import (
     RendezvousGracefulExitError,
     StoreTimeoutError,
 )
-from rdzv.launcher.assignment import Assignment, NodeInfo, exchange
+from rdzv.launcher.assignment import Assignment, NodeInfo, exchange, status_url_key
 from rdzv.launcher.causes import CauseChannel
 from rdzv.launcher.config import LaunchConfig, Std, std_for
 from rdzv.launcher.failures import (
@@ -216,6 +216,10 @@ class ElasticAgent:
         self._rounds: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._exits_counted: set[int] = set()
+        self._seen_causes: collections.deque[FailureRecord] = collections.deque(maxlen=50)
+        #: The URL of this agent's status page (rdzv run --metrics-port), published in each
+        #: round's store for ``rdzv status --web``; None: none.
+        self.status_url: str | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -401,6 +405,8 @@ class ElasticAgent:
             duration_ms=elapsed * 1000,
             extra={"group_world_size": assignment.group_world_size},
         )
+        if self.status_url is not None:
+            self._publish_status_url(info.store, assignment, self.status_url)
         self._start_workers(assignment)
 
     def _workers_store(self, info: RendezvousInfo) -> tuple[str, int, bool]:
@@ -564,6 +570,13 @@ class ElasticAgent:
             state = "FAILED"
         self._record(state, events.EventSource.WORKER, worker, duration_ms=worker.run_time() * 1000)
 
+    def _publish_status_url(self, store: Store, assignment: Assignment, url: str) -> None:
+        """Best effort: ``{namespace}/web/{group_rank}`` = ``url``."""
+        try:
+            store.set(status_url_key(assignment.namespace, assignment.group_rank), url)
+        except RdzvError as exc:
+            _log.warning("could not publish the status page URL: %s", exc)
+
     def _count_exits(self, workers: WorkerProcesses) -> None:
         """Count the exits of ``workers`` not counted yet in :attr:`stats`."""
         for worker in workers.workers:
@@ -575,8 +588,10 @@ class ElasticAgent:
         """What this agent knows now, as JSON-able data (for the status page of
         :mod:`rdzv.observe`; safe to call from another thread: it only reads): run id, state,
         restarts, this node's place, the rounds joined, the local workers (rank, pid,
-        ``state`` running/succeeded/failed/stopped, ``cause`` of an exit, times) and the
-        failures of earlier attempts (:meth:`WorkerFailure.to_json`), latest last."""
+        ``state`` running/succeeded/failed/stopped, ``cause`` of an exit, times), the
+        failures of earlier attempts (:meth:`WorkerFailure.to_json`) and the root causes
+        this agent announced or heard of (JSON of :meth:`FailureRecord.to_json`), latest
+        last."""
         assignment = self._assignment
         group = self._workers
         peers = self._peers
@@ -608,6 +623,7 @@ class ElasticAgent:
             "rounds": list(self._rounds),
             "workers": workers,
             "failures": list(self._failures),
+            "causes": [cause.to_json() for cause in list(self._seen_causes)],
             "peer": None if peers is None or not peers.active else peers.snapshot(),
         }
 
@@ -822,6 +838,7 @@ class ElasticAgent:
         return root
 
     def _say_cause(self, cause: FailureRecord) -> None:
+        self._seen_causes.append(cause)
         line = f"[rdzv run] {cause.describe()}"
         self._stderr(line.encode() + b"\n")
         _log.debug("%s", line)
