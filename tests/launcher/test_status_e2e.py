@@ -106,3 +106,14 @@ def test_status_reports_an_unreachable_endpoint() -> None:
     proc = _status(port, "--timeout", "1")
     assert proc.returncode == 1
     assert f"127.0.0.1:{port}" in proc.stderr
+
+
+def test_status_of_an_unknown_run_id_fails_and_names_the_runs_there() -> None:
+    from rdzv.store.tcp import TCPStore
+
+    with store_server() as port, TCPStore("127.0.0.1", port, timeout=5) as store:
+        store.set("rdzv/other-job/round", b"1")
+        proc = _status(port, "--sample", "0")
+    assert proc.returncode == 1
+    assert "no rendezvous with run id 'watched'" in proc.stderr
+    assert "'other-job'" in proc.stderr

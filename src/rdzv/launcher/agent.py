@@ -455,7 +455,13 @@ class ElasticAgent:
                 self._own_log_root = True
             else:
                 base = Path(cfg.log_dir)
-                base.mkdir(parents=True, exist_ok=True)
+                try:
+                    base.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError) as exc:
+                    raise ValueError(
+                        f"log_dir {cfg.log_dir!r}: {exc.strerror} ({exc.filename}); the worker "
+                        "logs need a directory (created if missing)"
+                    ) from None
                 self._log_root = Path(tempfile.mkdtemp(prefix=f"{cfg.run_id}_", dir=base))
             _log.info("worker logs and error files under %s", self._log_root)
         return self._log_root
