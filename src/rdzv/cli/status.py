@@ -82,11 +82,14 @@ def _status(args: argparse.Namespace) -> int:
     clock = HeartbeatClock()
     try:
         store = TCPStore(host, port, is_master=False, timeout=args.timeout)
-        if not args.watch and not store.list_key_sizes(f"rdzv/{args.run_id}/"):
-            print(f"rdzv status: {endpoint}: {_unknown_run(store, args.run_id)}", file=sys.stderr)
-            return 1
         while True:
             status = read_status(store, args.run_id, endpoint)
+            unknown = not (status.closed or status.open_round or status.waiting)
+            if unknown and not args.watch:
+                print(
+                    f"rdzv status: {endpoint}: {_unknown_run(store, args.run_id)}", file=sys.stderr
+                )
+                return 1
             if args.sample > 0 or args.watch:
                 measure_ages(store, status, clock, sample=0.0 if args.watch else args.sample)
             text = render_json(status) if args.json else render_table(status)
