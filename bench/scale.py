@@ -11,9 +11,12 @@ the heartbeats of one process share one connection (a node-local agent's). The s
 
 Figures per N (min = max = N, all nodes connected first, then released at once):
 ``seconds`` from the release to the last node holding its rank; ``ops_per_node`` store
-operations (rendezvous and heartbeats); ``server_cpu_s_per_node`` the server's CPU seconds
-(user + system, /proc) during the round divided by N; ``server_rss_per_conn_bytes`` the
-server's RSS growth from idle to all connected, per connection; ``server_peak_rss_mb``.
+operations (rendezvous and heartbeats); ``clients_cpu_s`` the CPU seconds of all worker
+processes during the round (the harness and the nodes' own work); ``server_cpu_s_per_node``
+the server's CPU seconds (user + system, /proc) during the round divided by N;
+``server_rss_per_conn_bytes`` the server's RSS growth from idle to all connected, per
+connection; ``server_peak_rss_mb``; ``last_slot_taken_s`` when the last node held its slot
+(the join phase; the rest is closing the round and delivering the ranks).
 
 ``--loss N``: N nodes with min = N - 1, max = N complete a round; one node then dies (its
 heartbeats stop, its connection closes) and the others call ``next_rendezvous`` at once:
@@ -121,6 +124,21 @@ async def _worker_main(
     ]
     recv = lambda: loop.run_in_executor(None, pipe.recv)  # noqa: E731 - keeps the loop running
 
+    joined_at: list[float] = []
+
+    def timed(node: AsyncRendezvousNode) -> None:
+        effect = node._effect
+
+        def record(op: Any) -> Any:
+            if getattr(op, "key", None):
+                joined_at.append(time.monotonic())  # the node holds a slot: Track(its key)
+            return effect(op)
+
+        node._effect = record  # type: ignore[method-assign]
+
+    for node in nodes:
+        timed(node)
+
     async def one(node: AsyncRendezvousNode) -> tuple[float, int | str]:
         try:
             done = await node.next_rendezvous()
@@ -130,8 +148,12 @@ async def _worker_main(
 
     async def round_(members: list[AsyncRendezvousNode]) -> dict[str, Any]:
         before = sum(node.ops[0] for node in nodes)
+        joined_at.clear()
+        cpu = time.process_time()
         results = await asyncio.gather(*(one(node) for node in members))
         return {
+            "cpu": time.process_time() - cpu,
+            "last_joined": max(joined_at, default=0.0),
             "done": [t for t, r in results if isinstance(r, int)],
             "ranks": [r for _, r in results if isinstance(r, int)],
             "errors": [r for _, r in results if isinstance(r, str)][:3],
@@ -238,12 +260,14 @@ def _summary(reports: list[dict[str, Any]], start: float, n: int, cpu: float) ->
     complete = len(done) == n and ranks == list(range(n))
     return {
         "seconds": round(max(done) - start, 4) if complete else None,
+        "last_slot_taken_s": round(max(r["last_joined"] for r in reports) - start, 4),
         "complete": complete,
         "completed": len(done),
         "errors": sum(r["n_errors"] for r in reports),
         "error_samples": [e for r in reports for e in r["errors"]][:3],
         "ops_per_node": round(sum(r["ops"] for r in reports) / n, 2),
         "server_cpu_s": round(cpu, 3),
+        "clients_cpu_s": round(sum(r["cpu"] for r in reports), 3),
         "server_cpu_s_per_node": round(cpu / n, 7),
     }
 

@@ -627,6 +627,12 @@ class DurableJournal:
             )
             self._generation = result.generation
             self._open_log()
+        except OSError as exc:
+            self._release()
+            raise StoreError(
+                f"cannot use data directory {self.data_dir}: {exc.strerror or exc}; "
+                "give --data-dir a writable directory"
+            ) from exc
         except BaseException:
             self._release()
             raise
@@ -650,14 +656,9 @@ class DurableJournal:
         return result
 
     def _open_log(self) -> None:
+        """Open the current generation's log (raises OSError)."""
         path = _path(self.data_dir, "log", self._generation)
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot use data directory {self.data_dir}: {exc.strerror or exc}; "
-                "give --data-dir a writable directory"
-            ) from exc
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._log_size = os.fstat(self._fd).st_size
         self._snapshot_at = self.snapshot_bytes
 
@@ -719,8 +720,10 @@ class DurableJournal:
         EIO): the commit is then undone (the log truncated back), its records kept for the
         next commit, and :attr:`failed` set until a commit succeeds. While :attr:`failed`
         is set and nothing is buffered, a commit probes the disk with an fsync."""
-        if self._fd < 0:
-            return
+        if self._engine is None:
+            return  # not open (or closed)
+        if self._fd < 0:  # a snapshot could not open its new log: open it now
+            self._guard(self._open_log)
         if not self._pending:
             if self.failed is not None:
                 self._guard(lambda: os.fsync(self._fd))
@@ -766,7 +769,7 @@ class DurableJournal:
     def _guard(self, step: Callable[[], None]) -> None:
         """Run ``step``; on OSError undo any partial commit, remember and re-raise it."""
         try:
-            if self._truncate_needed:  # a partial commit must not stay before the next
+            if self._truncate_needed and self._fd >= 0:  # no partial commit before the next
                 os.ftruncate(self._fd, self._log_size)
                 self._truncate_needed = False
             step()
@@ -775,7 +778,8 @@ class DurableJournal:
                 _log.debug("%s: cannot write the log: %s", self.data_dir, exc)
             self.failed = exc
             try:
-                os.ftruncate(self._fd, self._log_size)
+                if self._fd >= 0:
+                    os.ftruncate(self._fd, self._log_size)
             except OSError as undo:
                 _log.error("%s: cannot truncate the log back yet: %s", self.data_dir, undo)
                 self._truncate_needed = True
@@ -844,21 +848,21 @@ class DurableJournal:
             os.close(fd)
 
     def close(self) -> None:
-        """Commit, fsync and close the log; release the directory."""
-        if self._fd < 0:
-            self._release()
-            return
-        try:
-            self.commit()
-            if self.fsync != "never":
-                os.fsync(self._fd)
-        except OSError as exc:
-            _log.error(
-                "%s: closing with %d records not written: %s",
-                self.data_dir,
-                len(self._pending),
-                exc,
-            )
+        """Commit, fsync and close the log; release the directory (idempotent)."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            self._engine = engine  # commit() needs it
+            try:
+                self.commit()
+                if self.fsync != "never" and self._fd >= 0:
+                    os.fsync(self._fd)
+            except OSError as exc:
+                _log.error(
+                    "%s: closing with %d records not written: %s",
+                    self.data_dir,
+                    len(self._pending),
+                    exc,
+                )
+            self._engine = None
+            engine.set_journal(None)
         self._release()
-        if self._engine is not None:
-            self._engine.set_journal(None)

@@ -222,3 +222,36 @@ def test_a_failed_interval_fsync_refuses_writes_until_an_fsync_succeeds(tmp_path
     journal.commit()
     assert journal.failed is None
     journal.close()
+
+
+def test_a_snapshot_that_cannot_open_its_new_log_is_retried_by_the_next_commit(
+    tmp_path: Path,
+) -> None:
+    from rdzv.persistence import DurableJournal
+
+    engine = Engine()
+    journal = DurableJournal(tmp_path, fsync="never", snapshot_bytes=1 << 30)
+    journal.open(engine)
+    engine.set(b"a", b"1")
+    journal.commit()
+    real_open = os.open
+
+    def no_new_log(path: str, flags: int, mode: int = 0o777) -> int:
+        if str(path).endswith("log-0000000001.rdzv"):
+            raise OSError(24, "Too many open files")
+        return real_open(path, flags, mode)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "open", no_new_log)
+        with pytest.raises(OSError):
+            journal.snapshot()  # renamed into place, but its log cannot be opened
+        engine.set(b"b", b"2")
+        with pytest.raises(OSError):
+            journal.commit()  # not acknowledged: the records stay
+        assert journal.failed is not None and journal.dirty
+    journal.commit()  # opens the new log and writes them
+    assert journal.failed is None and not journal.dirty
+    journal.close()
+    again = Engine()
+    recover(tmp_path, again)
+    assert dict(again.items()) == {b"a": b"1", b"b": b"2"}

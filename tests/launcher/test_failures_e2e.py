@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from tests.launcher.cluster import agents_cleanup, finish, start_agent, store_server
+from tests.launcher.procs import wait_for
 from tests.launcher.test_run_e2e import _c10d
 
 #: Rank 3 (node 1, local rank 1) exits 3 once every rank is connected; the others block in
@@ -108,3 +109,27 @@ def test_a_hung_rank_is_named_with_its_stack_on_every_node(tmp_path: Path) -> No
     # The node without the hung rank dumped its own workers' stacks too.
     assert len(sorted(logs.glob("*/stacks-peer-hang-rank3-*.txt"))) == 1
     assert "rank 3 on node 1" in out_a + out_b  # PeerFailedError in the waiting ranks
+
+
+def test_the_rendezvous_store_dying_ends_every_agent_in_one_line(tmp_path: Path) -> None:
+    from rdzv import TCPStore
+
+    script = tmp_path / "sleeps.py"
+    script.write_text(
+        "import os, time\n"
+        "open(os.path.join(os.path.dirname(__file__), 'up' + os.environ['RANK']), 'w').close()\n"
+        "time.sleep(120)\n"
+    )
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
+    args = [*_c10d(int(server.port), "gone", "2", 1, "--node-timeout", "2"), str(script)]
+    a, b = start_agent(*args), start_agent(*args)
+    with agents_cleanup(a, b):
+        wait_for(lambda: all((tmp_path / f"up{r}").exists() for r in range(2)), 60, "workers")
+        server.close()
+        killed = time.monotonic()
+        (code_a, _, err_a), (code_b, _, err_b) = finish(a, 30), finish(b, 30)
+    assert time.monotonic() - killed < 20
+    for code, err in ((code_a, err_a), (code_b, err_b)):
+        assert code == 1, err
+        assert err.count("has been unreachable for 2 s (its host is down or cut off)") == 1, err
+        assert "cannot be used" not in err

@@ -253,6 +253,25 @@ def test_own_wait_released_by_own_later_set_keeps_reply_order(server: ServerThre
     assert c.call(batch, 4 + 1 + 9).hex() == "01000000" + "00" + "010000000000000076"
 
 
+@pytest.mark.parametrize("data_dir", [False, True])
+def test_a_ping_reply_keeps_its_place_behind_other_replies(
+    tmp_path: object, data_dir: bool
+) -> None:
+    # PING echoes skip the durable server's hold when nothing of theirs is uncommitted, and
+    # the in-memory server gathers a batch's replies: neither may reorder them.
+    kwargs = {"data_dir": tmp_path} if data_dir else {}
+    server = ServerThread("127.0.0.1", 0, **kwargs).start()
+    try:
+        c = Raw(server.port)
+        c.send(wire.encode_set(b"/k", b"v"))
+        batch = wire.encode_op(Op.LIST_KEYS) + wire.encode_ping(7)
+        expected = wire.reply_key_list([b"/k"]) + wire.reply_ping(7, False)
+        assert c.call(batch, len(expected)) == expected
+        c.close()
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- extensions
 def test_ext_add_reports_errors_and_keeps_the_connection(server: ServerThread) -> None:
     c = Raw(server.port)

@@ -88,12 +88,12 @@ def test_world_size_counting_and_wait_for_workers() -> None:
     thread.join(15)
     master = box["master"]
     assert raw_get(port, b"init/") == b"3"
-    # init/ is internal: hidden by list_keys and (unlike torch) not counted by num_keys.
-    assert master.num_keys() == 0
+    # init/ is internal: hidden by list_keys, counted by num_keys (as torch counts).
+    assert master.num_keys() == 1
     assert master.list_keys() == []
     workers[0].set("a", b"1")
     assert workers[0].get("a") == b"1"  # round trip: the set has run
-    assert workers[1].num_keys() == 1
+    assert workers[1].num_keys() == 2
     master.close()
 
 

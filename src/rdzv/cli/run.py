@@ -368,6 +368,7 @@ def _run(args: argparse.Namespace) -> int:
 
         listener = serve_agent(agent, args.metrics_host, args.metrics_port, tokens)
         observed.append(listener)
+        agent.status_url = listener.url
         print(f"rdzv run: status page on {listener.url}", file=sys.stderr, flush=True)
 
     try:

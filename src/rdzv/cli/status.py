@@ -32,6 +32,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--run-id", "--rdzv-id", dest="run_id", required=True, help="the run id")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--web",
+        action="store_true",
+        help="print the URLs of the agents' status pages (rdzv run --metrics-port)",
+    )
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
     p.add_argument(
         "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)"
@@ -69,6 +74,7 @@ def _status(args: argparse.Namespace) -> int:
         read_status,
         render_json,
         render_table,
+        render_web,
     )
     from rdzv.rendezvous.utils import parse_rendezvous_endpoint
     from rdzv.store.tcp import TCPStore
@@ -90,6 +96,9 @@ def _status(args: argparse.Namespace) -> int:
                     f"rdzv status: {endpoint}: {_unknown_run(store, args.run_id)}", file=sys.stderr
                 )
                 return 1
+            if args.web:
+                print(render_web(status), flush=True)
+                return 0 if any(s.web for s in status.members) else 1
             if args.sample > 0 or args.watch:
                 measure_ages(store, status, clock, sample=0.0 if args.watch else args.sample)
             text = render_json(status) if args.json else render_table(status)

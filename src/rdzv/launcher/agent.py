@@ -57,7 +57,7 @@ from rdzv.errors import (
     RendezvousGracefulExitError,
     StoreTimeoutError,
 )
-from rdzv.launcher.assignment import Assignment, NodeInfo, exchange
+from rdzv.launcher.assignment import Assignment, NodeInfo, exchange, status_url_key
 from rdzv.launcher.causes import CauseChannel
 from rdzv.launcher.config import LaunchConfig, Std, std_for
 from rdzv.launcher.failures import (
@@ -133,6 +133,10 @@ class _SignalReceived(BaseException):
         self.signum = signum
 
 
+class _StoreLost(Exception):
+    """The round's store has been unreachable for ``node_timeout``: give up."""
+
+
 class _Restart(Exception):
     """The worker group must be restarted after a new rendezvous; ``cause``: the root cause
     of a failure (here or on another node)."""
@@ -204,6 +208,7 @@ class ElasticAgent:
         self._log_root: Path | None = None
         self._own_log_root = False
         self._keep_logs = False
+        self._store_lost = False
         self._hangs: HangMonitor | None = None
         self.state = WorkerState.INIT
         #: Counters for metrics (rdzv.observe), and what snapshot() shows besides the
@@ -212,6 +217,10 @@ class ElasticAgent:
         self._rounds: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._exits_counted: set[int] = set()
+        self._seen_causes: collections.deque[FailureRecord] = collections.deque(maxlen=50)
+        #: The URL of this agent's status page (rdzv run --metrics-port), published in each
+        #: round's store for ``rdzv status --web``; None: none.
+        self.status_url: str | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -254,9 +263,11 @@ class ElasticAgent:
                 if self._watchdog is not None:
                     self._watchdog.close()
                 self._close_causes()
+                if self._peers is not None:
+                    self._peers.close()
                 if self._hangs is not None:
                     self._hangs.close()
-                if signalled is None:
+                if signalled is None and not self._store_lost:
                     self._shutdown_handler()
                 self._cleanup()
             finally:
@@ -290,6 +301,18 @@ class ElasticAgent:
             retries = 0
             try:
                 self._monitor()
+            except _StoreLost as lost:
+                self._store_lost = True
+                _log.debug("giving up: %s", lost)
+                if self._causes is not None:
+                    self._causes.abandon()
+                self._stop_workers()
+                if last_cause is not None:
+                    return self._job_failure(last_failures, last_cause, then=lost)
+                self.state = WorkerState.FAILED
+                return RunResult(
+                    WorkerState.FAILED, 1, self.restart_count, message=f"{lost}; giving up"
+                )
             except _Restart as restart:
                 # Tell the other nodes first, so that they stop in parallel with us.
                 if self._peers is not None:
@@ -343,6 +366,7 @@ class ElasticAgent:
                 "restart_count": self.restart_count,
             }
         )
+        old_peers = self._peers
         self._peers = PeerMonitor(
             info.store,
             assignment.namespace,
@@ -353,6 +377,8 @@ class ElasticAgent:
         )
         self._close_causes()
         self._remote_cause = None
+        if old_peers is not None:
+            old_peers.close()
         self._round_store = info.store
         self._causes = CauseChannel(
             info.store,
@@ -380,6 +406,8 @@ class ElasticAgent:
             duration_ms=elapsed * 1000,
             extra={"group_world_size": assignment.group_world_size},
         )
+        if self.status_url is not None:
+            self._publish_status_url(info.store, assignment, self.status_url)
         self._start_workers(assignment)
 
     def _workers_store(self, info: RendezvousInfo) -> tuple[str, int, bool]:
@@ -567,6 +595,13 @@ class ElasticAgent:
             state = "FAILED"
         self._record(state, events.EventSource.WORKER, worker, duration_ms=worker.run_time() * 1000)
 
+    def _publish_status_url(self, store: Store, assignment: Assignment, url: str) -> None:
+        """Best effort: ``{namespace}/web/{group_rank}`` = ``url``."""
+        try:
+            store.set(status_url_key(assignment.namespace, assignment.group_rank), url)
+        except RdzvError as exc:
+            _log.warning("could not publish the status page URL: %s", exc)
+
     def _count_exits(self, workers: WorkerProcesses) -> None:
         """Count the exits of ``workers`` not counted yet in :attr:`stats`."""
         for worker in workers.workers:
@@ -578,8 +613,10 @@ class ElasticAgent:
         """What this agent knows now, as JSON-able data (for the status page of
         :mod:`rdzv.observe`; safe to call from another thread: it only reads): run id, state,
         restarts, this node's place, the rounds joined, the local workers (rank, pid,
-        ``state`` running/succeeded/failed/stopped, ``cause`` of an exit, times) and the
-        failures of earlier attempts (:meth:`WorkerFailure.to_json`), latest last."""
+        ``state`` running/succeeded/failed/stopped, ``cause`` of an exit, times), the
+        failures of earlier attempts (:meth:`WorkerFailure.to_json`) and the root causes
+        this agent announced or heard of (JSON of :meth:`FailureRecord.to_json`), latest
+        last."""
         assignment = self._assignment
         group = self._workers
         peers = self._peers
@@ -611,6 +648,7 @@ class ElasticAgent:
             "rounds": list(self._rounds),
             "workers": workers,
             "failures": list(self._failures),
+            "causes": [cause.to_json() for cause in list(self._seen_causes)],
             "peer": None if peers is None or not peers.active else peers.snapshot(),
         }
 
@@ -666,9 +704,17 @@ class ElasticAgent:
                     raise _Restart("new nodes are waiting to join", failure=False)
             event = peers.beat()
             if event is PeerEvent.PEER_LOST:
+                self._declare_lost(peers.watched_peer)
                 cause = self._announce(self._lost_record(peers.watched_peer))
                 raise _Restart(
                     f"node {peers.watched_peer} was lost", failure=cause.kind != "lost", cause=cause
+                )
+            if event is PeerEvent.STORE_LOST:
+                raise _StoreLost(
+                    f"the rendezvous store {self.handler.get_backend()} "
+                    f"({self.config.rdzv_endpoint or 'local'}) has been unreachable for "
+                    f"{self.config.node_timeout:g} s (its host is down or cut off): "
+                    f"{_error_text(peers.last_error) if peers.last_error else 'no reply'}"
                 )
             if event is PeerEvent.RESTART_REQUESTED:
                 remote = self._published_cause()
@@ -783,6 +829,14 @@ class ElasticAgent:
             message=text.strip() or None,
         )
 
+    def _declare_lost(self, node: int) -> None:
+        """One verdict for launcher and rendezvous: tell the handler that ``node`` is lost, so
+        that the next round does not wait for the rendezvous' own heartbeat expiry."""
+        try:
+            self.handler.declare_lost(node)
+        except RendezvousError as exc:
+            _log.warning("could not mark node %d lost in the rendezvous: %s", node, exc)
+
     def _lost_record(self, node: int) -> FailureRecord:
         assignment = self._assignment
         host = assignment.hosts[node] if assignment and node < len(assignment.hosts) else "?"
@@ -809,6 +863,7 @@ class ElasticAgent:
         return root
 
     def _say_cause(self, cause: FailureRecord) -> None:
+        self._seen_causes.append(cause)
         line = f"[rdzv run] {cause.describe()}"
         self._stderr(line.encode() + b"\n")
         _log.debug("%s", line)

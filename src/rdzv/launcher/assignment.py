@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from rdzv.errors import RendezvousStateError
 from rdzv.store.base import Store
 
-__all__ = ["NAMESPACE", "Assignment", "NodeInfo", "exchange", "new_attempt_id"]
+__all__ = ["NAMESPACE", "Assignment", "NodeInfo", "exchange", "new_attempt_id", "status_url_key"]
 
 #: Key namespace of the agents inside the round's store.
 NAMESPACE = "rdzv.agent"
@@ -80,6 +80,12 @@ class Assignment:
     attempt_id: str
     namespace: str
     hosts: tuple[str, ...]
+
+
+def status_url_key(namespace: str, group_rank: int) -> str:
+    """The key (in the round's store) of the status page URL the agent of node
+    ``group_rank`` serves (``rdzv run --metrics-port``), read by ``rdzv status --web``."""
+    return f"{namespace}/web/{group_rank}"
 
 
 def new_attempt_id() -> str:

@@ -106,6 +106,11 @@ class CauseChannel:
                 self._store.queue_push(self._queue(node), _FAILURE)
         return root
 
+    def abandon(self) -> None:
+        """Stop listening without telling the store (it is gone); the daemon thread ends
+        when its connection fails."""
+        self._closed = True
+
     def close(self) -> None:
         """End the listening thread (best effort; waits at most 1 s)."""
         if self._closed:

@@ -20,6 +20,7 @@ comparing clocks and with O(1) store operations per agent and beat:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import time
@@ -38,6 +39,8 @@ class PeerEvent(enum.Enum):
     NONE = "none"
     PEER_LOST = "peer_lost"
     RESTART_REQUESTED = "restart_requested"
+    #: The round's store failed every beat for ``node_timeout``: its host is gone.
+    STORE_LOST = "store_lost"
 
 
 class PeerMonitor:
@@ -61,7 +64,10 @@ class PeerMonitor:
         node_timeout: float,
         interval: float,
     ) -> None:
-        self._store = store
+        # Beats use a connection of their own whose calls (and reconnect attempts) give up
+        # after a beat interval, so that a dead store host is noticed in node_timeout and
+        # not after the store's own (long) timeout.
+        self._store = _bounded_clone(store, max(interval, 1.0))
         self._ns = namespace
         self._rank = group_rank
         self._nodes = group_world_size
@@ -73,6 +79,7 @@ class PeerMonitor:
         self._seen_at = now
         self._next_beat = now
         self._store_failing_since: float | None = None
+        self.last_error: BaseException | None = None
         #: Beats sent (for metrics).
         self.beats = 0
 
@@ -102,8 +109,9 @@ class PeerMonitor:
     def beat(self) -> PeerEvent:
         """Beat if due: bump our counter, read the watched peer's, check the restart flag.
 
-        Store errors are logged; they count as a lost peer once they last ``node_timeout``
-        (the store host is gone, so the round is over).
+        Store errors are logged once; once they last ``node_timeout`` the result is
+        ``STORE_LOST`` (the store's host is gone, so the round is over). ``last_error`` then
+        says what failed.
         """
         now = time.monotonic()
         if not self.active or now < self._next_beat:
@@ -115,11 +123,12 @@ class PeerMonitor:
             seen = self._store.add(f"{self._ns}/hb/{self._peer}", 0)
             restart = self._store.check([f"{self._ns}/restart"])
         except RdzvError as exc:
+            self.last_error = exc
             if self._store_failing_since is None:
                 self._store_failing_since = now
                 _log.warning("heartbeat through the round's store failed: %s", exc)
             if self._timeout > 0 and now - self._store_failing_since >= self._timeout:
-                return PeerEvent.PEER_LOST
+                return PeerEvent.STORE_LOST
             return PeerEvent.NONE
         self._store_failing_since = None
         if restart:
@@ -134,6 +143,13 @@ class PeerMonitor:
             )
             return PeerEvent.PEER_LOST
         return PeerEvent.NONE
+
+    def close(self) -> None:
+        """Close the beats' own connection."""
+        close = getattr(self._store, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
 
     def request_restart(self) -> None:
         """Ask every agent of this generation to re-rendezvous (best effort)."""
@@ -174,3 +190,19 @@ class PeerMonitor:
         except RdzvError as exc:
             _log.warning("exit barrier failed: %s", exc)
             return False
+
+
+def _bounded_clone(store: Store, timeout: float) -> Store:
+    """A new connection to ``store`` with ``timeout`` (seconds) for every call, or ``store``
+    itself when it cannot be cloned."""
+    try:
+        twin = store.clone()
+    except (RdzvError, OSError, NotImplementedError):
+        return store
+    # A PrefixStore's timeout is its view's only; the connection under it (ours alone, a
+    # fresh clone) must give up its reconnect attempts in time too.
+    layer: object = twin
+    while isinstance(layer, Store):
+        layer.set_timeout(timeout)
+        layer = getattr(layer, "underlying_store", None)
+    return twin

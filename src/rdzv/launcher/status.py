@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rdzv.errors import RendezvousStateError
-from rdzv.launcher.assignment import NAMESPACE, NodeInfo
+from rdzv.launcher.assignment import NAMESPACE, NodeInfo, status_url_key
 from rdzv.rendezvous.liveness import DEAD_PREFIX, LEFT
 from rdzv.rendezvous.state import NodeDesc, RankRecord, RoundKeys, RunKeys, SizeRecord
 from rdzv.store.base import Store
@@ -71,6 +71,7 @@ class SlotStatus:
     heartbeat_age_min: float | None = None
     nproc: int | None = None
     role: str | None = None
+    web: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -173,20 +174,25 @@ def _slots(store: Store, keys: RoundKeys, slots: list[int]) -> list[SlotStatus]:
     return result
 
 
-def _agent_infos(store: Store, keys: RoundKeys, world_size: int) -> list[NodeInfo | None]:
-    """Worker counts and roles the rdzv agents of the round published (None where absent)."""
+def _agent_infos(
+    store: Store, keys: RoundKeys, world_size: int
+) -> list[tuple[NodeInfo | None, str | None]]:
+    """Worker counts and roles the rdzv agents of the round published, and the URLs of
+    their status pages (None where absent)."""
     base = f"{keys.store_prefix}/{NAMESPACE}"
     tickets = _get(store, f"{base}/ticket")
     if tickets is None or world_size < 1:
-        return [None] * world_size
-    generation = (_counter(tickets) - 1) // world_size
-    raw = _get_many(store, [f"{base}/{generation}/node/{r}" for r in range(world_size)])
-    infos: list[NodeInfo | None] = []
-    for rank, value in enumerate(raw):
+        return [(None, None)] * world_size
+    namespace = f"{base}/{(_counter(tickets) - 1) // world_size}"
+    raw = _get_many(store, [f"{namespace}/node/{r}" for r in range(world_size)])
+    urls = _get_many(store, [status_url_key(namespace, r) for r in range(world_size)])
+    infos: list[tuple[NodeInfo | None, str | None]] = []
+    for rank, (value, url) in enumerate(zip(raw, urls, strict=True)):
+        web = None if url is None else url.decode("utf-8", "replace")
         try:
-            infos.append(NodeInfo.decode(value, rank) if value is not None else None)
+            infos.append((NodeInfo.decode(value, rank) if value is not None else None, web))
         except RendezvousStateError:
-            infos.append(None)
+            infos.append((None, web))
     return infos
 
 
@@ -221,7 +227,7 @@ def read_status(
                 infos = _agent_infos(store, keys, size.world_size)
                 for slot in slots:
                     if slot.rank is not None and slot.rank < len(infos):
-                        info = infos[slot.rank]
+                        info, slot.web = infos[slot.rank]
                         if info is not None:
                             slot.nproc, slot.role = info.nproc, info.role
                 status.round = keys.number
@@ -344,6 +350,19 @@ def render_table(status: RendezvousStatus) -> str:
         lines.extend("  " + line for line in _table(rows))
     else:
         lines.append(f"no node waiting (open round {status.open_round})")
+    return "\n".join(lines)
+
+
+def render_web(status: RendezvousStatus) -> str:
+    """The status page URLs of the round's agents (``rdzv status --web``), one per line."""
+    lines = [
+        f"node {s.rank} ({s.addr or '?'}): {s.web}" for s in status.members if s.web is not None
+    ]
+    if not lines:
+        return (
+            f"no agent of rendezvous {status.run_id!r} serves a status page "
+            "(start rdzv run with --metrics-port PORT)"
+        )
     return "\n".join(lines)
 
 

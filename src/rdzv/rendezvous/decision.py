@@ -22,6 +22,7 @@ The algorithm, the keys and the failure cases are described in ``docs/rendezvous
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -560,7 +561,9 @@ class RendezvousCore:
             joined = slot_count((yield Add(keys.joined, 0)))
             watched = [s for s in range(1, joined + 1) if s != pending.slot]
         else:
-            watched = [s for s in range(1, pending.slot) if s not in pending.gone][:2]
+            # The two lowest live slots, without walking every slot below (O(1), not O(N)).
+            below = (s for s in range(1, pending.slot) if s not in pending.gone)
+            watched = list(itertools.islice(below, 2))
         targets = {keys.alive(s): (keys, s) for s in watched if s not in pending.gone}
         prev_keys: RoundKeys | None = None
         if pending.monitor and not pending.gate_open:

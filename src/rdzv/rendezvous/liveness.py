@@ -125,6 +125,22 @@ class Liveness(ABC):
         result: list[Status] = yield Call(lambda store: self.snapshot(store, keys, token))
         return result
 
+    def declare_dead(self, store: Store, key: str, token: str) -> bool:
+        """Mark ``key`` dead now, on a verdict reached elsewhere (the launcher's heartbeat
+        watch): compare_set from its current value to the dead marker of ``token``. True if
+        this call marked it; False if it is missing, already gone, or kept changing (its
+        owner is beating after all). Store errors propagate."""
+        marker = DEAD_PREFIX + token.encode()
+        for _ in range(8):
+            if not store.check([key]):
+                return False
+            value = store.get(key)
+            if _is_gone(value):
+                return False
+            if store.compare_set(key, value, marker) == marker:
+                return True
+        return False
+
     @abstractmethod
     def snapshot(self, store: Store, keys: list[str], token: str) -> list[Status]:
         """The status of every key *now*, for a decision that cannot wait (closing a round).

@@ -30,9 +30,10 @@ Differences from torch, each on purpose:
 * the query is decoded like :func:`urllib.parse.parse_qs` (``%xx`` escapes, ``+``); a bare
   parameter (``?rank``) is a ValueError naming it (torch: IndexError); a parameter repeated
   with different values is a ValueError (torch: the last one wins silently);
-* a ``rank``/``world_size`` argument that disagrees with the URL's query is a ValueError
-  naming both values (torch: AssertionError whenever the query has either of them); the same
-  value in both places is fine;
+* ``rank``/``world_size`` given as arguments while the URL's query already has either of
+  them raises, as torch does, with torch's sentence ("The url: ... has node-specific
+  arguments(rank, world_size) already."); the error is both an AssertionError (torch's type)
+  and a ValueError (it is bad input);
 * ranks and world sizes are checked (``world_size >= 1``, ``0 <= rank < world_size``), and
   ``env://`` lists every missing environment variable at once;
 * wrong argument types raise TypeError (torch: RuntimeError), an unknown scheme a
@@ -207,27 +208,25 @@ def rendezvous(
     return handler(url, timeout=timeout, **kwargs)
 
 
-def _as_int(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
+class NodeArgumentsError(ValueError, AssertionError):
+    """``rank``/``world_size`` given both in the URL's query and as arguments (torch raises
+    AssertionError; this is also a ValueError)."""
 
 
 def _with_arguments(url: str, parts: SplitResult, rank: int, world_size: int) -> str:
-    """``url`` with ``rank``/``world_size`` (those != -1) in its query; ValueError when the
-    query already holds a different value."""
+    """``url`` with ``rank``/``world_size`` (those != -1) in its query; NodeArgumentsError
+    when the query already holds either (torch's rule)."""
     query = parse_url_query(url)
+    given = [name for name in ("rank", "world_size") if name in query]
+    if given:
+        raise NodeArgumentsError(
+            f"The url: {url} has node-specific arguments(rank, world_size) already. "
+            f"(It has {', '.join(given)}; pass rank/world_size either in the URL or as "
+            "arguments, not both.)"
+        )
     for name, value in (("rank", rank), ("world_size", world_size)):
-        if value == -1:
-            continue
-        existing = query.get(name)
-        if existing is not None and _as_int(existing) != value:
-            raise ValueError(
-                f"conflicting {name}: the URL {url!r} says {name}={existing} but the "
-                f"{name} argument is {value}; give it in one place only"
-            )
-        query[name] = str(value)
+        if value != -1:
+            query[name] = str(value)
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 

@@ -589,7 +589,8 @@ class FileStore(Store):
         return self._write_op(op)
 
     def _num_keys(self) -> int:
-        return self._read_op(self._engine.num_keys)
+        # torch's count: the internal refcount/ and cleanup/ keys included.
+        return self._read_op(lambda: self._engine.num_keys() + self._internal.num_keys())
 
     def _list_keys(self) -> list[str]:
         raw = self._read_op(self._engine.list_keys)

@@ -615,17 +615,12 @@ def delete_key(s: Session, key: str) -> OpGen[bool]:
 
 
 def num_keys(s: Session) -> OpGen[int]:
-    """User keys only: ``init/`` and other keys without the ``/`` prefix are not counted
-    (torch counts ``init/``). rdzv server: EXT_NUM_KEYS; torch server: GETNUMKEYS and a
-    CHECK of ``init/`` in one write."""
-    if s.extended:
-        request = wire.encode_key(Op.EXT_NUM_KEYS, KEY_PREFIX)
-        count: int = yield from ext_call(s, request, wire.read_i64, "the reply to NUM_KEYS")
-        return count
-    yield wire.encode_op(Op.GETNUMKEYS) + wire.encode_keys(Op.CHECK, [INIT_KEY])
-    total = yield s.io("the reply to GETNUMKEYS", wire.read_i64)
-    init = yield s.io("the reply to CHECK", wire.read_u8)
-    return int(total) - (1 if init == wire.CHECK_READY[0] else 0)
+    """Every key the server holds, the ``init/`` worker counter included (torch's count:
+    GETNUMKEYS on any server)."""
+    total = yield from call(
+        s, wire.encode_op(Op.GETNUMKEYS), wire.read_i64, "the reply to GETNUMKEYS"
+    )
+    return int(total)
 
 
 def list_keys(s: Session) -> OpGen[list[str]]:
@@ -764,7 +759,7 @@ def wait_for_workers(s: Session, world_size: int, timeout: float) -> OpGen[None]
         elapsed = time.monotonic() - start
         if elapsed > timeout:
             raise StoreTimeoutError(
-                f"Timed out after {elapsed:.1f} seconds waiting for clients. "
+                f"Timed out after {int(elapsed)} seconds waiting for clients. "
                 f"{joined}/{world_size} clients joined. ({s.where}; every rank must create "
                 "its TCPStore with the same world_size before the timeout)"
             )
