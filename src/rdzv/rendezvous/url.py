@@ -61,6 +61,7 @@ from rdzv.store.base import Store, TimeoutLike, timeout_to_seconds
 
 __all__ = [
     "DEFAULT_PG_TIMEOUT",
+    "NodeArgumentsError",
     "RendezvousResult",
     "UrlHandler",
     "parse_url_query",
