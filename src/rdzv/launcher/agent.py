@@ -343,7 +343,7 @@ class ElasticAgent:
             if self._peers is not None and not self._peers.exit_barrier(
                 self.config.exit_barrier_timeout
             ):
-                _log.warning("not every node reached the exit barrier; exiting anyway")
+                self._report_exit_barrier(self._peers.missing)
             return RunResult(WorkerState.SUCCEEDED, 0, self.restart_count)
 
     # ------------------------------------------------------------ rendezvous
@@ -451,7 +451,7 @@ class ElasticAgent:
         return socket.getfqdn()
 
     def _assign(self, info: RendezvousInfo) -> Assignment:
-        me = NodeInfo(self.config.role, self.config.nproc_per_node, self._host)
+        me = NodeInfo(self.config.role, self.config.nproc_per_node, self._host, os.getpid())
         master = self._workers_store(info) if info.rank == 0 else None
         timeout = self.config.node_timeout or 300.0
         try:
@@ -828,6 +828,43 @@ class ElasticAgent:
             stacks_file=str(path) if path is not None else None,
             message=text.strip() or None,
         )
+
+    def _report_exit_barrier(self, missing: list[tuple[int, float | None]]) -> None:
+        """Warn (and record ``rdzv.timeout.exit_barrier``) naming the nodes that did not reach
+        the exit barrier: host, agent pid, last heartbeat."""
+        if not missing:
+            _log.warning("the exit barrier was abandoned (a node was lost or restarted)")
+            return
+        assignment = self._assignment
+        parts = []
+        for node, age in missing:
+            host = assignment.hosts[node] if assignment else "?"
+            pid = assignment.pids[node] if assignment and node < len(assignment.pids) else None
+            beat = (
+                f"not seen moving in the {self.config.exit_barrier_timeout:g} s waited"
+                if age is None
+                else f"{age:.1f} s ago"
+            )
+            parts.append(f"node {node} (host {host}, pid {pid}, last heartbeat {beat})")
+        text = (
+            f"{len(missing)} node(s) did not reach the exit barrier within "
+            f"{self.config.exit_barrier_timeout:g} s: {'; '.join(parts)}; exiting anyway"
+        )
+        _log.warning("%s", text)
+        if events.is_enabled():
+            events.record(
+                events.Event(
+                    name="rdzv.timeout.exit_barrier",
+                    source=events.EventSource.AGENT,
+                    metadata={
+                        "run_id": self.handler.get_run_id(),
+                        "group_rank": assignment.group_rank if assignment else None,
+                        "hostname": self._host,
+                        "missing": json.dumps([node for node, _ in missing]),
+                        "raw_error": text,
+                    },
+                )
+            )
 
     def _declare_lost(self, node: int) -> None:
         """One verdict for launcher and rendezvous: tell the handler that ``node`` is lost, so
