@@ -805,8 +805,9 @@ def _h_ext_set_ephemeral(server: StoreServer, conn: _Connection, req: wire.ExtSe
 
 
 def _h_ext_set_lease(server: StoreServer, conn: _Connection, req: wire.ExtSetLease) -> None:
-    if req.ttl_ms <= 0:
-        _ext_error(conn, ValueError(f"set_lease: ttl must be > 0 ms, got {req.ttl_ms}"))
+    if not 0 < req.ttl_ms <= wire.MAX_LEASE_MS:
+        limit = wire.MAX_LEASE_MS
+        _ext_error(conn, ValueError(f"set_lease: ttl must be 1..{limit} ms, got {req.ttl_ms}"))
         return
     server._unbind(req.key)
     server.engine.set(req.key, req.value)

@@ -133,3 +133,23 @@ def test_the_rendezvous_store_dying_ends_every_agent_in_one_line(tmp_path: Path)
         assert code == 1, err
         assert err.count("has been unreachable for 2 s (its host is down or cut off)") == 1, err
         assert "cannot be used" not in err
+
+
+def test_exit_barrier_timeout_names_the_missing_node(tmp_path: Path) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text("import os, time\nif os.environ['RANK'] == '1':\n    time.sleep(6)\n")
+    with store_server() as port:
+        args = [
+            *_c10d(port, "exitb", "2", 1, "--exit-barrier-timeout", "2", "--node-timeout", "8"),
+            str(script),
+        ]
+        a, b = start_agent(*args), start_agent(*args)
+        with agents_cleanup(a, b):
+            (code_a, _, err_a), (code_b, _, err_b) = finish(a), finish(b)
+    assert (code_a, code_b) == (0, 0), (err_a, err_b)
+    warned = [(err, other) for err, other in ((err_a, b), (err_b, a)) if "exit barrier" in err]
+    assert len(warned) == 1, (err_a, err_b)
+    err, other = warned[0]
+    line = next(x for x in err.splitlines() if "did not reach the exit barrier" in x)
+    assert "1 node(s) did not reach the exit barrier within 2 s: node 1 (host " in line
+    assert f"pid {other.pid}, last heartbeat " in line and " s ago)" in line

@@ -14,7 +14,7 @@ import pytest
 
 import rdzv
 from rdzv import FileStore, HashStore, Store, TCPStore
-from rdzv.errors import RendezvousError
+from rdzv.errors import RendezvousError, StoreError
 from rdzv.rendezvous import url as url_mod
 from rdzv.rendezvous.url import (
     DEFAULT_PG_TIMEOUT,
@@ -220,6 +220,10 @@ def test_builtin_scheme_cannot_be_replaced() -> None:
         ("tcp://127.0.0.1:1?rank=-1&world_size=2", r"rank must be in"),
         ("tcp://127.0.0.1:1?rank=0&world_size=0", r"world_size must be >= 1, got 0"),
         ("tcp://::1:29500?rank=0&world_size=1", r"IPv6 addresses must be in brackets"),
+        (
+            "tcp://[::1?rank=0&world_size=1",
+            r"malformed rendezvous URL .* an IPv6 address goes in brackets, closed before",
+        ),
         ("tcp://127.0.0.1:0?rank=1&world_size=2", r"port 0 .* cannot be reached by rank 1"),
         ("tcp://127.0.0.1:1?rank&world_size=1", r"parameter 'rank' has no value"),
     ],
@@ -464,3 +468,9 @@ def test_without_agent_store_rank_0_binds(flag: str) -> None:
     )
     assert out.returncode != 0
     assert "NetworkError" in out.stderr and str(agent.port) in out.stderr
+
+
+def test_file_on_a_file_system_that_refuses_new_files() -> None:
+    with pytest.raises(StoreError, match="does not let files be created there") as info:
+        next(rendezvous("file:///proc/rdzv-test?rank=0&world_size=1"))
+    assert "removed while" not in str(info.value)

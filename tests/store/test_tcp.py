@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import socket
 import threading
 import time
@@ -335,6 +336,14 @@ def test_lease_expires(master: TCPStore) -> None:
     eventually(lambda: not master.check(["lease"]), what="lease expired")
     master.set_lease("kept", b"1", timedelta(seconds=60))
     assert master.get("kept") == b"1"
+
+
+@pytest.mark.parametrize("ttl", [1e300, math.inf, 366 * 86400, 0, -1.0])
+def test_lease_ttl_out_of_range_is_a_value_error(master: TCPStore, ttl: float) -> None:
+    with pytest.raises(ValueError, match="ttl must be"):
+        master.set_lease("lease", b"1", ttl)
+    master.set("after", b"ok")  # the connection is still usable
+    assert master.get("after") == b"ok"
 
 
 def test_list_key_sizes(master: TCPStore) -> None:

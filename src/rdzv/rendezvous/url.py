@@ -125,7 +125,7 @@ def parse_url_query(url: str) -> dict[str, str]:
     may be empty (``a=``). Raises ValueError naming the parameter and the URL for a piece
     without ``=`` (``?rank``) and for a parameter repeated with different values.
     """
-    query = urlsplit(url).query
+    query = _split(url).query
     params: dict[str, str] = {}
     for piece in query.split("&"):
         if not piece:
@@ -195,7 +195,7 @@ def rendezvous(
     world_size = _check_int("world_size", world_size)
     timeout_to_seconds(timeout)
 
-    parts = urlsplit(url)
+    parts = _split(url)
     handler = _handlers.get(parts.scheme)
     if handler is None:
         shown = f"{parts.scheme}://" if parts.scheme else "(no scheme)"
@@ -229,6 +229,20 @@ def _with_arguments(url: str, parts: SplitResult, rank: int, world_size: int) ->
         if value != -1:
             query[name] = str(value)
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _split(url: str) -> SplitResult:
+    """``urlsplit(url)``, with a ValueError that says what is wrong and how to write it."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        hint = (
+            "an IPv6 address goes in brackets, closed before the port and the query, e.g. "
+            "tcp://[::1]:29500?rank=0"
+            if "[" in url or "]" in url
+            else "expected scheme://host:port?name=value&..."
+        )
+        raise ValueError(f"malformed rendezvous URL {url!r} ({exc}): {hint}") from None
 
 
 # --------------------------------------------------------------------------- built-in schemes
@@ -335,7 +349,7 @@ def _tcp_store_factory(
 def _tcp_handler(
     url: str, timeout: TimeoutLike = DEFAULT_PG_TIMEOUT, **kwargs: Any
 ) -> Iterator[RendezvousResult]:
-    parts = urlsplit(url)
+    parts = _split(url)
     query = parse_url_query(url)
     if "[" not in parts.netloc and parts.netloc.count(":") >= 2:
         raise _error(
@@ -404,7 +418,7 @@ def _file_path(parts: SplitResult) -> str:
 def _file_handler(
     url: str, timeout: TimeoutLike = DEFAULT_PG_TIMEOUT, **kwargs: Any
 ) -> Iterator[RendezvousResult]:
-    parts = urlsplit(url)
+    parts = _split(url)
     path = _file_path(parts)
     if not path:
         raise _error("file", f"path missing in {url!r}: write file:///<absolute path>")

@@ -275,15 +275,20 @@ class FileStore(Store):
         try:
             return os.open(self._path, os.O_RDWR | os.O_CLOEXEC | create, FILE_MODE)
         except OSError as exc:
-            raise self._open_error(exc) from exc
+            raise self._open_error(exc, creating=bool(create)) from exc
 
-    def _open_error(self, exc: OSError) -> StoreError:
+    def _open_error(self, exc: OSError, creating: bool) -> StoreError:
         path = self._path
         directory = os.path.dirname(path)
         if exc.errno == errno.ENOENT and not os.path.isdir(directory):
             why = (
                 f"its directory {directory!r} does not exist; create it first "
                 "(FileStore does not create directories)"
+            )
+        elif exc.errno == errno.ENOENT and creating:
+            why = (
+                f"the file system of {directory!r} does not let files be created there "
+                f"({exc.strerror}); pick a path on an ordinary file system (e.g. under /tmp)"
             )
         elif exc.errno == errno.ENOENT:
             why = "the file does not exist any more (it was removed while this handle was open)"

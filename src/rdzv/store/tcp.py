@@ -547,7 +547,10 @@ class TCPStore(Store):
 
     def set_lease(self, key: str, value: bytes | str, ttl: TimeoutLike) -> None:
         """Set ``key`` with a lease: the server deletes it ``ttl`` (seconds or timedelta)
-        after this call unless it is set again (renewal). rdzv servers only."""
-        seconds = timeout_to_seconds(ttl, "ttl")
+        after this call unless it is set again (renewal). rdzv servers only.
+
+        Raises ValueError unless 0 < ``ttl`` <= one year
+        (:data:`rdzv.store.tcp_ops.MAX_LEASE_TTL`), TypeError for a ttl of another type."""
+        ttl_ms = ops.lease_ms(timeout_to_seconds(ttl, "ttl"))
         k, v = key_to_str(key), value_to_bytes(value)
-        self._run(lambda: ops.set_lease(self._session, k, v, seconds))
+        self._run(lambda: ops.set_lease(self._session, k, v, ttl_ms))
