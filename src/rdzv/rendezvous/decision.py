@@ -35,7 +35,7 @@ from rdzv.errors import (
     RendezvousTimeoutError,
     StoreTimeoutError,
 )
-from rdzv.rendezvous.api import RendezvousStoreInfo
+from rdzv.rendezvous.api import RendezvousStoreInfo, check_node_bounds
 from rdzv.rendezvous.liveness import Liveness, LivenessObserver, Status
 from rdzv.rendezvous.ops import (
     NOW,
@@ -167,6 +167,37 @@ class RendezvousSettings:
     timeout: RendezvousTimeout
     keep_alive_interval: timedelta
     keep_alive_max_attempt: int
+
+    @staticmethod
+    def checked(
+        run_id: str,
+        min_nodes: int,
+        max_nodes: int,
+        timeout: RendezvousTimeout | None,
+        keep_alive_interval: timedelta | float,
+        keep_alive_max_attempt: int,
+    ) -> RendezvousSettings:
+        """Validated settings (torch's ValueError texts): a non-empty run id, node bounds
+        (:func:`~rdzv.rendezvous.api.check_node_bounds`), a positive keep-alive interval
+        (timedelta or seconds) and max attempt >= 1; ``timeout`` None means the defaults."""
+        if not run_id:
+            raise ValueError("The run id must be a non-empty string.")
+        check_node_bounds(min_nodes, max_nodes)
+        interval = seconds(keep_alive_interval, "keep-alive interval")
+        if interval <= timedelta(0):
+            raise ValueError(f"The keep-alive interval ({interval}) must be positive.")
+        if keep_alive_max_attempt < 1:
+            raise ValueError(
+                f"The keep-alive max attempt ({keep_alive_max_attempt}) must be at least 1."
+            )
+        return RendezvousSettings(
+            run_id,
+            min_nodes,
+            max_nodes,
+            timeout or RendezvousTimeout(),
+            interval,
+            keep_alive_max_attempt,
+        )
 
 
 # ---------------------------------------------------------------------------- effects
