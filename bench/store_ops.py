@@ -22,6 +22,13 @@ Usage (from the repository root)::
 rdzv's Python client against ``rdzv serve`` with neither, a token, TLS, and both; connect
 time (handshake included) and the set/get loop.
 
+``--metrics`` measures instead the cost of ``rdzv serve --metrics-port`` (request counting
+and timing, in C on the fast path) with torch's clients: the server without metrics, with
+metrics scraped every 100 ms during the load (Prometheus scrapes every 15 s; 100 ms is a
+stress), and scraped 1,000 times a second (one keep-alive scraper)::
+
+    python bench/store_ops.py --metrics [--clients 1 16 64] [--seconds 3] [--repeats 3]
+
 ``--durability`` measures instead the cost of ``rdzv serve --data-dir`` (fsync always,
 interval, never) against the in-memory server, with rdzv's Python client (same workload;
 every get's reply waits for the group commit of the set before it)::
@@ -39,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +75,8 @@ sys.stdin.read()
 
 
 def start_server(kind: str, extra: Sequence[str] = ()) -> tuple[subprocess.Popen[str], int]:
-    """Start a server process (``extra``: more ``rdzv serve`` arguments)."""
+    """Start a server process (``extra``: more ``rdzv serve`` arguments; with
+    ``--metrics-port``, read the status page line with :func:`metrics_url`)."""
     env = _env()
     if kind == "torch":
         cmd = [sys.executable, "-c", TORCH_SERVER]
@@ -85,6 +93,138 @@ def start_server(kind: str, extra: Sequence[str] = ()) -> tuple[subprocess.Popen
         proc.kill()
         raise RuntimeError(f"{kind} server did not start: {line!r}")
     return proc, int(line.rsplit(":", 1)[1])
+
+
+def metrics_url(proc: subprocess.Popen[str]) -> str:
+    """The /metrics URL ``rdzv serve --metrics-port`` printed after its endpoint."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("status page on "):
+        raise RuntimeError(f"rdzv serve printed no status page URL: {line!r}")
+    return line.split()[3] + "metrics"
+
+
+class Scraper(threading.Thread):
+    """GETs ``url`` every ``interval`` seconds over one keep-alive connection until stopped;
+    counts the scrapes (each reply read whole)."""
+
+    def __init__(self, url: str, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.interval = interval
+        self.scrapes = 0
+        self.seconds = 0.0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+        start = time.perf_counter()
+        next_at = start
+        while not self._done.is_set():
+            conn.request("GET", parts.path)
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"scrape failed: {response.status}")
+            self.scrapes += 1
+            next_at += self.interval
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                self._done.wait(delay)
+            else:
+                next_at = time.perf_counter()  # behind: do not burst to catch up
+        self.seconds = time.perf_counter() - start
+        conn.close()
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        self.join(60)
+        return {"scrapes": self.scrapes, "scrapes_per_s": round(self.scrapes / self.seconds, 1)}
+
+
+#: --metrics variants: server kind -> seconds between scrapes (None: no metrics at all).
+METRICS_VARIANTS: dict[str, float | None] = {
+    "rdzv": None,
+    "rdzv-metrics-100ms": 0.1,
+    "rdzv-metrics-1000/s": 0.001,
+}
+
+
+def measure_metrics(variant: str, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    """torch clients on ``rdzv serve`` without metrics, or with ``--metrics-port 0`` scraped
+    at the variant's interval for the whole run."""
+    interval = METRICS_VARIANTS[variant]
+    if interval is None:
+        return measure("rdzv", "torch", clients, args)
+    proc, port = start_server("rdzv", ("--metrics-port", "0"))
+    try:
+        scraper = Scraper(metrics_url(proc), interval)
+        scraper.start()
+        result = run_clients("torch", port, clients, args.procs, args.seconds, proc.pid)
+        result.update(scraper.stop())
+    finally:
+        stop_server(proc)
+    return result
+
+
+def alternated(
+    variants: Sequence[str], repeats: int, run: Callable[[str], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """``run(variant)`` ``repeats`` times for each of ``variants``, alternating variants (the
+    machine's load drifts); the runs by variant."""
+    rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for variant in variants:
+            rows[variant].append(run(variant))
+    return rows
+
+
+def metrics_main(args: argparse.Namespace) -> None:
+    results = []
+    for clients in args.clients:
+        rows = alternated(
+            list(METRICS_VARIANTS), args.repeats, lambda v, n=clients: measure_metrics(v, n, args)
+        )
+        for variant in METRICS_VARIANTS:
+            results.append(
+                {"variant": variant, **summarize(variant, "torch", clients, rows[variant])}
+            )
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+
+    def ops(variant: str, clients: int) -> int:
+        return next(
+            r["ops_per_s"] for r in results if r["variant"] == variant and r["clients"] == clients
+        )
+
+    ratios = {
+        variant: {str(n): round(ops(variant, n) / ops("rdzv", n), 3) for n in args.clients}
+        for variant in METRICS_VARIANTS
+        if variant != "rdzv"
+    }
+    print(
+        json.dumps(
+            {
+                "figure": "rdzv serve --metrics-port: cost of metrics, torch C++ clients",
+                "workload": {
+                    "loop": "set(key, 64 B) then get(key) (torch get = WAIT + GET)",
+                    "keys_per_client": KEYS_PER_CLIENT,
+                    "seconds": args.seconds,
+                    "op": "one set or get call",
+                    "scraper": "one thread of the bench process, one keep-alive connection",
+                    "repeats": args.repeats,
+                    "statistic": "median run by ops/s; latencies and CPU of that run",
+                },
+                "machine": machine(),
+                "results": results,
+                "ratio_over_no_metrics": ratios,
+            },
+            indent=2,
+        )
+    )
 
 
 def stop_server(proc: subprocess.Popen[str]) -> None:
@@ -251,10 +391,9 @@ def measure_durable(mode: str, clients: int, args: argparse.Namespace) -> dict[s
 def durability_main(args: argparse.Namespace) -> None:
     results = []
     for clients in args.durability_clients:
-        rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in DURABILITY_MODES}
-        for _ in range(args.repeats):  # alternate modes: the machine's load drifts
-            for mode in DURABILITY_MODES:
-                rows[mode].append(measure_durable(mode, clients, args))
+        rows = alternated(
+            DURABILITY_MODES, args.repeats, lambda m, n=clients: measure_durable(m, n, args)
+        )
         for mode in DURABILITY_MODES:
             results.append({"durability": mode, **summarize("rdzv", "rdzv", clients, rows[mode])})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
@@ -328,11 +467,18 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--durability-clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument(
+        "--metrics", action="store_true",
+        help="measure rdzv serve with --metrics-port (scraped every 100 ms, and 1000/s) vs without",
+    )  # fmt: skip
+    parser.add_argument(
         "--variants", action="store_true",
         help="also measure rdzv serve without busy polling (--busy-poll-us 0) and with its "
         "C fast path off (RDZV_FASTPATH=0, which also turns busy polling off)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.metrics:
+        metrics_main(args)
+        return
     if args.durability or args.security:
         # Either or both in one run (both: durability's JSON document, then security's).
         if args.durability:

@@ -51,12 +51,18 @@ def test_counters_match_the_operations_done(fastpath: str) -> None:
         for _ in range(5):
             torch_store.add("counter", 2)
         assert torch_store.check(["k0", "counter"])
-        after = scrape(url)
+        after = before
 
         def delta(op: str) -> float:
             name = "rdzv_store_requests_total"
             return value(after, name, op=op) - value(before, name, op=op)
 
+        def scraped_all() -> bool:  # a scrape's figures may be up to 10 ms old
+            nonlocal after
+            after = scrape(url)
+            return delta("CHECK") >= 1
+
+        eventually(scraped_all, what="a scrape after the operations")
         # torch's client: set = SET; get = WAIT + GET; add = ADD; check = CHECK.
         assert (delta("SET"), delta("GET"), delta("WAIT"), delta("ADD"), delta("CHECK")) == (
             10,
@@ -108,7 +114,7 @@ def test_waiters_and_limits_are_counted() -> None:
         other.set("later", "now")
         parked.join(10)
         assert not parked.is_alive()
-        assert value(scrape(url), "rdzv_store_waiters") == 0
+        eventually(lambda: value(scrape(url), "rdzv_store_waiters") == 0, what="no wait parked")
 
 
 def test_durable_store_counts_commits_and_fsyncs(tmp_path: Path) -> None:
@@ -118,6 +124,7 @@ def test_durable_store_counts_commits_and_fsyncs(tmp_path: Path) -> None:
         for i in range(5):
             store.set(f"k{i}", "v")
             store.get(f"k{i}")  # waits for the set's commit
+        eventually(lambda: value(scrape(url), "rdzv_store_keys") == 5, what="a fresh scrape")
         after = scrape(url)
         commits = value(after, "rdzv_store_journal_commits_total") - value(
             before, "rdzv_store_journal_commits_total"
@@ -146,9 +153,14 @@ def test_token_protects_metrics_and_status(tmp_path: Path) -> None:
         with pytest.raises(AuthError):
             TCPStore("127.0.0.1", port, timeout=5, token="wrong-token-0123456789abcdef")
         store = TCPStore("127.0.0.1", port, timeout=5, token=TOKEN)
+        eventually(
+            lambda: (
+                value(scrape(url, READ_ONLY), "rdzv_store_connections_open", client="rdzv") == 1
+            ),
+            what="a scrape after the connections",
+        )
         samples = scrape(url, READ_ONLY)
         assert value(samples, "rdzv_store_auth_failures_total", reason="wrong_token") == 1
-        assert value(samples, "rdzv_store_connections_open", client="rdzv") == 1
         store.close()
 
 

@@ -4,20 +4,24 @@ to SIGKILL; the page shows the failed rank and its cause, then the restarted ran
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from selenium import webdriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import subprocess_env
-from tests.observe.helpers import scrape, value
+from tests.launcher.cluster import store_server
+from tests.observe.helpers import scrape, serve_with_metrics, value
 from tests.server.helpers import eventually
 
 JOB = """
@@ -41,12 +45,14 @@ return null;
 
 
 @contextlib.contextmanager
-def run_job(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``rdzv run`` of two workers with one restart allowed; yields (agent, page URL)."""
+def run_job(tmp_path: Path, *rendezvous: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``rdzv run`` of two workers with one restart allowed, ``--standalone`` unless
+    ``rendezvous`` options are given; yields (agent, page URL)."""
     script = tmp_path / "job.py"
     script.write_text(JOB)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rdzv", "run", "--standalone", "--nproc-per-node", "2",
+        [sys.executable, "-m", "rdzv", "run", *(rendezvous or ["--standalone"]),
+         "--nproc-per-node", "2",
          "--max-restarts", "1", "--monitor-interval", "0.1", "--shutdown-timeout", "5",
          "--metrics-port", "0", str(script), str(tmp_path)],
         stdout=subprocess.DEVNULL,
@@ -112,6 +118,11 @@ def test_page_shows_the_failed_rank_and_its_cause(
             ),
             "the page shows the restarted ranks and the earlier failure",
         )
+        # The failure record the agent published (every node's view) names it too.
+        record = browser.find_element(
+            "css selector", '#job-failures tr[data-rank="1"][data-kind="signal"] .cause'
+        )
+        assert "SIGKILL" in record.text
         assert "1 of 1" in browser.find_element("css selector", "#restarts").text
         screenshot = os.environ.get("RDZV_STATUS_SCREENSHOT")
         if screenshot:
@@ -144,3 +155,62 @@ def test_agent_metrics_count_rounds_restarts_and_exits(tmp_path: Path) -> None:
         assert value(after, "rdzv_agent_worker_exits_total", cause="signal") == 1
         assert value(after, "rdzv_agent_worker_exits_total", cause="stopped") == 1
         assert value(after, "rdzv_agent_worker_exits_total", cause="succeeded") == 0
+
+
+def test_rdzv_status_web_prints_the_agents_page_url(tmp_path: Path) -> None:
+    with store_server() as port:
+        endpoint = ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "watched"]
+        status = [sys.executable, "-m", "rdzv", "status", "--endpoint", f"127.0.0.1:{port}",
+                  "--run-id", "watched", "--web"]  # fmt: skip
+        with run_job(tmp_path, *endpoint, "--local-addr", "127.0.0.1") as (_, url):
+            eventually(lambda: (tmp_path / "0.0").exists(), timeout=30, what="workers started")
+            result = subprocess.run(
+                status, capture_output=True, text=True, timeout=60, env=subprocess_env()
+            )
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == f"node 0 (127.0.0.1): {url}"
+        none = subprocess.run(
+            [*status[:-1], "--run-id", "other", "--web"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=subprocess_env(),
+        )
+        assert none.returncode == 1
+        assert "--metrics-port" in none.stdout
+
+
+def test_store_status_shows_the_run_its_nodes_and_failures(tmp_path: Path) -> None:
+    with serve_with_metrics() as (_, port, url):
+        endpoint = ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "watched"]
+        with run_job(tmp_path, *endpoint, "--local-addr", "127.0.0.1"):
+            eventually(
+                lambda: (tmp_path / "0.0").exists() and (tmp_path / "1.0").exists(),
+                timeout=30,
+                what="both workers started",
+            )
+            run = store_run(url)
+            assert run["round"] is not None and run["world_size"] == 1
+            [member] = run["members"]
+            assert (member["addr"], member["nproc"], member["state"]) == ("127.0.0.1", 2, "member")
+            assert run["failures"] == []
+            os.kill(int((tmp_path / "1.0").read_text()), signal.SIGKILL)
+            eventually(lambda: bool(store_run(url)["failures"]), what="the failure record")
+            [failure] = store_run(url)["failures"]
+            assert (failure["rank"], failure["kind"], failure["signal"]) == (1, "signal", "SIGKILL")
+            assert "SIGKILL" in failure["how"]
+            # After the restart (a new round, whose store has its own log) it is still shown.
+            eventually(lambda: (tmp_path / "1.1").exists(), timeout=30, what="the restart")
+            eventually(
+                lambda: store_run(url)["round"] > run["round"], what="the new round completed"
+            )
+            assert [f["rank"] for f in store_run(url)["failures"]] == [1]
+
+
+def store_run(url: str) -> dict[str, Any]:
+    """The run "watched" in the store server's status document."""
+    with urllib.request.urlopen(url + "api/status", timeout=10) as response:
+        doc = json.loads(response.read())
+    assert doc["kind"] == "store"
+    [run] = [r for r in doc["runs"] if r["run_id"] == "watched"]
+    return dict(run)

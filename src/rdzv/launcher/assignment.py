@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from rdzv.errors import RendezvousStateError
 from rdzv.store.base import Store
 
-__all__ = ["NAMESPACE", "Assignment", "NodeInfo", "exchange", "new_attempt_id"]
+__all__ = ["NAMESPACE", "Assignment", "NodeInfo", "exchange", "new_attempt_id", "status_url_key"]
 
 #: Key namespace of the agents inside the round's store.
 NAMESPACE = "rdzv.agent"
@@ -40,15 +40,24 @@ class NodeInfo:
     role: str
     nproc: int
     host: str
+    #: The agent's process id (for messages naming a missing node); None if not told.
+    pid: int | None = None
 
     def encode(self) -> bytes:
-        return json.dumps({"role": self.role, "nproc": self.nproc, "host": self.host}).encode()
+        doc = {"role": self.role, "nproc": self.nproc, "host": self.host, "pid": self.pid}
+        return json.dumps(doc).encode()
 
     @staticmethod
     def decode(raw: bytes, group_rank: int) -> NodeInfo:
         try:
             data = json.loads(raw)
-            info = NodeInfo(str(data["role"]), int(data["nproc"]), str(data["host"]))
+            pid = data.get("pid")
+            info = NodeInfo(
+                str(data["role"]),
+                int(data["nproc"]),
+                str(data["host"]),
+                pid if isinstance(pid, int) else None,
+            )
         except (ValueError, KeyError, TypeError):
             raise RendezvousStateError(
                 f"the node info of group rank {group_rank} in the round's store is corrupt: "
@@ -80,6 +89,13 @@ class Assignment:
     attempt_id: str
     namespace: str
     hosts: tuple[str, ...]
+    pids: tuple[int | None, ...] = ()
+
+
+def status_url_key(namespace: str, group_rank: int) -> str:
+    """The key (in the round's store) of the status page URL the agent of node
+    ``group_rank`` serves (``rdzv run --metrics-port``), read by ``rdzv status --web``."""
+    return f"{namespace}/web/{group_rank}"
 
 
 def new_attempt_id() -> str:
@@ -146,4 +162,5 @@ def exchange(
         attempt_id=attempt_id,
         namespace=namespace,
         hosts=tuple(n.host for n in nodes),
+        pids=tuple(n.pid for n in nodes),
     )

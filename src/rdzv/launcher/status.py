@@ -10,7 +10,10 @@ used).
   agents are rdzv agents, their worker count and role from the round's store
   (:mod:`rdzv.launcher.assignment`);
 * the open round(s) from the hint on: the slots waiting there;
-* ``closed``.
+* ``closed``;
+* the failure records the agents published in the latest round's store
+  (:data:`rdzv.launcher.failures.FAILURE_LOG_KEY`): failed, hung and lost ranks, root cause
+  first.
 
 Heartbeat *ages* are measured without comparing clocks: a heartbeat is a counter, so
 :class:`HeartbeatClock` remembers, on this process's monotonic clock, when it last saw each
@@ -26,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rdzv.errors import RendezvousStateError
-from rdzv.launcher.assignment import NAMESPACE, NodeInfo
+from rdzv.launcher.assignment import NAMESPACE, NodeInfo, status_url_key
+from rdzv.launcher.failures import FAILURE_LOG_KEY, FailureRecord
 from rdzv.rendezvous.liveness import DEAD_PREFIX, LEFT
 from rdzv.rendezvous.state import NodeDesc, RankRecord, RoundKeys, RunKeys, SizeRecord
 from rdzv.store.base import Store
@@ -71,6 +75,7 @@ class SlotStatus:
     heartbeat_age_min: float | None = None
     nproc: int | None = None
     role: str | None = None
+    web: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -92,6 +97,9 @@ class RendezvousStatus:
     open_round: int = 0
     waiting: list[SlotStatus] = field(default_factory=list)
     workers: int | None = None
+    #: Failure records of the latest round (:meth:`FailureRecord.to_json` objects), oldest
+    #: first: failed, hung and lost ranks.
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,21 +181,39 @@ def _slots(store: Store, keys: RoundKeys, slots: list[int]) -> list[SlotStatus]:
     return result
 
 
-def _agent_infos(store: Store, keys: RoundKeys, world_size: int) -> list[NodeInfo | None]:
-    """Worker counts and roles the rdzv agents of the round published (None where absent)."""
+def _agent_infos(
+    store: Store, keys: RoundKeys, world_size: int
+) -> list[tuple[NodeInfo | None, str | None]]:
+    """Worker counts and roles the rdzv agents of the round published, and the URLs of
+    their status pages (None where absent)."""
     base = f"{keys.store_prefix}/{NAMESPACE}"
     tickets = _get(store, f"{base}/ticket")
     if tickets is None or world_size < 1:
-        return [None] * world_size
-    generation = (_counter(tickets) - 1) // world_size
-    raw = _get_many(store, [f"{base}/{generation}/node/{r}" for r in range(world_size)])
-    infos: list[NodeInfo | None] = []
-    for rank, value in enumerate(raw):
+        return [(None, None)] * world_size
+    namespace = f"{base}/{(_counter(tickets) - 1) // world_size}"
+    raw = _get_many(store, [f"{namespace}/node/{r}" for r in range(world_size)])
+    urls = _get_many(store, [status_url_key(namespace, r) for r in range(world_size)])
+    infos: list[tuple[NodeInfo | None, str | None]] = []
+    for rank, (value, url) in enumerate(zip(raw, urls, strict=True)):
+        web = None if url is None else url.decode("utf-8", "replace")
         try:
-            infos.append(NodeInfo.decode(value, rank) if value is not None else None)
+            infos.append((NodeInfo.decode(value, rank) if value is not None else None, web))
         except RendezvousStateError:
-            infos.append(None)
+            infos.append((None, web))
     return infos
+
+
+def _failures(store: Store, keys: RoundKeys) -> list[dict[str, Any]]:
+    raw = _get(store, f"{keys.store_prefix}/{FAILURE_LOG_KEY}")
+    if raw is None:
+        return []
+    out = []
+    for line in raw.splitlines():
+        try:
+            out.append(json.loads(FailureRecord.from_json(line).to_json()))
+        except ValueError:
+            continue  # a corrupt line: skip it, show the rest
+    return out
 
 
 def read_status(
@@ -221,9 +247,15 @@ def read_status(
                 infos = _agent_infos(store, keys, size.world_size)
                 for slot in slots:
                     if slot.rank is not None and slot.rank < len(infos):
-                        info = infos[slot.rank]
+                        info, slot.web = infos[slot.rank]
                         if info is not None:
                             slot.nproc, slot.role = info.nproc, info.role
+                status.failures = _failures(store, keys)
+                for failure in status.failures:
+                    if failure.get("kind") == "lost":
+                        for slot in slots:
+                            if slot.rank == failure.get("node_rank") and slot.alive:
+                                slot.state = "lost"
                 status.round = keys.number
                 status.world_size = size.world_size
                 status.members = slots
@@ -326,6 +358,22 @@ def render_table(status: RendezvousStatus) -> str:
                 ]
             )
         lines.extend("  " + line for line in _table(rows))
+    if status.failures:
+        lines.append(f"failures in round {status.round} (first = root cause):")
+        rows = [["RANK", "NODE", "HOST", "PID", "WHAT", "WHEN"]]
+        for f in status.failures:
+            record = FailureRecord.from_json(json.dumps(f))
+            rows.append(
+                [
+                    "-" if record.rank is None else str(record.rank),
+                    str(record.node_rank),
+                    record.host,
+                    "-" if record.pid is None else str(record.pid),
+                    record.how(),
+                    time.strftime("%H:%M:%S", time.localtime(record.time)),
+                ]
+            )
+        lines.extend("  " + line for line in _table(rows))
     if status.waiting:
         lines.append(f"waiting for round {status.open_round}: {len(status.waiting)} node(s)")
         rows = [["ROUND", "SLOT", "ADDR", "AGENT PID", "HEARTBEAT", "AGE", "STATE"]]
@@ -344,6 +392,19 @@ def render_table(status: RendezvousStatus) -> str:
         lines.extend("  " + line for line in _table(rows))
     else:
         lines.append(f"no node waiting (open round {status.open_round})")
+    return "\n".join(lines)
+
+
+def render_web(status: RendezvousStatus) -> str:
+    """The status page URLs of the round's agents (``rdzv status --web``), one per line."""
+    lines = [
+        f"node {s.rank} ({s.addr or '?'}): {s.web}" for s in status.members if s.web is not None
+    ]
+    if not lines:
+        return (
+            f"no agent of rendezvous {status.run_id!r} serves a status page "
+            "(start rdzv run with --metrics-port PORT)"
+        )
     return "\n".join(lines)
 
 

@@ -131,7 +131,7 @@ class ServerCollector(Collector):
             "Connections closed or refused because a limit was hit, by limit.",
             "limit",
             snap.limit_hits,
-            ("max_connections", "max_waits_per_connection", "request_limits"),
+            _LIMITS,
         )
         yield CounterMetricFamily(
             "rdzv_store_protocol_errors",
@@ -211,6 +211,15 @@ class AgentCollector(Collector):
             )
 
 
+_LIMITS = (
+    "max_connections",
+    "max_waits_per_connection",
+    "max_wait_keys_per_connection",
+    "max_output_bytes",
+    "max_total_output_bytes",
+    "max_partial_bytes",
+    "request_limits",
+)
 _WORKER_STATES = ("running", "succeeded", "exit_code", "signal", "stopped")
 
 

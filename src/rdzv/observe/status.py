@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from rdzv.engine import Engine
 from rdzv.errors import RdzvError, StoreError, StoreTimeoutError
 from rdzv.launcher.assignment import NodeInfo
-from rdzv.launcher.failures import FAILURE_LOG_KEY, read_failure_log
+from rdzv.launcher.failures import FAILURE_LOG_KEY, FailureRecord, read_failure_log
 from rdzv.launcher.status import HeartbeatClock, read_status
 from rdzv.rendezvous.state import RunKeys
 from rdzv.store.base import Store
@@ -45,6 +45,8 @@ MAX_RUNS = 20
 RUN_SCAN_INTERVAL = 2.0
 #: Most failure records shown per run (the latest).
 MAX_FAILURES = 50
+#: Rounds of a run whose failure records a store page reads (the latest).
+MAX_ROUNDS = 20
 
 
 class EngineReader(Store):
@@ -97,9 +99,11 @@ class EngineReader(Store):
 _READ_ONLY = StoreError("the status page's view of the store is read-only")
 
 
-def _failures(store: Store) -> list[dict[str, Any]]:
-    records = read_failure_log(store)[-MAX_FAILURES:]
-    return [asdict(record) | {"how": record.how()} for record in records]
+def _shown(records: list[FailureRecord]) -> list[dict[str, Any]]:
+    """``records`` for the page (latest :data:`MAX_FAILURES`, each once, oldest first)."""
+    unique = {(r.namespace, r.kind, r.node_rank, r.rank, r.time): r for r in records}
+    ordered = sorted(unique.values(), key=lambda r: r.time)[-MAX_FAILURES:]
+    return [asdict(record) | {"how": record.how()} for record in ordered]
 
 
 class StoreStatus:
@@ -136,13 +140,13 @@ class StoreStatus:
             key = run.of(slot.round).alive(slot.slot)
             slot.heartbeat_age, slot.heartbeat_age_min = self._clock.observe(key, value, now)
         data = status.to_json()
-        failures: list[dict[str, Any]] = []
-        if status.round is not None:
-            prefix = run.of(status.round).store_prefix
-            round_store = EngineReader(self._engine, prefix + "/")
-            if round_store.check([FAILURE_LOG_KEY]):
-                failures = _failures(round_store)
-        data["failures"] = failures
+        records: list[FailureRecord] = []
+        if status.round is not None:  # each round's store keeps its own log
+            for number in range(max(0, status.round - MAX_ROUNDS + 1), status.round + 1):
+                reader = EngineReader(self._engine, run.of(number).store_prefix + "/")
+                if reader.check([FAILURE_LOG_KEY]):
+                    records += read_failure_log(reader)
+        data["failures"] = _shown(records)
         return data
 
     def __call__(self) -> dict[str, Any]:
@@ -215,13 +219,14 @@ class AgentStatus:
         namespace = data.get("namespace")
         count = data.get("group_world_size")
         nodes: list[dict[str, Any]] = []
-        failures: list[dict[str, Any]] = []
+        # The root causes the agent saw, and the log of the current round's store.
+        records = [FailureRecord.from_json(raw) for raw in data["causes"]]
         error = None
         if store is not None and isinstance(namespace, str) and isinstance(count, int):
             with self._lock:
                 try:
                     nodes = self._nodes(store, namespace, count)
-                    failures = _failures(store)
+                    records += read_failure_log(store)
                 except (RdzvError, OSError, ValueError) as exc:
                     error = f"{type(exc).__name__}: {exc}"
         return {
@@ -229,7 +234,7 @@ class AgentStatus:
             "time": time.time(),
             "agent": data,
             "nodes": nodes,
-            "failures": failures,
+            "failures": _shown(records),
             "error": error,
         }
 
