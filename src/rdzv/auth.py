@@ -56,6 +56,16 @@ _CLIENT_LABEL = b"rdzv-auth-v1 client"
 _SERVER_LABEL = b"rdzv-auth-v1 server"
 
 
+def unauthenticated_warning(what: str, endpoint: str) -> str:
+    """The console warning for a store served on ``endpoint`` without a token (``what``
+    names it, e.g. "the workers' store"): what is at stake and how to set a token."""
+    return (
+        f"{what} on {endpoint} is unauthenticated: anyone who can reach that address can "
+        f"read and change it. Set a shared token on every node (export {TOKEN_ENV}=$(openssl "
+        "rand -hex 32), the same value everywhere; see docs/security.md)"
+    )
+
+
 def load_token(
     token: str | bytes | None = None,
     token_file: str | os.PathLike[str] | None = None,

@@ -72,6 +72,8 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 #: Listen backlog requested; the kernel caps it at ``net.core.somaxconn`` (torch asks for the
 #: system maximum too).
 LISTEN_BACKLOG = 65535
+#: torch's sentence for a server that cannot bind; rdzv's detail follows it.
+LISTEN_FAILED = "The server socket has failed to listen on any local network address."
 #: Default of ``max_waits_per_connection``: a torch client parks at most one wait at a time;
 #: rdzv's pipelining clients a few; 4096 bounds the memory one connection can pin.
 DEFAULT_MAX_WAITS_PER_CONNECTION = 4096
@@ -803,8 +805,9 @@ def _h_ext_set_ephemeral(server: StoreServer, conn: _Connection, req: wire.ExtSe
 
 
 def _h_ext_set_lease(server: StoreServer, conn: _Connection, req: wire.ExtSetLease) -> None:
-    if req.ttl_ms <= 0:
-        _ext_error(conn, ValueError(f"set_lease: ttl must be > 0 ms, got {req.ttl_ms}"))
+    if not 0 < req.ttl_ms <= wire.MAX_LEASE_MS:
+        limit = wire.MAX_LEASE_MS
+        _ext_error(conn, ValueError(f"set_lease: ttl must be 1..{limit} ms, got {req.ttl_ms}"))
         return
     server._unbind(req.key)
     server.engine.set(req.key, req.value)
@@ -1175,7 +1178,8 @@ class StoreServer:
                 )
             except socket.gaierror as exc:
                 raise NetworkError(
-                    f"cannot listen on {format_endpoint(host, port)}: the host name does not "
+                    f"{LISTEN_FAILED} Cannot listen on {format_endpoint(host, port)}: the host "
+                    "name does not "
                     f"resolve ({exc}); pass an IP address or a resolvable name"
                 ) from exc
             addrs = []
@@ -1197,7 +1201,8 @@ class StoreServer:
                 except OSError as exc:
                     name = errno.errorcode.get(exc.errno or 0, "?")
                     raise NetworkError(
-                        f"cannot listen on {format_endpoint(addr, port)}: {exc.strerror} "
+                        f"{LISTEN_FAILED} Cannot listen on {format_endpoint(addr, port)}: "
+                        f"{exc.strerror} "
                         f"({name}); pick another port or stop the process using it"
                     ) from exc
                 if port == 0:

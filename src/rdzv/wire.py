@@ -46,6 +46,7 @@ __all__ = [
     "HELLO_AUTH_REQUIRED",
     "INIT_KEY",
     "KEY_PREFIX",
+    "MAX_LEASE_MS",
     "RDZV_HELLO",
     "RDZV_PING_NONCE",
     "STOP_WAITING",
@@ -192,6 +193,10 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+#: Longest lease EXT_SET_LEASE accepts, milliseconds (one year): a key that should live
+#: longer is a plain SET. Clients refuse more before sending; the server replies an error.
+MAX_LEASE_MS = 365 * 24 * 3600 * 1000
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")

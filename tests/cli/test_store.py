@@ -107,3 +107,24 @@ def test_parse_endpoint(text: str, expected: tuple[str, int]) -> None:
 def test_parse_endpoint_errors(text: str) -> None:
     with pytest.raises(ValueError, match="endpoint"):
         parse_endpoint(text)
+
+
+def test_keys_that_are_not_utf8_or_not_printable(store: TCPStore) -> None:
+    """Keys another client wrote as raw bytes: listed keys can be checked, read and deleted,
+    and ``rdzv store keys`` escapes them instead of writing escape sequences to the terminal."""
+    from rdzv import wire
+    from tests.server.helpers import Raw
+
+    raw = Raw(store.port)
+    raw.send(wire.encode_set(b"/\x1b[31mred\xff", b"v"))
+    raw.ping()
+    raw.close()
+    (key,) = store.list_keys()
+    assert key == "\x1b[31mred\udcff"
+    assert store.check([key])
+    assert store.get(key) == b"v"
+    out = rdzv(store, "keys").stdout
+    assert out == "\\x1b[31mred\\xff\t1\n"
+    assert "\x1b" not in out
+    assert store.delete_key(key)
+    assert store.list_keys() == []

@@ -4,8 +4,10 @@ environment, restarts, failure summary, output handling, process-tree cleanup, e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -17,6 +19,7 @@ import pytest
 from rdzv import events
 from rdzv.launcher.agent import ElasticAgent, RunResult, WorkerState
 from rdzv.launcher.config import LaunchConfig, Std
+from rdzv.rendezvous.api import RendezvousInfo
 from tests.launcher.fakes import LocalHandler
 from tests.launcher.procs import alive_with_marker, wait_for
 
@@ -339,3 +342,78 @@ def test_nproc_workers_start(nproc: int) -> None:
     assert result.state is WorkerState.SUCCEEDED
     lines = sorted(console.out.decode().splitlines())
     assert lines == sorted(f"[{r}]: rank {r}" for r in range(nproc))
+
+
+class _NoStoreHandler(LocalHandler):
+    """A handler that offers no store for the workers: node 0's agent hosts one."""
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        info = super().next_rendezvous()
+        return RendezvousInfo(info.store, 0, 1, None)
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("config", "advertised", "warned"),
+    [
+        ({}, "127.0.0.1", False),  # one node: loopback only
+        ({"max_nodes": 2, "local_addr": "127.0.0.1"}, "127.0.0.1", True),
+        (
+            {"max_nodes": 2, "rdzv_backend": "static", "rdzv_endpoint": "127.0.0.1:0"},
+            "127.0.0.1",
+            True,
+        ),
+    ],
+)
+def test_the_agents_own_store_binds_only_the_advertised_address(
+    config: dict[str, Any],
+    advertised: str,
+    warned: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.delenv("RDZV_TOKEN", raising=False)
+    caplog.set_level(logging.WARNING, logger="rdzv.launcher.agent")
+    handler = _NoStoreHandler()
+    agent = ElasticAgent(LaunchConfig(nproc_per_node=1, **config), ["x"], handler)
+    try:
+        addr, port, _ = agent._workers_store(handler.next_rendezvous())
+        assert addr == advertised
+        assert _reachable("127.0.0.1", port)
+        assert not _reachable("127.0.0.2", port)  # not every interface, as torch's is
+        text = caplog.text
+        assert (
+            "the workers' store on 127.0.0.1:" in text and "is unauthenticated" in text
+        ) is warned
+        if warned:
+            assert "export RDZV_TOKEN=" in text
+    finally:
+        agent._cleanup()
+
+
+def test_the_agents_own_store_takes_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rdzv.errors import AuthError
+    from rdzv.store.tcp import TCPStore
+
+    token = "agent-store-token-0123456789abcdef"
+    monkeypatch.setenv("RDZV_TOKEN", token)
+    handler = _NoStoreHandler()
+    agent = ElasticAgent(
+        LaunchConfig(nproc_per_node=1, max_nodes=2, local_addr="127.0.0.1"), ["x"], handler
+    )
+    try:
+        _, port, _ = agent._workers_store(handler.next_rendezvous())
+        with TCPStore("127.0.0.1", port, token=token, timeout=5) as store:
+            store.set("k", b"v")
+        monkeypatch.delenv("RDZV_TOKEN")
+        with pytest.raises(AuthError, match="requires authentication"):
+            TCPStore("127.0.0.1", port, timeout=5)
+    finally:
+        agent._cleanup()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,13 @@ def test_worker_command() -> None:
     assert worker_command(_args("--no-python", "echo", "hi")) == ["echo", "hi"]
     with pytest.raises(ValueError, match="cannot be combined"):
         worker_command(_args("--no-python", "-m", "x"))
+
+
+def test_log_dir_that_is_a_file_names_the_flag(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match=r"--log-dir .* is a file, not a directory"):
+        build_config(_args("--log-dir", str(afile), "x.py"))
+    with pytest.raises(ValueError, match=r"is under .*afile', which is a file"):
+        build_config(_args("--log-dir", str(afile / "sub"), "x.py"))
+    assert build_config(_args("--log-dir", str(tmp_path / "new" / "dir"), "x.py")).log_dir

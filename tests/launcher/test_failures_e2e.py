@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from tests.launcher.cluster import agents_cleanup, finish, start_agent, store_server
 from tests.launcher.procs import wait_for
 from tests.launcher.test_run_e2e import _c10d
+from tests.launcher.test_status_e2e import _status
 
 #: Rank 3 (node 1, local rank 1) exits 3 once every rank is connected; the others block in
 #: a store wait that nobody will satisfy and report what the wait raised.
@@ -34,12 +36,21 @@ def test_every_node_names_the_root_cause_and_workers_stop_waiting(tmp_path: Path
     script = tmp_path / "blocked.py"
     script.write_text(BLOCKED)
     with store_server() as port:
-        args = [*_c10d(port, "attrib", "2", 2, "--max-restarts", "0"), str(script)]
+        args = [*_c10d(port, "watched", "2", 2, "--max-restarts", "0"), str(script)]
         a, b = start_agent(*args), start_agent(*args)
         with agents_cleanup(a, b):
             started = time.monotonic()
             (code_a, out_a, err_a), (code_b, out_b, err_b) = finish(a), finish(b)
+        # rdzv status shows the failures of the round (root cause first).
+        status = _status(port, "--json", "--sample", "0")
+        table = _status(port, "--sample", "0")
     assert time.monotonic() - started < 60
+    assert status.returncode == 0, status.stderr
+    failures = json.loads(status.stdout)["failures"]
+    assert (failures[0]["rank"], failures[0]["kind"], failures[0]["exit_code"]) == (3, "exit", 3)
+    assert len(failures) == 1  # the others' exits after PeerFailedError are no new cause
+    assert "failures in round 0 (first = root cause):" in table.stdout
+    assert "exit code 3" in table.stdout
     # Both agents exit with the root cause's exit code and name it, on their console and in
     # the summary.
     assert (code_a, code_b) == (3, 3), (err_a, err_b)
@@ -133,3 +144,23 @@ def test_the_rendezvous_store_dying_ends_every_agent_in_one_line(tmp_path: Path)
         assert code == 1, err
         assert err.count("has been unreachable for 2 s (its host is down or cut off)") == 1, err
         assert "cannot be used" not in err
+
+
+def test_exit_barrier_timeout_names_the_missing_node(tmp_path: Path) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text("import os, time\nif os.environ['RANK'] == '1':\n    time.sleep(6)\n")
+    with store_server() as port:
+        args = [
+            *_c10d(port, "exitb", "2", 1, "--exit-barrier-timeout", "2", "--node-timeout", "8"),
+            str(script),
+        ]
+        a, b = start_agent(*args), start_agent(*args)
+        with agents_cleanup(a, b):
+            (code_a, _, err_a), (code_b, _, err_b) = finish(a), finish(b)
+    assert (code_a, code_b) == (0, 0), (err_a, err_b)
+    warned = [(err, other) for err, other in ((err_a, b), (err_b, a)) if "exit barrier" in err]
+    assert len(warned) == 1, (err_a, err_b)
+    err, other = warned[0]
+    line = next(x for x in err.splitlines() if "did not reach the exit barrier" in x)
+    assert "1 node(s) did not reach the exit barrier within 2 s: node 1 (host " in line
+    assert f"pid {other.pid}, last heartbeat " in line and " s ago)" in line

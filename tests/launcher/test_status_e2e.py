@@ -45,9 +45,8 @@ def test_status_shows_members_and_waiting_spare(tmp_path: Path) -> None:
     script = write_worker(tmp_path)
     out = tmp_path / "out"
     with store_server() as port:
-        empty = _status(port, "--json", "--sample", "0")
-        assert empty.returncode == 0, empty.stderr
-        assert json.loads(empty.stdout)["round"] is None
+        empty = _status(port, "--json", "--sample", "0")  # the run has not started yet
+        assert empty.returncode == 1 and "no rendezvous with run id 'watched'" in empty.stderr
         args = [
             "--nnodes",
             "2",
@@ -106,3 +105,14 @@ def test_status_reports_an_unreachable_endpoint() -> None:
     proc = _status(port, "--timeout", "1")
     assert proc.returncode == 1
     assert f"127.0.0.1:{port}" in proc.stderr
+
+
+def test_status_of_an_unknown_run_id_fails_and_names_the_runs_there() -> None:
+    from rdzv.store.tcp import TCPStore
+
+    with store_server() as port, TCPStore("127.0.0.1", port, timeout=5) as store:
+        store.set("rdzv/other-job/round", b"1")
+        proc = _status(port, "--sample", "0")
+    assert proc.returncode == 1
+    assert "no rendezvous with run id 'watched'" in proc.stderr
+    assert "'other-job'" in proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import timedelta
@@ -465,3 +466,16 @@ def test_node_lost_event(backend: Backend) -> None:
     finally:
         remove()
     assert any("declared dead" in e.message for e in seen)
+
+
+def test_join_timeout_names_the_members_that_did_not_come_back(backend: Backend) -> None:
+    hs = handlers(backend, 2, 2, 2, join=1.0)
+    infos = join_all(hs)
+    away = next(h for h, i in zip(hs, infos, strict=True) if i.rank == 1)
+    back = next(h for h in hs if h is not away)
+    # `away` stays alive (its keep-alive beats) but never joins round 1.
+    _, exc = Join(back).outcome()
+    assert isinstance(exc, RendezvousTimeoutError)
+    text = str(exc)
+    assert "Still waiting for 1 member(s) of round 0 to come back or be declared dead" in text
+    assert f"pid {os.getpid()}" in text and "last heartbeat " in text

@@ -14,7 +14,7 @@ import pytest
 
 import rdzv
 from rdzv import FileStore, HashStore, Store, TCPStore
-from rdzv.errors import RendezvousError
+from rdzv.errors import RendezvousError, StoreError
 from rdzv.rendezvous import url as url_mod
 from rdzv.rendezvous.url import (
     DEFAULT_PG_TIMEOUT,
@@ -151,25 +151,22 @@ def test_url_without_arguments_is_passed_unchanged(recorder: Recorder) -> None:
     assert kwargs == {"timeout": DEFAULT_PG_TIMEOUT}
 
 
-def test_conflicting_rank_is_a_value_error(recorder: Recorder) -> None:
-    with pytest.raises(ValueError, match=r"conflicting rank.*rank=1 but the rank argument is 0"):
-        rendezvous("rec://h?rank=1&world_size=2", rank=0)
-    with pytest.raises(ValueError, match=r"conflicting world_size.*world_size=2.*is 3"):
-        rendezvous("rec://h?rank=1&world_size=2", world_size=3)
+def test_node_arguments_in_url_and_as_arguments_raise_as_torch(recorder: Recorder) -> None:
+    # torch's rule: arguments may not be combined with a query that has rank or world_size.
+    cases = [
+        ("rec://h?rank=1&world_size=2", {"rank": 0}),
+        ("rec://h?rank=1&world_size=2", {"world_size": 3}),
+        ("rec://h?rank=1&world_size=2", {"rank": 1, "world_size": 2}),  # even if equal
+        ("rec://h?world_size=3", {"rank": 2}),
+    ]
+    for url, kwargs in cases:
+        with pytest.raises(
+            AssertionError, match=r"has node-specific arguments\(rank, world_size\)"
+        ):
+            rendezvous(url, **kwargs)
+        with pytest.raises(ValueError, match=r"^The url: rec://h\?"):
+            rendezvous(url, **kwargs)
     assert recorder.calls == []
-
-
-def test_same_value_in_url_and_argument_is_fine(recorder: Recorder) -> None:
-    _, rank, world_size = next(rendezvous("rec://h?rank=1&world_size=2", rank=1, world_size=2))
-    assert (rank, world_size) == (1, 2)
-    _, rank, _ = next(rendezvous("rec://h?rank=01&world_size=2", rank=1))
-    assert rank == 1
-
-
-def test_one_in_url_other_as_argument(recorder: Recorder) -> None:
-    # torch refuses this (AssertionError); the two do not conflict.
-    _, rank, world_size = next(rendezvous("rec://h?world_size=3", rank=2))
-    assert (rank, world_size) == (2, 3)
 
 
 # --------------------------------------------------------------------------- registration
@@ -223,6 +220,10 @@ def test_builtin_scheme_cannot_be_replaced() -> None:
         ("tcp://127.0.0.1:1?rank=-1&world_size=2", r"rank must be in"),
         ("tcp://127.0.0.1:1?rank=0&world_size=0", r"world_size must be >= 1, got 0"),
         ("tcp://::1:29500?rank=0&world_size=1", r"IPv6 addresses must be in brackets"),
+        (
+            "tcp://[::1?rank=0&world_size=1",
+            r"malformed rendezvous URL .* an IPv6 address goes in brackets, closed before",
+        ),
         ("tcp://127.0.0.1:0?rank=1&world_size=2", r"port 0 .* cannot be reached by rank 1"),
         ("tcp://127.0.0.1:1?rank&world_size=1", r"parameter 'rank' has no value"),
     ],
@@ -273,10 +274,10 @@ def test_env_empty_variable_counts_as_missing(monkeypatch: pytest.MonkeyPatch) -
 def test_env_query_and_arguments_replace_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "1")
-    # rank from the query, world_size from the argument: RANK/WORLD_SIZE are not needed,
-    # and rank 3 of 2 shows that those values (not the absent variables) were checked.
+    # rank and world_size from the query: RANK/WORLD_SIZE are not needed, and rank 3 of 2
+    # shows that those values (not the absent variables) were checked.
     with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\) = \[0, 2\), got 3"):
-        rendezvous("env://?rank=3", world_size=2)
+        rendezvous("env://?rank=3&world_size=2")
 
 
 @pytest.mark.parametrize(
@@ -398,7 +399,7 @@ def _check_job(results: list[dict[str, Any]], world_size: int, store: str) -> No
 
 def test_file_rendezvous_across_processes(tmp_path: Path) -> None:
     url = f"file://{tmp_path}/shared?world_size=3"
-    _check_job(_run_job([(url, rank, -1) for rank in range(3)]), 3, "FileStore")
+    _check_job(_run_job([(f"{url}&rank={rank}", -1, -1) for rank in range(3)]), 3, "FileStore")
 
 
 # --------------------------------------------------------------------------- tcp:// and env://
@@ -421,7 +422,7 @@ def test_tcp_rendezvous_across_processes(host: str) -> None:
     bare = host.strip("[]")
     with reserved_port(bare) as port:
         url = f"tcp://{host}:{port}?world_size=3&use_libuv=0"
-        results = _run_job([(url, rank, -1) for rank in range(3)])
+        results = _run_job([(f"{url}&rank={rank}", -1, -1) for rank in range(3)])
     _check_job(results, 3, "TCPStore")
 
 
@@ -467,3 +468,9 @@ def test_without_agent_store_rank_0_binds(flag: str) -> None:
     )
     assert out.returncode != 0
     assert "NetworkError" in out.stderr and str(agent.port) in out.stderr
+
+
+def test_file_on_a_file_system_that_refuses_new_files() -> None:
+    with pytest.raises(StoreError, match="does not let files be created there") as info:
+        next(rendezvous("file:///proc/rdzv-test?rank=0&world_size=1"))
+    assert "removed while" not in str(info.value)

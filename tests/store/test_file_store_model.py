@@ -24,6 +24,7 @@ class FileStoreVsModel(HashStoreVsModel):
         self.path = self.dir / "store"
         self.handles = [FileStore(self.path, timeout=0) for _ in range(3)]
         self.store = self.handles[0]
+        self.internal_keys = 1  # refcount/
 
     @rule(which=st.integers(min_value=0, max_value=2))
     def switch_handle(self, which: int) -> None:
@@ -32,6 +33,7 @@ class FileStoreVsModel(HashStoreVsModel):
     @rule(which=st.integers(min_value=0, max_value=2))
     def reopen_handle(self, which: int) -> None:
         self.handles[which].close()
+        self.internal_keys = 2  # refcount/ and, after a close, cleanup/
         self.handles[which] = FileStore(self.path, timeout=0)
         self.store = self.handles[which]
 

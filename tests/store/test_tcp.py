@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import socket
 import threading
 import time
@@ -87,12 +88,12 @@ def test_world_size_counting_and_wait_for_workers() -> None:
     thread.join(15)
     master = box["master"]
     assert raw_get(port, b"init/") == b"3"
-    # init/ is internal: hidden by list_keys and (unlike torch) not counted by num_keys.
-    assert master.num_keys() == 0
+    # init/ is internal: hidden by list_keys, counted by num_keys (as torch counts).
+    assert master.num_keys() == 1
     assert master.list_keys() == []
     workers[0].set("a", b"1")
     assert workers[0].get("a") == b"1"  # round trip: the set has run
-    assert workers[1].num_keys() == 1
+    assert workers[1].num_keys() == 2
     master.close()
 
 
@@ -335,6 +336,14 @@ def test_lease_expires(master: TCPStore) -> None:
     eventually(lambda: not master.check(["lease"]), what="lease expired")
     master.set_lease("kept", b"1", timedelta(seconds=60))
     assert master.get("kept") == b"1"
+
+
+@pytest.mark.parametrize("ttl", [1e300, math.inf, 366 * 86400, 0, -1.0])
+def test_lease_ttl_out_of_range_is_a_value_error(master: TCPStore, ttl: float) -> None:
+    with pytest.raises(ValueError, match="ttl must be"):
+        master.set_lease("lease", b"1", ttl)
+    master.set("after", b"ok")  # the connection is still usable
+    assert master.get("after") == b"ok"
 
 
 def test_list_key_sizes(master: TCPStore) -> None:

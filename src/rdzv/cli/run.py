@@ -228,6 +228,23 @@ def worker_command(args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-u", target, *rest]
 
 
+def _log_dir(path: str | None) -> str | None:
+    """``--log-dir``, refused (ValueError naming the flag) when it exists and is not a
+    directory, or lies under a file: the workers' logs could not be written there."""
+    if path is None:
+        return None
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is" if probe == os.path.abspath(path) else f"is under {probe!r}, which is"
+        raise ValueError(
+            f"--log-dir {path!r} {where} a file, not a directory; give a directory for the "
+            "worker logs (created if missing)"
+        )
+    return path
+
+
 def build_config(args: argparse.Namespace) -> Any:
     """The :class:`~rdzv.launcher.config.LaunchConfig` for parsed ``rdzv run`` arguments.
 
@@ -298,7 +315,7 @@ def build_config(args: argparse.Namespace) -> Any:
         hang_timeout=None if args.hang_timeout is None else float(args.hang_timeout),
         shutdown_timeout=float(args.shutdown_timeout),
         exit_barrier_timeout=float(args.exit_barrier_timeout),
-        log_dir=args.log_dir,
+        log_dir=_log_dir(args.log_dir),
         redirects=parse_std(str(args.redirects), "--redirects"),
         tee=parse_std(str(args.tee), "--tee"),
         local_ranks_filter=ranks_filter,

@@ -54,6 +54,18 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_status)
 
 
+def _unknown_run(store: Any, run_id: str) -> str:
+    """Why ``run_id`` shows nothing: no key of it in the store; names the runs there."""
+    runs = sorted({k.split("/")[1] for k, _ in store.list_key_sizes("rdzv/") if k.count("/") >= 2})
+    known = ", ".join(repr(r) for r in runs[:20]) + (" ..." if len(runs) > 20 else "")
+    return (
+        f"no rendezvous with run id {run_id!r} in this store"
+        + (f" (run ids here: {known})" if runs else " (it holds no rendezvous)")
+        + "; check --run-id (the --rdzv-id of rdzv run) and the endpoint, or use --watch to "
+        "wait for it to start"
+    )
+
+
 def _status(args: argparse.Namespace) -> int:
     from rdzv.errors import RdzvError
     from rdzv.launcher.status import (
@@ -78,6 +90,12 @@ def _status(args: argparse.Namespace) -> int:
         store = TCPStore(host, port, is_master=False, timeout=args.timeout)
         while True:
             status = read_status(store, args.run_id, endpoint)
+            unknown = not (status.closed or status.open_round or status.waiting)
+            if unknown and not args.watch:
+                print(
+                    f"rdzv status: {endpoint}: {_unknown_run(store, args.run_id)}", file=sys.stderr
+                )
+                return 1
             if args.web:
                 print(render_web(status), flush=True)
                 return 0 if any(s.web for s in status.members) else 1

@@ -41,6 +41,15 @@ def _value_text(value: bytes) -> str:
         return repr(value)
 
 
+def _printable(key: str) -> str:
+    """``key`` safe for a terminal: bytes that are not UTF-8 as ``\\xNN`` and every
+    non-printable character (escape sequences, tabs, newlines) as a Python escape."""
+    text = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     from rdzv.store.tcp import TCPStore
 
@@ -79,7 +88,7 @@ def _execute(store: Any, args: argparse.Namespace) -> dict[str, Any]:
         return {"key": args.key, "deleted": deleted, "text": "deleted" if deleted else "absent"}
     if action == "keys":
         entries = sorted(store.list_key_sizes(args.prefix))
-        lines = [f"{key}\t{size}" for key, size in entries]
+        lines = [f"{_printable(key)}\t{size}" for key, size in entries]
         listed = [{"key": key, "size": size} for key, size in entries]
         return {"keys": listed, "text": "\n".join(lines) if lines else None}
     if action == "num-keys":

@@ -43,7 +43,9 @@ __all__ = [
     "NodeState",
     "RdzvEvent",
     "add_callback",
+    "construct_and_record_rdzv_event",
     "get_destinations",
+    "get_logging_handler",
     "is_enabled",
     "make_handler",
     "record",
@@ -339,6 +341,89 @@ def record_rdzv_event_fields(
         timestamp=_now_ms(),
     )
     _dispatch(event, handlers)
+
+
+class _DestinationsHandler(logging.Handler):
+    """A logging handler that forwards records (their message, as an :class:`Event` named
+    by the logger) to the active destinations and callbacks."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = Event(name=record.name, source=EventSource.AGENT, metadata={})
+        event.metadata["message"] = record.getMessage()
+        _dispatch(event, _registry.active)
+
+
+_console_log_handler = logging.StreamHandler()
+_null_log_handler = logging.NullHandler()
+_destinations_log_handler = _DestinationsHandler()
+
+
+def get_logging_handler(destination: str = "null") -> logging.Handler:
+    """torch's ``get_logging_handler``: the :class:`logging.Handler` of ``destination``.
+
+    ``"null"``: a :class:`logging.NullHandler`; ``"console"``: a
+    :class:`logging.StreamHandler` (stderr); ``"dynamic_rendezvous"`` (the one torch's
+    rendezvous consults): a handler forwarding to rdzv's active destinations and callbacks
+    while any listens, else a NullHandler (nothing listens: recording is skipped, as in
+    torch). Raises KeyError for another name, as torch does.
+    """
+    if destination == "dynamic_rendezvous":
+        return _destinations_log_handler if _registry.active else _null_log_handler
+    handlers: dict[str, logging.Handler] = {
+        "console": _console_log_handler,
+        "null": _null_log_handler,
+    }
+    return handlers[destination]
+
+
+def _get_or_create_logger(destination: str = "null") -> logging.Logger:
+    """torch's helper: the logger ``rdzv.events.{destination}``, whose only handler is
+    :func:`get_logging_handler` of ``destination`` (not propagated)."""
+    logger = logging.getLogger(f"rdzv.events.{destination}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.handlers = [get_logging_handler(destination)]
+    return logger
+
+
+def construct_and_record_rdzv_event(
+    run_id: str,
+    message: str,
+    node_state: NodeState,
+    name: str = "",
+    hostname: str = "",
+    pid: int | None = None,
+    master_endpoint: str = "",
+    local_id: int | None = None,
+    rank: int | None = None,
+) -> None:
+    """Build a :class:`RdzvEvent` and record it with :func:`record_rdzv_event`; same
+    signature and behaviour as torch's function of the same name.
+
+    Does nothing when ``get_logging_handler("dynamic_rendezvous")`` is a NullHandler (no
+    destination or callback listens). ``hostname`` defaults to this host's FQDN, ``pid``
+    to this process id, ``name`` to the calling function's name; the event's name is
+    ``"{caller's file name}:{name}"`` as torch writes it. For ``NodeState.FAILED`` the
+    traceback of the exception being handled becomes ``error_trace``.
+    """
+    if isinstance(get_logging_handler("dynamic_rendezvous"), logging.NullHandler):
+        return
+    caller = sys._getframe(1)
+    filename = os.path.basename(caller.f_code.co_filename)
+    event = RdzvEvent(
+        name=f"{filename}:{name or caller.f_code.co_name}",
+        run_id=run_id,
+        message=message,
+        hostname=hostname or _host(),
+        pid=pid or os.getpid(),
+        node_state=node_state,
+        master_endpoint=master_endpoint,
+        rank=rank,
+        local_id=local_id,
+        error_trace=traceback.format_exc() if node_state == NodeState.FAILED else "",
+    )
+    del caller
+    record_rdzv_event(event)
 
 
 def _configure_from_env() -> None:

@@ -49,7 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from rdzv import events
+from rdzv import auth, events
 from rdzv.errors import (
     RdzvError,
     RendezvousClosedError,
@@ -78,6 +78,7 @@ from rdzv.launcher.watchdog import Watchdog
 from rdzv.launcher.worker import ATTEMPT_ID_ENV, client_security
 from rdzv.launcher.workers import Worker, WorkerProcesses
 from rdzv.rendezvous.api import RendezvousHandler, RendezvousInfo
+from rdzv.server import format_endpoint
 from rdzv.stats import AgentStats
 from rdzv.store.base import Store
 
@@ -342,7 +343,7 @@ class ElasticAgent:
             if self._peers is not None and not self._peers.exit_barrier(
                 self.config.exit_barrier_timeout
             ):
-                _log.warning("not every node reached the exit barrier; exiting anyway")
+                self._report_exit_barrier(self._peers.missing)
             return RunResult(WorkerState.SUCCEEDED, 0, self.restart_count)
 
     # ------------------------------------------------------------ rendezvous
@@ -416,23 +417,41 @@ class ElasticAgent:
             return boot.master_addr, boot.master_port, self.handler.use_agent_store
         if self._hosted_store is not None:
             return self._hosted_addr or "127.0.0.1", _store_port(self._hosted_store), True
+        addr = self._own_store_addr()
         if self._own_server is None:
             from rdzv.store.tcp import TCPStore
 
-            # Listen where we advertise when told (--local-addr), else on every interface
-            # like torch's agent store; port 0 is bound once and kept (no free-port race).
+            # Listen only where the other nodes are told to connect (torch's agent store
+            # listens on every interface); port 0 is bound once and kept (no free-port race).
+            # The server's limits are rdzv serve's defaults; its token is $RDZV_TOKEN.
             self._own_server = TCPStore(
-                self.config.local_addr or "",
-                0,
-                is_master=True,
-                wait_for_workers=False,
-                multi_tenant=True,
+                addr, 0, is_master=True, wait_for_workers=False, multi_tenant=True
             )
-        addr = self.config.local_addr or socket.getfqdn()
+            if self.config.max_nodes > 1 and auth.load_token() is None:
+                endpoint = format_endpoint(addr, _store_port(self._own_server))
+                _log.warning("%s", auth.unauthenticated_warning("the workers' store", endpoint))
         return addr, _store_port(self._own_server), True
 
+    def _own_store_addr(self) -> str:
+        """Where the store this agent hosts for the workers listens, which is also the
+        address the other nodes are given: loopback for a one-node job, else --local-addr,
+        else the static backend's --master-addr (node 0's address by definition), else
+        this host's name."""
+        cfg = self.config
+        if cfg.max_nodes == 1 and not cfg.local_addr:
+            return "127.0.0.1"
+        if cfg.local_addr:
+            return cfg.local_addr
+        if cfg.rdzv_backend == "static" and cfg.rdzv_endpoint:
+            from rdzv.rendezvous.utils import parse_rendezvous_endpoint
+
+            host, _ = parse_rendezvous_endpoint(cfg.rdzv_endpoint, 29500)
+            if host:
+                return host
+        return socket.getfqdn()
+
     def _assign(self, info: RendezvousInfo) -> Assignment:
-        me = NodeInfo(self.config.role, self.config.nproc_per_node, self._host)
+        me = NodeInfo(self.config.role, self.config.nproc_per_node, self._host, os.getpid())
         master = self._workers_store(info) if info.rank == 0 else None
         timeout = self.config.node_timeout or 300.0
         try:
@@ -483,7 +502,13 @@ class ElasticAgent:
                 self._own_log_root = True
             else:
                 base = Path(cfg.log_dir)
-                base.mkdir(parents=True, exist_ok=True)
+                try:
+                    base.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError) as exc:
+                    raise ValueError(
+                        f"log_dir {cfg.log_dir!r}: {exc.strerror} ({exc.filename}); the worker "
+                        "logs need a directory (created if missing)"
+                    ) from None
                 self._log_root = Path(tempfile.mkdtemp(prefix=f"{cfg.run_id}_", dir=base))
             _log.info("worker logs and error files under %s", self._log_root)
         return self._log_root
@@ -803,6 +828,43 @@ class ElasticAgent:
             stacks_file=str(path) if path is not None else None,
             message=text.strip() or None,
         )
+
+    def _report_exit_barrier(self, missing: list[tuple[int, float | None]]) -> None:
+        """Warn (and record ``rdzv.timeout.exit_barrier``) naming the nodes that did not reach
+        the exit barrier: host, agent pid, last heartbeat."""
+        if not missing:
+            _log.warning("the exit barrier was abandoned (a node was lost or restarted)")
+            return
+        assignment = self._assignment
+        parts = []
+        for node, age in missing:
+            host = assignment.hosts[node] if assignment else "?"
+            pid = assignment.pids[node] if assignment and node < len(assignment.pids) else None
+            beat = (
+                f"not seen moving in the {self.config.exit_barrier_timeout:g} s waited"
+                if age is None
+                else f"{age:.1f} s ago"
+            )
+            parts.append(f"node {node} (host {host}, pid {pid}, last heartbeat {beat})")
+        text = (
+            f"{len(missing)} node(s) did not reach the exit barrier within "
+            f"{self.config.exit_barrier_timeout:g} s: {'; '.join(parts)}; exiting anyway"
+        )
+        _log.warning("%s", text)
+        if events.is_enabled():
+            events.record(
+                events.Event(
+                    name="rdzv.timeout.exit_barrier",
+                    source=events.EventSource.AGENT,
+                    metadata={
+                        "run_id": self.handler.get_run_id(),
+                        "group_rank": assignment.group_rank if assignment else None,
+                        "hostname": self._host,
+                        "missing": json.dumps([node for node, _ in missing]),
+                        "raw_error": text,
+                    },
+                )
+            )
 
     def _declare_lost(self, node: int) -> None:
         """One verdict for launcher and rendezvous: tell the handler that ``node`` is lost, so

@@ -40,15 +40,24 @@ class NodeInfo:
     role: str
     nproc: int
     host: str
+    #: The agent's process id (for messages naming a missing node); None if not told.
+    pid: int | None = None
 
     def encode(self) -> bytes:
-        return json.dumps({"role": self.role, "nproc": self.nproc, "host": self.host}).encode()
+        doc = {"role": self.role, "nproc": self.nproc, "host": self.host, "pid": self.pid}
+        return json.dumps(doc).encode()
 
     @staticmethod
     def decode(raw: bytes, group_rank: int) -> NodeInfo:
         try:
             data = json.loads(raw)
-            info = NodeInfo(str(data["role"]), int(data["nproc"]), str(data["host"]))
+            pid = data.get("pid")
+            info = NodeInfo(
+                str(data["role"]),
+                int(data["nproc"]),
+                str(data["host"]),
+                pid if isinstance(pid, int) else None,
+            )
         except (ValueError, KeyError, TypeError):
             raise RendezvousStateError(
                 f"the node info of group rank {group_rank} in the round's store is corrupt: "
@@ -80,6 +89,7 @@ class Assignment:
     attempt_id: str
     namespace: str
     hosts: tuple[str, ...]
+    pids: tuple[int | None, ...] = ()
 
 
 def status_url_key(namespace: str, group_rank: int) -> str:
@@ -152,4 +162,5 @@ def exchange(
         attempt_id=attempt_id,
         namespace=namespace,
         hosts=tuple(n.host for n in nodes),
+        pids=tuple(n.pid for n in nodes),
     )

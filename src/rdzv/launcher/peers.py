@@ -80,6 +80,9 @@ class PeerMonitor:
         self._next_beat = now
         self._store_failing_since: float | None = None
         self.last_error: BaseException | None = None
+        #: After a timed-out :meth:`exit_barrier`: (node, seconds since its last heartbeat
+        #: or None) of every node that never arrived.
+        self.missing: list[tuple[int, float | None]] = []
         #: Beats sent (for metrics).
         self.beats = 0
 
@@ -151,6 +154,33 @@ class PeerMonitor:
             with contextlib.suppress(Exception):
                 close()
 
+    def _sample_missing(self, arrived: set[int], beats: dict[int, tuple[int, float]]) -> None:
+        """Note which nodes arrived at the exit barrier, and when the others' heartbeat
+        counters last moved (one check and one read per node not yet arrived)."""
+        now = time.monotonic()
+        for node in range(self._nodes):
+            if node in arrived:
+                continue
+            if self._store.check([f"{self._ns}/exit/node/{node}"]):
+                arrived.add(node)
+                continue
+            count = self._store.add(f"{self._ns}/hb/{node}", 0)
+            seen = beats.get(node)
+            if seen is None or seen[0] != count:
+                beats[node] = (count, now if seen is not None else float("nan"))
+
+    def _still_missing(
+        self, arrived: set[int], beats: dict[int, tuple[int, float]]
+    ) -> list[tuple[int, float | None]]:
+        self._sample_missing(arrived, beats)
+        now = time.monotonic()
+        out: list[tuple[int, float | None]] = []
+        for node in range(self._nodes):
+            if node not in arrived:
+                moved = beats.get(node, (0, float("nan")))[1]
+                out.append((node, None if moved != moved else now - moved))
+        return out
+
     def request_restart(self) -> None:
         """Ask every agent of this generation to re-rendezvous (best effort)."""
         if not self.active:
@@ -165,24 +195,33 @@ class PeerMonitor:
 
         Returns True when all arrived; False if ``timeout`` seconds passed, the watched peer
         was lost or a restart was requested (a peer will not come), or the store failed.
+        After a timeout, :attr:`missing` lists the nodes that never arrived with the seconds
+        since their heartbeat counter last moved (as seen here while waiting; None if it
+        never moved meanwhile).
         """
+        self.missing = []
         if not self.active:
             return True
         deadline = time.monotonic() + timeout
         done_key = f"{self._ns}/exit/done"
+        arrived = {self._rank}
+        beats: dict[int, tuple[int, float]] = {}
         try:
+            self._store.set(f"{self._ns}/exit/node/{self._rank}", "1")
             if self._store.add(f"{self._ns}/exit/count", 1) >= self._nodes:
                 self._store.set(done_key, "1")
                 return True
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    self.missing = self._still_missing(arrived, beats)
                     return False
                 try:
                     self._store.wait([done_key], min(remaining, self._interval))
                     return True
                 except StoreTimeoutError:
                     pass
+                self._sample_missing(arrived, beats)
                 event = self.beat()
                 if event is not PeerEvent.NONE:
                     _log.warning("exit barrier abandoned: %s", event.value)

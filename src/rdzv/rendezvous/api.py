@@ -30,6 +30,7 @@ from rdzv.errors import (
 from rdzv.store.base import Store
 
 __all__ = [
+    "RendezvousBackend",
     "RendezvousClosedError",
     "RendezvousConnectionError",
     "RendezvousError",
@@ -42,6 +43,7 @@ __all__ = [
     "RendezvousStateError",
     "RendezvousStoreInfo",
     "RendezvousTimeoutError",
+    "Token",
     "check_node_bounds",
     "rendezvous_handler_registry",
 ]
@@ -193,6 +195,50 @@ class RendezvousHandler(ABC):
         return False
 
 
+#: A backend's fencing token: opaque to the handler, handed back to ``set_state``.
+Token = Any
+
+
+class RendezvousBackend(ABC):
+    """A store of one opaque rendezvous state with a fencing token (torch's
+    ``RendezvousBackend``, from ``dynamic_rendezvous``).
+
+    Backends written for torch (a single compare-and-set blob: etcd, Kubernetes objects, a
+    database row, ...) plug into :meth:`DynamicRendezvousHandler.from_backend
+    <rdzv.rendezvous.dynamic.DynamicRendezvousHandler.from_backend>`, which runs torch's
+    state-blob rendezvous on them (:mod:`rdzv.rendezvous.backend_state`). The handler writes
+    its state as JSON; it refuses (never unpickles) a pickled state written by torch.
+    """
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The backend's name (what the handler's ``get_backend()`` reports)."""
+
+    @abstractmethod
+    def get_state(self) -> tuple[bytes, Token] | None:
+        """The stored state and its fencing token, or None if there is no state yet.
+
+        Raises RendezvousConnectionError if the backend cannot be reached,
+        RendezvousStateError if what it holds is corrupt.
+        """
+
+    @abstractmethod
+    def set_state(
+        self, state: bytes, token: Token | None = None
+    ) -> tuple[bytes, Token, bool] | None:
+        """Set the state conditionally and return ``(state, token, has_set)``.
+
+        * ``token`` is the current fencing token: ``state`` is stored; the new state, its
+          new token and True are returned;
+        * ``token`` is stale or invalid: nothing changes; the stored state, its token and
+          False are returned;
+        * ``token`` is None: ``state`` is stored only if the backend holds no state yet.
+
+        Returns None if the backend holds no state afterwards. Raises as :meth:`get_state`.
+        """
+
+
 class RendezvousParameters:
     """What a launcher knows about the rendezvous it wants (torch's RendezvousParameters).
 
@@ -318,15 +364,19 @@ class RendezvousHandlerRegistry:
     def create_handler(self, params: RendezvousParameters) -> RendezvousHandler:
         """Create the handler for ``params.backend``.
 
-        Raises ValueError naming the known backends if it is not registered, RuntimeError if
-        the created handler reports another backend name.
+        Raises ValueError if it is not registered (torch's message, exactly; the known
+        backends are in a note of the exception, shown in its traceback), RuntimeError if the
+        created handler reports another backend name.
         """
         creator = self._registry.get(params.backend)
         if creator is None:
-            raise ValueError(
+            error = ValueError(
                 f"The rendezvous backend '{params.backend}' is not registered. Did you forget "
-                f"to call `register`? Known backends: {', '.join(self.backends()) or 'none'}."
+                "to call `register`?"
             )
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"Known backends: {', '.join(self.backends()) or 'none'}.")
+            raise error
         handler = creator(params)
         if handler.get_backend() != params.backend:
             raise RuntimeError(

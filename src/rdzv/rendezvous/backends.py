@@ -14,27 +14,41 @@ handler is created; :func:`register_builtin_backends` registers the creators on 
 
 from __future__ import annotations
 
+import binascii
 import importlib
 import logging
 import os
 import tempfile
+from base64 import b64decode, b64encode
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from rdzv.errors import RendezvousConnectionError, RendezvousError
+from rdzv.errors import (
+    RdzvError,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousStateError,
+)
 from rdzv.events import NodeState, record_rdzv_event_fields
 from rdzv.rendezvous.api import (
+    RendezvousBackend,
     RendezvousHandler,
     RendezvousHandlerRegistry,
     RendezvousParameters,
+    Token,
 )
 from rdzv.rendezvous.dynamic import DynamicRendezvousHandler, create_handler
 from rdzv.store.base import Store
+from rdzv.store.file import FileStore
+from rdzv.store.tcp import TCPStore
 
 __all__ = [
     "C10D_DEFAULT_PORT",
+    "DEFAULT_PORT",
     "DEFAULT_READ_TIMEOUT",
+    "C10dRendezvousBackend",
+    "create_backend",
     "create_c10d_handler",
     "create_c10d_store",
     "register_builtin_backends",
@@ -42,8 +56,10 @@ __all__ = [
 
 logger = logging.getLogger("rdzv.rendezvous.backends")
 
-#: The default port of the c10d rendezvous endpoint (torch's ``DEFAULT_PORT``).
-C10D_DEFAULT_PORT = 29400
+#: The default port of the c10d rendezvous endpoint (torch's ``DEFAULT_PORT``; read at
+#: each call, so patching it works as with torch).
+DEFAULT_PORT = 29400
+C10D_DEFAULT_PORT = DEFAULT_PORT
 #: The default timeout of store operations of the c10d backend, in seconds.
 DEFAULT_READ_TIMEOUT = 60
 
@@ -87,9 +103,8 @@ def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple
         matches_machine_hostname,
         parse_rendezvous_endpoint,
     )
-    from rdzv.store.tcp import TCPStore
 
-    host, port = parse_rendezvous_endpoint(params.endpoint, default_port=C10D_DEFAULT_PORT)
+    host, port = parse_rendezvous_endpoint(params.endpoint, default_port=DEFAULT_PORT)
     security = _security_options(params)
     explicit = params.get_as_bool("is_host")
     if "tls" in security:
@@ -126,9 +141,7 @@ def _tcp_store(params: RendezvousParameters, timeout: int) -> tuple[Store, tuple
     return client, (host, client.port)
 
 
-def _file_store(params: RendezvousParameters, timeout: int) -> Store:
-    from rdzv.store.file import FileStore
-
+def _file_store(params: RendezvousParameters) -> Store:
     path = params.endpoint.strip()
     if not path:
         try:
@@ -139,7 +152,7 @@ def _file_store(params: RendezvousParameters, timeout: int) -> Store:
             ) from exc
         os.close(fd)
     try:
-        return FileStore(path, timeout=timedelta(seconds=timeout))
+        return FileStore(path)  # torch's default timeout (300 s), not the read timeout
     except (OSError, RuntimeError, ValueError) as exc:
         raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
 
@@ -148,7 +161,8 @@ def create_c10d_store(params: RendezvousParameters) -> tuple[Store, tuple[str, i
     """The store of a ``c10d`` rendezvous and the endpoint to publish as MASTER_ADDR/PORT.
 
     Config: ``store_type`` (``tcp`` default | ``file``, case-insensitive), ``read_timeout``
-    (seconds, default 60, > 0), ``is_host`` (bool; default: whether the endpoint's host is
+    (seconds, default 60, > 0; the TCPStore's timeout: a FileStore keeps the default 300 s,
+    as in torch), ``is_host`` (bool; default: whether the endpoint's host is
     this machine, and then fall back to a client if the port is served already).
     Security (rdzv only, ``docs/security.md``): ``token_file`` (shared secret; else
     ``$RDZV_TOKEN``; the hosting agent's server requires it too), ``tls_ca``, ``tls_cert``,
@@ -163,8 +177,92 @@ def create_c10d_store(params: RendezvousParameters) -> tuple[Store, tuple[str, i
     if store_type == "tcp":
         return _tcp_store(params, timeout)
     if store_type == "file":
-        return _file_store(params, timeout), None
+        return _file_store(params), None
     raise ValueError("Invalid store type given. Currently only supports file and tcp.")
+
+
+class C10dRendezvousBackend(RendezvousBackend):
+    """torch's ``C10dRendezvousBackend``: the rendezvous state, base64-encoded, in one key
+    (``torch.rendezvous.{run_id}``) of ``store``, set with compare_set; the fencing token is
+    the stored base64 value. Same key, encoding and empty-state sentinel as torch's, so its
+    state is interchangeable with torch's backend at the byte level (the handler refuses a
+    pickled state; see :mod:`rdzv.rendezvous.backend_state`).
+
+    Args:
+        store: any rdzv Store (a Python subclass overriding the public methods included).
+        run_id: the run id (non-empty; ValueError otherwise).
+
+    Store failures raise RendezvousConnectionError("The connection to the C10d store has
+    failed. See inner exception for details."); a value that is not base64 raises
+    RendezvousStateError("The state object is corrupt. See inner exception for details.").
+    """
+
+    # What the key holds while there is no state (a get on a missing key would block).
+    _NULL_SENTINEL = b"Y2FuaW1hZGFt"
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        if not run_id:
+            raise ValueError("The run id must be a non-empty string.")
+        self._store = store
+        self._key = "torch.rendezvous." + run_id
+        self._call_store(lambda: store.compare_set(self._key, b"", self._NULL_SENTINEL))
+
+    @property
+    def name(self) -> str:
+        """``"c10d"``."""
+        return "c10d"
+
+    def get_state(self) -> tuple[bytes, Token] | None:
+        """See :class:`~rdzv.rendezvous.api.RendezvousBackend`."""
+        return self._decode_state(self._call_store(lambda: self._store.get(self._key)))
+
+    def set_state(
+        self, state: bytes, token: Token | None = None
+    ) -> tuple[bytes, Token, bool] | None:
+        """See :class:`~rdzv.rendezvous.api.RendezvousBackend`. Whether the write won is
+        decided by comparing the stored state with ``state`` (compare_set does not say)."""
+        encoded = b64encode(state)
+        if token:
+            if not isinstance(token, bytes):  # not one of ours: cannot be current
+                current = self.get_state()
+                return None if current is None else (current[0], current[1], False)
+            expected = token
+        else:
+            expected = self._NULL_SENTINEL
+        raw = self._call_store(lambda: self._store.compare_set(self._key, expected, encoded))
+        pair = self._decode_state(raw)
+        if pair is None:
+            return None
+        return pair[0], pair[1], pair[0] == state
+
+    def _call_store(self, op: Callable[[], bytes]) -> bytes:
+        try:
+            return op()
+        except (RdzvError, OSError, RuntimeError, ValueError) as exc:
+            raise RendezvousConnectionError(_CONNECTION_FAILED) from exc
+
+    def _decode_state(self, raw: bytes) -> tuple[bytes, Token] | None:
+        if raw == self._NULL_SENTINEL:
+            return None
+        try:
+            state = b64decode(raw, validate=True)
+        except binascii.Error as exc:
+            raise RendezvousStateError(
+                "The state object is corrupt. See inner exception for details."
+            ) from exc
+        return state, raw
+
+
+def create_backend(params: RendezvousParameters) -> tuple[C10dRendezvousBackend, Store]:
+    """torch's ``create_backend``: a :class:`C10dRendezvousBackend` on the store of
+    :func:`create_c10d_store` (same configuration keys), and that store. Failures are
+    recorded as FAILED rendezvous events and re-raised."""
+    try:
+        store, _ = create_c10d_store(params)
+        return C10dRendezvousBackend(store, params.run_id), store
+    except Exception as exc:
+        _record_failure(params, exc)
+        raise
 
 
 def create_c10d_handler(params: RendezvousParameters) -> DynamicRendezvousHandler:

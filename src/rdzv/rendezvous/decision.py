@@ -35,7 +35,7 @@ from rdzv.errors import (
     RendezvousTimeoutError,
     StoreTimeoutError,
 )
-from rdzv.rendezvous.api import RendezvousStoreInfo
+from rdzv.rendezvous.api import RendezvousStoreInfo, check_node_bounds
 from rdzv.rendezvous.liveness import Liveness, LivenessObserver, Status
 from rdzv.rendezvous.ops import (
     NOW,
@@ -167,6 +167,37 @@ class RendezvousSettings:
     timeout: RendezvousTimeout
     keep_alive_interval: timedelta
     keep_alive_max_attempt: int
+
+    @staticmethod
+    def checked(
+        run_id: str,
+        min_nodes: int,
+        max_nodes: int,
+        timeout: RendezvousTimeout | None,
+        keep_alive_interval: timedelta | float,
+        keep_alive_max_attempt: int,
+    ) -> RendezvousSettings:
+        """Validated settings (torch's ValueError texts): a non-empty run id, node bounds
+        (:func:`~rdzv.rendezvous.api.check_node_bounds`), a positive keep-alive interval
+        (timedelta or seconds) and max attempt >= 1; ``timeout`` None means the defaults."""
+        if not run_id:
+            raise ValueError("The run id must be a non-empty string.")
+        check_node_bounds(min_nodes, max_nodes)
+        interval = seconds(keep_alive_interval, "keep-alive interval")
+        if interval <= timedelta(0):
+            raise ValueError(f"The keep-alive interval ({interval}) must be positive.")
+        if keep_alive_max_attempt < 1:
+            raise ValueError(
+                f"The keep-alive max attempt ({keep_alive_max_attempt}) must be at least 1."
+            )
+        return RendezvousSettings(
+            run_id,
+            min_nodes,
+            max_nodes,
+            timeout or RendezvousTimeout(),
+            interval,
+            keep_alive_max_attempt,
+        )
 
 
 # ---------------------------------------------------------------------------- effects
@@ -684,12 +715,42 @@ class RendezvousCore:
             yield Add(keys.ngone, 1)
         self.pending = None
         live = slot_count((yield Add(keys.joined, 0))) - (yield Add(keys.ngone, 0))
+        missing = yield from self._describe_missing(pending)
         raise RendezvousTimeoutError(
             f"The node '{self.node}' timed out after "
             f"{self.settings.timeout.join.total_seconds():g}s waiting for round "
             f"{keys.number} of the rendezvous '{self.settings.run_id}' to complete "
             f"({max(live, 0)} node(s) waiting, min_nodes={self.settings.min_nodes}, "
-            f"max_nodes={self.settings.max_nodes}); it has left the round."
+            f"max_nodes={self.settings.max_nodes}); it has left the round.{missing}"
+        )
+
+    def _describe_missing(self, pending: _Pending) -> Program[str]:
+        """The members of the previous round that neither came back nor are gone (a round
+        waits for them): host, pid and last heartbeat, for a join timeout's message."""
+        if pending.number == 0:
+            return ""
+        prev = self.keys.of(pending.number - 1)
+        try:
+            slots = yield from self._previous_members(pending, prev)
+        except RendezvousStateError:
+            return ""
+        if not slots:
+            return ""
+        now: float = yield NOW
+        parts = []
+        for slot in slots:
+            who = f"slot {slot}"
+            if (yield Check([prev.node(slot)])):
+                desc = NodeDesc.decode(prev.node(slot), (yield Get(prev.node(slot))))
+                who += f" (host {desc.addr}, pid {desc.pid}"
+            else:
+                who += " (unknown node"
+            since = pending.observer.last_change(prev.alive(slot))
+            beat = "not watched" if since is None else f"{now - since:.1f}s ago"
+            parts.append(f"{who}, last heartbeat {beat})")
+        return (
+            f" Still waiting for {len(parts)} member(s) of round {prev.number} to come back "
+            f"or be declared dead: {'; '.join(parts)}."
         )
 
     def _decode_rank(self, pending: _Pending, raw: bytes) -> Program[RankRecord | None]:

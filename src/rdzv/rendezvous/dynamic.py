@@ -42,11 +42,12 @@ from rdzv.errors import (
 )
 from rdzv.events import NodeState, record_rdzv_event_fields
 from rdzv.rendezvous.api import (
+    RendezvousBackend,
     RendezvousHandler,
     RendezvousInfo,
     RendezvousParameters,
     RendezvousStoreInfo,
-    check_node_bounds,
+    Token,
 )
 from rdzv.rendezvous.decision import (
     Bootstrap,
@@ -59,19 +60,20 @@ from rdzv.rendezvous.decision import (
     Track,
     _Pending,
     clean_up_program,
-    seconds,
 )
 from rdzv.rendezvous.keepalive import KeepAlive
 from rdzv.rendezvous.liveness import HeartbeatLiveness, Liveness
 from rdzv.rendezvous.ops import Effect, Program, rendezvous_error, run_blocking
 from rdzv.rendezvous.state import RankRecord, RoundKeys, RunKeys, SizeRecord
-from rdzv.store.base import Store
+from rdzv.store.base import Store, handle_for_thread
 from rdzv.store.prefix import PrefixStore
 
 __all__ = [
     "DynamicRendezvousHandler",
+    "RendezvousBackend",
     "RendezvousSettings",
     "RendezvousTimeout",
+    "Token",
     "create_handler",
 ]
 
@@ -152,26 +154,12 @@ class DynamicRendezvousHandler(RendezvousHandler):
         master_endpoint: tuple[str, int] | None = None,
         key_prefix: str | None = None,
     ) -> None:
-        if not run_id:
-            raise ValueError("The run id must be a non-empty string.")
-        check_node_bounds(min_nodes, max_nodes)
+        self._settings = RendezvousSettings.checked(
+            run_id, min_nodes, max_nodes, timeout, keep_alive_interval, keep_alive_max_attempt
+        )
         if not isinstance(store, Store):
             raise TypeError(f"store must be an rdzv Store, got {type(store).__name__}")
-        interval = seconds(keep_alive_interval, "keep-alive interval")
-        if interval <= timedelta(0):
-            raise ValueError(f"The keep-alive interval ({interval}) must be positive.")
-        if keep_alive_max_attempt < 1:
-            raise ValueError(
-                f"The keep-alive max attempt ({keep_alive_max_attempt}) must be at least 1."
-            )
-        self._settings = RendezvousSettings(
-            run_id,
-            min_nodes,
-            max_nodes,
-            timeout or RendezvousTimeout(),
-            interval,
-            keep_alive_max_attempt,
-        )
+        interval = self._settings.keep_alive_interval
         self._store = store
         self._backend_name = backend_name
         self._liveness = liveness or HeartbeatLiveness(
@@ -201,7 +189,41 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._shut_down = False
         # The keep-alive thread's own connection, opened now (like the store itself) rather
         # than in the middle of a rendezvous.
-        self._keep_alive_store = self._guard(store.clone)
+        self._keep_alive_store = self._guard(lambda: handle_for_thread(store))
+
+    @classmethod
+    def from_backend(
+        cls,
+        run_id: str,
+        store: Store,
+        backend: RendezvousBackend,
+        min_nodes: int,
+        max_nodes: int,
+        local_addr: str | None = None,
+        timeout: RendezvousTimeout | None = None,
+        keep_alive_interval: timedelta | float = 5,
+        keep_alive_max_attempt: int = 3,
+    ) -> DynamicRendezvousHandler:
+        """torch's constructor: a handler running torch's state-blob rendezvous on a
+        :class:`~rdzv.rendezvous.api.RendezvousBackend` (a
+        :class:`~rdzv.rendezvous.backend_state.BackendRendezvousHandler`, registered as a
+        DynamicRendezvousHandler). Same arguments, defaults and ValueError texts as torch's
+        ``DynamicRendezvousHandler.from_backend``."""
+        from rdzv.rendezvous.backend_state import BackendRendezvousHandler
+
+        handler = BackendRendezvousHandler(
+            run_id,
+            store,
+            backend,
+            min_nodes,
+            max_nodes,
+            local_addr,
+            timeout,
+            keep_alive_interval,
+            keep_alive_max_attempt,
+        )
+        assert isinstance(handler, DynamicRendezvousHandler)
+        return handler
 
     # ------------------------------------------------------------------ public API
     @property
@@ -406,7 +428,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _control(self) -> Store:
         with self._control_lock:
             if self._control_store is None:
-                self._control_store = self._store.clone()
+                self._control_store = handle_for_thread(self._store)
             return self._control_store
 
     def _ensure_keep_alive(self) -> KeepAlive:
@@ -517,7 +539,7 @@ def _record_keep_alive(
 def _clean_up_round(origin: Store, keys: RoundKeys) -> None:
     """Delete the keys of a round that every node has left (two rounds back)."""
     try:
-        store = origin.clone()
+        store = handle_for_thread(origin)
         run_blocking(store, clean_up_program(keys))
         user = PrefixStore(keys.store_prefix, store)
         with contextlib.suppress(NotImplementedError):
@@ -558,19 +580,73 @@ def _config_seconds(params: RendezvousParameters, key: str) -> float | None:
 
 def create_handler(
     store: Store,
-    params: RendezvousParameters,
+    backend: RendezvousBackend | RendezvousParameters,
+    params: RendezvousParameters | None = None,
     *,
-    backend_name: str,
+    backend_name: str | None = None,
     liveness: Liveness | None = None,
     master_endpoint: tuple[str, int] | None = None,
 ) -> DynamicRendezvousHandler:
     """Build a :class:`DynamicRendezvousHandler` on ``store`` from launcher parameters.
 
+    Two forms:
+
+    * ``create_handler(store, backend, params)``: torch's, for a
+      :class:`~rdzv.rendezvous.api.RendezvousBackend`: torch's state-blob rendezvous
+      (:meth:`DynamicRendezvousHandler.from_backend`); a failure is recorded as a FAILED
+      rendezvous event and re-raised, as torch does;
+    * ``create_handler(store, params, backend_name=...)``: rdzv's own algorithm on ``store``.
+
     Config keys (torch's names; seconds, ints or floats): ``join_timeout`` (600),
     ``last_call_timeout`` (30), ``close_timeout`` (30), ``heartbeat_timeout`` (5),
     ``keep_alive_interval`` (5), ``keep_alive_max_attempt`` (3). Explicit None for the last
-    two raises TypeError as torch does. Raises ValueError for invalid values.
+    two raises TypeError as torch does. Raises ValueError for invalid values, TypeError
+    for a missing ``params``/``backend_name``.
     """
+    if isinstance(backend, RendezvousBackend):
+        if params is None:
+            raise TypeError("create_handler(store, backend, params): params is missing")
+        try:
+            timeout, interval, attempts = _handler_config(params)
+            return DynamicRendezvousHandler.from_backend(
+                params.run_id,
+                store,
+                backend,
+                params.min_nodes,
+                params.max_nodes,
+                params.local_addr,
+                timeout,
+                keep_alive_interval=interval,
+                keep_alive_max_attempt=attempts,
+            )
+        except Exception as exc:
+            record_rdzv_event_fields(
+                "dynamic.create_handler",
+                params.run_id,
+                f"{type(exc).__name__}: {exc}",
+                NodeState.FAILED,
+            )
+            raise
+    if backend_name is None:
+        raise TypeError("create_handler(store, params, backend_name=...): name the backend")
+    timeout, interval, attempts = _handler_config(backend)
+    return DynamicRendezvousHandler(
+        backend.run_id,
+        store,
+        backend.min_nodes,
+        backend.max_nodes,
+        backend_name=backend_name,
+        local_addr=backend.local_addr,
+        timeout=timeout,
+        keep_alive_interval=interval,
+        keep_alive_max_attempt=attempts,
+        liveness=liveness,
+        master_endpoint=master_endpoint,
+    )
+
+
+def _handler_config(params: RendezvousParameters) -> tuple[RendezvousTimeout, float, int]:
+    """The timeouts, keep-alive interval (s) and max attempt of ``params.config``."""
     for key in ("keep_alive_interval", "keep_alive_max_attempt"):
         if key in params.config and params.config[key] is None:
             raise TypeError(f"You passed '{key}=None' as a rendezvous configuration option")
@@ -583,16 +659,4 @@ def create_handler(
     interval = _config_seconds(params, "keep_alive_interval")
     attempts = params.get_as_int("keep_alive_max_attempt", 3)
     assert attempts is not None
-    return DynamicRendezvousHandler(
-        params.run_id,
-        store,
-        params.min_nodes,
-        params.max_nodes,
-        backend_name=backend_name,
-        local_addr=params.local_addr,
-        timeout=timeout,
-        keep_alive_interval=5.0 if interval is None else interval,
-        keep_alive_max_attempt=attempts,
-        liveness=liveness,
-        master_endpoint=master_endpoint,
-    )
+    return timeout, 5.0 if interval is None else interval, attempts

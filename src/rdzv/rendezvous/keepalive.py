@@ -114,7 +114,7 @@ class KeepAlive:
                 timeout = max(0.0, next_beat - time.monotonic())
                 if doorbells:
                     try:
-                        store.wait(doorbells, timeout)
+                        store._wait(list(doorbells), timeout)  # core call: float seconds
                     except StoreTimeoutError:
                         pass
                     else:

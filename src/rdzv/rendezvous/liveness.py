@@ -75,6 +75,11 @@ class LivenessObserver(ABC):
     def forget(self, keys: list[str]) -> None:
         """Drop the history of ``keys`` (no longer watched)."""
 
+    def last_change(self, key: str) -> float | None:
+        """The ``time.monotonic()`` at which this observer last saw ``key`` change (its last
+        heartbeat as far as it knows), None if it has no history of it."""
+        return None
+
     @abstractmethod
     def next_deadline(self) -> float | None:
         """The earliest ``time.monotonic()`` at which :meth:`observe` could declare one of the
@@ -310,6 +315,10 @@ class _HeartbeatObserver(LivenessObserver):
     def forget(self, keys: list[str]) -> None:
         for key in keys:
             self._seen.pop(key, None)
+
+    def last_change(self, key: str) -> float | None:
+        seen = self._seen.get(key)
+        return None if seen is None else seen[1]
 
     def next_deadline(self) -> float | None:
         if not self._seen:

@@ -171,7 +171,11 @@ def _perform(store: Store, op: Op) -> Any:
     if isinstance(op, Set):
         return store.set(op.key, op.value)
     if isinstance(op, Wait):
-        return store.wait(op.keys, op.timeout)
+        # The core call with float seconds, as for Get (a Python-defined store's public
+        # wait receives a timedelta through it, as torch passes one).
+        if op.timeout is None or not op.keys:
+            return store.wait(op.keys)
+        return store._wait(list(op.keys), op.timeout)
     if isinstance(op, DeleteKey):
         return store.delete_key(op.key)
     if isinstance(op, Call):

@@ -23,6 +23,7 @@ import threading
 import time
 from datetime import timedelta
 
+from rdzv import auth
 from rdzv.errors import (
     NetworkError,
     RendezvousConnectionError,
@@ -130,6 +131,10 @@ class StaticTCPRendezvous(RendezvousHandler):
                 f"static rendezvous '{self.run_id}': rank {self.rank} could not {role} "
                 f"{endpoint}: {exc}"
             ) from exc
+        if self.rank == 0 and self.world_size > 1 and auth.load_token() is None:
+            logger.warning(
+                "%s", auth.unauthenticated_warning("the static rendezvous store", endpoint)
+            )
         return store
 
     def next_rendezvous(self) -> RendezvousInfo:

@@ -30,9 +30,10 @@ Differences from torch, each on purpose:
 * the query is decoded like :func:`urllib.parse.parse_qs` (``%xx`` escapes, ``+``); a bare
   parameter (``?rank``) is a ValueError naming it (torch: IndexError); a parameter repeated
   with different values is a ValueError (torch: the last one wins silently);
-* a ``rank``/``world_size`` argument that disagrees with the URL's query is a ValueError
-  naming both values (torch: AssertionError whenever the query has either of them); the same
-  value in both places is fine;
+* ``rank``/``world_size`` given as arguments while the URL's query already has either of
+  them raises, as torch does, with torch's sentence ("The url: ... has node-specific
+  arguments(rank, world_size) already."); the error is both an AssertionError (torch's type)
+  and a ValueError (it is bad input);
 * ranks and world sizes are checked (``world_size >= 1``, ``0 <= rank < world_size``), and
   ``env://`` lists every missing environment variable at once;
 * wrong argument types raise TypeError (torch: RuntimeError), an unknown scheme a
@@ -60,6 +61,7 @@ from rdzv.store.base import Store, TimeoutLike, timeout_to_seconds
 
 __all__ = [
     "DEFAULT_PG_TIMEOUT",
+    "NodeArgumentsError",
     "RendezvousResult",
     "UrlHandler",
     "parse_url_query",
@@ -123,7 +125,7 @@ def parse_url_query(url: str) -> dict[str, str]:
     may be empty (``a=``). Raises ValueError naming the parameter and the URL for a piece
     without ``=`` (``?rank``) and for a parameter repeated with different values.
     """
-    query = urlsplit(url).query
+    query = _split(url).query
     params: dict[str, str] = {}
     for piece in query.split("&"):
         if not piece:
@@ -193,7 +195,7 @@ def rendezvous(
     world_size = _check_int("world_size", world_size)
     timeout_to_seconds(timeout)
 
-    parts = urlsplit(url)
+    parts = _split(url)
     handler = _handlers.get(parts.scheme)
     if handler is None:
         shown = f"{parts.scheme}://" if parts.scheme else "(no scheme)"
@@ -207,28 +209,40 @@ def rendezvous(
     return handler(url, timeout=timeout, **kwargs)
 
 
-def _as_int(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
+class NodeArgumentsError(ValueError, AssertionError):
+    """``rank``/``world_size`` given both in the URL's query and as arguments (torch raises
+    AssertionError; this is also a ValueError)."""
 
 
 def _with_arguments(url: str, parts: SplitResult, rank: int, world_size: int) -> str:
-    """``url`` with ``rank``/``world_size`` (those != -1) in its query; ValueError when the
-    query already holds a different value."""
+    """``url`` with ``rank``/``world_size`` (those != -1) in its query; NodeArgumentsError
+    when the query already holds either (torch's rule)."""
     query = parse_url_query(url)
+    given = [name for name in ("rank", "world_size") if name in query]
+    if given:
+        raise NodeArgumentsError(
+            f"The url: {url} has node-specific arguments(rank, world_size) already. "
+            f"(It has {', '.join(given)}; pass rank/world_size either in the URL or as "
+            "arguments, not both.)"
+        )
     for name, value in (("rank", rank), ("world_size", world_size)):
-        if value == -1:
-            continue
-        existing = query.get(name)
-        if existing is not None and _as_int(existing) != value:
-            raise ValueError(
-                f"conflicting {name}: the URL {url!r} says {name}={existing} but the "
-                f"{name} argument is {value}; give it in one place only"
-            )
-        query[name] = str(value)
+        if value != -1:
+            query[name] = str(value)
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _split(url: str) -> SplitResult:
+    """``urlsplit(url)``, with a ValueError that says what is wrong and how to write it."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        hint = (
+            "an IPv6 address goes in brackets, closed before the port and the query, e.g. "
+            "tcp://[::1]:29500?rank=0"
+            if "[" in url or "]" in url
+            else "expected scheme://host:port?name=value&..."
+        )
+        raise ValueError(f"malformed rendezvous URL {url!r} ({exc}): {hint}") from None
 
 
 # --------------------------------------------------------------------------- built-in schemes
@@ -335,7 +349,7 @@ def _tcp_store_factory(
 def _tcp_handler(
     url: str, timeout: TimeoutLike = DEFAULT_PG_TIMEOUT, **kwargs: Any
 ) -> Iterator[RendezvousResult]:
-    parts = urlsplit(url)
+    parts = _split(url)
     query = parse_url_query(url)
     if "[" not in parts.netloc and parts.netloc.count(":") >= 2:
         raise _error(
@@ -404,7 +418,7 @@ def _file_path(parts: SplitResult) -> str:
 def _file_handler(
     url: str, timeout: TimeoutLike = DEFAULT_PG_TIMEOUT, **kwargs: Any
 ) -> Iterator[RendezvousResult]:
-    parts = urlsplit(url)
+    parts = _split(url)
     path = _file_path(parts)
     if not path:
         raise _error("file", f"path missing in {url!r}: write file:///<absolute path>")

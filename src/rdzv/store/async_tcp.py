@@ -484,9 +484,9 @@ class AsyncTCPStore:
 
     async def set_lease(self, key: KeyLike, value: ValueLike, ttl: TimeoutLike) -> None:
         """See :meth:`rdzv.store.tcp.TCPStore.set_lease`."""
-        seconds = timeout_to_seconds(ttl, "ttl")
+        ttl_ms = ops.lease_ms(timeout_to_seconds(ttl, "ttl"))
         k, v = key_to_str(key), value_to_bytes(value)
-        await self._run(lambda: ops.set_lease(self._session, k, v, seconds))
+        await self._run(lambda: ops.set_lease(self._session, k, v, ttl_ms))
 
     def has_extended_api(self) -> bool:
         return True

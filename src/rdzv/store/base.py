@@ -5,6 +5,12 @@ arguments (``str`` keys, ``bytes`` values, timeouts as float seconds):
 
 ``_set, _get, _add, _compare_set, _check, _wait, _delete_key, _num_keys`` and ``clone``.
 
+A store may also be defined the torch way: a subclass of :class:`Store` that overrides only
+the public methods it needs (``set``, ``get``, ``add``, ...). The core methods then call
+those overrides, so :class:`~rdzv.store.prefix.PrefixStore`, the fallbacks and the
+rendezvous handlers use them; a method overridden neither way raises NotImplementedError
+(a RuntimeError) whose text starts with torch's "Not implemented.".
+
 Everything else has a generic fallback here, written once (the same fallbacks as torch's
 ``c10d::Store`` base class): ``append`` as a compare_set loop, ``multi_get``/``multi_set`` as
 sequences of get/set under one deadline, ``barrier`` as add + set + wait. ``list_keys`` and the
@@ -22,9 +28,9 @@ from __future__ import annotations
 
 import math
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from rdzv.engine import INT64_MAX, INT64_MIN
 from rdzv.errors import CounterError, StoreTimeoutError
@@ -38,6 +44,7 @@ __all__ = [
     "check_amount",
     "check_block",
     "check_world_size",
+    "handle_for_thread",
     "key_to_str",
     "keys_to_list",
     "timeout_error",
@@ -190,10 +197,14 @@ def missing_ranks_error(exc: StoreTimeoutError, missing: list[int], world_size: 
 
 def timeout_error(op: str, keys: Sequence[str], seconds: float, where: str) -> StoreTimeoutError:
     """The error of a blocking ``op`` on ``keys`` that ran out of ``seconds`` on ``where``."""
+    # torch's sentence first ("wait timeout after 100ms, keys: /a, /b"; a get is a wait
+    # there), then rdzv's detail.
+    verb = "wait" if op in ("get", "multi_get") else op
+    names = ", ".join(f"/{k}" for k in keys)
     return StoreTimeoutError(
-        f"{op} timeout after {format_ms(seconds)} on {where}, keys: {list(keys)!r}; "
-        "the keys were not set in time: check that the writing ranks are alive, "
-        "or raise the timeout"
+        f"{verb} timeout after {format_ms(seconds)}, keys: {names} ({op} on {where}: the "
+        "keys were not set in time; check that the writing ranks are alive, or raise the "
+        "timeout)"
     )
 
 
@@ -222,7 +233,7 @@ class Deadline:
         return max(0.0, self.at - time.monotonic())
 
 
-class Store(ABC):
+class Store:
     """A key-value store shared by the processes of a job; torch's ``dist.Store`` API.
 
     Keys are ``str`` (``bytes`` accepted, decoded as UTF-8); values are ``bytes`` (``str`` is
@@ -324,8 +335,10 @@ class Store(ABC):
         return self._delete_key(key_to_str(key))
 
     def num_keys(self) -> int:
-        """The number of user keys in the store (queues excluded; internal bookkeeping keys
-        excluded, unlike torch's FileStore and TCPStore)."""
+        """The number of keys in the store, counted as torch counts them: queues excluded,
+        internal bookkeeping keys included (TCPStore's ``init/`` worker counter, FileStore's
+        ``refcount/`` and ``cleanup/``), and a PrefixStore counts its whole underlying store.
+        ``len(list_keys())`` counts only user keys (of a PrefixStore's namespace)."""
         return self._num_keys()
 
     def list_keys(self) -> list[str]:
@@ -405,40 +418,66 @@ class Store(ABC):
         """True when append, multi_get and multi_set are native rather than fallbacks."""
         return False
 
-    @abstractmethod
     def clone(self) -> Store:
-        """A new handle on the same data that another thread may use independently."""
+        """A new handle on the same data that another thread may use independently.
+
+        Every built-in store implements it; a Python-defined store that does not raises
+        NotImplementedError (a RuntimeError, as torch's "pure virtual" error).
+        """
+        raise NotImplementedError(
+            f"Not implemented. {type(self).__name__} does not implement clone(): a store "
+            "defined in Python overrides it to share its data with another handle."
+        )
 
     # ----------------------------------------------------------------- backend core
-    @abstractmethod
-    def _set(self, key: str, value: bytes) -> None: ...
+    # A backend overrides these (validated arguments, float-second timeouts). A store
+    # defined in Python the torch way overrides the public methods instead: each core
+    # method then calls the public override, so PrefixStore, the fallbacks below and the
+    # rendezvous handlers reach it. Neither overridden: NotImplementedError.
+    def _set(self, key: str, value: bytes) -> None:
+        self._public("set")(key, value)
 
-    @abstractmethod
-    def _get(self, key: str, timeout: float) -> bytes: ...
+    def _get(self, key: str, timeout: float) -> bytes:
+        return bytes(self._public("get")(key))
 
-    @abstractmethod
-    def _add(self, key: str, amount: int) -> int: ...
+    def _add(self, key: str, amount: int) -> int:
+        return int(self._public("add")(key, amount))
 
-    @abstractmethod
-    def _compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes: ...
+    def _compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        return bytes(self._public("compare_set")(key, expected, desired))
 
-    @abstractmethod
-    def _check(self, keys: list[str]) -> bool: ...
+    def _check(self, keys: list[str]) -> bool:
+        return bool(self._public("check")(keys))
 
-    @abstractmethod
-    def _wait(self, keys: list[str], timeout: float) -> None: ...
+    def _wait(self, keys: list[str], timeout: float) -> None:
+        self._public("wait")(keys, _seconds_to_timedelta(timeout))
 
-    @abstractmethod
-    def _delete_key(self, key: str) -> bool: ...
+    def _delete_key(self, key: str) -> bool:
+        return bool(self._public("delete_key")(key))
 
-    @abstractmethod
-    def _num_keys(self) -> int: ...
+    def _num_keys(self) -> int:
+        return int(self._public("num_keys")())
+
+    def _public(self, name: str) -> Any:
+        """The subclass's override of the public method ``name``; NotImplementedError when
+        there is none (the core method was not overridden either)."""
+        if getattr(type(self), name) is getattr(Store, name):
+            raise _not_implemented(self, name)
+        return getattr(self, name)
+
+    def _overrides(self, name: str) -> bool:
+        return getattr(type(self), name) is not getattr(Store, name)
 
     # ----------------------------------------------------------------- generic fallbacks
     def _list_keys(self) -> list[str]:
+        if self._overrides("list_keys"):
+            return list(self.list_keys())
         raise NotImplementedError(f"{type(self).__name__} cannot list its keys")
 
     def _append(self, key: str, value: bytes) -> None:
+        if self._overrides("append"):
+            self.append(key, value)
+            return
         # compare_set loop, as torch's c10d::Store::append.
         expected = value
         current = self._compare_set(key, b"", value)
@@ -447,14 +486,22 @@ class Store(ABC):
             current = self._compare_set(key, current, expected)
 
     def _multi_get(self, keys: list[str], timeout: float) -> list[bytes]:
+        if self._overrides("multi_get"):
+            return [bytes(v) for v in self.multi_get(keys)]
         deadline = Deadline(timeout)
         return [self._get(key, deadline.remaining()) for key in keys]
 
     def _multi_set(self, keys: list[str], values: list[bytes]) -> None:
+        if self._overrides("multi_set"):
+            self.multi_set(keys, values)
+            return
         for key, value in zip(keys, values, strict=True):
             self._set(key, value)
 
     def _barrier(self, key: str, world_size: int, timeout: float) -> None:
+        if self._overrides("barrier"):
+            self.barrier(key, world_size, _seconds_to_timedelta(timeout))
+            return
         # torch's base-class barrier (add + set + wait), made reusable: arrival c belongs to
         # generation ceil(c / world_size); generation 1 uses torch's key names.
         count = self._add(f"{key}/num_members", 1)
@@ -468,10 +515,35 @@ class Store(ABC):
             raise self._timeout_error("barrier", [key], timeout) from None
 
     def _queue_push(self, key: str, value: bytes) -> None:
+        if self._overrides("queue_push"):
+            self.queue_push(key, value)
+            return
         raise NotImplementedError(f"{type(self).__name__} does not support queues")
 
     def _queue_pop(self, key: str, timeout: float | None) -> bytes:
+        if self._overrides("queue_pop"):
+            return bytes(self.queue_pop(key, timeout is not None))
         raise NotImplementedError(f"{type(self).__name__} does not support queues")
 
     def _queue_len(self, key: str) -> int:
+        if self._overrides("queue_len"):
+            return int(self.queue_len(key))
         raise NotImplementedError(f"{type(self).__name__} does not support queues")
+
+
+def _not_implemented(store: Store, name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"Not implemented. {type(store).__name__} does not implement {name}(): a store "
+        f"defined in Python overrides the public method {name}() (or the core method "
+        f"_{name}() of rdzv's backend API)."
+    )
+
+
+def handle_for_thread(store: Store) -> Store:
+    """A handle on ``store`` for another thread: ``store.clone()``, or ``store`` itself when
+    it cannot be cloned (a Python-defined store without ``clone``, which then serves every
+    thread, as torch's rendezvous uses it)."""
+    try:
+        return store.clone()
+    except NotImplementedError:
+        return store

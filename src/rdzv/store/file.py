@@ -275,15 +275,20 @@ class FileStore(Store):
         try:
             return os.open(self._path, os.O_RDWR | os.O_CLOEXEC | create, FILE_MODE)
         except OSError as exc:
-            raise self._open_error(exc) from exc
+            raise self._open_error(exc, creating=bool(create)) from exc
 
-    def _open_error(self, exc: OSError) -> StoreError:
+    def _open_error(self, exc: OSError, creating: bool) -> StoreError:
         path = self._path
         directory = os.path.dirname(path)
         if exc.errno == errno.ENOENT and not os.path.isdir(directory):
             why = (
                 f"its directory {directory!r} does not exist; create it first "
                 "(FileStore does not create directories)"
+            )
+        elif exc.errno == errno.ENOENT and creating:
+            why = (
+                f"the file system of {directory!r} does not let files be created there "
+                f"({exc.strerror}); pick a path on an ordinary file system (e.g. under /tmp)"
             )
         elif exc.errno == errno.ENOENT:
             why = "the file does not exist any more (it was removed while this handle was open)"
@@ -584,7 +589,8 @@ class FileStore(Store):
         return self._write_op(op)
 
     def _num_keys(self) -> int:
-        return self._read_op(self._engine.num_keys)
+        # torch's count: the internal refcount/ and cleanup/ keys included.
+        return self._read_op(lambda: self._engine.num_keys() + self._internal.num_keys())
 
     def _list_keys(self) -> list[str]:
         raw = self._read_op(self._engine.list_keys)

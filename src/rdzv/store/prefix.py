@@ -2,8 +2,8 @@
 
 Differences from ``torch.distributed.PrefixStore``, each a fix of a documented torch defect:
 
-* ``num_keys()`` and ``list_keys()`` are scoped to the prefix (torch's ``num_keys`` counts the
-  whole underlying store);
+* ``list_keys()`` is scoped to the prefix (``len(list_keys())`` counts this namespace's
+  keys); ``num_keys()`` counts the whole underlying store, as torch's does;
 * the timeout is the PrefixStore's own: it starts as the underlying store's and
   :meth:`set_timeout` changes only this view (torch forwards it to the shared store, silently
   changing every other user's timeout). Blocking calls pass this timeout down explicitly.
@@ -96,7 +96,7 @@ class PrefixStore(Store):
         return self._store._delete_key(self._k(key))
 
     def _num_keys(self) -> int:
-        return len(self._list_keys())
+        return self._store._num_keys()
 
     def _list_keys(self) -> list[str]:
         head = self._head

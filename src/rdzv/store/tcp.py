@@ -13,8 +13,8 @@ Differences from ``torch.distributed.TCPStore`` (each on purpose):
   :class:`~rdzv.errors.NetworkError` naming the endpoint and the awaited reply instead of
   hanging forever;
 * ``timeout=0`` means "do not block" and is exact (torch's zero-timeout wait is racy);
-* ``num_keys()`` counts user keys only: the ``init/`` worker counter is not counted (torch
-  counts it), consistent with ``list_keys()``, which hides it in both;
+* ``num_keys()`` counts like torch's, the ``init/`` worker counter included;
+  ``list_keys()`` hides that key (``len(list_keys())`` counts user keys only);
 * against an rdzv server, rdzv's negotiated protocol extensions are used: ``add`` on a
   non-integer raises :class:`~rdzv.errors.CounterError` and the connection stays usable
   (torch's server drops it), ``get`` is one round trip and waits for a *value* (a queue of
@@ -547,7 +547,10 @@ class TCPStore(Store):
 
     def set_lease(self, key: str, value: bytes | str, ttl: TimeoutLike) -> None:
         """Set ``key`` with a lease: the server deletes it ``ttl`` (seconds or timedelta)
-        after this call unless it is set again (renewal). rdzv servers only."""
-        seconds = timeout_to_seconds(ttl, "ttl")
+        after this call unless it is set again (renewal). rdzv servers only.
+
+        Raises ValueError unless 0 < ``ttl`` <= one year
+        (:data:`rdzv.store.tcp_ops.MAX_LEASE_TTL`), TypeError for a ttl of another type."""
+        ttl_ms = ops.lease_ms(timeout_to_seconds(ttl, "ttl"))
         k, v = key_to_str(key), value_to_bytes(value)
-        self._run(lambda: ops.set_lease(self._session, k, v, seconds))
+        self._run(lambda: ops.set_lease(self._session, k, v, ttl_ms))

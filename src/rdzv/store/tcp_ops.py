@@ -159,15 +159,19 @@ def backoff_delays() -> Iterator[float]:
 
 
 def wire_key(key: str) -> bytes:
-    """The key a torch client puts on the wire for user key ``key``: ``"/" + key``, UTF-8."""
-    return KEY_PREFIX + key.encode("utf-8")
+    """The key a torch client puts on the wire for user key ``key``: ``"/" + key``, UTF-8
+    (surrogate escapes, as :func:`user_key` makes them, become the raw bytes they stand for)."""
+    return KEY_PREFIX + key.encode("utf-8", "surrogateescape")
 
 
 def user_key(raw: bytes) -> str | None:
-    """The user key behind a wire key, or None for internal keys (no ``/`` prefix)."""
+    """The user key behind a wire key, or None for internal keys (no ``/`` prefix). Bytes
+    that are not UTF-8 (another client's keys) become surrogate escapes (``"\\udcff"`` for
+    ``0xff``, as ``os.fsdecode``), so the key round-trips: :func:`wire_key` of it is ``raw``
+    and ``check``, ``get`` and ``delete_key`` find what ``list_keys`` listed."""
     if not raw.startswith(KEY_PREFIX):
         return None
-    return raw[1:].decode("utf-8", "backslashreplace")
+    return raw[1:].decode("utf-8", "surrogateescape")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -611,17 +615,12 @@ def delete_key(s: Session, key: str) -> OpGen[bool]:
 
 
 def num_keys(s: Session) -> OpGen[int]:
-    """User keys only: ``init/`` and other keys without the ``/`` prefix are not counted
-    (torch counts ``init/``). rdzv server: EXT_NUM_KEYS; torch server: GETNUMKEYS and a
-    CHECK of ``init/`` in one write."""
-    if s.extended:
-        request = wire.encode_key(Op.EXT_NUM_KEYS, KEY_PREFIX)
-        count: int = yield from ext_call(s, request, wire.read_i64, "the reply to NUM_KEYS")
-        return count
-    yield wire.encode_op(Op.GETNUMKEYS) + wire.encode_keys(Op.CHECK, [INIT_KEY])
-    total = yield s.io("the reply to GETNUMKEYS", wire.read_i64)
-    init = yield s.io("the reply to CHECK", wire.read_u8)
-    return int(total) - (1 if init == wire.CHECK_READY[0] else 0)
+    """Every key the server holds, the ``init/`` worker counter included (torch's count:
+    GETNUMKEYS on any server)."""
+    total = yield from call(
+        s, wire.encode_op(Op.GETNUMKEYS), wire.read_i64, "the reply to GETNUMKEYS"
+    )
+    return int(total)
 
 
 def list_keys(s: Session) -> OpGen[list[str]]:
@@ -718,11 +717,25 @@ def set_ephemeral(s: Session, key: str, value: bytes) -> OpGen[None]:
     yield from ext_call(s, request, None, "the reply to SET_EPHEMERAL")
 
 
-def set_lease(s: Session, key: str, value: bytes, ttl: float) -> OpGen[None]:
-    """Set ``key``; the server deletes it ``ttl`` seconds later unless set again (rdzv
-    servers only)."""
+#: Longest lease ``set_lease`` accepts, seconds (one year; :data:`rdzv.wire.MAX_LEASE_MS`).
+MAX_LEASE_TTL = wire.MAX_LEASE_MS / 1000
+
+
+def lease_ms(ttl: float) -> int:
+    """``ttl`` seconds as the whole milliseconds (at least 1) SET_LEASE carries. Raises
+    ValueError for a ttl that is not > 0 and <= :data:`MAX_LEASE_TTL` (infinity included)."""
+    if not 0 < ttl <= MAX_LEASE_TTL:
+        raise ValueError(
+            f"set_lease: ttl must be > 0 and <= {MAX_LEASE_TTL:g} seconds (one year), got "
+            f"{ttl!r}; use set() for a key that should not expire"
+        )
+    return max(1, math.ceil(ttl * 1000))
+
+
+def set_lease(s: Session, key: str, value: bytes, ttl_ms: int) -> OpGen[None]:
+    """Set ``key``; the server deletes it ``ttl_ms`` milliseconds later unless set again
+    (rdzv servers only)."""
     _need_extensions(s, "set_lease")
-    ttl_ms = max(1, math.ceil(ttl * 1000))
     request = wire.encode_set_lease(wire_key(key), value, ttl_ms)
     yield from ext_call(s, request, None, "the reply to SET_LEASE")
 
@@ -746,7 +759,7 @@ def wait_for_workers(s: Session, world_size: int, timeout: float) -> OpGen[None]
         elapsed = time.monotonic() - start
         if elapsed > timeout:
             raise StoreTimeoutError(
-                f"Timed out after {elapsed:.1f} seconds waiting for clients. "
+                f"Timed out after {int(elapsed)} seconds waiting for clients. "
                 f"{joined}/{world_size} clients joined. ({s.where}; every rank must create "
                 "its TCPStore with the same world_size before the timeout)"
             )
