@@ -459,13 +459,11 @@ class _Plan:
 
     files: list[_File]
     damage: list[_Damage]
-    dropped_logs: list[Path]
 
 
 def _discard_plan(root: Path, snapshots: list[int], last: int, load: _Loader) -> _Plan:
     files: list[_File] = []
     damage: list[_Damage] = []
-    dropped: list[Path] = []
     start = snapshots[-1] if snapshots else 0
     broken = False
     if last > start:  # the snapshot the last log starts from is gone
@@ -487,14 +485,13 @@ def _discard_plan(root: Path, snapshots: list[int], last: int, load: _Loader) ->
         if broken:  # its changes apply to a state that was not rebuilt
             size = path.stat().st_size
             damage.append(_Damage(path, 0, "follows missing or damaged data", size, 0, False))
-            dropped.append(path)
             continue
         log = load(path, "log")
         files.append(log)
         if log.damage is not None:
             damage.append(log.damage)
             broken = True
-    return _Plan(files, damage, dropped)
+    return _Plan(files, damage)
 
 
 def _discard(root: Path, engine: Engine, last: int, plan: _Plan) -> Recovery:
