@@ -224,6 +224,8 @@ class _Damage:
         return f"{self.path} is corrupt at offset {self.offset}: {self.problem}"
 
     def loss(self) -> str:
+        if self.problem == "missing":
+            return f"whatever {self.path} held (the file is missing)"
         if self.torn and self.lost_records:  # its intact header says how many
             records = f"{self.lost_records} records"
         elif self.lost_records:
@@ -369,16 +371,24 @@ def _recover(root: Path, engine: Engine, discard_corrupt: bool) -> Recovery:
         return parsed[path]
 
     problems: list[str] = []
+    if last > (snapshots[-1] if snapshots else 0):
+        problems.append(
+            f"{_path(root, 'snapshot', last)} is missing "
+            f"(the state {_path(root, 'log', last).name} starts from)"
+        )
     # Bases, newest first: each snapshot, then the empty state generation 0 started from.
     bases: list[int | None] = [*reversed(snapshots), None]
-    for base in bases:
+    for index, base in enumerate(bases):
         start = 0 if base is None else base
         if base is not None:
             snap = load(_path(root, "snapshot", base), "snapshot")
             if snap.damage is not None:
                 problems.append(snap.damage.describe())
                 continue
-        chain = _log_chain(root, logs, start, last, load, problems)
+        # The logs an older base would need are normally gone: only the newest base's
+        # reasons are worth reporting (unless a missing snapshot already explains them).
+        report = problems if index == 0 and not problems else []
+        chain = _log_chain(root, logs, start, last, load, report)
         if chain is None:
             continue
         # The last state is reachable from here.
@@ -402,7 +412,7 @@ def _recover(root: Path, engine: Engine, discard_corrupt: bool) -> Recovery:
         return result
     plan = _discard_plan(root, snapshots, last, load)
     if not discard_corrupt:
-        damaged = [p for p in problems if not p.endswith(" is missing")] or problems
+        damaged = [p for p in problems if " is missing" not in p] or problems
         raise StoreError(
             f"durable store in {root} cannot be recovered to its last state: "
             + "; ".join(damaged)
@@ -449,20 +459,22 @@ class _Plan:
 
     files: list[_File]
     damage: list[_Damage]
-    dropped_logs: list[Path]
 
 
 def _discard_plan(root: Path, snapshots: list[int], last: int, load: _Loader) -> _Plan:
     files: list[_File] = []
     damage: list[_Damage] = []
-    dropped: list[Path] = []
     start = snapshots[-1] if snapshots else 0
-    if snapshots:
+    broken = False
+    if last > start:  # the snapshot the last log starts from is gone
+        damage.append(_Damage(_path(root, "snapshot", last), 0, "missing", 0, 0, False))
+        broken = True
+        start = last
+    elif snapshots:
         snap = load(_path(root, "snapshot", start), "snapshot")
         files.append(snap)
         if snap.damage is not None:
             damage.append(snap.damage)
-    broken = False
     for generation in range(start, last + 1):
         path = _path(root, "log", generation)
         if not path.exists():
@@ -472,15 +484,14 @@ def _discard_plan(root: Path, snapshots: list[int], last: int, load: _Loader) ->
             continue
         if broken:  # its changes apply to a state that was not rebuilt
             size = path.stat().st_size
-            damage.append(_Damage(path, 0, "follows a damaged log", size, 0, False))
-            dropped.append(path)
+            damage.append(_Damage(path, 0, "follows missing or damaged data", size, 0, False))
             continue
         log = load(path, "log")
         files.append(log)
         if log.damage is not None:
             damage.append(log.damage)
             broken = True
-    return _Plan(files, damage, dropped)
+    return _Plan(files, damage)
 
 
 def _discard(root: Path, engine: Engine, last: int, plan: _Plan) -> Recovery:

@@ -141,7 +141,15 @@ def test_an_older_snapshot_with_its_logs_still_reaches_the_last_state(tmp_path: 
 def test_a_missing_log_before_the_last_refuses(tmp_path: Path) -> None:
     fill(tmp_path, 10)
     (tmp_path / "log-0000000003.rdzv").write_bytes(b"")  # a generation without snapshot
-    with pytest.raises(StoreError, match=r"log-0000000001.rdzv is missing"):
+    with pytest.raises(StoreError, match=r"snapshot-0000000003.rdzv is missing"):
+        recover(tmp_path, Engine())
+
+
+def test_a_deleted_snapshot_refuses_to_start(tmp_path: Path) -> None:
+    fill(tmp_path, 221, per_commit=20, snapshot_bytes=2048)
+    snapshot = snapshot_of(tmp_path)
+    snapshot.unlink()
+    with pytest.raises(StoreError, match=rf"{snapshot.name} is missing"):
         recover(tmp_path, Engine())
 
 

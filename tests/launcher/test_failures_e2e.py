@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from tests.launcher.cluster import agents_cleanup, finish, start_agent, store_server
 from tests.launcher.procs import wait_for
 from tests.launcher.test_run_e2e import _c10d
+from tests.launcher.test_status_e2e import _status
 
 #: Rank 3 (node 1, local rank 1) exits 3 once every rank is connected; the others block in
 #: a store wait that nobody will satisfy and report what the wait raised.
@@ -34,12 +36,21 @@ def test_every_node_names_the_root_cause_and_workers_stop_waiting(tmp_path: Path
     script = tmp_path / "blocked.py"
     script.write_text(BLOCKED)
     with store_server() as port:
-        args = [*_c10d(port, "attrib", "2", 2, "--max-restarts", "0"), str(script)]
+        args = [*_c10d(port, "watched", "2", 2, "--max-restarts", "0"), str(script)]
         a, b = start_agent(*args), start_agent(*args)
         with agents_cleanup(a, b):
             started = time.monotonic()
             (code_a, out_a, err_a), (code_b, out_b, err_b) = finish(a), finish(b)
+        # rdzv status shows the failures of the round (root cause first).
+        status = _status(port, "--json", "--sample", "0")
+        table = _status(port, "--sample", "0")
     assert time.monotonic() - started < 60
+    assert status.returncode == 0, status.stderr
+    failures = json.loads(status.stdout)["failures"]
+    assert (failures[0]["rank"], failures[0]["kind"], failures[0]["exit_code"]) == (3, "exit", 3)
+    assert len(failures) == 1  # the others' exits after PeerFailedError are no new cause
+    assert "failures in round 0 (first = root cause):" in table.stdout
+    assert "exit code 3" in table.stdout
     # Both agents exit with the root cause's exit code and name it, on their console and in
     # the summary.
     assert (code_a, code_b) == (3, 3), (err_a, err_b)

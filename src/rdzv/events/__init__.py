@@ -376,6 +376,16 @@ def get_logging_handler(destination: str = "null") -> logging.Handler:
     return handlers[destination]
 
 
+def _get_or_create_logger(destination: str = "null") -> logging.Logger:
+    """torch's helper: the logger ``rdzv.events.{destination}``, whose only handler is
+    :func:`get_logging_handler` of ``destination`` (not propagated)."""
+    logger = logging.getLogger(f"rdzv.events.{destination}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.handlers = [get_logging_handler(destination)]
+    return logger
+
+
 def construct_and_record_rdzv_event(
     run_id: str,
     message: str,

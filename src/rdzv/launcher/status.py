@@ -10,7 +10,10 @@ used).
   agents are rdzv agents, their worker count and role from the round's store
   (:mod:`rdzv.launcher.assignment`);
 * the open round(s) from the hint on: the slots waiting there;
-* ``closed``.
+* ``closed``;
+* the failure records the agents published in the latest round's store
+  (:data:`rdzv.launcher.failures.FAILURE_LOG_KEY`): failed, hung and lost ranks, root cause
+  first.
 
 Heartbeat *ages* are measured without comparing clocks: a heartbeat is a counter, so
 :class:`HeartbeatClock` remembers, on this process's monotonic clock, when it last saw each
@@ -27,6 +30,7 @@ from typing import Any
 
 from rdzv.errors import RendezvousStateError
 from rdzv.launcher.assignment import NAMESPACE, NodeInfo, status_url_key
+from rdzv.launcher.failures import FAILURE_LOG_KEY, FailureRecord
 from rdzv.rendezvous.liveness import DEAD_PREFIX, LEFT
 from rdzv.rendezvous.state import NodeDesc, RankRecord, RoundKeys, RunKeys, SizeRecord
 from rdzv.store.base import Store
@@ -93,6 +97,9 @@ class RendezvousStatus:
     open_round: int = 0
     waiting: list[SlotStatus] = field(default_factory=list)
     workers: int | None = None
+    #: Failure records of the latest round (:meth:`FailureRecord.to_json` objects), oldest
+    #: first: failed, hung and lost ranks.
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,6 +203,19 @@ def _agent_infos(
     return infos
 
 
+def _failures(store: Store, keys: RoundKeys) -> list[dict[str, Any]]:
+    raw = _get(store, f"{keys.store_prefix}/{FAILURE_LOG_KEY}")
+    if raw is None:
+        return []
+    out = []
+    for line in raw.splitlines():
+        try:
+            out.append(json.loads(FailureRecord.from_json(line).to_json()))
+        except ValueError:
+            continue  # a corrupt line: skip it, show the rest
+    return out
+
+
 def read_status(
     store: Store, run_id: str, endpoint: str = "", *, prefix: str | None = None
 ) -> RendezvousStatus:
@@ -230,6 +250,12 @@ def read_status(
                         info, slot.web = infos[slot.rank]
                         if info is not None:
                             slot.nproc, slot.role = info.nproc, info.role
+                status.failures = _failures(store, keys)
+                for failure in status.failures:
+                    if failure.get("kind") == "lost":
+                        for slot in slots:
+                            if slot.rank == failure.get("node_rank") and slot.alive:
+                                slot.state = "lost"
                 status.round = keys.number
                 status.world_size = size.world_size
                 status.members = slots
@@ -329,6 +355,22 @@ def render_table(status: RendezvousStatus) -> str:
                     "?" if s.heartbeat is None else str(s.heartbeat),
                     _age(s),
                     s.state,
+                ]
+            )
+        lines.extend("  " + line for line in _table(rows))
+    if status.failures:
+        lines.append(f"failures in round {status.round} (first = root cause):")
+        rows = [["RANK", "NODE", "HOST", "PID", "WHAT", "WHEN"]]
+        for f in status.failures:
+            record = FailureRecord.from_json(json.dumps(f))
+            rows.append(
+                [
+                    "-" if record.rank is None else str(record.rank),
+                    str(record.node_rank),
+                    record.host,
+                    "-" if record.pid is None else str(record.pid),
+                    record.how(),
+                    time.strftime("%H:%M:%S", time.localtime(record.time)),
                 ]
             )
         lines.extend("  " + line for line in _table(rows))

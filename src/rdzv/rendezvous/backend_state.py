@@ -58,7 +58,6 @@ from rdzv.rendezvous.api import (
     RendezvousInfo,
     RendezvousStoreInfo,
     Token,
-    check_node_bounds,
 )
 from rdzv.rendezvous.dynamic import (
     DISABLE_SHARE_ENV,
@@ -464,24 +463,8 @@ class BackendRendezvousHandler(RendezvousHandler):
         *,
         poll_interval: float | None = None,
     ) -> None:
-        if not run_id:
-            raise ValueError("The run id must be a non-empty string.")
-        check_node_bounds(min_nodes, max_nodes)
-        if not isinstance(keep_alive_interval, timedelta):
-            keep_alive_interval = timedelta(seconds=keep_alive_interval)
-        if keep_alive_interval <= timedelta(0):
-            raise ValueError(f"The keep-alive interval ({keep_alive_interval}) must be positive.")
-        if keep_alive_max_attempt < 1:
-            raise ValueError(
-                f"The keep-alive max attempt ({keep_alive_max_attempt}) must be at least 1."
-            )
-        self._settings = RendezvousSettings(
-            run_id,
-            min_nodes,
-            max_nodes,
-            timeout or RendezvousTimeout(),
-            keep_alive_interval,
-            keep_alive_max_attempt,
+        self._settings = RendezvousSettings.checked(
+            run_id, min_nodes, max_nodes, timeout, keep_alive_interval, keep_alive_max_attempt
         )
         self._store = store
         self._backend = backend

@@ -48,7 +48,6 @@ from rdzv.rendezvous.api import (
     RendezvousParameters,
     RendezvousStoreInfo,
     Token,
-    check_node_bounds,
 )
 from rdzv.rendezvous.decision import (
     Bootstrap,
@@ -61,7 +60,6 @@ from rdzv.rendezvous.decision import (
     Track,
     _Pending,
     clean_up_program,
-    seconds,
 )
 from rdzv.rendezvous.keepalive import KeepAlive
 from rdzv.rendezvous.liveness import HeartbeatLiveness, Liveness
@@ -156,26 +154,12 @@ class DynamicRendezvousHandler(RendezvousHandler):
         master_endpoint: tuple[str, int] | None = None,
         key_prefix: str | None = None,
     ) -> None:
-        if not run_id:
-            raise ValueError("The run id must be a non-empty string.")
-        check_node_bounds(min_nodes, max_nodes)
+        self._settings = RendezvousSettings.checked(
+            run_id, min_nodes, max_nodes, timeout, keep_alive_interval, keep_alive_max_attempt
+        )
         if not isinstance(store, Store):
             raise TypeError(f"store must be an rdzv Store, got {type(store).__name__}")
-        interval = seconds(keep_alive_interval, "keep-alive interval")
-        if interval <= timedelta(0):
-            raise ValueError(f"The keep-alive interval ({interval}) must be positive.")
-        if keep_alive_max_attempt < 1:
-            raise ValueError(
-                f"The keep-alive max attempt ({keep_alive_max_attempt}) must be at least 1."
-            )
-        self._settings = RendezvousSettings(
-            run_id,
-            min_nodes,
-            max_nodes,
-            timeout or RendezvousTimeout(),
-            interval,
-            keep_alive_max_attempt,
-        )
+        interval = self._settings.keep_alive_interval
         self._store = store
         self._backend_name = backend_name
         self._liveness = liveness or HeartbeatLiveness(
