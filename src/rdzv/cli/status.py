@@ -90,15 +90,15 @@ def _status(args: argparse.Namespace) -> int:
         store = TCPStore(host, port, is_master=False, timeout=args.timeout)
         while True:
             status = read_status(store, args.run_id, endpoint)
-            if args.web:
-                print(render_web(status), flush=True)
-                return 0 if any(s.web for s in status.members) else 1
             unknown = not (status.closed or status.open_round or status.waiting)
             if unknown and not args.watch:
                 print(
                     f"rdzv status: {endpoint}: {_unknown_run(store, args.run_id)}", file=sys.stderr
                 )
                 return 1
+            if args.web:
+                print(render_web(status), flush=True)
+                return 0 if any(s.web for s in status.members) else 1
             if args.sample > 0 or args.watch:
                 measure_ages(store, status, clock, sample=0.0 if args.watch else args.sample)
             text = render_json(status) if args.json else render_table(status)
