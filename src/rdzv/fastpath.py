@@ -14,7 +14,11 @@ The server uses it only on connections where nothing else must see each request:
 durable journal (``--data-dir``), authenticated (or no token), no parked waits, no partial
 request buffered. It is built from ``src/rdzv/_fastpath.c`` by ``pip install``
 (setup.py, an optional extension: without a C compiler the install still works and the
-server is pure Python). Set ``RDZV_FASTPATH=0`` (or ``false``, ``no``, ``off``) in the
+server is pure Python). With metrics on (``StoreServer(metrics=True)``, ``rdzv serve
+--metrics-port``), the executor also counts, in C, the requests it executes by opcode and the
+time of each receiver call in a histogram (``Executor.enable_counting``); the metrics listener
+reads them with ``Executor.counters()`` at scrape time (:mod:`rdzv.observe`). Set
+``RDZV_FASTPATH=0`` (or ``false``, ``no``, ``off``) in the
 environment to disable it.
 """
 

@@ -4,6 +4,7 @@ parse it with prometheus_client's parser; the listener's security and its bad re
 from __future__ import annotations
 
 import datetime
+import json
 import socket
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def test_token_protects_metrics_and_status(tmp_path: Path) -> None:
     with serve_with_metrics(
         "--token-file", str(token_file), "--metrics-token-file", str(read_only)
     ) as (_, port, url):
-        for path in ("metrics", "api/status"):
+        for path in ("metrics", "api/status", "api/keys"):
             assert status_code(url + path) == 401
             assert status_code(url + path, headers={"Authorization": "Bearer wrong"}) == 401
             for good in (TOKEN, READ_ONLY):
@@ -198,3 +199,25 @@ def test_metrics_need_a_token_off_loopback() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "without a token" in result.stderr
+
+
+def test_keys_are_listed_with_sizes_never_values() -> None:
+    with serve_with_metrics() as (_, port, url):
+        store = TCPStore("127.0.0.1", port, timeout=10)
+        store.set("job/a", "secret-1")
+        store.set("job/b", "secret-22")
+        store.set("other", "secret-333")
+        with urllib.request.urlopen(url + "api/keys?prefix=job/&limit=1", timeout=10) as r:
+            body = r.read()
+        assert b"secret" not in body
+        assert json.loads(body) == {
+            "prefix": "job/",
+            "total": 2,
+            "keys": [{"key": "job/a", "bytes": 8}],
+        }
+        with urllib.request.urlopen(url + "api/keys", timeout=10) as r:
+            listed = json.loads(r.read())
+        assert [k["key"] for k in listed["keys"]] == ["job/a", "job/b", "other"]
+        for bad in ("0", "1001", "many"):
+            assert status_code(url + f"api/keys?limit={bad}") == 400
+        store.close()

@@ -19,6 +19,7 @@ from typing import Any
 from selenium import webdriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from rdzv.launcher.status import RendezvousStatus, SlotStatus, render_web
 from tests.conftest import subprocess_env
 from tests.launcher.cluster import store_server
 from tests.observe.helpers import scrape, serve_with_metrics, value
@@ -177,7 +178,15 @@ def test_rdzv_status_web_prints_the_agents_page_url(tmp_path: Path) -> None:
             env=subprocess_env(),
         )
         assert none.returncode == 1
-        assert "--metrics-port" in none.stdout
+        assert "'other'" in none.stderr  # no such run in this store
+
+
+def test_status_web_says_how_to_get_a_page() -> None:
+    status = RendezvousStatus("job", "", False, 0, 1)
+    status.members = [SlotStatus(round=0, slot=1, addr="h", pid=1, rank=0)]
+    assert "--metrics-port" in render_web(status)
+    status.members[0].web = "http://h:1/"
+    assert render_web(status) == "node 0 (h): http://h:1/"
 
 
 def test_store_status_shows_the_run_its_nodes_and_failures(tmp_path: Path) -> None:

@@ -98,6 +98,8 @@ class World:
         self.data: dict[str, bytes] = {}
         self.clock = 1000.0
         self.ops: list[Op] = []
+        #: Store operations per node index.
+        self.by_node: dict[int, int] = {}
         self.beating: dict[int, str | None] = {}
 
     # ---- the store, as torch defines it
@@ -156,6 +158,7 @@ class World:
                 if not all(k in self.data for k in keys):
                     return progressed
                 node.value, node.blocked = self.perform(node.blocked), None
+                self.by_node[index] = self.by_node.get(index, 0) + 1
             try:
                 if node.error is not None:
                     error, node.error = node.error, None
@@ -184,6 +187,7 @@ class World:
                 node.until = self.clock + (3600.0 if timeout is None else timeout)
             else:
                 node.value = self.perform(op)
+                self.by_node[index] = self.by_node.get(index, 0) + 1
         return progressed
 
     def beat(self, dead: set[int]) -> None:
@@ -367,3 +371,19 @@ def test_ops_per_node_do_not_grow_with_n(n: int) -> None:
     # Four operations per node (round hint, slot, descriptor + heartbeat, rank record) and a
     # constant number for the one closer (snapshot, freeze, seal, publish).
     assert len(world.ops) <= 4 * n + 12
+
+
+def test_waiting_nodes_far_from_the_monitors_look_less_often() -> None:
+    """While a round waits, the slots next in line look at the monitors every interval, the
+    ones far up at most every 16 intervals: the waiting costs O(N / 16) store operations per
+    interval, not O(N)."""
+    n = 80
+    s = settings(n + 1, n + 1, join=64 * INTERVAL)
+    world = World()
+    nodes = [Node(core(i, s).next_rendezvous(("boot", 1) if i == 0 else None)) for i in range(n)]
+    world.run(nodes, horizon=100 * INTERVAL)
+    assert all(isinstance(node.raised, RendezvousTimeoutError) for node in nodes)
+    near, far = world.by_node[3], world.by_node[n - 1]  # slots 4 and 80
+    assert near > 3 * far, (near, far)
+    # The far node looked a few times in 64 intervals (~4), not 64 times.
+    assert far < 64 * 3 / 8

@@ -766,8 +766,14 @@ class ElasticAgent:
     def _worker_record(self, worker: Worker) -> FailureRecord:
         """The record of a local worker that ended on its own, built at once (its error file
         is complete; its stderr is whatever reached us so far)."""
+        return FailureRecord.from_failure(self._describe_failure(worker))
+
+    def _describe_failure(self, worker: Worker) -> WorkerFailure:
+        """What a worker that ended on its own left behind (error file, stderr tail, logs)."""
         assert worker.pid is not None and worker.returncode is not None
-        failure = WorkerFailure(
+        streams = worker.streams
+        logs = [str(p) for p in (streams.log_path(Std.OUT), streams.log_path(Std.ERR)) if p]
+        return WorkerFailure(
             rank=worker.global_rank,
             local_rank=worker.local_rank,
             group_rank=self._assignment.group_rank if self._assignment else 0,
@@ -777,10 +783,10 @@ class ElasticAgent:
             run_time=worker.run_time(),
             restart_count=self.restart_count,
             host=self._host,
-            error_message=read_error_file(worker.streams.directory / "error.json"),
-            stderr_tail=worker.streams.stderr_tail(),
+            error_message=read_error_file(streams.directory / "error.json"),
+            stderr_tail=streams.stderr_tail(),
+            log_files=logs,
         )
-        return FailureRecord.from_failure(failure)
 
     def _dump_local_stacks(self, workers: WorkerProcesses, what: str) -> Path | None:
         """Write the stacks of the running local workers to the job's log dir."""
@@ -957,29 +963,7 @@ class ElasticAgent:
         workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
         workers.wait_output(2.0)
         self._count_exits(workers)
-        result: list[WorkerFailure] = []
-        for worker in workers.failures():
-            assert worker.pid is not None and worker.returncode is not None
-            streams = worker.streams
-            logs = [str(p) for p in (streams.log_path(Std.OUT), streams.log_path(Std.ERR)) if p]
-            result.append(
-                WorkerFailure(
-                    rank=worker.global_rank,
-                    local_rank=worker.local_rank,
-                    group_rank=self._assignment.group_rank if self._assignment else 0,
-                    pid=worker.pid,
-                    returncode=worker.returncode,
-                    exit_time=worker.exit_time or time.time(),
-                    run_time=worker.run_time(),
-                    restart_count=self.restart_count,
-                    host=self._host,
-                    error_message=read_error_file(streams.directory / "error.json"),
-                    stderr_tail=streams.stderr_tail(),
-                    log_files=logs,
-                )
-            )
-        self._failures.extend(f.to_json() for f in result)
-        return result
+        return [self._describe_failure(worker) for worker in workers.failures()]
 
     def _job_failure(
         self,

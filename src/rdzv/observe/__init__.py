@@ -37,12 +37,14 @@ def serve_store(
     from rdzv.observe.status import StoreStatus
 
     cache = SnapshotCache(server)
+    status = StoreStatus(cache, server.engine)
     return ObserveServer(
         host,
         port,
         registry=registry_for(ServerCollector(cache)),
-        status=StoreStatus(cache, server.engine),
+        status=status,
         tokens=tokens,
+        keys=status.keys,
     ).start()
 
 

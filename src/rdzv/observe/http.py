@@ -5,6 +5,8 @@ Routes (GET and HEAD; other methods get 405, unknown paths 404):
 * ``/metrics``: the Prometheus text format (OpenMetrics when the scraper asks for it),
   rendered from the collectors at scrape time;
 * ``/api/status``: the status document (JSON, :mod:`rdzv.observe.status`);
+* ``/api/keys?prefix=P&limit=N`` (a store's listener): key names and value sizes, never
+  values;
 * ``/`` and ``/static/...``: the status page (static files shipped in the package; they hold
   no data, so they are served without a token and ask for one when the data needs it).
 
@@ -15,7 +17,7 @@ counters and snapshots (copies taken under the GIL). A client's mistake costs th
 times out after :data:`REQUEST_TIMEOUT` seconds.
 
 Security (``docs/observability.md``): bind loopback unless told otherwise; with tokens,
-``/metrics`` and ``/api/status`` require ``Authorization: Bearer <token>`` (any of the
+``/metrics`` and ``/api/...`` require ``Authorization: Bearer <token>`` (any of the
 tokens: the store's, or a read-only one); on a loopback address, requests naming another
 host in ``Host`` are refused (a web page elsewhere cannot reach the listener through DNS
 rebinding).
@@ -36,7 +38,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
@@ -54,6 +56,9 @@ REQUEST_TIMEOUT = 10.0
 #: CPU (and the GIL the store needs), so a flood of scrapes renders at most 100 times a
 #: second; figures are at most this old.
 RENDER_MAX_AGE = 0.01
+#: Keys ``/api/keys`` lists by default, and at most.
+DEFAULT_KEYS = 100
+MAX_KEYS = 1000
 
 _STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -130,7 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:
-        _log.debug("%s %s", self.address_string(), format % args)
+        if _log.isEnabledFor(logging.DEBUG):  # every request logs: format only when shown
+            _log.debug("%s %s", self.address_string(), format % args)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         if code == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method: the client's mistake
@@ -178,12 +184,15 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._host_allowed():
             self._text(HTTPStatus.FORBIDDEN, "forbidden: Host is not a loopback address")
             return
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path = url.path
         static = owner.static.get(path)
         if static is not None:
             self._reply(HTTPStatus.OK, static[0], static[1])
             return
-        if path not in ("/metrics", "/api/status"):
+        if path not in ("/metrics", "/api/status", "/api/keys") or (
+            path == "/api/keys" and owner.keys is None
+        ):
             self._text(HTTPStatus.NOT_FOUND, f"not found: {path} (try /, /metrics, /api/status)")
             return
         if not self._authorized():
@@ -194,6 +203,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "'Authorization: Bearer <token>'",
                 {"WWW-Authenticate": 'Bearer realm="rdzv"'},
             )
+            return
+        if path == "/api/keys":
+            self._list_keys(url.query)
             return
         try:
             if path == "/metrics":
@@ -212,6 +224,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
+    def _list_keys(self, query: str) -> None:
+        """``/api/keys?prefix=P&limit=N``: key names and sizes (never values)."""
+        keys = self.server.owner.keys
+        assert keys is not None
+        params = parse_qs(query, keep_blank_values=True)
+        prefix = params.get("prefix", [""])[-1]
+        raw = params.get("limit", [str(DEFAULT_KEYS)])[-1]
+        try:
+            limit = int(raw)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_KEYS:
+            self._text(HTTPStatus.BAD_REQUEST, f"limit must be an integer in 1..{MAX_KEYS}")
+            return
+        body = json.dumps(keys(prefix, limit)).encode()
+        self._reply(HTTPStatus.OK, body, "application/json")
+
     def _not_allowed(self) -> None:
         self._text(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", {"Allow": "GET, HEAD"})
 
@@ -229,6 +258,8 @@ class ObserveServer:
         registry: the collectors (:func:`rdzv.observe.metrics.registry_for`).
         status: returns the status document (JSON-able).
         tokens: accepted bearer tokens (bytes); empty: no authentication.
+        keys: ``keys(prefix, limit)`` for ``/api/keys`` (a store's key names and sizes);
+            None: no such route (404).
 
     Raises OSError from :meth:`start` when the address cannot be bound.
     """
@@ -241,8 +272,10 @@ class ObserveServer:
         registry: CollectorRegistry,
         status: Callable[[], dict[str, Any]],
         tokens: Sequence[bytes] = (),
+        keys: Callable[[str, int], dict[str, Any]] | None = None,
     ) -> None:
         self.host = host
+        self.keys = keys
         self.registry = registry
         self.status = status
         self.tokens = tuple(tokens)

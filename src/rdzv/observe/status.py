@@ -149,6 +149,20 @@ class StoreStatus:
         data["failures"] = _shown(records)
         return data
 
+    def keys(self, prefix: str, limit: int) -> dict[str, Any]:
+        """The first ``limit`` keys (sorted) starting with ``prefix``, as torch clients name
+        them (without the wire's leading "/"), with their value sizes in bytes; values are
+        never returned. O(keys) (one copy of the key list)."""
+        wanted = ("/" + prefix).encode("utf-8")
+        matching = sorted(k for k in self._engine.list_keys() if k.startswith(wanted))
+        keys = []
+        for key in matching[:limit]:
+            value = self._engine.get(key)
+            name = key.decode("utf-8", "backslashreplace")
+            keys.append({"key": name[1:] if name.startswith("/") else name,
+                         "bytes": None if value is None else len(value)})  # fmt: skip
+        return {"prefix": prefix, "total": len(matching), "keys": keys}
+
     def __call__(self) -> dict[str, Any]:
         snap = self._cache.get()
         runs = []

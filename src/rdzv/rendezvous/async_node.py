@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 from rdzv.errors import RendezvousClosedError, RendezvousError
 from rdzv.events import NodeState, record_rdzv_event_fields
-from rdzv.rendezvous.api import check_node_bounds
 from rdzv.rendezvous.decision import (
     Bootstrap,
     CleanUp,
@@ -41,7 +40,6 @@ from rdzv.rendezvous.decision import (
     RendezvousTimeout,
     Track,
     clean_up_program,
-    seconds,
 )
 from rdzv.rendezvous.liveness import HeartbeatLiveness
 from rdzv.rendezvous.ops import (
@@ -161,24 +159,10 @@ class AsyncRendezvousNode:
         key_prefix: str | None = None,
         keep_alive_store: AsyncTCPStore | None = None,
     ) -> None:
-        if not run_id:
-            raise ValueError("The run id must be a non-empty string.")
-        check_node_bounds(min_nodes, max_nodes)
-        interval = seconds(keep_alive_interval, "keep-alive interval")
-        if interval <= timedelta(0):
-            raise ValueError(f"The keep-alive interval ({interval}) must be positive.")
-        if keep_alive_max_attempt < 1:
-            raise ValueError(
-                f"The keep-alive max attempt ({keep_alive_max_attempt}) must be at least 1."
-            )
-        self.settings = RendezvousSettings(
-            run_id,
-            min_nodes,
-            max_nodes,
-            timeout or RendezvousTimeout(),
-            interval,
-            keep_alive_max_attempt,
+        self.settings = RendezvousSettings.checked(
+            run_id, min_nodes, max_nodes, timeout, keep_alive_interval, keep_alive_max_attempt
         )
+        interval = self.settings.keep_alive_interval
         self._store = store
         self._keep_alive_store = keep_alive_store
         self._interval = interval.total_seconds()

@@ -83,6 +83,10 @@ __all__ = [
 
 logger = logging.getLogger("rdzv.rendezvous.dynamic")
 
+#: The longest period, in keep-alive intervals, between two looks of a waiting non-monitor
+#: at the monitors of its round (see ``RendezvousCore._watch_period``).
+MAX_WATCH_INTERVALS = 16
+
 
 # ---------------------------------------------------------------------------- configuration
 def seconds(value: timedelta | float | int, name: str) -> timedelta:
@@ -523,7 +527,7 @@ class RendezvousCore:
         self._update_role(pending)
         # A monitor looks at once: a peer that died before we came is declared one expiry
         # after this first look (nobody can know how long it has been silent already).
-        next_tick = (yield NOW) + (0.0 if pending.monitor else self.interval)
+        next_tick = (yield NOW) + (0.0 if pending.monitor else self._watch_period(pending))
         while True:
             now = yield NOW
             watch_quorum = (
@@ -534,7 +538,11 @@ class RendezvousCore:
             )
             key = keys.quorum if watch_quorum else rank_key
             wake = min(next_tick, deadline)
-            observed = pending.observer.next_deadline()
+            # Waking when a watched heartbeat would expire makes a death known at once: what
+            # the monitors and the next in line do; the nodes further up keep their period.
+            observed = None
+            if pending.monitor or self._watch_period(pending) <= self.interval:
+                observed = pending.observer.next_deadline()
             if observed is not None:
                 wake = min(wake, observed)
             close_at = None
@@ -565,7 +573,7 @@ class RendezvousCore:
                 continue
             if now >= next_tick or (observed is not None and now >= observed):
                 yield from self._tick(pending)
-                next_tick = now + (monitor_tick if pending.monitor else self.interval)
+                next_tick = now + (monitor_tick if pending.monitor else self._watch_period(pending))
             if now >= deadline:
                 if (yield from self._is_redundant(pending)):
                     deadline = now + settings.timeout.join.total_seconds()
@@ -577,6 +585,16 @@ class RendezvousCore:
         """Whether this node is the lowest live slot of its round (as far as it knows): the
         one that closes the round when the last call ends."""
         return all(s in pending.gone for s in range(1, pending.slot))
+
+    def _watch_period(self, pending: _Pending) -> float:
+        """How often a non-monitor looks at the two monitors: every keep-alive interval for
+        the slots next in line, less often further up (``live_below // 4`` intervals, at
+        most :data:`MAX_WATCH_INTERVALS`). N waiting nodes then cost O(N / 16) looks per
+        interval instead of N (a round slowed past one interval no longer multiplies its
+        own load), and after the loss of the m lowest slots the next in line still takes
+        over within about m / 4 intervals."""
+        live_below = pending.slot - 1 - sum(1 for s in pending.gone if s < pending.slot)
+        return self.interval * min(MAX_WATCH_INTERVALS, max(1, live_below // 4))
 
     @staticmethod
     def _update_role(pending: _Pending) -> None:

@@ -174,6 +174,7 @@ async function poll() {
     document.getElementById("login").hidden = true;
     document.getElementById("error").hidden = true;
     document.getElementById("kind").textContent = doc.kind === "agent" ? "run (agent)" : "store";
+    document.getElementById("keys").hidden = doc.kind !== "store";
     document.getElementById("content").replaceChildren(
       ...(doc.kind === "agent" ? renderAgent(doc) : renderStore(doc)));
     live.textContent = `live, updated ${new Date(doc.time * 1000).toLocaleTimeString()}`;
@@ -190,6 +191,28 @@ async function poll() {
   }
 }
 
+async function listKeys(event) {
+  event.preventDefault();
+  const prefix = document.getElementById("keys-prefix").value;
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const box = document.getElementById("keys-list");
+  try {
+    const response = await fetch(`/api/keys?prefix=${encodeURIComponent(prefix)}&limit=200`,
+      { headers, cache: "no-store" });
+    if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+    const doc = await response.json();
+    box.replaceChildren(
+      el("p", { class: "muted" }, `${doc.total} key(s) with prefix "${doc.prefix}"` +
+        (doc.total > doc.keys.length ? `, first ${doc.keys.length} shown` : "") +
+        " (values are never shown)"),
+      table("key-table", ["KEY", "VALUE BYTES"],
+        doc.keys.map((k) => el("tr", {}, el("td", {}, k.key), el("td", {}, k.bytes ?? "-")))));
+  } catch (err) {
+    box.replaceChildren(el("p", { class: "error" }, `cannot list keys: ${err.message}`));
+  }
+}
+
+document.getElementById("keys-form").addEventListener("submit", listKeys);
 document.getElementById("login-form").addEventListener("submit", (event) => {
   event.preventDefault();
   token = document.getElementById("token").value.trim();
