@@ -681,7 +681,8 @@ def _h_cancel_wait(server: StoreServer, conn: _Connection, req: wire.CancelWait)
 
 
 def _h_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> None:
-    conn.send_stateless(wire.reply_ping(req.nonce, conn.parser.extended))
+    read_only = server.read_only is not None
+    conn.send_stateless(wire.reply_ping(req.nonce, conn.parser.extended, read_only=read_only))
 
 
 def _h_queue_push(server: StoreServer, conn: _Connection, req: wire.QueuePush) -> None:

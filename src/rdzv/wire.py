@@ -44,6 +44,7 @@ __all__ = [
     "EXT_OK",
     "EXT_VERSION",
     "HELLO_AUTH_REQUIRED",
+    "HELLO_READ_ONLY",
     "INIT_KEY",
     "KEY_PREFIX",
     "MAX_LEASE_MS",
@@ -82,8 +83,11 @@ EXT_VERSION = 1
 #: extension version (never ``0x76``, so it always differs from the echo a torch server sends).
 RDZV_HELLO = 0x72647A00 | EXT_VERSION
 #: Flag bit of the HELLO's low byte: this server requires this connection to authenticate
-#: (EXT_AUTH_BEGIN / EXT_AUTH_PROOF) before anything else. The version is ``low & 0x7F``.
+#: (EXT_AUTH_BEGIN / EXT_AUTH_PROOF) before anything else. The version is ``low & 0x3F``.
 HELLO_AUTH_REQUIRED = 0x80
+#: Flag bit of the HELLO's low byte: the server refuses writes for now (its durable journal
+#: cannot be written: a full disk); a write in torch's protocol closes the connection.
+HELLO_READ_ONLY = 0x40
 #: Sizes of the fixed fields of the authentication exchange (see :mod:`rdzv.auth`).
 AUTH_NONCE_BYTES = 32
 AUTH_PROOF_BYTES = 32
@@ -850,11 +854,17 @@ def reply_queue_pop(value: bytes | None, length_before: int) -> bytes:
     return _I64_PACK(length_before) + _U64_PACK(len(value)) + value
 
 
-def reply_ping(nonce: int, extended: bool, auth_required: bool = False) -> bytes:
+def reply_ping(
+    nonce: int, extended: bool, auth_required: bool = False, read_only: bool = False
+) -> bytes:
     """PING: the nonce echoed; :data:`RDZV_HELLO` when it negotiated the extensions (with
-    :data:`HELLO_AUTH_REQUIRED` set when the connection must authenticate first)."""
+    :data:`HELLO_AUTH_REQUIRED` set when the connection must authenticate first, and
+    :data:`HELLO_READ_ONLY` when the server refuses writes for now)."""
     if extended and nonce == RDZV_PING_NONCE:
-        return _U32.pack(RDZV_HELLO | (HELLO_AUTH_REQUIRED if auth_required else 0))
+        flags = (HELLO_AUTH_REQUIRED if auth_required else 0) | (
+            HELLO_READ_ONLY if read_only else 0
+        )
+        return _U32.pack(RDZV_HELLO | flags)
     return _U32.pack(nonce)
 
 

@@ -17,9 +17,12 @@ from typing import Any
 import pytest
 
 from rdzv import events
+from rdzv.errors import NetworkError
 from rdzv.launcher.agent import ElasticAgent, RunResult, WorkerState
 from rdzv.launcher.config import LaunchConfig, Std
 from rdzv.rendezvous.api import RendezvousInfo
+from rdzv.store.hash import HashStore
+from rdzv.store.prefix import PrefixStore
 from tests.launcher.fakes import LocalHandler
 from tests.launcher.procs import alive_with_marker, wait_for
 
@@ -417,3 +420,33 @@ def test_the_agents_own_store_takes_the_token(monkeypatch: pytest.MonkeyPatch) -
             TCPStore("127.0.0.1", port, timeout=5)
     finally:
         agent._cleanup()
+
+
+class _GoneStore(HashStore):
+    """A round store whose host is gone for every write of the failure record."""
+
+    def _compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        raise NetworkError("TCPStore(127.0.0.1:29400): connection refused (the store is gone)")
+
+
+class _GoneHandler(LocalHandler):
+    def next_rendezvous(self) -> RendezvousInfo:
+        info = super().next_rendezvous()
+        return RendezvousInfo(PrefixStore("gone", _GoneStore()), 0, 1, info.bootstrap_store_info)
+
+
+def test_a_cause_that_cannot_be_published_still_reaches_the_local_console() -> None:
+    code = "import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(7)\ntime.sleep(60)\n"
+    result, console, _ = run_agent(code, _GoneHandler())
+    assert result.exit_code == 7
+    err = console.err.decode()
+    assert "[rdzv run] root cause: rank 1 on node 0 (" in err and "exit code 7" in err
+
+
+def test_an_early_clean_exit_is_no_failure_and_a_silent_worker_is_never_hung() -> None:
+    # Rank 0 exits 0 at once; rank 1 never calls rdzv.heartbeat() and works for 1.5 s, ten
+    # times the hang timeout.
+    code = "import os, time\nif os.environ['RANK'] == '1':\n    time.sleep(1.5)\n"
+    result, console, _ = run_agent(code, hang_timeout=0.15, monitor_interval=0.05)
+    assert result.state is WorkerState.SUCCEEDED and result.exit_code == 0
+    assert b"root cause" not in console.err

@@ -74,8 +74,8 @@ def test_launch_config_validation() -> None:
         LaunchConfig(run_id="a/b")
     with pytest.raises(ValueError, match="nproc_per_node"):
         LaunchConfig(nproc_per_node=0)
-    assert LaunchConfig(node_timeout=30).node_heartbeat_interval == 2.0
-    assert LaunchConfig(node_timeout=3).node_heartbeat_interval == pytest.approx(0.3)
+    assert LaunchConfig(node_timeout=30).node_heartbeat_interval == 1.0
+    assert LaunchConfig(node_timeout=3).node_heartbeat_interval == pytest.approx(0.15)
 
 
 def _args(*argv: str) -> argparse.Namespace:

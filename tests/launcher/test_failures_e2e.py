@@ -6,7 +6,13 @@ import json
 import time
 from pathlib import Path
 
-from tests.launcher.cluster import agents_cleanup, finish, start_agent, store_server
+from tests.launcher.cluster import (
+    agents_cleanup,
+    finish,
+    pids_alive,
+    start_agent,
+    store_server,
+)
 from tests.launcher.procs import wait_for
 from tests.launcher.test_run_e2e import _c10d
 from tests.launcher.test_status_e2e import _status
@@ -113,6 +119,9 @@ def test_a_hung_rank_is_named_with_its_stack_on_every_node(tmp_path: Path) -> No
         line = next(x for x in err.splitlines() if "] root cause:" in x)
         assert "root cause: rank 3 on node 1 (" in line
         assert "hung (no heartbeat; last step 5) in stuck (" in line and "hangs.py:" in line
+        # The stopped worker was killed, not left behind.
+        hung_pid = int(line.split("(pid ")[1].split(",")[0])
+        assert pids_alive([hung_pid]) == []
     stacks = sorted(logs.glob("*/stacks-hang-rank3-*.txt"))
     assert len(stacks) == 1
     text = stacks[0].read_text()

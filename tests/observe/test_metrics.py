@@ -207,6 +207,7 @@ def test_keys_are_listed_with_sizes_never_values() -> None:
         store.set("job/a", "secret-1")
         store.set("job/b", "secret-22")
         store.set("other", "secret-333")
+        assert store.get("other") == b"secret-333"  # a round trip: the sets were served
         with urllib.request.urlopen(url + "api/keys?prefix=job/&limit=1", timeout=10) as r:
             body = r.read()
         assert b"secret" not in body

@@ -479,3 +479,21 @@ def test_join_timeout_names_the_members_that_did_not_come_back(backend: Backend)
     text = str(exc)
     assert "Still waiting for 1 member(s) of round 0 to come back or be declared dead" in text
     assert f"pid {os.getpid()}" in text and "last heartbeat " in text
+
+
+def test_declare_lost_marks_the_node_dead_at_once(backend: Backend) -> None:
+    # A long keep-alive expiry: only the launcher's verdict can end the wait early.
+    hs = handlers(backend, 2, 1, 2, interval=5.0)
+    infos = join_all(hs)
+    lost = next(h for h, i in zip(hs, infos, strict=True) if i.rank == 1)
+    survivor = next(h for h in hs if h is not lost)
+    stop(lost)
+    assert survivor.declare_lost(0) is False  # its own rank: nothing to do
+    assert survivor.declare_lost(1) is True
+    assert survivor.declare_lost(1) is False  # already dead
+    slots = [s for s in (1, 2) if backend.admin.get(f"rdzv/job/r0/hb/{s}").startswith(b"dead:")]
+    assert len(slots) == 1
+    started = time.monotonic()
+    info = Join(survivor).result()
+    assert info.world_size == 1
+    assert time.monotonic() - started < 5.0  # well under the 15 s keep-alive expiry

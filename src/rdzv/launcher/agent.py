@@ -875,8 +875,12 @@ class ElasticAgent:
     def _declare_lost(self, node: int) -> None:
         """One verdict for launcher and rendezvous: tell the handler that ``node`` is lost, so
         that the next round does not wait for the rendezvous' own heartbeat expiry."""
+        # A handler from a plugin may predate declare_lost: then there is nothing to update.
+        declare = getattr(self.handler, "declare_lost", None)
+        if not callable(declare):
+            return
         try:
-            self.handler.declare_lost(node)
+            declare(node)
         except RendezvousError as exc:
             _log.warning("could not mark node %d lost in the rendezvous: %s", node, exc)
 
@@ -963,7 +967,9 @@ class ElasticAgent:
         workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
         workers.wait_output(2.0)
         self._count_exits(workers)
-        return [self._describe_failure(worker) for worker in workers.failures()]
+        result = [self._describe_failure(worker) for worker in workers.failures()]
+        self._failures.extend(f.to_json() for f in result)  # for the status page
+        return result
 
     def _job_failure(
         self,

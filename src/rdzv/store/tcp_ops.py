@@ -33,6 +33,7 @@ from rdzv.wire import (
     EXT_ERROR,
     EXT_OK,
     HELLO_AUTH_REQUIRED,
+    HELLO_READ_ONLY,
     INIT_KEY,
     KEY_PREFIX,
     RDZV_HELLO,
@@ -112,7 +113,16 @@ class Session:
     handshake's authentication exchange runs (a connection lost then is an auth failure).
     """
 
-    __slots__ = ("authenticating", "extended", "io_timeout", "tls", "token", "version", "where")
+    __slots__ = (
+        "authenticating",
+        "extended",
+        "io_timeout",
+        "read_only",
+        "tls",
+        "token",
+        "version",
+        "where",
+    )
 
     def __init__(
         self, where: str, io_timeout: float, token: bytes | None = None, tls: bool = False
@@ -124,6 +134,7 @@ class Session:
         self.extended = False
         self.authenticating = False
         self.version = 0
+        self.read_only = False  # the server said it refuses writes (HELLO_READ_ONLY)
 
     def io(self, what: str, decoder: Decoder[Any]) -> Read:
         return Read(decoder, time.monotonic() + self.io_timeout, what)
@@ -302,6 +313,15 @@ def lost_again(s: Session, unacked: Unacked, reason: str) -> NetworkError:
     a replayed one: a limit, a protocol violation). The replay window is dropped (its
     outcome is unknown) so that the next call does not send it again."""
     unacked.clear()
+    if s.read_only:
+        return NetworkError(
+            f"{s.where}: the store is read-only: its server cannot write its journal (a full "
+            "disk?; its log says why) and refuses writes, closing the connection on those "
+            "of torch's protocol (set, append, multi_set, compare_set, delete_key, "
+            f"queue_push ...), which have no error reply ({reason}); the writes sent since "
+            "the last reply were dropped, their outcome is unknown; writes are accepted "
+            "again once the server can write its journal"
+        )
     return NetworkError(
         f"{s.where}: the connection was lost again after reconnecting ({reason}); the server "
         "closes the connection on this request or on the writes sent before it (a request "
@@ -356,10 +376,11 @@ def handshake(s: Session) -> OpGen[None]:
     s.authenticating = s.token is not None
     auth_required = False
     if reply == RDZV_PING_NONCE:
-        s.extended, s.version = False, 0
+        s.extended, s.version, s.read_only = False, 0, False
     elif reply >> 8 == RDZV_HELLO >> 8:
-        s.extended, s.version = True, reply & 0x7F
+        s.extended, s.version = True, reply & 0x3F
         auth_required = bool(reply & HELLO_AUTH_REQUIRED)
+        s.read_only = bool(reply & HELLO_READ_ONLY)
     else:
         raise NetworkError(
             f"ping failed on {s.where}: sent {RDZV_PING_NONCE:#010x}, got {reply:#010x}; "
