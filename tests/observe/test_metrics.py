@@ -262,3 +262,26 @@ def test_read_only_gauge_follows_a_full_disk(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_flood_of_idle_connections_gets_503_and_the_store_keeps_serving() -> None:
+    from rdzv.observe.http import MAX_CONCURRENT
+
+    with serve_with_metrics() as (proc, port, url):
+        store = TCPStore("127.0.0.1", port, timeout=10)
+        host, http_port = url[len("http://") :].rstrip("/").rsplit(":", 1)
+        idle = [socket.create_connection((host, int(http_port)), timeout=10)]
+        try:
+            idle += [
+                socket.create_connection((host, int(http_port)), timeout=10)
+                for _ in range(MAX_CONCURRENT - 1)
+            ]
+            eventually(lambda: status_code(url + "metrics") == 503, what="503 when saturated")
+            store.set("still", "served")
+            assert store.get("still") == b"served"
+        finally:
+            for sock in idle:
+                sock.close()
+        eventually(lambda: status_code(url + "metrics") == 200, what="served again")
+        assert proc.poll() is None
+        store.close()
