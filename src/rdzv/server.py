@@ -1271,6 +1271,7 @@ class StoreServer:
             open={"torch": len(connections) - extended, "rdzv": extended},
             waiters=sum(len(c.waiters) for c in connections),
             sizes=sizes,
+            read_only=self.read_only is not None,
         )
 
     async def close(self) -> None:
