@@ -12,7 +12,9 @@ Routes (GET and HEAD; other methods get 405, unknown paths 404):
 
 It never runs on, and never waits for, the store's event loop or the agent's thread: each
 request is served in a thread of :class:`http.server.ThreadingHTTPServer` that reads plain
-counters and snapshots (copies taken under the GIL). A client's mistake costs that client a
+counters and snapshots. A store's listener runs in a process of its own and reads the
+snapshots the store process publishes (:mod:`rdzv.observe.listener`); an agent's runs in
+threads of the agent's process (copies taken under the GIL). A client's mistake costs that client a
 4xx; at most :data:`MAX_CONCURRENT` requests are served at once (more get 503), each socket
 times out after :data:`REQUEST_TIMEOUT` seconds.
 
@@ -43,7 +45,15 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["MAX_CONCURRENT", "RENDER_MAX_AGE", "REQUEST_TIMEOUT", "ObserveServer"]
+__all__ = [
+    "KEYS_INTERVAL",
+    "MAX_CONCURRENT",
+    "RENDER_MAX_AGE",
+    "REQUEST_TIMEOUT",
+    "ObserveServer",
+    "Unavailable",
+    "listener_url",
+]
 
 _log = logging.getLogger("rdzv.observe.http")
 
@@ -59,6 +69,23 @@ RENDER_MAX_AGE = 0.01
 #: Keys ``/api/keys`` lists by default, and at most.
 DEFAULT_KEYS = 100
 MAX_KEYS = 1000
+#: Seconds between two key listings a store's listener asks of the store process (at most
+#: 10 a second; see :mod:`rdzv.observe.listener`).
+KEYS_INTERVAL = 0.1
+
+
+class Unavailable(Exception):
+    """Raised by a ``keys`` source that cannot answer now: the request gets 503 with
+    ``Retry-After`` and this message."""
+
+
+def listener_url(host: str, port: int) -> str:
+    """``http://host:port/`` (IPv6 literals bracketed; this host's name for a wildcard
+    address)."""
+    host = socket.getfqdn() if host in ("", "0.0.0.0", "::") else host
+    host = host if ":" not in host else f"[{host}]"
+    return f"http://{host}:{port}/"
+
 
 _STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -240,7 +267,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not 1 <= limit <= MAX_KEYS:
             self._text(HTTPStatus.BAD_REQUEST, f"limit must be an integer in 1..{MAX_KEYS}")
             return
-        body = json.dumps(keys(prefix, limit)).encode()
+        try:
+            body = json.dumps(keys(prefix, limit)).encode()
+        except Unavailable as exc:
+            self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc}", {"Retry-After": "1"})
+            return
         self._reply(HTTPStatus.OK, body, "application/json")
 
     def _not_allowed(self) -> None:
@@ -324,11 +355,8 @@ class ObserveServer:
 
     @property
     def url(self) -> str:
-        """``http://host:port/`` (IPv6 literals bracketed; this host's name for a wildcard
-        address)."""
-        host = socket.getfqdn() if self.host in ("", "0.0.0.0", "::") else self.host
-        host = host if ":" not in host else f"[{host}]"
-        return f"http://{host}:{self.port}/"
+        """:func:`listener_url` of this listener."""
+        return listener_url(self.host, self.port)
 
     def close(self) -> None:
         """Stop serving and close the socket (idempotent)."""
