@@ -25,7 +25,8 @@ time (handshake included) and the set/get loop.
 ``--metrics`` measures instead the cost of ``rdzv serve --metrics-port`` (request counting
 and timing, in C on the fast path) with torch's clients: the server without metrics, with
 metrics scraped every 100 ms during the load (Prometheus scrapes every 15 s; 100 ms is a
-stress), and scraped 1,000 times a second (one keep-alive scraper)::
+stress), and scraped 1,000 times a second (one keep-alive scraper). The server's CPU per op
+is the store process's; the listener process's is reported apart (``listener_cpu_us_per_op``)::
 
     python bench/store_ops.py --metrics [--clients 1 16 64] [--seconds 3] [--repeats 3]
 
@@ -163,9 +164,16 @@ def measure_metrics(variant: str, clients: int, args: argparse.Namespace) -> dic
     proc, port = start_server("rdzv", ("--metrics-port", "0"))
     try:
         scraper = Scraper(metrics_url(proc), interval)
+        # The listener is a process of its own (rdzv.observe.listener): its CPU is reported
+        # apart from the store process's (server_cpu_us_per_op).
+        listener = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        listener_cpu = cpu_seconds(listener)
         scraper.start()
         result = run_clients("torch", port, clients, args.procs, args.seconds, proc.pid)
+        listener_cpu = cpu_seconds(listener) - listener_cpu
         result.update(scraper.stop())
+        ops = max(result["ops_per_s"] * args.seconds, 1)  # CPU from connect to exit: an upper bound
+        result["listener_cpu_us_per_op"] = round(listener_cpu / ops * 1e6, 2)
     finally:
         stop_server(proc)
     return result

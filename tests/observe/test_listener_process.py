@@ -15,7 +15,7 @@ import pytest
 
 from rdzv.observe.channel import Channel
 from rdzv.observe.http import KEYS_INTERVAL, Unavailable
-from rdzv.observe.listener import RemoteStore
+from rdzv.observe.listener import NICENESS, RemoteStore
 from rdzv.store.tcp import TCPStore
 from tests.observe.helpers import scrape, serve_with_metrics, value
 from tests.server.helpers import eventually
@@ -48,6 +48,8 @@ def refused(url: str) -> bool:
 def test_the_listener_process_exits_when_the_store_is_killed() -> None:
     with serve_with_metrics() as (proc, port, url):
         child = listener_pid(proc.pid)
+        niceness = os.getpriority(os.PRIO_PROCESS, proc.pid) + NICENESS
+        assert os.getpriority(os.PRIO_PROCESS, child) == min(19, niceness)  # scrapes yield
         store = TCPStore("127.0.0.1", port, timeout=10)
         store.set("k", "v")
         eventually(lambda: value(scrape(url), "rdzv_store_keys") == 1, what="a published snapshot")

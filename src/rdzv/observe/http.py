@@ -62,8 +62,9 @@ _log = logging.getLogger("rdzv.observe.http")
 MAX_CONCURRENT = 16
 #: Seconds a connection may take to send its request (a slow client holds a thread).
 REQUEST_TIMEOUT = 10.0
-#: Seconds a rendered /metrics or /api/status body is reused: rendering costs ~0.3 ms of
-#: CPU (and the GIL the store needs), so a flood of scrapes renders at most 100 times a
+#: Seconds a rendered /metrics or /api/status body is reused when the listener has no
+#: ``version`` of its data (an agent's): rendering costs ~0.3 ms of CPU (and the GIL the
+#: agent needs), so a flood of scrapes renders at most 100 times a
 #: second; figures are at most this old.
 RENDER_MAX_AGE = 0.01
 #: Keys ``/api/keys`` lists by default, and at most.
@@ -292,7 +293,10 @@ class ObserveServer:
         status: returns the status document (JSON-able).
         tokens: accepted bearer tokens (bytes); empty: no authentication.
         keys: ``keys(prefix, limit)`` for ``/api/keys`` (a store's key names and sizes);
-            None: no such route (404).
+            None: no such route (404). It may raise :class:`Unavailable` (503).
+        version: returns a value that changes whenever ``registry`` and ``status`` may
+            answer differently (a store listener's published snapshots): bodies are
+            rendered once per version; None: at most every :data:`RENDER_MAX_AGE` seconds.
 
     Raises OSError from :meth:`start` when the address cannot be bound.
     """
@@ -306,6 +310,7 @@ class ObserveServer:
         status: Callable[[], dict[str, Any]],
         tokens: Sequence[bytes] = (),
         keys: Callable[[str, int], dict[str, Any]] | None = None,
+        version: Callable[[], object] | None = None,
     ) -> None:
         self.host = host
         self.keys = keys
@@ -314,7 +319,8 @@ class ObserveServer:
         self.tokens = tuple(tokens)
         self.static = _load_static()
         self.auth_failures = 0
-        self._rendered: dict[tuple[str, str], tuple[float, bytes]] = {}
+        self._version = version
+        self._rendered: dict[tuple[str, str], tuple[object, float, bytes]] = {}
         self._render_lock = threading.Lock()
         self._requested_port = port
         self._server: _Server | None = None
@@ -322,15 +328,21 @@ class ObserveServer:
         self.loopback = False
 
     def render(self, key: tuple[str, str], make: Callable[[], bytes]) -> bytes:
-        """``make()``, or its result of less than :data:`RENDER_MAX_AGE` seconds ago for
-        the same ``key`` (one render at a time: concurrent requests share it)."""
+        """``make()``, or its earlier result for the same ``key``: while ``version()`` is
+        unchanged when the listener has one, else for :data:`RENDER_MAX_AGE` seconds (one
+        render at a time: concurrent requests share it)."""
         with self._render_lock:
             now = time.monotonic()
+            version = None if self._version is None else self._version()
             cached = self._rendered.get(key)
-            if cached is not None and now - cached[0] < RENDER_MAX_AGE:
-                return cached[1]
+            if (
+                cached is not None
+                and cached[0] == version
+                and (version is not None or now - cached[1] < RENDER_MAX_AGE)
+            ):
+                return cached[2]
             body = make()
-            self._rendered[key] = (now, body)
+            self._rendered[key] = (version, now, body)
             return body
 
     def start(self) -> ObserveServer:

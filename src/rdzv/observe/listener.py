@@ -5,12 +5,16 @@ It serves :mod:`rdzv.observe.http` from the latest state the store process publi
 channel (file descriptor ``FD``), so a scrape costs the store nothing; it asks the store
 process for key listings (``/api/keys``) at most every :data:`~rdzv.observe.http.KEYS_INTERVAL`
 seconds, answering a request beyond that from the previous answer to the same query, or 503.
-It exits when the channel closes (the store process exited or closed it).
+Bodies are rendered once per published state, whatever the scrape rate; the process runs
+at a lower priority (:data:`NICENESS`). It exits when the channel closes (the store process
+exited or closed it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -23,12 +27,15 @@ from rdzv.observe.http import KEYS_INTERVAL, ObserveServer, Unavailable
 from rdzv.observe.metrics import ServerCollector, registry_for
 from rdzv.stats import ServerSnapshot
 
-__all__ = ["KEYS_TIMEOUT", "RemoteStore", "main"]
+__all__ = ["KEYS_TIMEOUT", "NICENESS", "RemoteStore", "main"]
 
 _log = logging.getLogger("rdzv.observe.listener")
 
 #: Seconds a key listing may take in the store process before the request gets 503.
 KEYS_TIMEOUT = 5.0
+#: Added to the listener's nice value: on a busy machine, a flood of scrapes slows the
+#: scrapes, not the store (its figures just lag).
+NICENESS = 10
 #: Key-listing answers kept for requests beyond the rate (the latest queries).
 _CACHED_QUERIES = 32
 
@@ -40,6 +47,7 @@ class RemoteStore:
         self._channel = channel
         self._snapshot = snapshot
         self._status = status
+        self._version = 0
         self._keys_lock = threading.Lock()
         self._next_keys = 0.0
         self._asked = 0
@@ -53,11 +61,16 @@ class RemoteStore:
     def status(self) -> dict[str, Any]:
         return self._status
 
+    def version(self) -> int:
+        """How many states were received (bodies are rendered once per state)."""
+        return self._version
+
     def receive(self, message: Any) -> None:
         """Take a message of the store process: ``("state", snapshot, status)`` or
         ``("keys", id, answer)``."""
         if message[0] == "state":
             self._snapshot, self._status = message[1], message[2]
+            self._version += 1
         elif message[0] == "keys" and message[1] == self._asked:
             self._answer = message[2]
             self._answered.set()
@@ -101,6 +114,8 @@ class RemoteStore:
 def main(argv: list[str]) -> int:
     """Serve until the channel on file descriptor ``argv[0]`` closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the store, which closes us
+    with contextlib.suppress(OSError):  # best effort: under CPU contention the store wins
+        os.nice(NICENESS)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     channel = Channel(socket.socket(fileno=int(argv[0])), pickled=False)
     try:
@@ -117,6 +132,7 @@ def main(argv: list[str]) -> int:
             status=remote.status,
             tokens=tokens,
             keys=remote.keys,
+            version=remote.version,
         ).start()
     except OSError as exc:
         channel.send({"error": f"cannot listen on {host}:{port}: {exc}"})
