@@ -182,12 +182,31 @@ def _worker(
 ) -> None:
     import logging
 
-    logging.disable(logging.CRITICAL)
+    if os.environ.get("RDZV_BENCH_LOG"):  # the rendezvous' own log, with monotonic times
+        logging.basicConfig(
+            level=logging.INFO, format="%(relativeCreated)d %(process)d %(name)s %(message)s"
+        )
+    else:
+        logging.disable(logging.CRITICAL)
     if args["uvloop"]:
         import uvloop
 
         uvloop.install()
-    asyncio.run(_worker_main(port, count, n, min_nodes, run_id, args, pipe))
+    try:
+        asyncio.run(_worker_main(port, count, n, min_nodes, run_id, args, pipe))
+    except BaseException as exc:  # reported to the parent, which fails the trial with it
+        pipe.send({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def _recv(pipe: Connection, timeout: float) -> Any:
+    """The next message of a worker: RuntimeError if it failed or said nothing in time."""
+    if not pipe.poll(timeout):
+        raise RuntimeError(f"a worker said nothing for {timeout:g}s")
+    message = pipe.recv()
+    if isinstance(message, dict) and "error" in message:
+        raise RuntimeError(f"a worker failed: {message['error']}")
+    return message
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -195,6 +214,8 @@ def trial(n: int, procs: int, args: dict[str, Any], loss: bool = False) -> dict[
     server = Server(args["server_args"])
     try:
         return _trial(server, n, procs, args, loss)
+    except RuntimeError as exc:
+        return {"seconds": None, "failed": str(exc)}
     finally:
         server.stop()
 
@@ -218,17 +239,16 @@ def _trial(server: Server, n: int, procs: int, args: dict[str, Any], loss: bool)
         pipes.append(parent)
         workers.append(proc)
     try:
+        wait = args["budget"] + 60
         for pipe in pipes:
-            if not pipe.poll(args["budget"] + 60):
-                raise RuntimeError("a worker did not connect its nodes in time")
-            assert pipe.recv() == "ready"
+            assert _recv(pipe, wait) == "ready"
         connections = n + k
         rss_connected = server.mem("VmRSS")
         cpu0 = server.cpu()
         start = time.monotonic()
         for pipe in pipes:
             pipe.send("go")
-        first = [pipe.recv() for pipe in pipes]
+        first = [_recv(pipe, wait) for pipe in pipes]
         cpu1 = server.cpu()
         result = _summary(first, start, n, cpu1 - cpu0)
         result.update(
@@ -238,9 +258,9 @@ def _trial(server: Server, n: int, procs: int, args: dict[str, Any], loss: bool)
         if loss:
             for pipe in pipes:
                 pipe.send("loss")
-            death = pipes[0].recv()
+            death = _recv(pipes[0], wait)
             cpu2 = server.cpu()
-            second = [pipe.recv() for pipe in pipes]
+            second = [_recv(pipe, wait) for pipe in pipes]
             result["loss"] = _summary(second, death, n - 1, server.cpu() - cpu2)
             result["loss"]["detection_s"] = args["interval"] * args["attempts"]
             for pipe in pipes:

@@ -967,7 +967,9 @@ class ElasticAgent:
         workers.stop(signal.SIGTERM, self.config.shutdown_timeout)
         workers.wait_output(2.0)
         self._count_exits(workers)
-        return [self._describe_failure(worker) for worker in workers.failures()]
+        result = [self._describe_failure(worker) for worker in workers.failures()]
+        self._failures.extend(f.to_json() for f in result)  # for the status page
+        return result
 
     def _job_failure(
         self,

@@ -125,7 +125,9 @@ class _Handler(BaseHTTPRequestHandler):
     # http.server's default, has none and is not served).
     default_request_version = "HTTP/1.0"
     server_version = "rdzv"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def setup(self) -> None:
         super().setup()

@@ -138,6 +138,11 @@ class ServerCollector(Collector):
             "Connections closed for a protocol violation other than a limit.",
             snap.protocol_errors,
         )
+        yield GaugeMetricFamily(
+            "rdzv_store_read_only",
+            "1 while the store refuses writes (its durable log cannot be written), else 0.",
+            int(snap.read_only),
+        )
         if snap.commits is not None and snap.fsync_time is not None:
             yield CounterMetricFamily(
                 "rdzv_store_journal_commits", "Durable-log commits written.", snap.commits

@@ -186,6 +186,7 @@ class StoreStatus:
                 "auth_failures": sum(snap.auth_failures.values()),
                 "limit_hits": sum(snap.limit_hits.values()),
                 "journal_commits": snap.commits,
+                "read_only": snap.read_only,
             },
             "runs": runs,
         }

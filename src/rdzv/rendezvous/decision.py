@@ -269,6 +269,8 @@ class _Pending:
     quorum_at: float | None = None
     #: When this node first saw the round frozen (its ``size`` record) without its rank.
     size_seen_at: float | None = None
+    #: The slot count a monitor saw at its previous look (0: none yet).
+    watched_upto: int = 0
 
     @property
     def number(self) -> int:
@@ -608,7 +610,13 @@ class RendezvousCore:
         keys = pending.keys
         if pending.monitor:
             joined = slot_count((yield Add(keys.joined, 0)))
-            watched = [s for s in range(1, joined + 1) if s != pending.slot]
+            # The slots taken by the previous look (and at the first look, the ones below
+            # this node's): they have had a tick to write their heartbeat, so the read finds
+            # them all (a missing key costs a few ``check`` calls to find, and during a join
+            # storm hundreds are missing). A newer slot is first looked at next tick.
+            upto = pending.watched_upto if pending.watched_upto else pending.slot
+            pending.watched_upto = joined
+            watched = [s for s in range(1, min(upto, joined) + 1) if s != pending.slot]
         else:
             # The two lowest live slots, without walking every slot below (O(1), not O(N)).
             below = (s for s in range(1, pending.slot) if s not in pending.gone)
