@@ -46,7 +46,17 @@ def test_counters_match_the_operations_done(fastpath: str) -> None:
     with serve_with_metrics(env={"RDZV_FASTPATH": fastpath}) as (_, port, url):
         torch_store = torch_client(port)
         rdzv_store = TCPStore("127.0.0.1", port, timeout=10)
-        before = scrape(url)
+        # Figures are published every 100 ms: "before" must be a snapshot taken after both
+        # connections' handshakes, which a CHECK sent after them marks.
+        assert not torch_store.check(["marker"])
+        before = {}
+
+        def fresh_before() -> bool:
+            nonlocal before
+            before = scrape(url)
+            return value(before, "rdzv_store_requests_total", op="CHECK") == 1
+
+        eventually(fresh_before, what="a snapshot after the connections")
         for i in range(10):
             torch_store.set(f"k{i}", b"x" * 100)
         for i in range(10):
@@ -60,10 +70,10 @@ def test_counters_match_the_operations_done(fastpath: str) -> None:
             name = "rdzv_store_requests_total"
             return value(after, name, op=op) - value(before, name, op=op)
 
-        def scraped_all() -> bool:  # a scrape's figures may be up to 10 ms old
+        def scraped_all() -> bool:  # a scrape's figures may be up to 100 ms old
             nonlocal after
             after = scrape(url)
-            return delta("CHECK") >= 1
+            return delta("CHECK") >= 1  # the last operation done
 
         eventually(scraped_all, what="a scrape after the operations")
         # torch's client: set = SET; get = WAIT + GET; add = ADD; check = CHECK.
