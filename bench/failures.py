@@ -33,6 +33,7 @@ as indications, repeat (``--repeat``) for spread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -136,6 +137,24 @@ class Agent:
         self.proc.wait()
 
 
+def _alive_workers(out: Path, grace: float = 2.0) -> list[int]:
+    """Worker pids (from their start files) still alive ``grace`` seconds from now."""
+    pids = [int(p.name.rsplit("-", 1)[1]) for p in out.glob("start-*")]
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_bytes()
+            except OSError:
+                continue
+            if stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z":
+                alive.append(pid)
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
 def _free_port() -> int:
     import socket
 
@@ -221,6 +240,14 @@ def run_once(launcher: str, args: argparse.Namespace) -> dict[str, object]:
         finally:
             for agent in agents:
                 agent.kill()
+            # Workers left behind once every agent is gone (rdzv's watchdog kills them;
+            # torchrun has none): counted, then killed so the benchmark leaves nothing.
+            leftover = _alive_workers(out)
+            if "result" in locals():
+                result["orphans_after_agents_gone"] = len(leftover)
+            for pid in leftover:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
             if os.environ.get("BENCH_DEBUG"):
                 for i, agent in enumerate(agents):
                     for t, line in agent.lines:

@@ -25,7 +25,10 @@ time (handshake included) and the set/get loop.
 ``--metrics`` measures instead the cost of ``rdzv serve --metrics-port`` (request counting
 and timing, in C on the fast path) with torch's clients: the server without metrics, with
 metrics scraped every 100 ms during the load (Prometheus scrapes every 15 s; 100 ms is a
-stress), and scraped 1,000 times a second (one keep-alive scraper)::
+stress), and scraped 1,000 times a second (one keep-alive scraper). The server's CPU per op
+is the store process's; the listener process's is reported apart (``listener_cpu_us_per_op``,
+from the clients' start to their exit), and so is the CPU of one scrape without load
+(``scrape_cost_without_load``)::
 
     python bench/store_ops.py --metrics [--clients 1 16 64] [--seconds 3] [--repeats 3]
 
@@ -163,9 +166,16 @@ def measure_metrics(variant: str, clients: int, args: argparse.Namespace) -> dic
     proc, port = start_server("rdzv", ("--metrics-port", "0"))
     try:
         scraper = Scraper(metrics_url(proc), interval)
+        # The listener is a process of its own (rdzv.observe.listener): its CPU is reported
+        # apart from the store process's (server_cpu_us_per_op).
+        listener = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        listener_cpu = cpu_seconds(listener)
         scraper.start()
         result = run_clients("torch", port, clients, args.procs, args.seconds, proc.pid)
+        listener_cpu = cpu_seconds(listener) - listener_cpu
         result.update(scraper.stop())
+        ops = max(result["ops_per_s"] * args.seconds, 1)  # CPU from connect to exit: an upper bound
+        result["listener_cpu_us_per_op"] = round(listener_cpu / ops * 1e6, 2)
     finally:
         stop_server(proc)
     return result
@@ -181,6 +191,42 @@ def alternated(
         for variant in variants:
             rows[variant].append(run(variant))
     return rows
+
+
+def scrape_cost(scrapes: int = 3000, idle: float = 3.0) -> dict[str, float]:
+    """Without store load: the CPU one /metrics scrape costs the listener process, the
+    scraper (this process) and the store process, and the store process's CPU per second
+    spent publishing snapshots to an idle listener."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    proc, _ = start_server("rdzv", ("--metrics-port", "0"))
+    try:
+        url = urlsplit(metrics_url(proc))
+        listener = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        store_cpu = cpu_seconds(proc.pid)
+        time.sleep(idle)
+        publishing = cpu_seconds(proc.pid) - store_cpu
+        conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+        before = (cpu_seconds(listener), time.process_time(), cpu_seconds(proc.pid))
+        start = time.perf_counter()
+        for _ in range(scrapes):
+            conn.request("GET", url.path)
+            conn.getresponse().read()
+        wall = time.perf_counter() - start
+        after = (cpu_seconds(listener), time.process_time(), cpu_seconds(proc.pid))
+        conn.close()
+    finally:
+        stop_server(proc)
+    listener_s, scraper_s, store_s = (b - a for a, b in zip(before, after, strict=True))
+    return {
+        "scrapes": scrapes,
+        "scrape_wall_us": round(wall / scrapes * 1e6, 1),
+        "listener_cpu_us_per_scrape": round(listener_s / scrapes * 1e6, 1),
+        "scraper_cpu_us_per_scrape": round(scraper_s / scrapes * 1e6, 1),
+        "store_cpu_us_per_scrape": round(store_s / scrapes * 1e6, 2),
+        "store_cpu_ms_per_s_idle_publishing": round(publishing / idle * 1e3, 2),
+    }
 
 
 def metrics_main(args: argparse.Namespace) -> None:
@@ -221,6 +267,7 @@ def metrics_main(args: argparse.Namespace) -> None:
                 "machine": machine(),
                 "results": results,
                 "ratio_over_no_metrics": ratios,
+                "scrape_cost_without_load": scrape_cost(),
             },
             indent=2,
         )

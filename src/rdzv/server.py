@@ -375,6 +375,7 @@ class _Connection(asyncio.Protocol):
         if self.handlers is _UNAUTH_HANDLERS:
             self.unauth_bytes += len(data)
             if self.unauth_bytes > MAX_UNAUTHENTICATED_BYTES:
+                self.server.stats.auth_failure("unauthenticated")
                 self.close(
                     f"sent {self.unauth_bytes} bytes without authenticating: only the "
                     f"authentication handshake (at most {MAX_UNAUTHENTICATED_BYTES} bytes) "
@@ -1270,6 +1271,7 @@ class StoreServer:
             open={"torch": len(connections) - extended, "rdzv": extended},
             waiters=sum(len(c.waiters) for c in connections),
             sizes=sizes,
+            read_only=self.read_only is not None,
         )
 
     async def close(self) -> None:
@@ -1471,6 +1473,7 @@ class StoreServer:
             conn.partial_timer = loop.call_at(due, self._partial_expired, conn)
             return
         timeout = self.request_timeout
+        self.stats.limit_hit("request_timeout")
         conn.close(
             f"request not complete {timeout:g} s after its first byte ({conn.partial} bytes "
             f"received; request_timeout={timeout:g})"

@@ -156,7 +156,8 @@ class ServerSnapshot:
     connections ``open``, ``accepted`` and ``closed`` by client kind; ``waiters`` parked;
     ``keys`` and ``value_bytes`` stored (values and queue items; None when not asked for);
     ``auth_failures`` by reason; ``limit_hits`` by limit; ``protocol_errors``; the durable
-    journal's ``commits`` and ``fsync_time`` (None when the store is in memory).
+    journal's ``commits`` and ``fsync_time`` (None when the store is in memory);
+    ``read_only``: writes are refused (the durable log cannot be written).
     """
 
     requests: dict[str, int]
@@ -172,6 +173,7 @@ class ServerSnapshot:
     protocol_errors: int
     commits: int | None
     fsync_time: HistogramSnapshot | None
+    read_only: bool = False
 
     @classmethod
     def take(
@@ -184,6 +186,7 @@ class ServerSnapshot:
         open: dict[str, int],
         waiters: int,
         sizes: bool,
+        read_only: bool = False,
     ) -> ServerSnapshot:
         """Copy ``stats``, the fast path's counters and the engine's sizes (see
         :meth:`rdzv.server.StoreServer.snapshot`)."""
@@ -210,6 +213,7 @@ class ServerSnapshot:
             protocol_errors=stats.protocol_errors,
             commits=None if journal is None else journal.commits,
             fsync_time=None if journal is None else journal.fsync_time.snapshot(),
+            read_only=read_only,
         )
 
 

@@ -299,6 +299,8 @@ def test_losing_one_of_two_agents_continues_at_world_one(
                 code, stdout, err = finish(survivor)
     assert code == 0, err
     assert "was lost" in err or "another node restarts" in err
+    # The survivor watched the victim: it names it, as a lost node, on its console.
+    assert "root cause: node " in err and "node lost (its agent stopped heartbeating)" in err
     assert "done at world 1" in stdout
 
 

@@ -3,8 +3,10 @@ parse it with prometheus_client's parser; the listener's security and its bad re
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import resource
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from rdzv.errors import AuthError
+from rdzv.errors import AuthError, NetworkError
 from rdzv.store.tcp import TCPStore
 from tests.conftest import subprocess_env
 from tests.observe.helpers import scrape, serve_with_metrics, value
@@ -44,7 +46,17 @@ def test_counters_match_the_operations_done(fastpath: str) -> None:
     with serve_with_metrics(env={"RDZV_FASTPATH": fastpath}) as (_, port, url):
         torch_store = torch_client(port)
         rdzv_store = TCPStore("127.0.0.1", port, timeout=10)
-        before = scrape(url)
+        # Figures are published every 100 ms: "before" must be a snapshot taken after both
+        # connections' handshakes, which a CHECK sent after them marks.
+        assert not torch_store.check(["marker"])
+        before = {}
+
+        def fresh_before() -> bool:
+            nonlocal before
+            before = scrape(url)
+            return value(before, "rdzv_store_requests_total", op="CHECK") == 1
+
+        eventually(fresh_before, what="a snapshot after the connections")
         for i in range(10):
             torch_store.set(f"k{i}", b"x" * 100)
         for i in range(10):
@@ -58,10 +70,10 @@ def test_counters_match_the_operations_done(fastpath: str) -> None:
             name = "rdzv_store_requests_total"
             return value(after, name, op=op) - value(before, name, op=op)
 
-        def scraped_all() -> bool:  # a scrape's figures may be up to 10 ms old
+        def scraped_all() -> bool:  # a scrape's figures may be up to 100 ms old
             nonlocal after
             after = scrape(url)
-            return delta("CHECK") >= 1
+            return delta("CHECK") >= 1  # the last operation done
 
         eventually(scraped_all, what="a scrape after the operations")
         # torch's client: set = SET; get = WAIT + GET; add = ADD; check = CHECK.
@@ -82,6 +94,7 @@ def test_counters_match_the_operations_done(fastpath: str) -> None:
         assert value(after, "rdzv_store_connections_open", client="torch") == 1
         assert value(after, "rdzv_store_connections_open", client="rdzv") == 1
         assert value(after, "rdzv_store_keys") == 11
+        assert after[("rdzv_store_read_only", ())] == 0
         # Sizes are refreshed at most every second: wait for the figure (bounded).
         eventually(
             lambda: value(scrape(url), "rdzv_store_value_bytes") == 10 * 100 + len(b"10"),
@@ -221,4 +234,64 @@ def test_keys_are_listed_with_sizes_never_values() -> None:
         assert [k["key"] for k in listed["keys"]] == ["job/a", "job/b", "other"]
         for bad in ("0", "1001", "many"):
             assert status_code(url + f"api/keys?limit={bad}") == 400
+        store.close()
+
+
+@pytest.mark.timeout(60)
+def test_read_only_gauge_follows_a_full_disk(tmp_path: Path) -> None:
+    """The disk fills through RLIMIT_FSIZE on the server (as tests/durability/
+    test_disk_full.py does); the gauge is 1 while writes are refused, 0 once space is back."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--data-dir", str(tmp_path),
+         "--fsync", "never", "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=subprocess_env(),
+        preexec_fn=limit,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        url = proc.stdout.readline().split()[3]
+        assert value(scrape(url), "rdzv_store_read_only") == 0
+        writer = TCPStore("127.0.0.1", port, timeout=5, reconnect=False)
+        # Sets have no reply: 200 KB, well past the 64 KiB limit; once the store is read-only
+        # a torch-opcode write closes the connection (it has no error reply).
+        with contextlib.suppress(NetworkError):
+            for i in range(200):
+                writer.set(f"k{i}", b"v" * 1000)
+        eventually(lambda: value(scrape(url), "rdzv_store_read_only") == 1, what="read-only")
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        eventually(
+            lambda: value(scrape(url), "rdzv_store_read_only") == 0,
+            timeout=15,
+            what="writable again once space is back",
+        )
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_flood_of_idle_connections_gets_503_and_the_store_keeps_serving() -> None:
+    from rdzv.observe.http import MAX_CONCURRENT
+
+    with serve_with_metrics() as (proc, port, url):
+        store = TCPStore("127.0.0.1", port, timeout=10)
+        host, http_port = url[len("http://") :].rstrip("/").rsplit(":", 1)
+        idle = [socket.create_connection((host, int(http_port)), timeout=10)]
+        try:
+            idle += [
+                socket.create_connection((host, int(http_port)), timeout=10)
+                for _ in range(MAX_CONCURRENT - 1)
+            ]
+            eventually(lambda: status_code(url + "metrics") == 503, what="503 when saturated")
+            store.set("still", "served")
+            assert store.get("still") == b"served"
+        finally:
+            for sock in idle:
+                sock.close()
+        eventually(lambda: status_code(url + "metrics") == 200, what="served again")
+        assert proc.poll() is None
         store.close()

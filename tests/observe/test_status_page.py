@@ -198,8 +198,10 @@ def test_store_status_shows_the_run_its_nodes_and_failures(tmp_path: Path) -> No
                 timeout=30,
                 what="both workers started",
             )
+            # The store process scans its keys for runs every RUN_SCAN_INTERVAL seconds.
+            eventually(lambda: store_run(url) is not None, timeout=10, what="the run is listed")
             run = store_run(url)
-            assert run["round"] is not None and run["world_size"] == 1
+            assert run is not None and run["round"] is not None and run["world_size"] == 1
             [member] = run["members"]
             assert (member["addr"], member["nproc"], member["state"]) == ("127.0.0.1", 2, "member")
             assert run["failures"] == []
@@ -216,10 +218,11 @@ def test_store_status_shows_the_run_its_nodes_and_failures(tmp_path: Path) -> No
             assert [f["rank"] for f in store_run(url)["failures"]] == [1]
 
 
-def store_run(url: str) -> dict[str, Any]:
-    """The run "watched" in the store server's status document."""
+def store_run(url: str) -> Any:
+    """The run "watched" in the store server's status document (None: not listed yet)."""
     with urllib.request.urlopen(url + "api/status", timeout=10) as response:
         doc = json.loads(response.read())
     assert doc["kind"] == "store"
-    [run] = [r for r in doc["runs"] if r["run_id"] == "watched"]
-    return dict(run)
+    runs = [r for r in doc["runs"] if r["run_id"] == "watched"]
+    assert len(runs) <= 1
+    return runs[0] if runs else None

@@ -287,7 +287,8 @@ def build_config(args: argparse.Namespace) -> Any:
             )
     if backend == "static":
         if not endpoint:
-            endpoint = f"{args.master_addr or '127.0.0.1'}:{master_port or 29500}"
+            port = 29500 if master_port is None else master_port
+            endpoint = f"{args.master_addr or '127.0.0.1'}:{port}"
         rdzv_configs.setdefault("rank", str(int(args.node_rank)))
     filter_text = str(args.local_ranks_filter).strip()
     try:

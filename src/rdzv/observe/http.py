@@ -12,7 +12,9 @@ Routes (GET and HEAD; other methods get 405, unknown paths 404):
 
 It never runs on, and never waits for, the store's event loop or the agent's thread: each
 request is served in a thread of :class:`http.server.ThreadingHTTPServer` that reads plain
-counters and snapshots (copies taken under the GIL). A client's mistake costs that client a
+counters and snapshots. A store's listener runs in a process of its own and reads the
+snapshots the store process publishes (:mod:`rdzv.observe.listener`); an agent's runs in
+threads of the agent's process (copies taken under the GIL). A client's mistake costs that client a
 4xx; at most :data:`MAX_CONCURRENT` requests are served at once (more get 503), each socket
 times out after :data:`REQUEST_TIMEOUT` seconds.
 
@@ -43,7 +45,15 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["MAX_CONCURRENT", "RENDER_MAX_AGE", "REQUEST_TIMEOUT", "ObserveServer"]
+__all__ = [
+    "KEYS_INTERVAL",
+    "MAX_CONCURRENT",
+    "RENDER_MAX_AGE",
+    "REQUEST_TIMEOUT",
+    "ObserveServer",
+    "Unavailable",
+    "listener_url",
+]
 
 _log = logging.getLogger("rdzv.observe.http")
 
@@ -52,13 +62,31 @@ _log = logging.getLogger("rdzv.observe.http")
 MAX_CONCURRENT = 16
 #: Seconds a connection may take to send its request (a slow client holds a thread).
 REQUEST_TIMEOUT = 10.0
-#: Seconds a rendered /metrics or /api/status body is reused: rendering costs ~0.3 ms of
-#: CPU (and the GIL the store needs), so a flood of scrapes renders at most 100 times a
+#: Seconds a rendered /metrics or /api/status body is reused when the listener has no
+#: ``version`` of its data (an agent's): rendering costs ~0.3 ms of CPU (and the GIL the
+#: agent needs), so a flood of scrapes renders at most 100 times a
 #: second; figures are at most this old.
 RENDER_MAX_AGE = 0.01
 #: Keys ``/api/keys`` lists by default, and at most.
 DEFAULT_KEYS = 100
 MAX_KEYS = 1000
+#: Seconds between two key listings a store's listener asks of the store process (at most
+#: 10 a second; see :mod:`rdzv.observe.listener`).
+KEYS_INTERVAL = 0.1
+
+
+class Unavailable(Exception):
+    """Raised by a ``keys`` source that cannot answer now: the request gets 503 with
+    ``Retry-After`` and this message."""
+
+
+def listener_url(host: str, port: int) -> str:
+    """``http://host:port/`` (IPv6 literals bracketed; this host's name for a wildcard
+    address)."""
+    host = socket.getfqdn() if host in ("", "0.0.0.0", "::") else host
+    host = host if ":" not in host else f"[{host}]"
+    return f"http://{host}:{port}/"
+
 
 _STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -125,7 +153,9 @@ class _Handler(BaseHTTPRequestHandler):
     # http.server's default, has none and is not served).
     default_request_version = "HTTP/1.0"
     server_version = "rdzv"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def setup(self) -> None:
         super().setup()
@@ -238,7 +268,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not 1 <= limit <= MAX_KEYS:
             self._text(HTTPStatus.BAD_REQUEST, f"limit must be an integer in 1..{MAX_KEYS}")
             return
-        body = json.dumps(keys(prefix, limit)).encode()
+        try:
+            body = json.dumps(keys(prefix, limit)).encode()
+        except Unavailable as exc:
+            self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc}", {"Retry-After": "1"})
+            return
         self._reply(HTTPStatus.OK, body, "application/json")
 
     def _not_allowed(self) -> None:
@@ -259,7 +293,10 @@ class ObserveServer:
         status: returns the status document (JSON-able).
         tokens: accepted bearer tokens (bytes); empty: no authentication.
         keys: ``keys(prefix, limit)`` for ``/api/keys`` (a store's key names and sizes);
-            None: no such route (404).
+            None: no such route (404). It may raise :class:`Unavailable` (503).
+        version: returns a value that changes whenever ``registry`` and ``status`` may
+            answer differently (a store listener's published snapshots): bodies are
+            rendered once per version; None: at most every :data:`RENDER_MAX_AGE` seconds.
 
     Raises OSError from :meth:`start` when the address cannot be bound.
     """
@@ -273,6 +310,7 @@ class ObserveServer:
         status: Callable[[], dict[str, Any]],
         tokens: Sequence[bytes] = (),
         keys: Callable[[str, int], dict[str, Any]] | None = None,
+        version: Callable[[], object] | None = None,
     ) -> None:
         self.host = host
         self.keys = keys
@@ -281,7 +319,8 @@ class ObserveServer:
         self.tokens = tuple(tokens)
         self.static = _load_static()
         self.auth_failures = 0
-        self._rendered: dict[tuple[str, str], tuple[float, bytes]] = {}
+        self._version = version
+        self._rendered: dict[tuple[str, str], tuple[object, float, bytes]] = {}
         self._render_lock = threading.Lock()
         self._requested_port = port
         self._server: _Server | None = None
@@ -289,15 +328,21 @@ class ObserveServer:
         self.loopback = False
 
     def render(self, key: tuple[str, str], make: Callable[[], bytes]) -> bytes:
-        """``make()``, or its result of less than :data:`RENDER_MAX_AGE` seconds ago for
-        the same ``key`` (one render at a time: concurrent requests share it)."""
+        """``make()``, or its earlier result for the same ``key``: while ``version()`` is
+        unchanged when the listener has one, else for :data:`RENDER_MAX_AGE` seconds (one
+        render at a time: concurrent requests share it)."""
         with self._render_lock:
             now = time.monotonic()
+            version = None if self._version is None else self._version()
             cached = self._rendered.get(key)
-            if cached is not None and now - cached[0] < RENDER_MAX_AGE:
-                return cached[1]
+            if (
+                cached is not None
+                and cached[0] == version
+                and (version is not None or now - cached[1] < RENDER_MAX_AGE)
+            ):
+                return cached[2]
             body = make()
-            self._rendered[key] = (now, body)
+            self._rendered[key] = (version, now, body)
             return body
 
     def start(self) -> ObserveServer:
@@ -322,11 +367,8 @@ class ObserveServer:
 
     @property
     def url(self) -> str:
-        """``http://host:port/`` (IPv6 literals bracketed; this host's name for a wildcard
-        address)."""
-        host = socket.getfqdn() if self.host in ("", "0.0.0.0", "::") else self.host
-        host = host if ":" not in host else f"[{host}]"
-        return f"http://{host}:{self.port}/"
+        """:func:`listener_url` of this listener."""
+        return listener_url(self.host, self.port)
 
     def close(self) -> None:
         """Stop serving and close the socket (idempotent)."""

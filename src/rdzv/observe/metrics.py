@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import (
@@ -80,13 +80,14 @@ class SnapshotCache:
 
 
 class ServerCollector(Collector):
-    """Metrics of a :class:`~rdzv.server.StoreServer` (``rdzv_store_*``)."""
+    """Metrics of a :class:`~rdzv.server.StoreServer` (``rdzv_store_*``) from the snapshots
+    ``snapshot()`` returns (the latest the store process published)."""
 
-    def __init__(self, cache: SnapshotCache) -> None:
-        self._cache = cache
+    def __init__(self, snapshot: Callable[[], ServerSnapshot]) -> None:
+        self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._cache.get()
+        snap = self._snapshot()
         kinds = ("rdzv", "torch")
         opened = GaugeMetricFamily(
             "rdzv_store_connections_open",
@@ -137,6 +138,11 @@ class ServerCollector(Collector):
             "rdzv_store_protocol_errors",
             "Connections closed for a protocol violation other than a limit.",
             snap.protocol_errors,
+        )
+        yield GaugeMetricFamily(
+            "rdzv_store_read_only",
+            "1 while the store refuses writes (its durable log cannot be written), else 0.",
+            int(snap.read_only),
         )
         if snap.commits is not None and snap.fsync_time is not None:
             yield CounterMetricFamily(

@@ -32,7 +32,7 @@ from rdzv.store.base import Store
 
 if TYPE_CHECKING:
     from rdzv.launcher.agent import ElasticAgent
-    from rdzv.observe.metrics import SnapshotCache
+    from rdzv.stats import ServerSnapshot
 
 __all__ = ["AgentStatus", "EngineReader", "StoreStatus"]
 
@@ -107,10 +107,10 @@ def _shown(records: list[FailureRecord]) -> list[dict[str, Any]]:
 
 
 class StoreStatus:
-    """The status of a store server (``rdzv serve``); call it for the JSON document."""
+    """The status of a store server (``rdzv serve``); call it with a snapshot of the server
+    for the JSON document (in the store process: :mod:`rdzv.observe.publisher`)."""
 
-    def __init__(self, cache: SnapshotCache, engine: Engine) -> None:
-        self._cache = cache
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._reader = EngineReader(engine)
         self._clock = HeartbeatClock()
@@ -163,8 +163,8 @@ class StoreStatus:
                          "bytes": None if value is None else len(value)})  # fmt: skip
         return {"prefix": prefix, "total": len(matching), "keys": keys}
 
-    def __call__(self) -> dict[str, Any]:
-        snap = self._cache.get()
+    def __call__(self, snap: ServerSnapshot) -> dict[str, Any]:
+        """The document, with the store statistics of ``snap``."""
         runs = []
         with self._lock:  # one reader at a time keeps the heartbeat clock consistent
             for run_id in self._run_ids():
@@ -186,6 +186,7 @@ class StoreStatus:
                 "auth_failures": sum(snap.auth_failures.values()),
                 "limit_hits": sum(snap.limit_hits.values()),
                 "journal_commits": snap.commits,
+                "read_only": snap.read_only,
             },
             "runs": runs,
         }

@@ -135,6 +135,7 @@ function renderStore(doc) {
     ["waiters", s.waiters, "waiters"],
     ["auth failures", s.auth_failures, "auth-failures"],
     ["limit hits", s.limit_hits, "limit-hits"],
+    ["writes", s.read_only ? "refused (log not writable)" : "accepted", "writes"],
   ])];
   if (!doc.runs.length) out.push(el("p", { class: "muted" }, "No rendezvous in this store."));
   for (const run of doc.runs) {
