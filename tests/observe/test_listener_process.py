@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from rdzv.observe.channel import Channel
+from rdzv.observe.channel import WATCH_TIMEOUT, Channel
 from rdzv.observe.http import KEYS_INTERVAL, Unavailable
 from rdzv.observe.listener import NICENESS, RemoteStore
 from rdzv.store.tcp import TCPStore
@@ -102,3 +102,28 @@ def test_key_listings_are_paced_and_answered_from_the_last_answer_when_busy() ->
     store_end.close()
     with pytest.raises(Unavailable, match="gone"):
         remote.keys("other/", 5)
+
+
+def test_the_status_document_is_asked_for_while_read_and_waited_for_after_a_pause() -> None:
+    ours, theirs = socket.socketpair()
+    store_end = Channel(ours, pickled=True)
+    first = {"kind": "store", "n": 1}
+    remote = RemoteStore(Channel(theirs, pickled=False), snapshot=None, status=first)  # type: ignore[arg-type]
+    assert remote.status() == first  # the first state carries a document
+    remote.receive(("state", None, None))  # a state without one keeps the last
+    assert remote.status() == first
+    remote._watch_sent -= WATCH_TIMEOUT  # nobody read it for a while: the store stopped
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(remote.status()))
+    reader.start()
+    assert store_end.receive() == {"watch": 1}
+    assert got == []  # waiting for a fresh document
+    fresh = {"kind": "store", "n": 2}
+    remote.receive(("state", None, fresh))
+    reader.join(10)
+    assert got == [fresh]
+    assert remote.status() == fresh  # renewed at most every WATCH_RENEW s: no message now
+    ours.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        ours.recv(1)
+    store_end.close()

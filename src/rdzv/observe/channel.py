@@ -16,8 +16,11 @@ import struct
 import threading
 from typing import Any
 
-__all__ = ["MAX_MESSAGE", "Channel", "ChannelClosed"]
+__all__ = ["MAX_MESSAGE", "WATCH_TIMEOUT", "Channel", "ChannelClosed"]
 
+#: Seconds the store process keeps putting the status document in its states after the
+#: listener last said it was asked for (snapshots alone otherwise).
+WATCH_TIMEOUT = 10.0
 #: Bytes a message may hold (a snapshot and a status document are a few KB to a few MB).
 MAX_MESSAGE = 256 << 20
 
