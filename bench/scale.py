@@ -265,6 +265,9 @@ def _trial(server: Server, n: int, procs: int, args: dict[str, Any], loss: bool)
             result["loss"]["detection_s"] = args["interval"] * args["attempts"]
             for pipe in pipes:
                 pipe.send("end")
+        else:
+            for pipe in pipes:
+                pipe.send("end")
         result["server_peak_rss_mb"] = round(server.mem("VmHWM") / 2**20, 1)
         return result
     finally:
@@ -324,6 +327,7 @@ def main() -> None:
         runs = []
         for _ in range(opts.repeat):
             runs.append(dict(trial(n, opts.procs, args), load_after=_load()))
+            print(json.dumps({"n": n, **runs[-1]}), file=sys.stderr, flush=True)
         secs = sorted(r["seconds"] for r in runs if r["seconds"] is not None)
         results[str(n)] = {"median_seconds": secs[len(secs) // 2] if secs else None, "runs": runs}
     if opts.loss:
