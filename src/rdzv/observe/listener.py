@@ -92,7 +92,7 @@ class RemoteStore:
         """Take a message of the store process: ``("state", snapshot, status)`` or
         ``("keys", id, answer)``."""
         if message[0] == "state":
-            self._snapshot = message[1]
+            self._snapshot = ServerSnapshot.from_json(message[1])
             self._version += 1
             if message[2] is not None:
                 with self._fresh:
@@ -145,13 +145,14 @@ def main(argv: list[str]) -> int:
     with contextlib.suppress(OSError):  # best effort: under CPU contention the store wins
         os.nice(NICENESS)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
-    channel = Channel(socket.socket(fileno=int(argv[0])), pickled=False)
+    channel = Channel(socket.socket(fileno=int(argv[0])))
     try:
-        _, host, port, tokens = channel.receive()
+        _, host, port, tokens_hex = channel.receive()
         _, snapshot, status = channel.receive()
     except ChannelClosed:
         return 1
-    remote = RemoteStore(channel, snapshot, status)
+    tokens = [bytes.fromhex(t) for t in tokens_hex]
+    remote = RemoteStore(channel, ServerSnapshot.from_json(snapshot), status)
     try:
         server = ObserveServer(
             host,

@@ -87,10 +87,10 @@ class StoreListener:
         """``http://host:port/`` of the status page."""
         return listener_url(self.host, self.port)
 
-    def _state(self) -> tuple[str, Any, dict[str, Any] | None]:
+    def _state(self) -> list[Any]:
         snap = self._cache.get()
         watched = time.monotonic() < self._watched_until
-        return ("state", snap, self._status(snap) if watched else None)
+        return ["state", snap.to_json(), self._status(snap) if watched else None]
 
     def start(self) -> StoreListener:
         ours, theirs = socket.socketpair()
@@ -107,9 +107,9 @@ class StoreListener:
             )
         finally:
             theirs.close()
-        channel = self._channel = Channel(ours, pickled=True)
+        channel = self._channel = Channel(ours)
         try:
-            channel.send(("config", self.host, self.port, self._tokens))
+            channel.send(["config", self.host, self.port, [t.hex() for t in self._tokens]])
             channel.send(self._state())
             ours.settimeout(START_TIMEOUT)
             reply = channel.receive()
@@ -175,7 +175,7 @@ class StoreListener:
         ):  # fmt: skip
             self._keys_at = now
             result = self._status.keys(prefix, limit)
-        channel.send(("keys", request["keys"], result))
+        channel.send(["keys", request["keys"], result])
 
     def close(self) -> None:
         """Stop publishing and stop the listener process (idempotent)."""
