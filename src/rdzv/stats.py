@@ -10,10 +10,11 @@ but nothing here depends on ``prometheus_client``.
 
 from __future__ import annotations
 
+import dataclasses
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from rdzv.wire import Op
 
@@ -56,6 +57,11 @@ class HistogramSnapshot:
     @property
     def count(self) -> int:
         return sum(self.counts)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HistogramSnapshot:
+        """The snapshot ``dataclasses.asdict`` made of one (lists for tuples)."""
+        return cls(tuple(data["bounds"]), tuple(data["counts"]), float(data["total"]))
 
     def merged(self, other: HistogramSnapshot) -> HistogramSnapshot:
         """Both snapshots' observations (same bounds required; ValueError otherwise)."""
@@ -215,6 +221,21 @@ class ServerSnapshot:
             fsync_time=None if journal is None else journal.fsync_time.snapshot(),
             read_only=read_only,
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """This snapshot as JSON-ready data (what the store process sends its metrics
+        listener); :meth:`from_json` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServerSnapshot:
+        """The snapshot :meth:`to_json` wrote (after a JSON round trip). Raises KeyError,
+        TypeError or ValueError for data of another shape."""
+        fields = dict(data)
+        fields["request_time"] = HistogramSnapshot.from_json(fields["request_time"])
+        if fields["fsync_time"] is not None:
+            fields["fsync_time"] = HistogramSnapshot.from_json(fields["fsync_time"])
+        return cls(**fields)
 
 
 def _op_name(op: int) -> str:

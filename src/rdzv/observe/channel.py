@@ -1,23 +1,25 @@
 """The private channel between a store process and its metrics listener process
 (:mod:`rdzv.observe.publisher`, :mod:`rdzv.observe.listener`): one end of a socketpair each.
 
-A message is a 4-byte big-endian length and a body. The store process sends pickles (its
-snapshots; the listener is its own child, started from the same installation); the listener
-sends JSON (its requests), so nothing it says is ever unpickled by the store.
+A message is a 4-byte big-endian length and a JSON body, both ways (no pickle crosses a
+process boundary in rdzv): the store process sends its snapshots
+(:meth:`rdzv.stats.ServerSnapshot.to_json`), the listener its requests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 import socket
 import struct
 import threading
 from typing import Any
 
-__all__ = ["MAX_MESSAGE", "Channel", "ChannelClosed"]
+__all__ = ["MAX_MESSAGE", "WATCH_TIMEOUT", "Channel", "ChannelClosed"]
 
+#: Seconds the store process keeps putting the status document in its states after the
+#: listener last said it was asked for (snapshots alone otherwise).
+WATCH_TIMEOUT = 10.0
 #: Bytes a message may hold (a snapshot and a status document are a few KB to a few MB).
 MAX_MESSAGE = 256 << 20
 
@@ -32,16 +34,13 @@ class Channel:
     """One end of the channel over ``sock``; sends from several threads are serialized,
     receives belong to one thread."""
 
-    def __init__(self, sock: socket.socket, *, pickled: bool) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._pickled = pickled  # this end sends pickles (and receives JSON), or the reverse
         self._send_lock = threading.Lock()
 
     def send(self, message: Any) -> None:
         """Send ``message``; raises :class:`ChannelClosed` when the other end is gone."""
-        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL) if self._pickled else (
-            json.dumps(message).encode()
-        )  # fmt: skip
+        body = json.dumps(message, separators=(",", ":")).encode()
         try:
             with self._send_lock:
                 self.sock.sendall(_LENGTH.pack(len(body)) + body)
@@ -63,12 +62,12 @@ class Channel:
 
     def receive(self) -> Any:
         """The next message (blocks); raises :class:`ChannelClosed` at the end, ValueError
-        for a message that is too long."""
+        for a message that is too long or not JSON."""
         (size,) = _LENGTH.unpack(self._read(_LENGTH.size))
         if size > MAX_MESSAGE:
             raise ValueError(f"channel message of {size} bytes (at most {MAX_MESSAGE})")
         body = self._read(size)
-        return json.loads(body) if self._pickled else pickle.loads(body)
+        return json.loads(body)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -22,12 +22,12 @@ import threading
 import time
 from typing import Any
 
-from rdzv.observe.channel import Channel, ChannelClosed
+from rdzv.observe.channel import WATCH_TIMEOUT, Channel, ChannelClosed
 from rdzv.observe.http import KEYS_INTERVAL, ObserveServer, Unavailable
 from rdzv.observe.metrics import ServerCollector, registry_for
 from rdzv.stats import ServerSnapshot
 
-__all__ = ["KEYS_TIMEOUT", "NICENESS", "RemoteStore", "main"]
+__all__ = ["FRESH_TIMEOUT", "KEYS_TIMEOUT", "NICENESS", "WATCH_RENEW", "RemoteStore", "main"]
 
 _log = logging.getLogger("rdzv.observe.listener")
 
@@ -36,6 +36,10 @@ KEYS_TIMEOUT = 5.0
 #: Added to the listener's nice value: on a busy machine, a flood of scrapes slows the
 #: scrapes, not the store (its figures just lag).
 NICENESS = 10
+#: Seconds between two messages telling the store process the page is watched.
+WATCH_RENEW = 1.0
+#: Seconds a status request after a pause waits for a fresh document.
+FRESH_TIMEOUT = 2.0
 #: Key-listing answers kept for requests beyond the rate (the latest queries).
 _CACHED_QUERIES = 32
 
@@ -48,6 +52,9 @@ class RemoteStore:
         self._snapshot = snapshot
         self._status = status
         self._version = 0
+        self._status_version = 0
+        self._fresh = threading.Condition()
+        self._watch_sent = time.monotonic()  # the first state carries a document
         self._keys_lock = threading.Lock()
         self._next_keys = 0.0
         self._asked = 0
@@ -59,6 +66,22 @@ class RemoteStore:
         return self._snapshot
 
     def status(self) -> dict[str, Any]:
+        """The latest status document. The store process publishes it only while it is
+        asked for (:data:`~rdzv.observe.channel.WATCH_TIMEOUT`): tell it so at most every
+        :data:`WATCH_RENEW` seconds, and after a pause wait (at most :data:`FRESH_TIMEOUT`
+        seconds) for a fresh one."""
+        now = time.monotonic()
+        if now - self._watch_sent >= WATCH_RENEW:
+            idle = now - self._watch_sent >= WATCH_TIMEOUT
+            self._watch_sent = now
+            with self._fresh:
+                seen = self._status_version
+                try:
+                    self._channel.send({"watch": 1})
+                except ChannelClosed:
+                    return self._status
+                if idle:
+                    self._fresh.wait_for(lambda: self._status_version != seen, FRESH_TIMEOUT)
         return self._status
 
     def version(self) -> int:
@@ -69,8 +92,13 @@ class RemoteStore:
         """Take a message of the store process: ``("state", snapshot, status)`` or
         ``("keys", id, answer)``."""
         if message[0] == "state":
-            self._snapshot, self._status = message[1], message[2]
+            self._snapshot = ServerSnapshot.from_json(message[1])
             self._version += 1
+            if message[2] is not None:
+                with self._fresh:
+                    self._status = message[2]
+                    self._status_version += 1
+                    self._fresh.notify_all()
         elif message[0] == "keys" and message[1] == self._asked:
             self._answer = message[2]
             self._answered.set()
@@ -117,13 +145,14 @@ def main(argv: list[str]) -> int:
     with contextlib.suppress(OSError):  # best effort: under CPU contention the store wins
         os.nice(NICENESS)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
-    channel = Channel(socket.socket(fileno=int(argv[0])), pickled=False)
+    channel = Channel(socket.socket(fileno=int(argv[0])))
     try:
-        _, host, port, tokens = channel.receive()
+        _, host, port, tokens_hex = channel.receive()
         _, snapshot, status = channel.receive()
     except ChannelClosed:
         return 1
-    remote = RemoteStore(channel, snapshot, status)
+    tokens = [bytes.fromhex(t) for t in tokens_hex]
+    remote = RemoteStore(channel, ServerSnapshot.from_json(snapshot), status)
     try:
         server = ObserveServer(
             host,

@@ -5,7 +5,9 @@ Scrapes never run in the store process: every :data:`PUBLISH_PERIOD` seconds a t
 the store process takes one snapshot (:meth:`rdzv.server.StoreServer.snapshot`, value sizes
 at most every second) and the status document (:class:`rdzv.observe.status.StoreStatus`)
 and sends them down a socketpair to the listener, which answers every HTTP request from the
-latest of them. The store's cost is one snapshot per period, whatever the scrape rate. The
+latest of them. The store's cost is one snapshot per period, whatever the scrape rate; the
+status document (O(runs) engine reads) only while someone reads it (the listener says so,
+:data:`~rdzv.observe.channel.WATCH_TIMEOUT`). The
 only request that reaches the store process is a key listing (``/api/keys``), which the
 listener asks for through the same channel at most every :data:`KEYS_INTERVAL` seconds.
 
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rdzv.observe.channel import Channel, ChannelClosed
+from rdzv.observe.channel import WATCH_TIMEOUT, Channel, ChannelClosed
 from rdzv.observe.http import KEYS_INTERVAL, MAX_KEYS, listener_url
 from rdzv.observe.metrics import SnapshotCache
 from rdzv.observe.status import StoreStatus
@@ -77,15 +79,18 @@ class StoreListener:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._keys_at = -float("inf")
+        self._watched_until = time.monotonic() + WATCH_TIMEOUT  # the first state has it
+        self._publish_now = False
 
     @property
     def url(self) -> str:
         """``http://host:port/`` of the status page."""
         return listener_url(self.host, self.port)
 
-    def _state(self) -> tuple[str, Any, dict[str, Any]]:
+    def _state(self) -> list[Any]:
         snap = self._cache.get()
-        return ("state", snap, self._status(snap))
+        watched = time.monotonic() < self._watched_until
+        return ["state", snap.to_json(), self._status(snap) if watched else None]
 
     def start(self) -> StoreListener:
         ours, theirs = socket.socketpair()
@@ -102,9 +107,9 @@ class StoreListener:
             )
         finally:
             theirs.close()
-        channel = self._channel = Channel(ours, pickled=True)
+        channel = self._channel = Channel(ours)
         try:
-            channel.send(("config", self.host, self.port, self._tokens))
+            channel.send(["config", self.host, self.port, [t.hex() for t in self._tokens]])
             channel.send(self._state())
             ours.settimeout(START_TIMEOUT)
             reply = channel.receive()
@@ -133,7 +138,9 @@ class StoreListener:
                     readable, _, _ = select.select([channel.sock], [], [], wait)
                     if readable:
                         self._answer(channel, channel.receive())
-                    continue
+                    if not self._publish_now:
+                        continue
+                self._publish_now = False
                 next_at = max(next_at + self._period, time.monotonic())
                 try:
                     state = self._state()
@@ -147,8 +154,16 @@ class StoreListener:
                 _log.error("metrics listener process is gone (exit code %s): %s", code, exc)
 
     def _answer(self, channel: Channel, request: Any) -> None:
-        """A key listing the listener asked for (``{"keys": id, "prefix": P, "limit": N}``);
-        None when asked more often than every :data:`KEYS_INTERVAL` seconds."""
+        """A request of the listener: ``{"watch": 1}`` (the status page is watched: include
+        the status document in the states of the next
+        :data:`~rdzv.observe.channel.WATCH_TIMEOUT` seconds,
+        starting now), or a key listing (``{"keys": id, "prefix": P, "limit": N}``; None
+        when asked more often than every :data:`KEYS_INTERVAL` seconds)."""
+        if isinstance(request, dict) and request.get("watch") == 1:
+            if time.monotonic() >= self._watched_until:
+                self._publish_now = True
+            self._watched_until = time.monotonic() + WATCH_TIMEOUT
+            return
         if not isinstance(request, dict) or not isinstance(request.get("keys"), int):
             _log.warning("metrics listener: unexpected request %.100r", request)
             return
@@ -160,7 +175,7 @@ class StoreListener:
         ):  # fmt: skip
             self._keys_at = now
             result = self._status.keys(prefix, limit)
-        channel.send(("keys", request["keys"], result))
+        channel.send(["keys", request["keys"], result])
 
     def close(self) -> None:
         """Stop publishing and stop the listener process (idempotent)."""
