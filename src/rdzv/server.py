@@ -185,9 +185,8 @@ class _ConnectionLog:
     def __call__(self, opened: bool, msg: str, *args: object) -> None:
         if not logger.isEnabledFor(logging.INFO):
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # called outside the server's loop (a test driving a protocol)
+        loop = self._server._loop  # not asyncio.get_running_loop(): a getpid() call each
+        if loop is None:  # not started (a test driving a protocol by hand)
             logger.info(msg, *args)
             return
         now = loop.time()
