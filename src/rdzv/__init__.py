@@ -12,6 +12,7 @@ from typing import Any
 from rdzv import errors
 from rdzv.errors import (
     AuthError,
+    ConnectionLimitError,
     CounterError,
     NetworkError,
     ProtocolError,
@@ -40,6 +41,7 @@ _LAZY = {
 
 __all__ = [
     "AuthError",
+    "ConnectionLimitError",
     "CounterError",
     "HashStore",
     "NetworkError",

@@ -16,6 +16,7 @@ rdzv                           torch
 ``NetworkError``               ``torch.distributed.DistNetworkError``
 ``ProtocolError``              ``DistStoreError`` on a protocol violation
 ``AuthError``                  (none: torch has no authentication)
+``ConnectionLimitError``       (none: torch closes the connection, or fails accept())
 ``PeerFailedError``            (none: torch waits out its timeout)
 ``RendezvousError`` and kin    ``torch.distributed.elastic.rendezvous`` errors
 =============================  ====================================================
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthError",
+    "ConnectionLimitError",
     "CounterError",
     "NetworkError",
     "PeerFailedError",
@@ -77,6 +79,12 @@ class NetworkError(RdzvError, ConnectionError):
 
     Like ``torch.distributed.DistNetworkError``; also a builtin :class:`ConnectionError`.
     """
+
+
+class ConnectionLimitError(NetworkError):
+    """The store server refused the connection: it serves as many connections as its limit
+    allows (``rdzv serve --max-connections``, or its descriptor limit, ``ulimit -n``). The
+    message is the server's: which limit and what raises it. Not retried by the client."""
 
 
 class PeerFailedError(StoreError):

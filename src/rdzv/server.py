@@ -72,6 +72,15 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 #: Listen backlog requested; the kernel caps it at ``net.core.somaxconn`` (torch asks for the
 #: system maximum too).
 LISTEN_BACKLOG = 65535
+#: Descriptors kept free for the server's own use (journal, snapshot, log files, the metrics
+#: channel, a refused connection's socket) when the connection limit is derived from the
+#: descriptor limit: past ``RLIMIT_NOFILE - open descriptors - FD_RESERVE`` connections, a
+#: connection is refused with an error naming the limit, never left to fail in accept()
+#: (EMFILE), which a client sees as an unexplained reset.
+FD_RESERVE = 64
+#: Seconds a refused connection (over the connection limit) is kept open at most, waiting
+#: for its PING to answer it with the reason.
+REFUSAL_GRACE = 1.0
 #: torch's sentence for a server that cannot bind; rdzv's detail follows it.
 LISTEN_FAILED = "The server socket has failed to listen on any local network address."
 #: Default of ``max_waits_per_connection``: a torch client parks at most one wait at a time;
@@ -258,6 +267,7 @@ class _Connection(asyncio.Protocol):
         "partial_since",
         "partial_timer",
         "peer",
+        "refusal",
         "server",
         "transport",
         "unauth_bytes",
@@ -297,7 +307,9 @@ class _Connection(asyncio.Protocol):
         # Until authenticated (when the server has a token), only the handshake is served.
         self.handlers = _HANDLERS
         self.auth_nonce: bytes | None = None
+        #: Also the timer that closes a refused connection (see _refuse).
         self.auth_timer: asyncio.TimerHandle | None = None
+        self.refusal = ""
         fast = server._fast
         self._receiver: Receiver | None = (
             None if fast is None else Receiver(fast, self._receive, REPLY_LIMIT)
@@ -325,10 +337,8 @@ class _Connection(asyncio.Protocol):
                     receiver.fd = sock.fileno()
                     receiver.buffered = self.transport.get_write_buffer_size
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        limit = server.max_connections
-        if limit is not None and len(server._connections) >= limit:
-            server.stats.limit_hit("max_connections")
-            self.close(f"connection limit reached ({limit} open; max_connections={limit})")
+        if len(server._connections) >= server.connection_limit:
+            self._refuse(server.connection_limit_reason())
             return
         server._connections.add(self)
         server.stats.accepted += 1
@@ -341,6 +351,19 @@ class _Connection(asyncio.Protocol):
         server._connection_log(
             True, "connection from %s (%d open)", self.peer, len(server._connections)
         )
+
+    def _refuse(self, reason: str) -> None:
+        """Refuse this connection (over the connection limit) without serving it: an rdzv
+        client's PING is answered with :data:`~rdzv.wire.RDZV_REFUSED` and ``reason`` (its
+        error names the limit and what raises it), anything else closes the connection;
+        closed after :data:`REFUSAL_GRACE` seconds in any case. Its descriptor is held that
+        long at most, and the others' service costs one accept."""
+        self.server.stats.limit_hit("max_connections")
+        logger.warning("refusing connection from %s: %s", self.peer, reason)
+        self.refusal = reason
+        self.handlers = _REFUSED_HANDLERS
+        loop = asyncio.get_running_loop()
+        self.auth_timer = loop.call_later(REFUSAL_GRACE, self.close, reason)
 
     def _auth_expired(self) -> None:
         if self.handlers is _UNAUTH_HANDLERS:
@@ -991,6 +1014,22 @@ _WRITE_OPS = (
 _IS_WRITE = [op in _WRITE_OPS for op in range(256)]
 #: ... of which these have an extension reply, which can carry the error.
 _EXT_WRITE_OPS = frozenset(op for op in _WRITE_OPS if op >= Op.EXT_ADD)
+
+
+def _h_refused_ping(server: StoreServer, conn: _Connection, req: wire.Ping) -> None:
+    if req.nonce == wire.RDZV_PING_NONCE and conn.parser.extended:
+        conn.send_stateless(wire.reply_refused(conn.refusal))
+    raise _Close(conn.refusal)
+
+
+def _h_refused(server: StoreServer, conn: _Connection, req: Request) -> None:
+    raise _Close(conn.refusal)
+
+
+_REFUSED_HANDLERS: list[_Handler] = [_h_refused] * 256
+_REFUSED_HANDLERS[Op.VALIDATE] = _h_validate
+_REFUSED_HANDLERS[Op.PING] = _h_refused_ping
+
 _UNAUTH_HANDLERS: list[_Handler] = [_h_unauthenticated] * 256
 _UNAUTH_HANDLERS[Op.VALIDATE] = _h_validate
 _UNAUTH_HANDLERS[Op.PING] = _h_unauth_ping
@@ -1022,8 +1061,11 @@ class StoreServer:
             (torch clients cannot authenticate).
         ssl: a server-side :class:`ssl.SSLContext`: every connection is TLS (plain clients,
             torch's included, fail the TLS handshake).
-        max_connections: most connections open at once; further ones are closed at once,
-            logged with the peer and the limit (None: no limit but the fd limit).
+        max_connections: most connections open at once (None: what the descriptor limit
+            allows, see :data:`FD_RESERVE`; an explicit value above it is lowered to it).
+            Further ones are refused, logged with the peer and the limit: an rdzv client's
+            handshake fails with :class:`~rdzv.errors.ConnectionLimitError` carrying the
+            reason (which limit, what raises it), a torch client's connection is closed.
         max_waits_per_connection: most parked waits (WAIT, BARRIER, blocking get,
             multi_get, queue_pop) per connection; one more closes the connection, logged.
         max_wait_keys_per_connection: most keys over the parked waits of one connection
@@ -1122,6 +1164,10 @@ class StoreServer:
         )
         self.ssl_context = ssl
         self.max_connections = max_connections
+        #: Connections served at once: max_connections, lowered by start() to what the
+        #: descriptor limit allows (see FD_RESERVE); further ones are refused.
+        self.connection_limit: int = max_connections if max_connections is not None else 1 << 62
+        self._fd_limit: int | None = None
         self.max_waits_per_connection = max_waits_per_connection
         self.max_output_bytes = max_output_bytes
         self.max_total_output_bytes = max_total_output_bytes
@@ -1198,7 +1244,7 @@ class StoreServer:
                 self.journal.fsync,
             )
         self._closed = asyncio.Event()
-        raise_fd_limit()
+        self._limit_connections_by_fds(raise_fd_limit())
         socks = [self._sock] if self._sock is not None else self._bind()
         try:
             for sock in socks:
@@ -1308,6 +1354,42 @@ class StoreServer:
         if self.busy_poll > 0 and self._fast is not None:
             return f"{self.busy_poll * 1e6:g} us"
         return "off"
+
+    def _limit_connections_by_fds(self, limits: tuple[int, int] | None) -> None:
+        """Lower :attr:`connection_limit` to what the soft descriptor limit leaves once the
+        descriptors open now and :data:`FD_RESERVE` are set aside."""
+        if limits is None:
+            return
+        soft = limits[0]
+        try:
+            open_now = len(os.listdir("/proc/self/fd"))
+        except OSError:  # no procfs: assume a few
+            open_now = 16
+        by_fds = max(1, soft - open_now - FD_RESERVE)
+        if by_fds < self.connection_limit:
+            self.connection_limit, self._fd_limit = by_fds, soft
+            logger.info(
+                "serving at most %d connections (descriptor limit %d, %d open, %d reserved)",
+                by_fds,
+                soft,
+                open_now,
+                FD_RESERVE,
+            )
+
+    def connection_limit_reason(self) -> str:
+        """Why a connection over :attr:`connection_limit` is refused, and what raises it."""
+        limit = self.connection_limit
+        if self._fd_limit is None:
+            return (
+                f"connection limit reached: {limit} connections open (max_connections={limit}; "
+                "raise it with rdzv serve --max-connections)"
+            )
+        return (
+            f"connection limit reached: {limit} connections open, the most this server's "
+            f"descriptor limit allows (RLIMIT_NOFILE {self._fd_limit}, less {FD_RESERVE} "
+            "reserved and those open at start); raise it with `ulimit -n` (up to the hard "
+            "limit) before starting rdzv serve, or spread the clients over more servers"
+        )
 
     @property
     def num_connections(self) -> int:

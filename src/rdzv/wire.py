@@ -50,6 +50,7 @@ __all__ = [
     "MAX_LEASE_MS",
     "RDZV_HELLO",
     "RDZV_PING_NONCE",
+    "RDZV_REFUSED",
     "STOP_WAITING",
     "VALIDATE_MAGIC",
     "WAIT_CANCELED",
@@ -82,6 +83,11 @@ EXT_VERSION = 1
 #: What an rdzv server answers to :data:`RDZV_PING_NONCE`: ``0x72647Axx``, ``xx`` the
 #: extension version (never ``0x76``, so it always differs from the echo a torch server sends).
 RDZV_HELLO = 0x72647A00 | EXT_VERSION
+#: What an rdzv server answers to :data:`RDZV_PING_NONCE` on a connection it refuses (over its
+#: connection limit), followed by a u64-length message saying which limit and what raises it;
+#: then it closes the connection. Outside the HELLO family, so an older client reports a
+#: failed PING rather than misreading it.
+RDZV_REFUSED = 0x72647BFF
 #: Flag bit of the HELLO's low byte: this server requires this connection to authenticate
 #: (EXT_AUTH_BEGIN / EXT_AUTH_PROOF) before anything else. The version is ``low & 0x3F``.
 HELLO_AUTH_REQUIRED = 0x80
@@ -871,6 +877,11 @@ def reply_ping(
 def reply_ext_ok(payload: bytes = b"") -> bytes:
     """An extension success reply: :data:`EXT_OK` then the op's payload."""
     return b"\x00" + payload
+
+
+def reply_refused(message: str) -> bytes:
+    """The answer to an rdzv PING on a refused connection: :data:`RDZV_REFUSED` + message blob."""
+    return _U32.pack(RDZV_REFUSED) + reply_blob(message.encode("utf-8", "replace"))
 
 
 def reply_ext_error(code: ErrorCode, message: str) -> bytes:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import resource
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from rdzv import auth, wire
-from rdzv.errors import AuthError, NetworkError
+from rdzv.errors import AuthError, ConnectionLimitError, NetworkError
 from rdzv.server import ServerThread
 from rdzv.store.tcp import TCPStore
 from rdzv.tls import TLSConfig
@@ -150,3 +154,103 @@ def test_serve_loopback_default_explains_how_to_open_it() -> None:
         out = proc.stdout.read()
     assert "authentication: none; tls: off; fast path: on; busy poll: 50 us" in out
     assert "only this machine can connect" in out
+
+
+def test_a_client_over_the_connection_limit_gets_an_error_naming_it() -> None:
+    thread = ServerThread(max_connections=2).start()
+    try:
+        held = [TCPStore("127.0.0.1", thread.port, timeout=5) for _ in range(2)]
+        start = time.monotonic()
+        with pytest.raises(ConnectionLimitError) as info:
+            TCPStore("127.0.0.1", thread.port, timeout=30)
+        assert time.monotonic() - start < 5  # refused at once, not retried for 30 s
+        assert "max_connections=2" in str(info.value)
+        assert "--max-connections" in str(info.value)
+        held[0].set("k", b"v")  # the others are unaffected
+        assert held[1].get("k") == b"v"
+        held[0].close()
+        eventually(lambda: thread.server.num_connections == 1, what="the close")
+        again = TCPStore("127.0.0.1", thread.port, timeout=5)  # a freed slot is reusable
+        assert again.get("k") == b"v"
+        for store in (again, held[1]):
+            store.close()
+    finally:
+        thread.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs procfs")
+def test_the_descriptor_limit_refuses_with_a_clear_error_and_costs_the_others_nothing(
+    tmp_path: Path,
+) -> None:
+    """rdzv serve under RLIMIT_NOFILE = 160: the connections past what it allows are refused
+    with an error naming the descriptor limit and ulimit; a storm of silent connections past
+    it (which exhausts the reserve: accept() fails with EMFILE) neither spins the server nor
+    stops it serving the connections it has."""
+    nofile = 160
+
+    def limit_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rdzv", "serve", "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=subprocess_env(),
+        preexec_fn=limit_fds,
+    )
+    stores: list[TCPStore] = []
+    storm: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        with pytest.raises(ConnectionLimitError) as info:
+            for _ in range(nofile):  # bounded: the server holds fewer than nofile
+                stores.append(TCPStore("127.0.0.1", port, timeout=10))
+        message = str(info.value)
+        assert 0 < len(stores) < nofile - 64
+        assert f"{len(stores)} connections open" in message
+        assert f"RLIMIT_NOFILE {nofile}" in message
+        assert "ulimit -n" in message
+        # A storm of connections that never send anything: refused ones hold a descriptor
+        # for up to a second each, so the reserve runs out and accept() fails (EMFILE).
+        for _ in range(120):
+            storm.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        cpu_before, wall_before = _cpu_seconds(proc.pid), time.monotonic()
+        for i in range(20):  # the connections it serves are served meanwhile
+            stores[i % len(stores)].set(f"k{i}", b"v")
+            assert stores[-1 - i % len(stores)].get(f"k{i}") == b"v"
+            time.sleep(0.05)
+        cpu = _cpu_seconds(proc.pid) - cpu_before
+        wall = time.monotonic() - wall_before
+        assert cpu < 0.5 * wall, f"server used {cpu:.2f} s of CPU in {wall:.2f} s: a busy loop?"
+        for sock in storm:
+            sock.close()
+        storm.clear()
+        stores.pop().close()
+        # Once the storm is gone, the freed slot is served again (bounded retry: the
+        # closes reach the server in their own time).
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                stores.append(TCPStore("127.0.0.1", port, timeout=5))
+                break
+            except ConnectionLimitError:
+                assert time.monotonic() < deadline, "the freed slot was never reused"
+                time.sleep(0.1)
+        assert stores[-1].get("k0") == b"v"
+    finally:
+        for sock in storm:
+            sock.close()
+        for store in stores:
+            store.close()
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+    assert "connection limit reached" in (tmp_path / "serve.log").read_text()

@@ -258,7 +258,9 @@ def register(subparsers: Any) -> None:
         "--max-connections",
         type=_positive_int,
         default=None,
-        help="most connections open at once; more are closed and logged (default: no limit)",
+        help="most connections open at once; more are refused (an rdzv client gets an "
+        "error naming the limit), logged (default: what the descriptor limit allows: "
+        "ulimit -n less 64 and the descriptors open at start)",
     )
     parser.add_argument(
         "--max-waits-per-connection",

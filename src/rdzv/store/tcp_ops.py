@@ -27,7 +27,14 @@ from collections.abc import Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
 from rdzv import auth, wire
-from rdzv.errors import AuthError, NetworkError, ProtocolError, StoreError, StoreTimeoutError
+from rdzv.errors import (
+    AuthError,
+    ConnectionLimitError,
+    NetworkError,
+    ProtocolError,
+    StoreError,
+    StoreTimeoutError,
+)
 from rdzv.store.base import timeout_error
 from rdzv.wire import (
     EXT_ERROR,
@@ -375,6 +382,11 @@ def handshake(s: Session) -> OpGen[None]:
     reply = yield s.io("the reply to PING", wire.read_u32)
     s.authenticating = s.token is not None
     auth_required = False
+    if reply == wire.RDZV_REFUSED:
+        message = yield s.io("the reason the server refused the connection", wire.read_blob)
+        raise ConnectionLimitError(
+            f"{s.where} refused the connection: {message.decode('utf-8', 'replace')}"
+        )
     if reply == RDZV_PING_NONCE:
         s.extended, s.version, s.read_only = False, 0, False
     elif reply >> 8 == RDZV_HELLO >> 8:
@@ -440,11 +452,15 @@ def _auth_reply(s: Session, what: str, size: int, refused: str) -> OpGen[bytes]:
     return value
 
 
-def handshake_error(s: Session, exc: BaseException) -> AuthError | None:
-    """The AuthError to raise (not to retry) when connecting failed for a security reason: a
+def handshake_error(s: Session, exc: BaseException) -> AuthError | ConnectionLimitError | None:
+    """The error to raise (not to retry) when connecting failed: the server refused the
+    connection over its connection limit (ConnectionLimitError), or, an AuthError, for a
+    security reason: a
     TLS failure (certificate not trusted, expired, for another host; our certificate
     refused), or a connection lost during authentication (an older server closes the
     connection on the auth opcodes; ours closes it after a refusal). None: retry."""
+    if isinstance(exc, ConnectionLimitError):
+        return exc
     if isinstance(exc, ssl.SSLError):
         s.authenticating = False
         return AuthError(
