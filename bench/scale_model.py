@@ -93,7 +93,7 @@ class Costs:
     #: Client CPU per store operation of a node (asyncio, the decision core, JSON records).
     client_op: float = 70e-6
     #: Network round trip (seconds): loopback / a data centre.
-    rtt_loopback: float = 30e-6
+    rtt_loopback: float = 15e-6
     rtt_cluster: float = 100e-6
     #: Server memory per open connection (bytes) and per node's keys (bytes).
     rss_per_connection: float = 2.5 * 1024
@@ -112,7 +112,8 @@ SOURCES = {
     "server_wake": _CALIBRATED + ", 1,999 parked gets woken by one set; 6-10 us in 4 runs)",
     "server_accept": _CALIBRATED + ", connect + VALIDATE + PING; 100-135 us in 4 runs)",
     "client_op": "bench/scale.py: clients' CPU 0.26-0.30 ms per node over ~4.0 ops per node",
-    "rtt_loopback": "loopback TCP round trip here (PING p50, docs/performance.md)",
+    "rtt_loopback": "docs/performance.md: one client's p50 request latency on loopback, 14.7-17 us "
+    "(round trip and server work together)",
     "rtt_cluster": "assumed: a data-centre TCP round trip (not measured here)",
     "rss_per_connection": "bench/scale.py: server RSS per connection 1.5-2.5 KB (1K-16K)",
     "bytes_per_node_keys": "bench/rendezvous.py: ~348 bytes per node per round",
@@ -385,29 +386,37 @@ def _round(sim: Simulation, nodes: list[_Node], cores: list[RendezvousCore]) -> 
     return max(n.done_at for n in nodes if n.done_at is not None) - start
 
 
-def simulate(
+def _setting(
     n: int, mode: str, costs: Costs, procs: int, cores: float, interval: float, attempts: int
-) -> dict[str, Any]:
-    """One round of ``n`` nodes; JSON-ready figures."""
+) -> tuple[Simulation, list[_Node]]:
+    """A simulation in ``mode`` (harness: ``procs`` client processes sharing ``cores`` CPUs
+    with the server; cluster: a CPU per node) and its ``n`` nodes."""
     harness = mode == "harness"
-    stretch = (procs + 1) / cores if harness else 1.0
     sim = Simulation(
         costs,
         costs.rtt_loopback if harness else costs.rtt_cluster,
         procs if harness else 0,
-        max(stretch, 1.0),
+        max((procs + 1) / cores, 1.0) if harness else 1.0,
         interval,
         attempts,
     )
-    nodes = [_Node(i, i % procs if harness else 0) for i in range(n)]
+    return sim, [_Node(i, i % procs if harness else 0) for i in range(n)]
+
+
+def simulate(
+    n: int, mode: str, costs: Costs, procs: int, cores: float, interval: float, attempts: int
+) -> dict[str, Any]:
+    """One round of ``n`` nodes; JSON-ready figures."""
+    sim, nodes = _setting(n, mode, costs, procs, cores, interval, attempts)
     t0 = time.perf_counter()
     seconds = _round(sim, nodes, _cores(n, n, interval, attempts))
+    cpu = sim.server_busy / sim.stretch  # CPU seconds, not stretched wall seconds
     return {
         "nodes": n,
         "round_s": round(seconds, 3),
         "ops_per_node": round(sim.ops_per_node, 2),
-        "server_cpu_s": round(sim.server_busy / max(stretch, 1.0), 3),
-        "server_cpu_per_node_us": round(sim.server_busy / max(stretch, 1.0) / n * 1e6, 1),
+        "server_cpu_s": round(cpu, 3),
+        "server_cpu_per_node_us": round(cpu / n * 1e6, 1),
         "server_busy_fraction": round(sim.server_busy / seconds, 2),
         "model_runtime_s": round(time.perf_counter() - t0, 1),
     }
@@ -417,17 +426,7 @@ def simulate_loss(
     n: int, mode: str, costs: Costs, procs: int, cores: float, interval: float, attempts: int
 ) -> dict[str, Any]:
     """A round of ``n`` nodes (min n - 1), node 0 dies, the others re-rendezvous at once."""
-    harness = mode == "harness"
-    stretch = (procs + 1) / cores if harness else 1.0
-    sim = Simulation(
-        costs,
-        costs.rtt_loopback if harness else costs.rtt_cluster,
-        procs if harness else 0,
-        max(stretch, 1.0),
-        interval,
-        attempts,
-    )
-    nodes = [_Node(i, i % procs if harness else 0) for i in range(n)]
+    sim, nodes = _setting(n, mode, costs, procs, cores, interval, attempts)
     cores_ = _cores(n, n - 1, interval, attempts)
     first = _round(sim, nodes, cores_)
     nodes[0].dead = True
