@@ -128,6 +128,10 @@ DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_TOTAL_OUTPUT_BYTES = 256 * 1024 * 1024
 #: Seconds between attempts to write the journal again after a commit failed (disk full).
 JOURNAL_RETRY_INTERVAL = 0.5
+#: Lines about connections opening and closing logged per second at most; past it, one line a
+#: second counts the rest. A storm of 15,000 connects otherwise spends ~40% of the server's
+#: CPU formatting log lines nobody reads one by one (measured with bench/init_storm.py).
+CONNECTION_LOG_RATE = 50
 
 _I64 = wire._I64.pack
 _U64 = wire._U64.pack
@@ -172,6 +176,58 @@ def format_endpoint(host: str, port: int) -> str:
 
 # Kinds of parked waiters (Waiter.owner = (connection, kind, argument)).
 _WAIT, _BARRIER, _GET, _MULTI_GET, _QUEUE_POP, _EXT_BARRIER = range(6)
+
+
+class _ConnectionLog:
+    """INFO lines about connections opening and closing, at most :data:`CONNECTION_LOG_RATE`
+    a second; the lines past it are counted and summarised once the second is over."""
+
+    __slots__ = ("_closed", "_lines", "_opened", "_server", "_summary", "_window")
+
+    def __init__(self, server: StoreServer) -> None:
+        self._server = server
+        self._window = -1.0  # when the current second began (loop time)
+        self._lines = 0  # lines logged in it
+        self._opened = self._closed = 0  # not logged, to summarise
+        self._summary: asyncio.TimerHandle | None = None
+
+    def __call__(self, opened: bool, msg: str, *args: object) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        loop = self._server._loop  # not asyncio.get_running_loop(): a getpid() call each
+        if loop is None:  # not started (a test driving a protocol by hand)
+            logger.info(msg, *args)
+            return
+        now = loop.time()
+        if now - self._window >= 1.0:
+            self._window, self._lines = now, 0
+        if self._lines < CONNECTION_LOG_RATE:
+            self._lines += 1
+            logger.info(msg, *args)
+            return
+        if opened:
+            self._opened += 1
+        else:
+            self._closed += 1
+        if self._summary is None:
+            when = self._window + 1.0
+            self._summary = loop.call_at(when, self._summarise)
+
+    def _summarise(self) -> None:
+        self._summary = None
+        logger.info(
+            "%d more connections opened and %d closed in the last second, not logged one "
+            "by one (%d open)",
+            self._opened,
+            self._closed,
+            len(self._server._connections),
+        )
+        self._opened = self._closed = 0
+
+    def cancel(self) -> None:
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summary = None
 
 
 class _Close(Exception):
@@ -269,16 +325,17 @@ class _Connection(asyncio.Protocol):
         if receiver is not None:
             receiver.write = self.transport.write
         peer = transport.get_extra_info("peername")
+        # TCP (the peer is an address tuple; a Unix socket's is a path). Both event loops set
+        # TCP_NODELAY on their TCP transports themselves (asyncio since Python 3.6, uvloop
+        # always): setting it again cost ~5% of the server's CPU in a connect storm.
         if isinstance(peer, tuple):
             self.peer = format_endpoint(str(peer[0]), int(peer[1]))
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if receiver is not None and server.ssl_context is None:
                 # Plain TCP: the receiver may send replies itself while nothing is queued.
-                receiver.fd = sock.fileno()
-                receiver.buffered = self.transport.get_write_buffer_size
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    receiver.fd = sock.fileno()
+                    receiver.buffered = self.transport.get_write_buffer_size
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if len(server._connections) >= server.connection_limit:
             self._refuse(server.connection_limit_reason())
@@ -291,7 +348,9 @@ class _Connection(asyncio.Protocol):
             self.handlers = _UNAUTH_HANDLERS
             loop = asyncio.get_running_loop()
             self.auth_timer = loop.call_later(server.auth_timeout, self._auth_expired)
-        logger.info("connection from %s (%d open)", self.peer, len(server._connections))
+        server._connection_log(
+            True, "connection from %s (%d open)", self.peer, len(server._connections)
+        )
 
     def _refuse(self, reason: str) -> None:
         """Refuse this connection (over the connection limit) without serving it: an rdzv
@@ -333,9 +392,9 @@ class _Connection(asyncio.Protocol):
             server._drop_bound(self, self.bound)
             self.bound.clear()
         if exc is None:
-            logger.info("connection from %s closed", self.peer)
+            server._connection_log(False, "connection from %s closed", self.peer)
         else:
-            logger.info("connection from %s lost: %s", self.peer, exc)
+            server._connection_log(False, "connection from %s lost: %s", self.peer, exc)
 
     def pause_writing(self) -> None:
         # The client does not read its replies: stop executing and reading its requests.
@@ -1141,6 +1200,7 @@ class StoreServer:
         self._servers: list[asyncio.Server] = []
         self._endpoints: list[tuple[str, int]] = []
         self._connections: set[_Connection] = set()
+        self._connection_log = _ConnectionLog(self)
         self._fired: list[Waiter] = []
         # key -> the connection (ephemeral) or lease timer handle it is bound to.
         self._bound: dict[bytes, object] = {}
@@ -1382,6 +1442,7 @@ class StoreServer:
             self._retry_timer = None
         if self._closed is not None:
             self._closed.set()
+        self._connection_log.cancel()
         logger.info("server closed")
 
     async def wait_closed(self) -> None:
