@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rdzv.launcher.failures import FailureRecord
 from rdzv.launcher import restart_policy as policy
+from rdzv.launcher.failures import FailureRecord
 
 
 def _record(kind: str) -> FailureRecord:
