@@ -35,7 +35,7 @@ _LAZY = {
     "TLSConfig": "rdzv.tls",
     "EtcdStore": "rdzv.store.etcd",
     "register_rendezvous_handler": "rdzv.rendezvous.url",
-    "connect": "rdzv.launcher.worker",
+    "connect": "rdzv.launcher.connect",
     "heartbeat": "rdzv.launcher.heartbeat",
 }
 

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from rdzv import HashStore, PrefixStore, Store
-from rdzv.rendezvous.backends import C10dRendezvousBackend
+from rdzv.rendezvous.c10d import C10dRendezvousBackend
 from rdzv.rendezvous.dynamic import DynamicRendezvousHandler, RendezvousTimeout
 
 

@@ -25,7 +25,7 @@ from rdzv.errors import (
 )
 from rdzv.rendezvous.api import RendezvousParameters
 from rdzv.rendezvous.backend_state import BackendState, decode_state
-from rdzv.rendezvous.backends import C10dRendezvousBackend, create_backend
+from rdzv.rendezvous.c10d import C10dRendezvousBackend, create_backend
 from rdzv.rendezvous.dynamic import (
     DynamicRendezvousHandler,
     RendezvousBackend,
@@ -218,7 +218,7 @@ class CreateBackendTest(unittest.TestCase):
         self._assert_backend(self._params, TCPStore, 60)
 
     def test_create_backend_returns_backend_if_endpoint_port_is_not_specified(self) -> None:
-        with mock.patch("rdzv.rendezvous.backends.DEFAULT_PORT", self._port):
+        with mock.patch("rdzv.rendezvous.c10d.DEFAULT_PORT", self._port):
             self._params.endpoint = "127.0.0.1"
             store = self._assert_backend(self._params, TCPStore, 10)
         assert isinstance(store, TCPStore)
@@ -267,7 +267,7 @@ class CreateBackendTest(unittest.TestCase):
         ):
             create_backend(self._file_params)
 
-    @mock.patch("rdzv.rendezvous.backends.FileStore")
+    @mock.patch("rdzv.rendezvous.c10d.FileStore")
     def test_create_backend_raises_error_if_file_path_is_invalid(self, file_store: Any) -> None:
         file_store.side_effect = RuntimeError("test error")
         self._file_params.endpoint = "bad file path"

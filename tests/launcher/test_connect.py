@@ -10,7 +10,7 @@ import pytest
 
 import rdzv
 from rdzv import PrefixStore, TCPStore
-from rdzv.launcher.worker import worker_store_prefix
+from rdzv.launcher.connect import worker_store_prefix
 from tests.conftest import REPO, subprocess_env
 
 

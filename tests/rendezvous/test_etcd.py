@@ -13,7 +13,7 @@ import pytest
 
 from rdzv.errors import RendezvousConnectionError
 from rdzv.rendezvous.api import RendezvousHandlerRegistry, RendezvousParameters
-from rdzv.rendezvous.backends import register_builtin_backends
+from rdzv.rendezvous.c10d import register_builtin_backends
 from rdzv.rendezvous.dynamic import DynamicRendezvousHandler
 from rdzv.rendezvous.etcd import EtcdLeaseLiveness, create_etcd_handler
 from rdzv.rendezvous.liveness import Status

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rdzv.launcher.api import launch
 from rdzv.launcher.config import LaunchConfig
-from rdzv.launcher.worker import security_env
+from rdzv.launcher.connect import security_env
 from rdzv.server import ServerThread
 from rdzv.tls import server_context
 from tests.conftest import subprocess_env

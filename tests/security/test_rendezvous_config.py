@@ -8,7 +8,7 @@ import pytest
 
 from rdzv.errors import AuthError, RendezvousConnectionError
 from rdzv.rendezvous.api import RendezvousParameters
-from rdzv.rendezvous.backends import _security_options, create_c10d_store
+from rdzv.rendezvous.c10d import _security_options, create_c10d_store
 from rdzv.server import ServerThread
 from rdzv.tls import TLSConfig, server_context
 from tests.security.certs import Certs

@@ -85,6 +85,7 @@ __all__ = [
     "TorchRendezvousHandler",
     "TorchStore",
     "create_torchrun_handler",
+    "creator_from_torchrun",
     "from_torch_store",
     "handler_from_torch",
     "handler_to_torch",
@@ -626,6 +627,37 @@ def handler_from_torch(handler: Any) -> rdzv_api.RendezvousHandler:
             f"expected a torch or rdzv RendezvousHandler, got {type(handler).__name__}: {handler!r}"
         )
     return RdzvHandlerFromTorch(handler)
+
+
+def creator_from_torchrun(
+    factory: Callable[[], Any], name: str
+) -> rdzv_api.RendezvousHandlerCreator:
+    """The rdzv creator of the ``torchrun.handlers`` entry point ``name`` whose loaded object
+    is ``factory`` (the registry, :mod:`rdzv.rendezvous.registry`, calls this by name).
+
+    torch's semantics: ``factory()`` returns the creator, which is called with torch's
+    ``RendezvousParameters``; a torch handler it returns is adapted with
+    :func:`handler_from_torch`. Raises TypeError when ``factory()`` is not callable.
+    """
+    creator = factory()
+    if not callable(creator):
+        raise TypeError(f"calling it returned {creator!r}, which is not a handler creator")
+
+    def create(params: rdzv_api.RendezvousParameters) -> rdzv_api.RendezvousHandler:
+        torch_params = torch_api.RendezvousParameters(
+            params.backend,
+            params.endpoint,
+            params.run_id,
+            params.min_nodes,
+            params.max_nodes,
+            params.local_addr,
+            **params.config,
+        )
+        return handler_from_torch(creator(torch_params))
+
+    create.__name__ = create.__qualname__ = f"torchrun_handler_{name}"
+    create.__wrapped__ = creator  # type: ignore[attr-defined]
+    return create
 
 
 # --------------------------------------------------------------------------- torchrun plug-in

@@ -3,10 +3,10 @@
 * :class:`LaunchConfig` (:mod:`.config`): what to launch and how to supervise it;
 * :func:`launch` (:mod:`.api`): create the rendezvous handler and run the agent;
 * :class:`ElasticAgent` (:mod:`.agent`): rendezvous, spawn, monitor, restart, stop;
-* :func:`connect` (:mod:`.worker`): in a worker, a client of the workers' store.
+* :func:`connect` (:mod:`.connect`): in a worker, a client of the workers' store.
 
 Submodules load on first use: a worker calling ``rdzv.connect()`` imports only
-:mod:`.worker`, not the agent (tens of milliseconds of imports on every worker start).
+:mod:`.connect`, not the agent (tens of milliseconds of imports on every worker start).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _LAZY = {
     "WorkerState": "rdzv.launcher.agent",
     "LaunchConfig": "rdzv.launcher.config",
     "Std": "rdzv.launcher.config",
-    "connect": "rdzv.launcher.worker",
+    "connect": "rdzv.launcher.connect",
     "launch": "rdzv.launcher.api",
 }
 

@@ -61,6 +61,7 @@ from rdzv.errors import (
 from rdzv.launcher.assignment import Assignment, NodeInfo, exchange, status_url_key
 from rdzv.launcher.causes import CauseChannel
 from rdzv.launcher.config import LaunchConfig, Std, std_for
+from rdzv.launcher.connect import client_security
 from rdzv.launcher.environment import worker_environment
 from rdzv.launcher.failures import (
     HANG_EXIT_CODE,
@@ -87,7 +88,6 @@ from rdzv.launcher.restart_policy import (
     for_rendezvous_retry,
 )
 from rdzv.launcher.watchdog import Watchdog
-from rdzv.launcher.worker import client_security
 from rdzv.launcher.workers import Worker, WorkerProcesses
 from rdzv.rendezvous.api import RendezvousHandler, RendezvousInfo
 from rdzv.server import format_endpoint

@@ -2,7 +2,7 @@
 
 Layers, later ones winning: this process's environment; the store's security settings from
 ``rdzv_configs`` (TLS files and the token *file name*, never the secret, see
-:func:`rdzv.launcher.worker.security_env`); ``LaunchConfig.env``; torchrun's variables.
+:func:`rdzv.launcher.connect.security_env`); ``LaunchConfig.env``; torchrun's variables.
 Because the security layer comes from the config, a :func:`rdzv.launcher.launch` called
 from Python gives its workers what ``rdzv.connect()`` needs against a secured store, exactly
 as the CLI does.
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from rdzv.launcher.assignment import Assignment
 from rdzv.launcher.config import LaunchConfig
-from rdzv.launcher.worker import ATTEMPT_ID_ENV, security_env
+from rdzv.launcher.connect import ATTEMPT_ID_ENV, security_env
 
 __all__ = ["worker_environment"]
 

@@ -2,7 +2,7 @@
 
 A :class:`~rdzv.rendezvous.api.RendezvousBackend` keeps one opaque state with a fencing
 token (torch's ``RendezvousBackend``: DLRover's, Kubernetes-based, in-house ones, and
-:class:`~rdzv.rendezvous.backends.C10dRendezvousBackend`). :class:`BackendRendezvousHandler`
+:class:`~rdzv.rendezvous.c10d.C10dRendezvousBackend`). :class:`BackendRendezvousHandler`
 runs torch's algorithm on it, with torch's semantics: every node reads the whole state,
 decides one action (join, wait, keep alive, complete, leave, close), applies it to its copy
 and writes the copy back with compare-and-set on the token; a lost race re-reads and decides

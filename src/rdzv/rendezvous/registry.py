@@ -5,7 +5,7 @@ its module only when called):
 
 =========  ===============================================================================
 ``static``   :func:`rdzv.rendezvous.static.create_rdzv_handler`: fixed world, no elasticity
-``c10d``     :func:`rdzv.rendezvous.backends.create_c10d_handler`: the dynamic rendezvous over
+``c10d``     :func:`rdzv.rendezvous.c10d.create_c10d_handler`: the dynamic rendezvous over
              a TCPStore (torch's ``c10d`` backend)
 ``etcd``     :func:`rdzv.rendezvous.etcd.create_etcd_handler`: the dynamic rendezvous over
              etcd v3
@@ -66,6 +66,10 @@ RDZV_ENTRY_POINT_GROUP = "rdzv.rendezvous_backends"
 TORCHRUN_ENTRY_POINT_GROUP = "torchrun.handlers"
 # rdzv's own torchrun plug-in lives here; loading it into rdzv's registry would be circular.
 _OWN_TORCHRUN_MODULE = "rdzv.interop.torch"
+# "module:function" turning a loaded torchrun.handlers object into an rdzv creator (it adapts
+# torch handlers to rdzv's types). Named, not imported: the core never imports interop, and
+# the bridge (which imports torch) loads only when such a plug-in exists.
+_TORCHRUN_BRIDGE = "rdzv.interop.torch:creator_from_torchrun"
 
 _lock = threading.Lock()
 # (group, name, value) of every entry point registered so far.
@@ -106,7 +110,7 @@ _DEFAULTS: dict[str, RendezvousHandlerCreator] = {
         "",
     ),
     "c10d": _lazy_creator(
-        "rdzv.rendezvous.backends",
+        "rdzv.rendezvous.c10d",
         "create_c10d_handler",
         "c10d",
         "Use the 'static' backend, or upgrade rdzv.",
@@ -127,42 +131,12 @@ def register_default_handlers() -> None:
         rendezvous_handler_registry.register(name, creator)
 
 
-def _torch_creator(factory: Callable[[], Any], name: str) -> RendezvousHandlerCreator:
-    """Call a ``torchrun.handlers`` object to get its creator, and wrap the creator so that a
-    torch handler it returns is adapted to rdzv's types."""
-    creator = factory()
-    if not callable(creator):
-        raise TypeError(f"calling it returned {creator!r}, which is not a handler creator")
-
-    def create(params: RendezvousParameters) -> RendezvousHandler:
-        handler = creator(_to_torch_parameters(params))
-        if isinstance(handler, RendezvousHandler):
-            return handler
-        # Imported here: only torchrun plug-ins need the torch bridge, and it imports torch.
-        from rdzv.interop.torch import handler_from_torch
-
-        return handler_from_torch(handler)
-
-    create.__name__ = create.__qualname__ = f"torchrun_handler_{name}"
-    create.__wrapped__ = creator  # type: ignore[attr-defined]
-    return create
-
-
-def _to_torch_parameters(params: RendezvousParameters) -> Any:
-    """torch's RendezvousParameters for a torch creator (it may check their type)."""
-    try:
-        from torch.distributed.elastic.rendezvous import RendezvousParameters as TorchParams
-    except ImportError:  # pragma: no cover - a torchrun plug-in without torch
-        return params
-    return TorchParams(
-        params.backend,
-        params.endpoint,
-        params.run_id,
-        params.min_nodes,
-        params.max_nodes,
-        params.local_addr,
-        **params.config,
+def _torchrun_bridge() -> Callable[[Any, str], RendezvousHandlerCreator]:
+    module, function = _TORCHRUN_BRIDGE.split(":")
+    bridge: Callable[[Any, str], RendezvousHandlerCreator] = getattr(
+        import_module(module), function
     )
+    return bridge
 
 
 def _register_entry_point(group: str, ep: EntryPoint) -> None:
@@ -174,7 +148,7 @@ def _register_entry_point(group: str, ep: EntryPoint) -> None:
     try:
         obj = ep.load()
         if group == TORCHRUN_ENTRY_POINT_GROUP:
-            creator = _torch_creator(obj, ep.name)
+            creator = _torchrun_bridge()(obj, ep.name)
         elif callable(obj):
             creator = obj
         else:

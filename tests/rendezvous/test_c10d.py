@@ -11,7 +11,7 @@ from rdzv import events
 from rdzv.errors import RendezvousConnectionError
 from rdzv.events import NodeState, RdzvEvent
 from rdzv.rendezvous.api import RendezvousHandlerRegistry, RendezvousParameters
-from rdzv.rendezvous.backends import (
+from rdzv.rendezvous.c10d import (
     C10D_DEFAULT_PORT,
     create_c10d_handler,
     create_c10d_store,

@@ -54,7 +54,7 @@ __all__ = [
     "register_builtin_backends",
 ]
 
-logger = logging.getLogger("rdzv.rendezvous.backends")
+logger = logging.getLogger("rdzv.rendezvous.c10d")
 
 #: The default port of the c10d rendezvous endpoint (torch's ``DEFAULT_PORT``; read at
 #: each call, so patching it works as with torch).
