@@ -93,6 +93,37 @@ def test_queue_push_wakes_one_in_registration_order() -> None:
     assert rec.fired == [first, second]
 
 
+def test_a_push_goes_to_a_queue_waiter_not_an_earlier_value_waiter() -> None:
+    e, rec = Engine(), Recorder()
+    get = e.wait([b"k"], rec, only="value")  # a blocking get, parked first
+    pop = e.wait([b"k"], rec, only="queue")  # then a blocking queue_pop
+    e.queue_push(b"k", b"item")
+    assert rec.fired == [pop]  # the item is for the pop; the get keeps waiting
+    e.set(b"k", b"v")
+    assert rec.fired == [pop, get]
+
+
+def test_a_value_does_not_wake_a_queue_waiter_but_wakes_either() -> None:
+    e, rec = Engine(), Recorder()
+    pop = e.wait([b"k"], rec, only="queue")
+    either = e.wait([b"k"], rec)  # a torch WAIT: a value or an item
+    e.set(b"k", b"v")
+    assert rec.fired == [either]
+    e.queue_push(b"k", b"item")
+    assert rec.fired == [either, pop]
+    assert e.num_waiters() == 0
+
+
+def test_a_push_prefers_a_queue_waiter_to_an_older_waiter_for_either() -> None:
+    e, rec = Engine(), Recorder()
+    either = e.wait([b"k"], rec)  # a torch WAIT, maybe a get's
+    pop = e.wait([b"k"], rec, only="queue")
+    e.queue_push(b"k", b"1")
+    assert rec.fired == [pop]
+    e.queue_push(b"k", b"2")  # no waiter for an item left: the one for either
+    assert rec.fired == [pop, either]
+
+
 def test_compare_set_wakes_only_when_key_exists_afterwards() -> None:
     e, rec = Engine(), Recorder()
     w = e.wait([b"k"], rec)

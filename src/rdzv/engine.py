@@ -21,9 +21,16 @@ the stores above decide the namespace. The engine imposes no size limits; the co
 Waking rules (a superset of torch's libuv server, minus its accidents):
 
 * ``set``, ``append``, ``multi_set``, ``add``, ``barrier`` and a ``compare_set`` that leaves
-  the key present wake every waiter of the key (torch's HashStore forgets ``add``; torch's
-  libuv server also wakes on a failed ``compare_set`` of a missing key, a spurious wake-up);
-* ``queue_push`` wakes exactly one waiter of the key, the longest-registered one;
+  the key present wake every waiter of the key that a value can satisfy (torch's HashStore
+  forgets ``add``; torch's libuv server also wakes on a failed ``compare_set`` of a missing
+  key, a spurious wake-up); waiters for a queue item only (``only="queue"``) stay parked;
+* ``queue_push`` wakes exactly one waiter of the key (as torch's ``notify_one``): the
+  longest-registered waiter for a queue item (``only="queue"``, a blocking ``queue_pop``
+  that pops on wake-up), else the longest-registered waiter for either (``only=None``: a
+  torch client's WAIT cannot say what it waits for). Waiters for a value only
+  (``only="value"``, a blocking ``get``) stay parked. So a pushed item goes to a waiting
+  ``queue_pop`` rather than to an earlier ``get`` that cannot use it (torch's HashStore
+  hands it to the pop too); between torch clients, the wire protocol decides;
 * ``delete_key`` wakes nobody.
 """
 
@@ -106,10 +113,11 @@ class Waiter:
 
     ``missing`` holds the keys still awaited; the engine empties it. ``callback(waiter)`` is
     called once, when the last key arrives (or, for a barrier waiter, when the barrier
-    releases). ``owner`` is free for the wrapper (a connection, an event).
+    releases). ``owner`` is free for the wrapper (a connection, an event). ``only`` is what
+    makes a key present for it: ``"value"``, ``"queue"`` (an item) or ``None`` (either).
     """
 
-    __slots__ = ("barrier_target", "callback", "missing", "owner")
+    __slots__ = ("barrier_target", "callback", "missing", "only", "owner")
 
     def __init__(
         self,
@@ -117,11 +125,13 @@ class Waiter:
         callback: Callable[[Waiter], None],
         owner: object = None,
         barrier_target: int | None = None,
+        only: str | None = None,
     ) -> None:
         self.missing = missing
         self.callback = callback
         self.owner = owner
         self.barrier_target = barrier_target
+        self.only = only
 
     def __repr__(self) -> str:
         return f"Waiter(missing={sorted(self.missing)!r}, barrier_target={self.barrier_target})"
@@ -278,7 +288,8 @@ class Engine:
 
     # ----------------------------------------------------------------- queues
     def queue_push(self, key: bytes, value: bytes) -> None:
-        """Append ``value`` to the FIFO ``key`` and wake exactly one waiter of ``key``."""
+        """Append ``value`` to the FIFO ``key`` and wake exactly one waiter of ``key`` (a
+        waiter for an item first, else one for either; see the module's waking rules)."""
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = deque()
@@ -361,7 +372,7 @@ class Engine:
             raise ValueError(f"wait: only must be None, 'value' or 'queue', not {only!r}")
         if not missing:
             return None
-        waiter = Waiter(missing, callback, owner)
+        waiter = Waiter(missing, callback, owner, only=only)
         for key in missing:
             self._waiters.setdefault(key, {})[waiter] = None
         return waiter
@@ -454,17 +465,30 @@ class Engine:
         return key in self._data or bool(self._queues.get(key))
 
     def _fire(self, key: bytes) -> None:
-        registry = self._waiters.pop(key, None)
+        """A value was written under ``key``: wake every waiter a value satisfies."""
+        registry = self._waiters.get(key)
         if registry is None:
             return
-        for waiter in registry:
+        woken = [w for w in registry if w.only != "queue"]
+        if len(woken) == len(registry):
+            del self._waiters[key]
+        else:
+            for waiter in woken:
+                del registry[waiter]
+        for waiter in woken:
             self._satisfy(waiter, key)
 
     def _fire_one(self, key: bytes) -> None:
+        """An item was pushed to the queue ``key``: wake the longest-registered waiter for
+        an item, else the longest-registered waiter for either."""
         registry = self._waiters.get(key)
         if not registry:
             return
-        waiter = next(iter(registry))
+        waiter = next((w for w in registry if w.only == "queue"), None)
+        if waiter is None:
+            waiter = next((w for w in registry if w.only is None), None)
+            if waiter is None:
+                return
         del registry[waiter]
         if not registry:
             del self._waiters[key]

@@ -407,6 +407,22 @@ def test_queue_push_wakes_exactly_one_popper(store: Store) -> None:
     assert store.queue_len("q1") == 0
 
 
+def test_a_push_goes_to_the_popper_not_to_an_earlier_get(store: Store) -> None:
+    """A blocked get of ``k`` (parked first) and a blocked queue_pop of ``k``: a push to
+    ``k`` reaches the pop (a lost wake-up left both waiting while the queue held the
+    item); the get still returns once a value is set."""
+    getter, popper = store.clone(), store.clone()
+    got = Background(lambda: getter.get("k"))
+    time.sleep(0.05)
+    popped = Background(lambda: popper.queue_pop("k"))
+    time.sleep(0.05)
+    store.queue_push("k", b"item")
+    assert popped.result() == b"item"
+    assert store.queue_len("k") == 0
+    store.set("k", b"value")
+    assert got.result() == b"value"
+
+
 def test_queue_is_not_a_value_but_counts_for_check(store: Store) -> None:
     base = store.num_keys()
     store.queue_push("qv", b"1")
