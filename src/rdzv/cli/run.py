@@ -258,7 +258,6 @@ def build_config(args: argparse.Namespace) -> Any:
         parse_signals,
         parse_std,
     )
-    from rdzv.launcher.worker import security_env
     from rdzv.rendezvous.utils import parse_rendezvous_config
 
     min_nodes, max_nodes = parse_min_max_nnodes(str(args.nnodes))
@@ -323,7 +322,6 @@ def build_config(args: argparse.Namespace) -> Any:
         log_line_prefix_template=args.log_line_prefix_template or DEFAULT_LOG_LINE_PREFIX,
         signals_to_handle=parse_signals(str(args.signals_to_handle)),
         event_log_handler=args.event_log_handler,
-        env=security_env(rdzv_configs),
     )
 
 

@@ -60,6 +60,7 @@ from rdzv.errors import (
 from rdzv.launcher.assignment import Assignment, NodeInfo, exchange, status_url_key
 from rdzv.launcher.causes import CauseChannel
 from rdzv.launcher.config import LaunchConfig, Std, std_for
+from rdzv.launcher.environment import worker_environment
 from rdzv.launcher.failures import (
     HANG_EXIT_CODE,
     FailureRecord,
@@ -75,7 +76,7 @@ from rdzv.launcher.heartbeat import HEARTBEAT_FILE_ENV, STACKS_FILE_ENV, STACKS_
 from rdzv.launcher.logs import ConsoleWriter, LogPump, WorkerStreams, console_writer, format_prefix
 from rdzv.launcher.peers import PeerEvent, PeerMonitor
 from rdzv.launcher.watchdog import Watchdog
-from rdzv.launcher.worker import ATTEMPT_ID_ENV, client_security
+from rdzv.launcher.worker import client_security
 from rdzv.launcher.workers import Worker, WorkerProcesses
 from rdzv.rendezvous.api import RendezvousHandler, RendezvousInfo
 from rdzv.server import format_endpoint
@@ -464,35 +465,16 @@ class ElasticAgent:
 
     # --------------------------------------------------------------- workers
     def worker_env(self, assignment: Assignment, local_rank: int) -> dict[str, str]:
-        """The environment of one worker: this process's, ``config.env``, then torchrun's
-        variables (which win)."""
-        cfg = self.config
-        env = dict(os.environ)
-        if cfg.nproc_per_node > 1 and "OMP_NUM_THREADS" not in env:
-            env["OMP_NUM_THREADS"] = "1"  # torchrun's default, to avoid oversubscription
-        env.update(cfg.env)
-        env.update(
-            {
-                "LOCAL_RANK": str(local_rank),
-                "RANK": str(assignment.rank_base + local_rank),
-                "GROUP_RANK": str(assignment.group_rank),
-                "ROLE_RANK": str(assignment.role_rank_base + local_rank),
-                "ROLE_NAME": cfg.role,
-                "LOCAL_WORLD_SIZE": str(cfg.nproc_per_node),
-                "WORLD_SIZE": str(assignment.world_size),
-                "GROUP_WORLD_SIZE": str(assignment.group_world_size),
-                "ROLE_WORLD_SIZE": str(assignment.role_world_size),
-                "MASTER_ADDR": assignment.master_addr,
-                "MASTER_PORT": str(assignment.master_port),
-                "TORCHELASTIC_RESTART_COUNT": str(self.restart_count),
-                "TORCHELASTIC_MAX_RESTARTS": str(cfg.max_restarts),
-                "TORCHELASTIC_RUN_ID": self.handler.get_run_id(),
-                "TORCHELASTIC_USE_AGENT_STORE": str(assignment.use_agent_store),
-                "TORCH_NCCL_ASYNC_ERROR_HANDLING": env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
-                ATTEMPT_ID_ENV: assignment.attempt_id,
-            }
+        """The environment of one worker (:func:`rdzv.launcher.environment.worker_environment`:
+        this process's, the store security settings, ``config.env``, then torchrun's
+        variables, which win)."""
+        return worker_environment(
+            self.config,
+            assignment,
+            local_rank,
+            run_id=self.handler.get_run_id(),
+            restart_count=self.restart_count,
         )
-        return env
 
     def _ensure_log_root(self) -> Path:
         if self._log_root is None:
@@ -928,7 +910,7 @@ class ElasticAgent:
             if store is None:
                 from rdzv.store.tcp import TCPStore
 
-                token_file, tls = client_security(self.config.env)
+                token_file, tls = client_security(self.worker_env(assignment, 0))
                 store = TCPStore(
                     assignment.master_addr,
                     assignment.master_port,

@@ -210,7 +210,8 @@ class LaunchConfig:
     Other:
         signals_to_handle: signals the agent forwards to the workers before stopping.
         event_log_handler: events destination spec (:mod:`rdzv.events`), None = unchanged.
-        env: extra environment variables for every worker.
+        env: extra environment variables for every worker (the TLS/token settings of
+            ``rdzv_configs`` reach the workers without being listed here).
     """
 
     min_nodes: int = 1
