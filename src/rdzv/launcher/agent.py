@@ -8,12 +8,13 @@ One agent runs per node (``rdzv run``). It drives a
    workers' store is the handler's bootstrap store when it offers one
    (``bootstrap_store_info``), else a TCPStore server that node 0's agent hosts itself on a
    port it binds (port 0: no bind-then-release race);
-3. the workers start with torchrun's environment (:meth:`ElasticAgent.worker_env`);
+3. the workers start with torchrun's environment (:mod:`rdzv.launcher.environment`);
 4. the agent watches: a worker exit is seen at once (a waiter thread per worker); every
    ``monitor_interval`` it asks ``num_nodes_waiting()`` and beats (:mod:`rdzv.launcher.peers`);
 5. a worker failure stops the others and, while ``max_restarts`` allows, restarts the group
    after a new rendezvous; new nodes waiting (scale up) or a lost node (scale down) restart
-   the group too, without using up a restart (torch's rule);
+   the group too, without using up a restart (torch's rule; every rule and the budget live
+   in :mod:`rdzv.launcher.restart_policy`);
 6. when every local worker succeeded, the agent waits for the other nodes (exit barrier),
    then ``shutdown()``\\ s the handler.
 
@@ -75,6 +76,16 @@ from rdzv.launcher.hangs import HangMonitor, Hung, dump_stacks, innermost_frame
 from rdzv.launcher.heartbeat import HEARTBEAT_FILE_ENV, STACKS_FILE_ENV, STACKS_SIGNAL_ENV
 from rdzv.launcher.logs import ConsoleWriter, LogPump, WorkerStreams, console_writer, format_prefix
 from rdzv.launcher.peers import PeerEvent, PeerMonitor
+from rdzv.launcher.restart_policy import (
+    MAX_RENDEZVOUS_RETRIES,
+    Restart,
+    RestartBudget,
+    for_failure,
+    for_lost_node,
+    for_membership_change,
+    for_peer_restart,
+    for_rendezvous_retry,
+)
 from rdzv.launcher.watchdog import Watchdog
 from rdzv.launcher.worker import client_security
 from rdzv.launcher.workers import Worker, WorkerProcesses
@@ -122,9 +133,6 @@ class RunResult:
 #: (``rdzv.connect()`` raised PeerFailedError in them) before they are sent SIGTERM.
 PEER_FAILED_GRACE = 0.5
 
-#: Consecutive rendezvous rounds whose rank exchange failed before the agent gives up.
-_MAX_RENDEZVOUS_RETRIES = 3
-
 
 class _SignalReceived(BaseException):
     """Raised in the main thread by the agent's signal handler."""
@@ -136,17 +144,6 @@ class _SignalReceived(BaseException):
 
 class _StoreLost(Exception):
     """The round's store has been unreachable for ``node_timeout``: give up."""
-
-
-class _Restart(Exception):
-    """The worker group must be restarted after a new rendezvous; ``cause``: the root cause
-    of a failure (here or on another node)."""
-
-    def __init__(self, reason: str, *, failure: bool, cause: FailureRecord | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.failure = failure
-        self.cause = cause
 
 
 class ElasticAgent:
@@ -197,7 +194,7 @@ class ElasticAgent:
         self._pump = LogPump()
         self._watchdog: Watchdog | None = None
         self._workers: WorkerProcesses | None = None
-        self._remaining_restarts = config.max_restarts
+        self._budget = RestartBudget(config.max_restarts)
         self._attempt = 0
         self._assignment: Assignment | None = None
         self._peers: PeerMonitor | None = None
@@ -227,7 +224,7 @@ class ElasticAgent:
     @property
     def restart_count(self) -> int:
         """Restarts used so far (``TORCHELASTIC_RESTART_COUNT``)."""
-        return self.config.max_restarts - self._remaining_restarts
+        return self._budget.used
 
     @property
     def round_store(self) -> Store | None:
@@ -288,10 +285,10 @@ class ElasticAgent:
                 return RunResult(
                     WorkerState.SUCCEEDED, 0, self.restart_count, message="not admitted"
                 )
-            except _Restart as restart:  # a node vanished right after the rendezvous
+            except Restart as restart:  # a node vanished right after the rendezvous
                 retries += 1
                 self.stats.restart("rendezvous")
-                if retries > _MAX_RENDEZVOUS_RETRIES:
+                if retries > MAX_RENDEZVOUS_RETRIES:
                     return self._agent_failure(RendezvousError(restart.reason))
                 _log.warning("rendezvous again: %s", restart.reason)
                 continue
@@ -314,11 +311,11 @@ class ElasticAgent:
                 return RunResult(
                     WorkerState.FAILED, 1, self.restart_count, message=f"{lost}; giving up"
                 )
-            except _Restart as restart:
+            except Restart as restart:
                 # Tell the other nodes first, so that they stop in parallel with us.
                 if self._peers is not None:
                     self._peers.request_restart()
-                self.stats.restart(_restart_cause(restart))
+                self.stats.restart(restart.label)
                 if restart.cause is not None and restart.cause.kind == "hang":
                     self.stats.hangs += 1
                 if restart.cause is not None:
@@ -328,14 +325,13 @@ class ElasticAgent:
                     last_cause = restart.cause
                     if last_cause is None and last_failures:
                         last_cause = FailureRecord.from_failure(last_failures[0])
-                    if self._remaining_restarts <= 0:
-                        return self._job_failure(last_failures, last_cause)
-                    self._remaining_restarts -= 1
+                if not self._budget.charge(restart):
+                    return self._job_failure(last_failures, last_cause)
                 _log.warning(
                     "restarting the worker group (%s); %s, %d of %d left",
                     restart.reason,
                     "one restart used" if restart.failure else "no restart used",
-                    self._remaining_restarts,
+                    self._budget.remaining,
                     self.config.max_restarts,
                 )
                 self._stop_workers()
@@ -458,9 +454,8 @@ class ElasticAgent:
         try:
             return exchange(info.store, info.rank, info.world_size, me, master, timeout)
         except StoreTimeoutError:
-            raise _Restart(
-                f"not every node published its workers within {timeout:g} s after the rendezvous",
-                failure=False,
+            raise for_rendezvous_retry(
+                f"not every node published its workers within {timeout:g} s after the rendezvous"
             ) from None
 
     # --------------------------------------------------------------- workers
@@ -637,7 +632,7 @@ class ElasticAgent:
     # -------------------------------------------------------------- monitoring
     def _monitor(self) -> None:
         """Watch the workers until they all succeed (returns) or the group must restart
-        (raises :class:`_Restart`)."""
+        (raises :class:`~rdzv.launcher.restart_policy.Restart`)."""
         workers = self._workers
         peers = self._peers
         assert workers is not None and peers is not None
@@ -658,11 +653,10 @@ class ElasticAgent:
                 first = failed[0]
                 self.state = WorkerState.FAILED
                 cause = self._announce(self._worker_record(first))
-                raise _Restart(
+                raise for_failure(
                     f"worker rank {first.global_rank} (local {first.local_rank}) ended with "
                     f"{describe_exit(first.returncode or 0)}",
-                    failure=cause.kind != "lost",
-                    cause=cause,
+                    cause,
                 )
             if remote is not None:
                 raise self._remote_restart(remote)
@@ -680,17 +674,15 @@ class ElasticAgent:
                     hung = self._hangs.check(now, running)
                     if hung:
                         cause = self._announce(self._hang_record(workers, hung[0]))
-                        raise _Restart(f"worker {cause.how()}", failure=True, cause=cause)
+                        raise for_failure(f"worker {cause.how()}", cause)
                 any_finished = any(w.returncode == 0 for w in workers.workers)
                 if not any_finished and self._nodes_waiting() > 0:
-                    raise _Restart("new nodes are waiting to join", failure=False)
+                    raise for_membership_change()
             event = peers.beat()
             if event is PeerEvent.PEER_LOST:
                 self._declare_lost(peers.watched_peer)
                 cause = self._announce(self._lost_record(peers.watched_peer))
-                raise _Restart(
-                    f"node {peers.watched_peer} was lost", failure=cause.kind != "lost", cause=cause
-                )
+                raise for_lost_node(peers.watched_peer, cause)
             if event is PeerEvent.STORE_LOST:
                 raise _StoreLost(
                     f"the rendezvous store {self.handler.get_backend()} "
@@ -702,7 +694,7 @@ class ElasticAgent:
                 remote = self._published_cause()
                 if remote is not None:
                     raise self._remote_restart(remote)
-                raise _Restart("another node restarts the group", failure=False)
+                raise for_peer_restart()
             if now >= next_reap:
                 next_reap = now + 2.0
                 workers.reap_adopted()
@@ -734,7 +726,7 @@ class ElasticAgent:
             _log.warning("cannot read the root cause: %s", exc)
             return None
 
-    def _remote_restart(self, cause: FailureRecord) -> _Restart:
+    def _remote_restart(self, cause: FailureRecord) -> Restart:
         """Another node's root cause: say it here too, then restart like a failure."""
         self.state = WorkerState.FAILED
         self._say_cause(cause)
@@ -743,7 +735,7 @@ class ElasticAgent:
             path = self._dump_local_stacks(self._workers, f"peer-hang-rank{cause.rank}")
             if path is not None:
                 self._stderr(f"[rdzv run] stacks of this node's workers: {path}\n".encode())
-        return _Restart(cause.describe(), failure=cause.kind != "lost", cause=cause)
+        return for_failure(cause.describe(), cause)
 
     def _worker_record(self, worker: Worker) -> FailureRecord:
         """The record of a local worker that ended on its own, built at once (its error file
@@ -1117,20 +1109,6 @@ def _exit_cause(worker: Worker) -> str:
     if worker.stopped_by_agent:
         return "stopped"
     return "signal" if code < 0 else "exit_code"
-
-
-def _restart_cause(restart: _Restart) -> str:
-    """The metrics label of a group restart (worker_failure, hang, peer_lost, scale_up,
-    peer_restart)."""
-    if restart.cause is not None:
-        return {"hang": "hang", "lost": "peer_lost"}.get(restart.cause.kind, "worker_failure")
-    if restart.failure:
-        return "worker_failure"
-    if "waiting to join" in restart.reason:
-        return "scale_up"
-    if "was lost" in restart.reason:
-        return "peer_lost"
-    return "peer_restart"
 
 
 def _error_text(exc: BaseException) -> str:
