@@ -39,6 +39,7 @@ enum {
     OP_CHECK = 5,
     OP_WAIT = 6,
     OP_MULTI_GET = 10,
+    OP_PING = 13,
     OP_EXT_ADD = 0x80,
     OP_EXT_GET_WAIT = 0x82,
 };
@@ -46,6 +47,9 @@ enum {
 /* Lists of more keys than this go to the Python parser (which also enforces the request
  * size limit from 17 keys on; rdzv.wire.RequestParser._p_list). */
 #define MAX_LIST 16
+
+/* The PING nonce by which an rdzv client negotiates extensions (rdzv.wire.RDZV_PING_NONCE). */
+#define RDZV_PING_NONCE 0x72647A76u
 
 #define REPLY_STOP_WAITING 0x00
 #define REPLY_CHECK_READY 0x00
@@ -433,6 +437,22 @@ step_list(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end
     return pos;
 }
 
+/* PING (the handshake's second request, after VALIDATE): a torch client's nonce is echoed.
+ * rdzv's nonce negotiates the extensions (connection state): the Python path. */
+static Py_ssize_t
+step_ping(const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out *out)
+{
+    if (end - pos < 4) {
+        return STEP_STOP;
+    }
+    uint32_t nonce = (uint32_t)p[pos] | (uint32_t)p[pos + 1] << 8 | (uint32_t)p[pos + 2] << 16 |
+                     (uint32_t)p[pos + 3] << 24;
+    if (nonce == RDZV_PING_NONCE) {
+        return STEP_STOP;
+    }
+    return out_bytes(out, (const char *)p + pos, 4) < 0 ? STEP_ERROR : pos + 4;
+}
+
 static Py_ssize_t
 step(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out *out,
      int extended)
@@ -450,6 +470,8 @@ step(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out
     case OP_WAIT:
     case OP_MULTI_GET:
         return step_list(self, p, pos, end, out, op);
+    case OP_PING:
+        return step_ping(p, pos, end, out);
     case OP_EXT_ADD:
         return extended ? step_add(self, p, pos, end, out, 1) : STEP_STOP;
     case OP_EXT_GET_WAIT:

@@ -2,7 +2,8 @@
 
 The server decodes and executes every request in Python (:mod:`rdzv.wire`,
 :mod:`rdzv.server`). For the requests that dominate real traffic (SET, GET, ADD, CHECK,
-WAIT and MULTI_GET of up to 16 keys, EXT_ADD and EXT_GET_WAIT) it first offers the received
+WAIT and MULTI_GET of up to 16 keys, a torch client's PING, EXT_ADD and EXT_GET_WAIT) it first
+offers the received
 bytes to a C :class:`Executor` that works directly on the engine's dictionaries and returns
 the concatenated replies. The executor takes a request only when its outcome needs nothing
 but those dictionaries: no waiter to wake, no ephemeral or leased key to unbind, no barrier

@@ -359,7 +359,7 @@ class _Connection(asyncio.Protocol):
         closed after :data:`REFUSAL_GRACE` seconds in any case. Its descriptor is held that
         long at most, and the others' service costs one accept."""
         self.server.stats.limit_hit("max_connections")
-        logger.warning("refusing connection from %s: %s", self.peer, reason)
+        self.server.log_refusal(self.peer, reason)
         self.refusal = reason
         self.handlers = _REFUSED_HANDLERS
         loop = asyncio.get_running_loop()
@@ -656,7 +656,10 @@ class _Connection(asyncio.Protocol):
         discards the unsent replies instead (a client that does not read them)."""
         if self._closed:
             return
-        logger.warning("closing connection from %s: %s", self.peer, reason)
+        if self.refusal:  # logged when refused (see StoreServer.log_refusal)
+            logger.debug("closing refused connection from %s", self.peer)
+        else:
+            logger.warning("closing connection from %s: %s", self.peer, reason)
         if self.out and not abort:
             self.server._commit()  # flush the replies held for this connection first
         if self._replies and not abort:
@@ -1168,6 +1171,9 @@ class StoreServer:
         #: descriptor limit allows (see FD_RESERVE); further ones are refused.
         self.connection_limit: int = max_connections if max_connections is not None else 1 << 62
         self._fd_limit: int | None = None
+        #: Refusals logged in the current second (loop time it began), and those not logged.
+        self._refusal_window = -1.0
+        self._refusals_unlogged = 0
         self.max_waits_per_connection = max_waits_per_connection
         self.max_output_bytes = max_output_bytes
         self.max_total_output_bytes = max_total_output_bytes
@@ -1375,6 +1381,22 @@ class StoreServer:
                 open_now,
                 FD_RESERVE,
             )
+
+    def log_refusal(self, peer: str, reason: str) -> None:
+        """Log a refused connection: one line a second at most, the next line counting those
+        not logged (a join storm past the limit would otherwise log a line per connection)."""
+        now = time.monotonic()
+        if now - self._refusal_window < 1.0:
+            self._refusals_unlogged += 1
+            return
+        more, self._refusals_unlogged = self._refusals_unlogged, 0
+        self._refusal_window = now
+        logger.warning(
+            "refusing connection from %s: %s%s",
+            peer,
+            reason,
+            f" ({more} more refused since the last line)" if more else "",
+        )
 
     def connection_limit_reason(self) -> str:
         """Why a connection over :attr:`connection_limit` is refused, and what raises it."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from rdzv import events
-from rdzv.errors import RendezvousConnectionError
+from rdzv.errors import ConnectionLimitError, RendezvousConnectionError
 from rdzv.events import NodeState, RdzvEvent
 from rdzv.rendezvous.api import RendezvousHandlerRegistry, RendezvousParameters
 from rdzv.rendezvous.c10d import (
@@ -17,6 +18,7 @@ from rdzv.rendezvous.c10d import (
     create_c10d_store,
     register_builtin_backends,
 )
+from rdzv.server import ServerThread
 from rdzv.store.file import FileStore
 from rdzv.store.tcp import TCPStore
 from tests.ports import reserved_port
@@ -57,6 +59,24 @@ def test_explicit_is_host_false_needs_a_server() -> None:
         pytest.raises(RendezvousConnectionError, match="The connection to the C10d store"),
     ):
         create_c10d_store(params(f"127.0.0.1:{port}", is_host="false", read_timeout="1"))
+
+
+def test_a_node_joining_a_full_server_is_told_the_limit_at_once() -> None:
+    thread = ServerThread(max_connections=1).start()
+    held = TCPStore("127.0.0.1", thread.port, timeout=5)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RendezvousConnectionError) as info:
+            create_c10d_store(params(f"127.0.0.1:{thread.port}", is_host="0", read_timeout="30"))
+        assert time.monotonic() - start < 10  # not retried until the read timeout
+        cause = info.value.__cause__
+        assert isinstance(cause, ConnectionLimitError)
+        assert "max_connections=1" in str(cause) and "--max-connections" in str(cause)
+        held.set("k", b"v")  # the node already connected is served as before
+        assert held.get("k") == b"v"
+    finally:
+        held.close()
+        thread.stop()
 
 
 def test_explicit_is_host_true_fails_when_the_port_is_served() -> None:

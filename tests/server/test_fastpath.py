@@ -156,6 +156,7 @@ def _request(draw: Callable[..., Any], extended: bool) -> bytes:
         wire.encode_key_int(Op.BARRIER, key, 2),
         wire.encode_op(Op.GETNUMKEYS),
         wire.encode_op(Op.CANCEL_WAIT),
+        wire.encode_ping(draw(st.sampled_from([0, 0x1234, wire.RDZV_PING_NONCE, 2**32 - 1]))),
         wire.encode_keys(Op.MULTI_GET, [key] * 17),  # more keys than the fast path takes
     ]
     if extended:
