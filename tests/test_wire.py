@@ -386,3 +386,17 @@ def test_hostile_reply_length_is_a_protocol_error() -> None:
     buf.feed(U64(2**63))
     with pytest.raises(ProtocolError, match="blob length"):
         buf.read(wire.read_blob)
+
+
+def test_unknown_opcode_message_names_the_ranges_of_op() -> None:
+    parser = RequestParser()
+    parser.receive(VALIDATE + b"\x63")
+    torch_last = max(op for op in Op if op < Op.EXT_ADD)
+    assert f"torch 2.13 uses 0x00-{torch_last:#04x}" in str(parser.error)
+    assert f"rdzv extensions {Op.EXT_ADD:#04x}-{max(Op):#04x}" in str(parser.error)
+
+
+def test_key_sizes_are_unsigned() -> None:
+    """EXT_LIST_KEYS sizes are u64: one above the i64 range decodes as itself."""
+    payload = wire.reply_key_sizes([(b"k", 2**63 + 5)])
+    assert wire.read_key_sizes(payload, 0) == ([(b"k", 2**63 + 5)], len(payload))

@@ -133,9 +133,8 @@ JOURNAL_RETRY_INTERVAL = 0.5
 #: CPU formatting log lines nobody reads one by one (measured with bench/init_storm.py).
 CONNECTION_LOG_RATE = 50
 
-_I64 = wire._I64.pack
-_U64 = wire._U64.pack
-_EXT_OK = b"\x00"
+_I64 = wire.reply_i64
+_EXT_OK = wire.reply_ext_ok()
 _EMPTY_BLOB = wire.reply_blob(b"")
 
 
@@ -706,7 +705,7 @@ def _h_compare_set(server: StoreServer, conn: _Connection, req: wire.CompareSet)
 def _h_get(server: StoreServer, conn: _Connection, req: wire.Get) -> None:
     value = server.engine.get(req.key)
     # Missing key: an empty blob, as torch's libuv server (its legacy server closes).
-    conn.write(_EMPTY_BLOB if value is None else _U64(len(value)) + value)
+    conn.write(_EMPTY_BLOB if value is None else wire.reply_blob(value))
 
 
 def _h_add(server: StoreServer, conn: _Connection, req: wire.Add) -> None:

@@ -147,6 +147,11 @@ class Op(IntEnum):
     EXT_AUTH_PROOF = 0x8A
 
 
+# The opcode ranges, as error messages name them ("0x00-0x12"), derived from Op.
+_TORCH_OPS = f"{min(Op):#04x}-{max(op for op in Op if op < Op.EXT_ADD):#04x}"
+_EXT_OPS = f"{Op.EXT_ADD:#04x}-{max(Op):#04x}"
+
+
 class ErrorCode(IntEnum):
     """Error kinds carried by an extension error reply; the client maps them to exceptions."""
 
@@ -583,7 +588,7 @@ class RequestParser:
         if op == Op.VALIDATE:
             return ProtocolError("VALIDATE sent twice; it is only allowed as the first request")
         return ProtocolError(
-            f"unknown opcode {op:#04x}; torch 2.13 uses 0x00-0x12, rdzv extensions 0x80-0x8a"
+            f"unknown opcode {op:#04x}; torch 2.13 uses {_TORCH_OPS}, rdzv extensions {_EXT_OPS}"
         )
 
     def _validate(self, buf: bytes, pos: int, end: int) -> tuple[Request, int]:
@@ -834,9 +839,9 @@ def reply_blob(value: bytes) -> bytes:
     return _U64_PACK(len(value)) + value
 
 
-def reply_i64(value: int) -> bytes:
-    """An i64 reply (ADD, GETNUMKEYS, DELETE_KEY, QUEUE_LEN)."""
-    return _I64_PACK(value)
+#: ``reply_i64(value) -> bytes``: an i64 reply (ADD, GETNUMKEYS, DELETE_KEY, QUEUE_LEN).
+#: The struct's own ``pack``: the server calls it on every such reply.
+reply_i64: Callable[[int], bytes] = _I64_PACK
 
 
 def reply_blobs(values: Sequence[bytes]) -> bytes:
@@ -1010,6 +1015,13 @@ def read_i64(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
     return _I64.unpack_from(buf, pos)[0], stop
 
 
+def read_u64(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
+    stop = pos + 8
+    if stop > len(buf):
+        raise NeedData(stop)
+    return _U64.unpack_from(buf, pos)[0], stop
+
+
 def read_blob(buf: bytes | bytearray, pos: int) -> tuple[bytes, int]:
     stop = pos + 8
     if stop > len(buf):
@@ -1052,7 +1064,7 @@ def read_key_sizes(buf: bytes | bytearray, pos: int) -> tuple[list[tuple[bytes, 
     out = []
     for _ in range(n):
         key, pos = read_blob(buf, pos)
-        size, pos = read_i64(buf, pos)
+        size, pos = read_u64(buf, pos)
         out.append((key, size))
     return out, pos
 

@@ -32,7 +32,14 @@ from rdzv.errors import RendezvousStateError
 from rdzv.launcher.assignment import NAMESPACE, NodeInfo, status_url_key
 from rdzv.launcher.failures import FAILURE_LOG_KEY, FailureRecord
 from rdzv.rendezvous.liveness import DEAD_PREFIX, LEFT
-from rdzv.rendezvous.state import NodeDesc, RankRecord, RoundKeys, RunKeys, SizeRecord
+from rdzv.rendezvous.state import (
+    NodeDesc,
+    RankRecord,
+    RoundKeys,
+    RunKeys,
+    SizeRecord,
+    slot_count,
+)
 from rdzv.store.base import Store
 
 __all__ = [
@@ -47,9 +54,6 @@ __all__ = [
 _ANY_SIZE = 2**31
 # How many rounds past the hint are looked at for waiting nodes.
 _MAX_OPEN_ROUNDS = 4
-# The closer of a round may "seal" its slot counter by adding 2**40 (so that late joiners
-# see from their add alone that they are late); the number of slots is the value modulo it.
-_SEAL = 1 << 40
 # At most this many slots of one open round are read (a hostile counter cannot make the
 # reader loop for ever).
 _MAX_SLOTS = 1 << 16
@@ -267,7 +271,8 @@ def read_status(
         joined = _get(store, keys.joined)
         if joined is None:
             break
-        count = min(_counter(joined) % _SEAL, _MAX_SLOTS)
+        # A sealed counter (the round closed) still says how many slots were taken.
+        count = min(slot_count(_counter(joined)), _MAX_SLOTS)
         waiting = _slots(store, keys, list(range(1, count + 1)))
         for slot in waiting:
             slot.state = "waiting" if slot.alive else str(slot.heartbeat or "joining")

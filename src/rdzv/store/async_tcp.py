@@ -53,7 +53,7 @@ from rdzv.store.base import (
     value_to_bytes,
     values_to_list,
 )
-from rdzv.store.tcp import check_endpoint, connect_host
+from rdzv.store.tcp import check_endpoint, check_options, connect_host
 from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
 from rdzv.tls import TLSConfig, client_context
 
@@ -108,6 +108,7 @@ class AsyncTCPStore:
         reconnect: bool = True,
     ) -> None:
         self._host, self._port = check_endpoint(host_name, port)
+        check_options(world_size, is_master)
         if tls is not None and is_master:
             raise ValueError(
                 "tls= is for clients; start a TLS server with `rdzv serve --tls-cert` or "
@@ -116,10 +117,8 @@ class AsyncTCPStore:
         self._token = auth.load_token(token, token_file)
         self._tls = tls
         self._tls_context = None if tls is None else client_context(tls)
-        if world_size == 0:
-            raise ValueError("TCPStore world size cannot be 0")
         self._world_size = world_size
-        self._is_master = bool(is_master)
+        self._is_master = is_master
         self._wait_for_workers = wait_for_workers
         self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout_to_seconds(timeout)
         self._session = Session(
@@ -370,9 +369,7 @@ class AsyncTCPStore:
                 except asyncio.TimeoutError:
                     raise ReadTimeout(read) from None
                 if not data:
-                    raise ConnectionResetError(
-                        f"the server closed the connection while we awaited {read.what}"
-                    )
+                    raise ops.server_closed(read)
                 buf.feed(data)
 
     async def _send(self, data: bytes, unsafe: str | None = None) -> None:

@@ -72,6 +72,19 @@ _T = TypeVar("_T")
 _WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
+def check_options(world_size: object, is_master: object) -> None:
+    """Validate ``world_size`` and ``is_master`` as TCPStore and AsyncTCPStore take them:
+    TypeError for a non-bool ``is_master`` or a ``world_size`` that is neither an int nor
+    None, ValueError for a world size of 0 (torch's message)."""
+    if not isinstance(is_master, bool):
+        raise TypeError(f"is_master must be a bool, got {type(is_master).__name__}")
+    if world_size is not None:
+        if not isinstance(world_size, int) or isinstance(world_size, bool):
+            raise TypeError(f"world_size must be an int or None, got {world_size!r}")
+        if world_size == 0:
+            raise ValueError("TCPStore world size cannot be 0")
+
+
 def check_endpoint(host_name: object, port: object) -> tuple[str, int]:
     """Validate a (host, port) pair: TypeError for wrong types, ValueError out of range."""
     if not isinstance(host_name, str):
@@ -206,13 +219,7 @@ class TCPStore(Store):
                 "tls= is for clients; start a TLS server with `rdzv serve --tls-cert` or "
                 "StoreServer(ssl=...) and connect to it with is_master=False"
             )
-        if not isinstance(is_master, bool):
-            raise TypeError(f"is_master must be a bool, got {type(is_master).__name__}")
-        if world_size is not None:
-            if not isinstance(world_size, int) or isinstance(world_size, bool):
-                raise TypeError(f"world_size must be an int or None, got {world_size!r}")
-            if world_size == 0:
-                raise ValueError("TCPStore world size cannot be 0")
+        check_options(world_size, is_master)
         super().__init__(timeout)
         self._host = host_name
         self._port = port
@@ -467,11 +474,7 @@ class TCPStore(Store):
                 except TimeoutError:
                     raise ReadTimeout(read) from None
                 if not data:
-                    raise ConnectionResetError(
-                        f"the server closed the connection while we awaited {read.what} "
-                        "(did it stop? torch servers also close the connection on add() to a "
-                        "non-integer value and on requests above their size limits)"
-                    )
+                    raise ops.server_closed(read)
                 buf.feed(data)
 
     # ------------------------------------------------------------------ store core

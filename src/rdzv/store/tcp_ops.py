@@ -2,9 +2,14 @@
 
 :class:`~rdzv.store.tcp.TCPStore` (blocking sockets) and
 :class:`~rdzv.store.async_tcp.AsyncTCPStore` (asyncio) differ only in how they perform I/O;
-every rule lives here: key prefixing, the request sequences (``get`` = WAIT + GET like torch,
+the rules live here: key prefixing, the request sequences (``get`` = WAIT + GET like torch,
 or one extension request on an rdzv server), the CANCEL_WAIT dance on timeouts, the use of
-negotiated extensions, error mapping.
+negotiated extensions, error mapping, and the reconnect rules (which failures are a lost
+connection, what is replayed, when a retry is unsafe: :func:`connection_lost`,
+:class:`Unacked`, :func:`lost_again`). The loop applying the reconnect rules (connect,
+replay, perform again) is each driver's ``_run`` (``TCPStore._run``, ``AsyncTCPStore._run``);
+argument validation is :func:`rdzv.store.tcp.check_endpoint` and
+:func:`rdzv.store.tcp.check_options`, shared by both clients.
 
 An operation is a generator that yields actions and receives their results:
 
@@ -216,6 +221,15 @@ def failure_reason(s: Session, exc: BaseException) -> str | None:
     if isinstance(exc, OSError):  # NetworkError included
         return describe_error(exc)
     return None
+
+
+def server_closed(read: Read) -> ConnectionResetError:
+    """The error a driver raises when the server closed the connection during ``read``."""
+    return ConnectionResetError(
+        f"the server closed the connection while we awaited {read.what} "
+        "(did it stop? torch servers also close the connection on add() to a "
+        "non-integer value and on requests above their size limits)"
+    )
 
 
 def connection_lost(exc: BaseException) -> bool:
