@@ -204,7 +204,7 @@ class TorchStore(_TORCH_STORE):  # type: ignore[misc]
 
     def get(self, key: str | bytes) -> bytes:
         with _torch_store_errors():
-            return self._store._get(key_to_str(key), self._seconds())
+            return self._store.get(key, self._seconds())
 
     def add(self, key: str | bytes, amount: int) -> int:
         with _torch_store_errors():
@@ -247,7 +247,7 @@ class TorchStore(_TORCH_STORE):  # type: ignore[misc]
     def multi_get(self, keys: list[str]) -> list[bytes]:
         key_list = keys_to_list(keys)
         with _torch_store_errors():
-            return self._store._multi_get(key_list, self._seconds()) if key_list else []
+            return self._store.multi_get(key_list, self._seconds())
 
     def multi_set(self, keys: list[str], values: list[str | bytes]) -> None:
         with _torch_store_errors():

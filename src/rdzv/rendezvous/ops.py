@@ -158,8 +158,8 @@ def _perform(store: Store, op: Op) -> Any:
     if isinstance(op, Add):
         return store.add(op.key, op.amount)
     if isinstance(op, Get):
-        # The Store core call with an explicit timeout (one request that waits and returns).
-        return store.get(op.key) if op.timeout is None else store._get(op.key, op.timeout)
+        # One request that waits and returns (None: the store's timeout).
+        return store.get(op.key, op.timeout)
     if isinstance(op, CompareSet):
         return store.compare_set(op.key, op.expected, op.desired)
     if isinstance(op, Check):

@@ -26,9 +26,11 @@ Negative or NaN timeouts raise :class:`ValueError`.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -233,6 +235,22 @@ class Deadline:
         return max(0.0, self.at - time.monotonic())
 
 
+def _takes_timeout(method: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        return True
+    return any(p.name == "timeout" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _ignoring_timeout(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: Store, arg: Any, timeout: TimeoutLike | None = None) -> Any:
+        return method(self, arg)
+
+    return call
+
+
 class Store:
     """A key-value store shared by the processes of a job; torch's ``dist.Store`` API.
 
@@ -243,6 +261,16 @@ class Store:
 
     def __init__(self, timeout: TimeoutLike | None = None) -> None:
         self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout_to_seconds(timeout)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A store defined in Python the torch way overrides get(key)/multi_get(keys) without
+        # the timeout parameter; accept it there too (the override keeps its own waiting,
+        # as it did when reached through the core methods), so callers may always pass it.
+        super().__init_subclass__(**kwargs)
+        for name in ("get", "multi_get"):
+            method = cls.__dict__.get(name)
+            if callable(method) and not _takes_timeout(method):
+                setattr(cls, name, _ignoring_timeout(method))
 
     # ----------------------------------------------------------------- timeouts
     @property
@@ -271,14 +299,16 @@ class Store:
         """
         self._set(key_to_str(key), value_to_bytes(value))
 
-    def get(self, key: KeyLike) -> bytes:
-        """Return the value of ``key``, waiting up to :attr:`timeout` for it to be set.
+    def get(self, key: KeyLike, timeout: TimeoutLike | None = None) -> bytes:
+        """Return the value of ``key``, waiting up to ``timeout`` (seconds or timedelta;
+        default None: :attr:`timeout`) for it to be set.
 
         Raises :class:`~rdzv.errors.StoreTimeoutError` if the key is still absent at the
-        deadline (at once when the timeout is 0). A key that only names a queue is not a value.
-        Same semantics as ``torch.distributed.Store.get``.
+        deadline (at once when the timeout is 0), TypeError/ValueError for a bad timeout (as
+        :func:`timeout_to_seconds`). A key that only names a queue is not a value.
+        Same semantics as ``torch.distributed.Store.get`` (``get(key)`` is torch's call).
         """
-        return self._get(key_to_str(key), self._timeout)
+        return self._get(key_to_str(key), self._resolve_timeout(timeout))
 
     def add(self, key: KeyLike, amount: int) -> int:
         """Atomically add ``amount`` (int64, may be 0 or negative) to the counter under ``key``
@@ -346,11 +376,14 @@ class Store:
         that cannot enumerate keys."""
         return self._list_keys()
 
-    def multi_get(self, keys: Sequence[KeyLike]) -> list[bytes]:
-        """The values of ``keys`` in order, waiting up to :attr:`timeout` (one deadline for
-        the whole batch) for missing ones. Raises :class:`~rdzv.errors.StoreTimeoutError`."""
+    def multi_get(self, keys: Sequence[KeyLike], timeout: TimeoutLike | None = None) -> list[bytes]:
+        """The values of ``keys`` in order, waiting up to ``timeout`` (default None:
+        :attr:`timeout`; one deadline for the whole batch) for missing ones. Raises
+        :class:`~rdzv.errors.StoreTimeoutError`, and TypeError/ValueError for a bad timeout.
+        ``multi_get(keys)`` is torch's call."""
         key_list = keys_to_list(keys)
-        return self._multi_get(key_list, self._timeout) if key_list else []
+        seconds = self._resolve_timeout(timeout)
+        return self._multi_get(key_list, seconds) if key_list else []
 
     def multi_set(self, keys: Sequence[KeyLike], values: Sequence[ValueLike]) -> None:
         """Set ``keys[i]`` to ``values[i]`` for every i.

@@ -75,7 +75,7 @@ class PrefixStore(Store):
         self._store._set(self._k(key), value)
 
     def _get(self, key: str, timeout: float) -> bytes:
-        return self._store._get(self._k(key), timeout)
+        return self._store.get(self._k(key), timeout)
 
     def _add(self, key: str, amount: int) -> int:
         return self._store._add(self._k(key), amount)
@@ -104,7 +104,7 @@ class PrefixStore(Store):
         return [k[n:] for k in self._store._list_keys() if k.startswith(head)]
 
     def _multi_get(self, keys: list[str], timeout: float) -> list[bytes]:
-        return self._store._multi_get([self._k(k) for k in keys], timeout)
+        return self._store.multi_get([self._k(k) for k in keys], timeout)
 
     def _multi_set(self, keys: list[str], values: list[bytes]) -> None:
         self._store._multi_set([self._k(k) for k in keys], values)
