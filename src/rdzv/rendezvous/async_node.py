@@ -26,10 +26,9 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from rdzv.errors import RendezvousClosedError, RendezvousError
-from rdzv.events import NodeState, record_rdzv_event_fields
 from rdzv.rendezvous.decision import (
     Bootstrap,
     CleanUp,
@@ -52,11 +51,12 @@ from rdzv.rendezvous.ops import (
     Get,
     MultiGet,
     MultiSet,
-    Now,
     Op,
     Program,
+    ProgramRun,
     Set,
     Wait,
+    record_node_lost,
     rendezvous_error,
 )
 from rdzv.rendezvous.state import RunKeys
@@ -105,29 +105,15 @@ async def run_async(
     """Run ``program`` on ``store`` in the running event loop; the asyncio twin of
     :func:`~rdzv.rendezvous.ops.run_blocking` (:data:`~rdzv.rendezvous.ops.NOW` is the loop's
     ``time()``). ``counter[0]``, if given, is incremented for each store operation."""
-    loop = asyncio.get_running_loop()
-    result: Any = None
-    error: Exception | None = None
-    while True:
+    run = ProgramRun(program, asyncio.get_running_loop().time, effect)
+    while (op := run.next_op()) is not None:
+        if counter is not None:
+            counter[0] += 1
         try:
-            op = program.throw(error) if error is not None else program.send(result)
-        except StopIteration as stop:
-            value: _T = stop.value
-            return value
-        error = None
-        try:
-            if isinstance(op, Now):
-                result = loop.time()
-            elif isinstance(op, Effect):
-                if effect is None:
-                    raise TypeError(f"no executor for the effect {op!r}")
-                result = effect(op)
-            else:
-                if counter is not None:
-                    counter[0] += 1
-                result = await _perform(store, op)
+            run.resolve(await _perform(store, op))
         except Exception as exc:  # handed to the program, which decides
-            result, error = None, exc
+            run.fail(exc)
+    return cast(_T, run.value)
 
 
 class AsyncRendezvousNode:
@@ -247,12 +233,8 @@ class AsyncRendezvousNode:
             keys = self.core.keys.of(effect.number)
             self._spawn(run_async(self._store, clean_up_program(keys), None, self.ops))
         elif isinstance(effect, Record):
-            record_rdzv_event_fields(
-                f"{type(self).__name__}._node_lost",
-                self.settings.run_id,
-                effect.message,
-                NodeState.RUNNING,
-                local_id=self._local_id,
+            record_node_lost(
+                type(self).__name__, self.settings.run_id, effect.message, self._local_id
             )
         else:
             raise TypeError(f"no executor for the effect {effect!r}")

@@ -63,7 +63,7 @@ from rdzv.rendezvous.decision import (
 )
 from rdzv.rendezvous.keepalive import KeepAlive
 from rdzv.rendezvous.liveness import HeartbeatLiveness, Liveness
-from rdzv.rendezvous.ops import Effect, Program, rendezvous_error, run_blocking
+from rdzv.rendezvous.ops import Effect, Program, record_node_lost, rendezvous_error, run_blocking
 from rdzv.rendezvous.state import RankRecord, RoundKeys, RunKeys, SizeRecord
 from rdzv.store.base import Store, handle_for_thread
 from rdzv.store.prefix import PrefixStore
@@ -476,12 +476,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
         elif isinstance(effect, CleanUp):
             self._clean_up_later(effect.number)
         elif isinstance(effect, Record):
-            record_rdzv_event_fields(
-                f"{type(self).__name__}._node_lost",
-                self._settings.run_id,
-                effect.message,
-                NodeState.RUNNING,
-                local_id=self._local_id,
+            record_node_lost(
+                type(self).__name__, self._settings.run_id, effect.message, self._local_id
             )
         else:
             raise TypeError(f"no executor for the effect {effect!r}")

@@ -18,9 +18,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from rdzv.errors import CounterError, RendezvousConnectionError, RendezvousStateError, StoreError
+from rdzv.events import NodeState, record_rdzv_event_fields
 from rdzv.store.base import Store
 
 __all__ = [
@@ -37,9 +38,11 @@ __all__ = [
     "Now",
     "Op",
     "Program",
+    "ProgramRun",
     "Set",
     "StoreOp",
     "Wait",
+    "record_node_lost",
     "rendezvous_error",
     "run_blocking",
 ]
@@ -183,6 +186,58 @@ def _perform(store: Store, op: Op) -> Any:
     raise TypeError(f"not a store operation: {op!r}")
 
 
+class ProgramRun(Generic[_T]):
+    """Steps one program for an executor: answers :data:`NOW` (from ``clock``) and
+    :class:`Effect` (from ``effect``; TypeError if there is none) itself and hands every
+    store operation to the executor, which answers with :meth:`resolve` or :meth:`fail`.
+    The blocking and asyncio executors differ only in how they perform an operation."""
+
+    def __init__(
+        self,
+        program: Program[_T],
+        clock: Callable[[], float],
+        effect: Callable[[Effect], Any] | None,
+    ) -> None:
+        self._program = program
+        self._clock = clock
+        self._effect = effect
+        self._result: Any = None
+        self._error: Exception | None = None
+        self.value: _T | None = None
+
+    def next_op(self) -> Op | None:
+        """The next operation to perform, or None once the program returned (its result
+        in :attr:`value`). What the program does not catch propagates from here."""
+        while True:
+            error, self._error = self._error, None
+            try:
+                op = self._program.throw(error) if error is not None else self._program.send(
+                    self._result
+                )  # fmt: skip
+            except StopIteration as stop:
+                self.value = stop.value
+                return None
+            if isinstance(op, Now):
+                self._result = self._clock()
+            elif isinstance(op, Effect):
+                try:
+                    if self._effect is None:
+                        raise TypeError(f"no executor for the effect {op!r}")
+                    self._result = self._effect(op)
+                except Exception as exc:  # handed to the program, which decides
+                    self.fail(exc)
+            else:
+                return op
+
+    def resolve(self, result: Any) -> None:
+        """The last operation returned ``result``."""
+        self._result = result
+
+    def fail(self, exc: Exception) -> None:
+        """The last operation raised ``exc``: it is thrown into the program."""
+        self._result, self._error = None, exc
+
+
 def run_blocking(
     store: Store, program: Program[_T], effect: Callable[[Effect], Any] | None = None
 ) -> _T:
@@ -193,26 +248,21 @@ def run_blocking(
     operation (e.g. StoreTimeoutError from a :class:`Wait`) is thrown into the program at the
     ``yield``; what the program does not catch propagates from here.
     """
-    result: Any = None
-    error: Exception | None = None
-    while True:
+    run = ProgramRun(program, time.monotonic, effect)
+    while (op := run.next_op()) is not None:
         try:
-            op = program.throw(error) if error is not None else program.send(result)
-        except StopIteration as stop:
-            value: _T = stop.value
-            return value
-        error = None
-        try:
-            if isinstance(op, Now):
-                result = time.monotonic()
-            elif isinstance(op, Effect):
-                if effect is None:
-                    raise TypeError(f"no executor for the effect {op!r}")
-                result = effect(op)
-            else:
-                result = _perform(store, op)
+            run.resolve(_perform(store, op))
         except Exception as exc:  # handed to the program, which decides
-            result, error = None, exc
+            run.fail(exc)
+    return cast(_T, run.value)
+
+
+def record_node_lost(owner: str, run_id: str, message: str, local_id: int) -> None:
+    """Record the core's ``Record`` effect (a node declared dead) as a rendezvous event of
+    ``owner`` (the executor's class name), state RUNNING."""
+    record_rdzv_event_fields(
+        f"{owner}._node_lost", run_id, message, NodeState.RUNNING, local_id=local_id
+    )
 
 
 def rendezvous_error(exc: BaseException, run_id: str, store: str) -> Exception | None:
