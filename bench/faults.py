@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from procstat import memory_bytes
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
@@ -126,10 +128,7 @@ def _preauth_attack(port: int, until: float) -> None:
 
 
 def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return -1.0
+    return memory_bytes(pid, "VmHWM") / (1 << 20)
 
 
 def _serve(extra: list[str]) -> tuple[subprocess.Popen[str], int]:

@@ -49,6 +49,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_seconds, memory_bytes
+
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO / "src") not in sys.path:
     sys.path.insert(0, str(_REPO / "src"))
@@ -56,7 +58,6 @@ if str(_REPO / "src") not in sys.path:
 from rdzv import wire  # noqa: E402
 
 HOST = "127.0.0.1"
-_TICK = os.sysconf("SC_CLK_TCK")
 COUNTER = b"/init/storm/counter"
 ID_KEY = b"/init/storm/id"
 ID_VALUE = bytes(range(64))
@@ -104,15 +105,11 @@ class Server:
             raise RuntimeError(f"the {kind} server did not report its port")
 
     def cpu(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
+        return cpu_seconds(self.proc.pid)
 
     def mem(self, field: str) -> int:
         """``VmRSS`` or ``VmHWM`` in bytes."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise KeyError(field)
+        return memory_bytes(self.proc.pid, field)
 
     def stop(self) -> None:
         self.proc.kill()

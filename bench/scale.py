@@ -42,13 +42,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_seconds, memory_bytes
+
 _REPO = Path(__file__).resolve().parent.parent
 for _p in (str(_REPO / "src"), str(_REPO)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
 HOST = "127.0.0.1"
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------- the server
@@ -75,15 +76,11 @@ class Server:
             raise RuntimeError("rdzv serve did not report its port")
 
     def cpu(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
+        return cpu_seconds(self.proc.pid)
 
     def mem(self, field: str) -> int:
         """``VmRSS`` or ``VmHWM`` in bytes."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise KeyError(field)
+        return memory_bytes(self.proc.pid, field)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_seconds
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from rdzv.errors import StoreTimeoutError
@@ -501,11 +503,9 @@ def calibrate(connections: int = 2000, repeat: int = 10) -> dict[str, float]:
     )
     assert proc.stdout is not None
     port = int(proc.stdout.readline().rsplit(":", 1)[1])
-    tick = os.sysconf("SC_CLK_TCK")
 
     def cpu() -> float:
-        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick
+        return cpu_seconds(proc.pid)
 
     async def main() -> dict[str, float]:
         out: dict[str, float] = {}

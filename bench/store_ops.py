@@ -53,6 +53,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_seconds
+
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
 VALUE = b"v" * 64
@@ -335,13 +337,6 @@ def worker(client: str, port: int, threads: int, seconds: float) -> None:
     for th in pool:
         th.join()
     print(json.dumps({"ops": sum(counts), "latencies": [x for s in samples for x in s]}))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_clients(

@@ -1,0 +1,25 @@
+"""A process's CPU time and memory from Linux's /proc (benchmarks measure their servers)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["cpu_seconds", "memory_bytes"]
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def memory_bytes(pid: int, field: str = "VmRSS") -> int:
+    """``field`` of /proc/PID/status in bytes: ``VmRSS`` (resident now) or ``VmHWM``
+    (peak resident). KeyError if the process has no such field."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
