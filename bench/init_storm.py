@@ -49,6 +49,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from children import receive
 from procstat import cpu_seconds, memory_bytes
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -201,15 +202,6 @@ def _worker(port: int, count: int, world: int, pipe: Connection) -> None:
         raise
 
 
-def _recv(pipe: Connection, timeout: float) -> Any:
-    if not pipe.poll(timeout):
-        raise TimeoutError(f"a worker did not answer within {timeout} s")
-    msg = pipe.recv()
-    if isinstance(msg, dict) and "error" in msg:
-        raise RuntimeError(f"worker failed: {msg['error']}")
-    return msg
-
-
 # ---------------------------------------------------------------------------- one trial
 class Profiler:
     """``py-spy record`` on the server, one collapsed-stacks file per phase."""
@@ -262,21 +254,21 @@ def _trial(
         workers.append(proc)
     try:
         for pipe in pipes:
-            assert _recv(pipe, 60) == "ready"
+            assert receive(pipe, 60) == "ready"
         time.sleep(0.5)  # the workers idle: the server's idle RSS
         profiler.phase("connect")
         idle_rss, cpu0 = server.mem("VmRSS"), server.cpu()
         start = time.monotonic()
         for pipe in pipes:
             pipe.send("connect")
-        connected = max(_recv(pipe, timeout)["done"] for pipe in pipes)
+        connected = max(receive(pipe, timeout)["done"] for pipe in pipes)
         cpu1, conn_rss = server.cpu(), server.mem("VmRSS")
         profiler.phase("add_wait_get")
         cpu1 = server.cpu()
         start2 = time.monotonic()
         for pipe in pipes:
             pipe.send("init")
-        reports = [_recv(pipe, timeout) for pipe in pipes]
+        reports = [receive(pipe, timeout) for pipe in pipes]
         done = max(r["done"] for r in reports)
         cpu2 = server.cpu()
         profiler.stop()

@@ -42,6 +42,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from children import receive
 from procstat import cpu_seconds, memory_bytes
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -196,16 +197,6 @@ def _worker(
         raise
 
 
-def _recv(pipe: Connection, timeout: float) -> Any:
-    """The next message of a worker: RuntimeError if it failed or said nothing in time."""
-    if not pipe.poll(timeout):
-        raise RuntimeError(f"a worker said nothing for {timeout:g}s")
-    message = pipe.recv()
-    if isinstance(message, dict) and "error" in message:
-        raise RuntimeError(f"a worker failed: {message['error']}")
-    return message
-
-
 # ---------------------------------------------------------------------------- one trial
 def trial(n: int, procs: int, args: dict[str, Any], loss: bool = False) -> dict[str, Any]:
     server = Server(args["server_args"])
@@ -238,14 +229,14 @@ def _trial(server: Server, n: int, procs: int, args: dict[str, Any], loss: bool)
     try:
         wait = args["budget"] + 60
         for pipe in pipes:
-            assert _recv(pipe, wait) == "ready"
+            assert receive(pipe, wait) == "ready"
         connections = n + k
         rss_connected = server.mem("VmRSS")
         cpu0 = server.cpu()
         start = time.monotonic()
         for pipe in pipes:
             pipe.send("go")
-        first = [_recv(pipe, wait) for pipe in pipes]
+        first = [receive(pipe, wait) for pipe in pipes]
         cpu1 = server.cpu()
         result = _summary(first, start, n, cpu1 - cpu0)
         result.update(
@@ -255,9 +246,9 @@ def _trial(server: Server, n: int, procs: int, args: dict[str, Any], loss: bool)
         if loss:
             for pipe in pipes:
                 pipe.send("loss")
-            death = _recv(pipes[0], wait)
+            death = receive(pipes[0], wait)
             cpu2 = server.cpu()
-            second = [_recv(pipe, wait) for pipe in pipes]
+            second = [receive(pipe, wait) for pipe in pipes]
             result["loss"] = _summary(second, death, n - 1, server.cpu() - cpu2)
             result["loss"]["detection_s"] = args["interval"] * args["attempts"]
             for pipe in pipes:
