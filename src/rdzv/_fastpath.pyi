@@ -1,6 +1,7 @@
 """Type stub of the C extension (src/rdzv/_fastpath.c); see rdzv.fastpath."""
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 class Executor:
     @property
@@ -9,6 +10,7 @@ class Executor:
     distinct: int
     polling: bool
     on_activity: Callable[[], object] | None
+    park: Callable[[Any, bytes], bool] | None
     @property
     def counting(self) -> bool: ...
     def enable_counting(self, bounds_ns: Sequence[int], /) -> None: ...
@@ -31,6 +33,9 @@ class Executor:
 class Receiver:
     enabled: bool
     extended: bool
+    validate: bool
+    parser: object
+    owner: object
     write: Callable[[bytes], object] | None
     buffered: Callable[[], int] | None
     fd: int

@@ -11,6 +11,15 @@ to release, no error to report, no wait to park, no limit exceeded; otherwise it
 changing anything, and the Python path carries on from that request. Replies and state are
 byte-identical either way (tests/server/test_fastpath.py runs both on the same input).
 
+A connection's :class:`Receiver` also takes two requests that change the connection's state,
+so that a torch client's ``init_process_group`` (VALIDATE, PING, ADD, WAIT, GET) never runs
+Python code of the server but the waiter's registration: the connection's first request,
+VALIDATE, when it arrives whole with the right magic (``Receiver.validate``; it then sets the
+parser's ``validated``), and a WAIT on one absent key, which it parks through
+``Executor.park(owner, key)`` (the server's ``_park_wait``, which registers the waiter with the
+engine as the WAIT handler does, or declines when a per-connection limit would be passed) and
+then disables itself until the waiter is woken; the reply on wake-up is the Python path's.
+
 The server uses it only on connections where nothing else must see each request: no
 durable journal (``--data-dir``), authenticated (or no token), no parked waits, no partial
 request buffered. It is built from ``src/rdzv/_fastpath.c`` by ``pip install``

@@ -310,9 +310,13 @@ class _Connection(asyncio.Protocol):
         self.auth_timer: asyncio.TimerHandle | None = None
         self.refusal = ""
         fast = server._fast
-        self._receiver: Receiver | None = (
-            None if fast is None else Receiver(fast, self._receive, REPLY_LIMIT)
-        )
+        self._receiver: Receiver | None = None
+        if fast is not None:
+            # The receiver also parks a WAIT on one absent key (Executor.park) for this
+            # connection, and sets the parser's ``validated`` when it takes VALIDATE.
+            receiver = self._receiver = Receiver(fast, self._receive, REPLY_LIMIT)
+            receiver.parser = self.parser
+            receiver.owner = self
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -347,6 +351,10 @@ class _Connection(asyncio.Protocol):
             self.handlers = _UNAUTH_HANDLERS
             loop = asyncio.get_running_loop()
             self.auth_timer = loop.call_later(server.auth_timeout, self._auth_expired)
+        elif receiver is not None:
+            # Served at once: the receiver takes the handshake too (VALIDATE, then a torch
+            # client's PING).
+            receiver.validate = receiver.enabled = True
         server._connection_log(
             True, "connection from %s (%d open)", self.peer, len(server._connections)
         )
@@ -1224,6 +1232,8 @@ class StoreServer:
         )
         self.stats = ServerStats(counting=metrics)
         self._op_counts = self.stats.requests if metrics else None
+        if self._fast is not None:
+            self._fast.park = self._park_wait
         if metrics and self._fast is not None:
             self._fast.enable_counting([round(b * 1e9) for b in REQUEST_BUCKETS])
         self._commit_scheduled = False
@@ -1724,6 +1734,23 @@ class StoreServer:
         else:
             conn.add_waiter(waiter, len(keys))
 
+    def _park_wait(self, conn: _Connection, key: bytes) -> bool:
+        """The fast path's ``park`` (:attr:`rdzv.fastpath.Executor.park`): park a WAIT on
+        the absent ``key`` for ``conn`` as :func:`_h_wait` does and return True; False
+        (nothing registered, the Python path takes the WAIT) when a limit would close the
+        connection."""
+        limit = self.max_waits_per_connection
+        if limit is not None and len(conn.waiters) >= limit:
+            return False
+        limit = self.max_wait_keys_per_connection
+        if limit is not None and conn.wait_keys + 1 > limit:
+            return False
+        waiter = self.engine.wait((key,), self._on_fire, (conn, _WAIT, None))
+        if waiter is None:
+            return False
+        conn.add_waiter(waiter, 1)
+        return True
+
     def _multi_get_reply(self, keys: list[bytes]) -> bytes | None:
         values = self.engine.multi_get(keys)
         if any(v is None for v in values):
@@ -1749,6 +1776,8 @@ class StoreServer:
             return
         if kind in (_WAIT, _BARRIER):
             conn.send(STOP_WAITING)
+            if not conn.waiters:
+                conn._refresh()  # its next requests may take the fast path again
         elif kind == _EXT_BARRIER:
             conn.send(_EXT_OK)
         elif kind in (_GET, _QUEUE_POP):
