@@ -142,7 +142,7 @@ class Journal(Protocol):
 
     Replaying the calls on an empty engine (:meth:`Engine.apply_set` and friends) rebuilds
     the state; counters, barriers and compare_set arrive as the resulting ``on_set``, so
-    replay is deterministic. Used by :mod:`rdzv.persistence` for durability.
+    replay is deterministic. Used by :mod:`rdzv.server.persistence` for durability.
     """
 
     def on_set(self, key: bytes, value: bytes) -> None: ...
