@@ -4,7 +4,8 @@ The server decodes and executes every request in Python (:mod:`rdzv.wire`,
 :mod:`rdzv.server`). For the requests that dominate real traffic (SET, GET, ADD, CHECK,
 WAIT and MULTI_GET of up to 16 keys, a torch client's PING, EXT_ADD and EXT_GET_WAIT) it first
 offers the received
-bytes to a C :class:`Executor` that works directly on the engine's dictionaries and returns
+bytes to a C :class:`Executor` that works directly on the engine's dictionaries (the ones
+:meth:`rdzv.engine.Engine.fastpath_tables` hands it, with the rules it must keep) and returns
 the concatenated replies. The executor takes a request only when its outcome needs nothing
 but those dictionaries: no waiter to wake, no ephemeral or leased key to unbind, no barrier
 to release, no error to report, no wait to park, no limit exceeded; otherwise it stops, before
@@ -68,18 +69,14 @@ def executor_for(engine: Engine, bound: dict[bytes, object], limits: Limits) -> 
     """An :class:`Executor` over ``engine``'s state, or None when the fast path is off.
 
     ``bound`` is the server's map of keys bound to a connection or a lease (writes to them
-    take the Python path). The executor shares the dictionaries, so it stays valid as long
-    as the engine does.
+    take the Python path). The executor works on :meth:`Engine.fastpath_tables` (the narrow
+    interface the engine offers it, with its rules), so it stays valid as long as the engine
+    does. Raises ValueError if the engine has a journal.
     """
     if not ENABLED:
         return None
-    # The engine's private tables: this module and the engine are the two that know them.
     return Executor(
-        engine._data,
-        engine._queues,
-        engine._waiters,
-        engine._barriers,
-        bound,
+        engine.fastpath_tables(bound),
         limits.max_key_bytes,
         limits.max_value_bytes,
         limits.max_keys,
