@@ -27,11 +27,11 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rdzv import auth, wire
+from rdzv.endpoint import check_endpoint, connect_host, format_endpoint
 from rdzv.errors import NetworkError, ProtocolError, StoreTimeoutError
-from rdzv.server import StoreServer, format_endpoint
 from rdzv.store import tcp_ops as ops
 from rdzv.store.base import (
     DEFAULT_TIMEOUT,
@@ -53,9 +53,12 @@ from rdzv.store.base import (
     value_to_bytes,
     values_to_list,
 )
-from rdzv.store.tcp import check_endpoint, check_options, connect_host
+from rdzv.store.tcp import check_options
 from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
 from rdzv.tls import TLSConfig, client_context
+
+if TYPE_CHECKING:  # the server is imported only by a master (is_master=True)
+    from rdzv.server import StoreServer
 
 __all__ = ["AsyncTCPStore"]
 
@@ -175,6 +178,8 @@ class AsyncTCPStore:
         if self._broken is not None and not self._lost:
             raise NetworkError(f"{self!r} cannot be used: {self._broken}")
         if self._is_master and self._server is None:
+            from rdzv.server import StoreServer
+
             self._server = StoreServer(self._host, self._port, token=self._token)
             await self._server.start()
             self._port = self._server.port

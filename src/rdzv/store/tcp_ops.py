@@ -8,7 +8,7 @@ negotiated extensions, error mapping, and the reconnect rules (which failures ar
 connection, what is replayed, when a retry is unsafe: :func:`connection_lost`,
 :class:`Unacked`, :func:`lost_again`). The loop applying the reconnect rules (connect,
 replay, perform again) is each driver's ``_run`` (``TCPStore._run``, ``AsyncTCPStore._run``);
-argument validation is :func:`rdzv.store.tcp.check_endpoint` and
+argument validation is :func:`rdzv.endpoint.check_endpoint` and
 :func:`rdzv.store.tcp.check_options`, shared by both clients.
 
 An operation is a generator that yields actions and receives their results:
