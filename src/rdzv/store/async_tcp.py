@@ -53,7 +53,7 @@ from rdzv.store.base import (
     values_to_list,
 )
 from rdzv.store.tcp import check_arguments, client_core, connect_host
-from rdzv.store.tcp_ops import Connect, Recv, Sleep
+from rdzv.store.tcp_ops import Connect, Done, Recv, Sleep, resume
 from rdzv.tls import TLSConfig, client_context
 
 __all__ = ["AsyncTCPStore"]
@@ -225,13 +225,8 @@ class AsyncTCPStore:
         value: Any = None
         error: Exception | None = None
         while True:
-            try:
-                action = core.send(value) if error is None else core.throw(error)
-            except StopIteration as stop:
-                result: _T = stop.value
-                return result
-            value = error = None
-            kind = action.__class__
+            action = resume(core, value, error)
+            kind, value, error = action.__class__, None, None
             try:
                 if kind is bytes:
                     writer: Any = self._writer
@@ -246,6 +241,9 @@ class AsyncTCPStore:
                             value = await _within(reader.read(action.size), limit)
                         except asyncio.TimeoutError:
                             value = None  # the deadline passed
+                elif kind is Done:
+                    result: _T = action.value
+                    return result
                 elif kind is Sleep:
                     await asyncio.sleep(action.seconds)
                 elif kind is Connect:

@@ -59,7 +59,7 @@ from rdzv.store.base import (
     timeout_to_seconds,
     value_to_bytes,
 )
-from rdzv.store.tcp_ops import Connect, Recv, Sleep
+from rdzv.store.tcp_ops import Connect, Done, Recv, Sleep, resume
 from rdzv.tls import TLSConfig, client_context
 
 __all__ = ["TCPStore", "check_endpoint", "connect_host"]
@@ -377,13 +377,8 @@ class TCPStore(Store):
         value: Any = None
         error: Exception | None = None
         while True:
-            try:
-                action = core.send(value) if error is None else core.throw(error)
-            except StopIteration as stop:
-                result: _T = stop.value
-                return result
-            value = error = None
-            kind = action.__class__
+            action = resume(core, value, error)
+            kind, value, error = action.__class__, None, None
             try:
                 if kind is bytes:
                     sock.sendall(action)
@@ -395,6 +390,9 @@ class TCPStore(Store):
                             value = sock.recv(action.size)
                         except TimeoutError:
                             value = None  # the deadline passed
+                elif kind is Done:
+                    result: _T = action.value
+                    return result
                 elif kind is Sleep:
                     time.sleep(action.seconds)
                 elif kind is Connect:

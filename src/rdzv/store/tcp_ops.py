@@ -15,8 +15,8 @@ httpcore does with unasync): the operations already were sans-I/O generators, so
 connection rules became generators of the same kind, and each client only executes five
 actions (about 40 lines each: ``TCPStore._drive``, ``AsyncTCPStore._drive``). The rules
 then run as the same code in both clients (no generated copy to keep in sync, no build
-step or CI check), and a test can drive them with scripted I/O. The cost is one generator
-frame more per action (see ``docs/performance.md``).
+step or CI check). The cost is a generator frame more per action (see
+``docs/performance.md``).
 
 An operation is a generator that yields actions and receives their results:
 
@@ -30,7 +30,8 @@ The generator's return value is the operation's result; its exceptions are the o
 reply buffer itself and passes the driver only I/O actions: ``bytes``, :class:`Sleep`,
 :class:`Recv` (receive some bytes before a deadline), :class:`Connect` and :class:`Close`.
 A driver throws the errors of an action (OSError, ssl.SSLError, TimeoutError) back into
-the core's generator, which decides: retry, reconnect, or raise.
+the core's generator, which decides: retry, reconnect, or raise; :func:`resume` is a
+driver's step, and :class:`Done` carries the core's result.
 """
 
 from __future__ import annotations
@@ -868,6 +869,24 @@ class Close:
 
 
 CLOSE = Close()
+
+
+class Done:
+    """What :func:`resume` returns when the core generator returned ``value``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def resume(core: OpGen[Any], value: Any, error: Exception | None) -> Any:
+    """A driver's step: send ``value`` (the last action's result) into ``core``, or throw
+    ``error`` (its failure); return the next action, or :class:`Done` with the result."""
+    try:
+        return core.send(value) if error is None else core.throw(error)
+    except StopIteration as stop:
+        return Done(stop.value)
 
 
 class ClientCore:
