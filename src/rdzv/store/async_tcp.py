@@ -27,11 +27,11 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rdzv import auth, wire
+from rdzv.endpoint import connect_host, format_endpoint
 from rdzv.errors import StoreTimeoutError
-from rdzv.server import StoreServer, format_endpoint
 from rdzv.store import tcp_ops as ops
 from rdzv.store.base import (
     Deadline,
@@ -52,9 +52,12 @@ from rdzv.store.base import (
     value_to_bytes,
     values_to_list,
 )
-from rdzv.store.tcp import check_arguments, client_core, connect_host
+from rdzv.store.tcp import check_arguments, client_core
 from rdzv.store.tcp_ops import Connect, Done, Recv, Sleep, resume
 from rdzv.tls import TLSConfig, client_context
+
+if TYPE_CHECKING:  # the server is imported only by a master (is_master=True)
+    from rdzv.server import StoreServer
 
 __all__ = ["AsyncTCPStore"]
 
@@ -168,6 +171,8 @@ class AsyncTCPStore:
         if self._started or self._core.lost:  # lost: the core reconnects
             return
         if self._is_master and self._server is None and self._core.broken is None:
+            from rdzv.server import StoreServer
+
             self._server = StoreServer(self._host, self._port, token=self._token)
             await self._server.start()
             self._port = self._server.port

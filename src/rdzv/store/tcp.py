@@ -44,11 +44,11 @@ import time
 import weakref
 from collections.abc import Callable, Generator
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rdzv import auth, wire
+from rdzv.endpoint import check_endpoint, connect_host, format_endpoint
 from rdzv.errors import NetworkError, RdzvError
-from rdzv.server import ServerThread, format_endpoint
 from rdzv.store import tcp_ops as ops
 from rdzv.store.base import (
     DEFAULT_TIMEOUT,
@@ -62,14 +62,14 @@ from rdzv.store.base import (
 from rdzv.store.tcp_ops import Connect, Done, Recv, Sleep, resume
 from rdzv.tls import TLSConfig, client_context
 
-__all__ = ["TCPStore", "check_endpoint", "connect_host"]
+if TYPE_CHECKING:  # the server is imported only by a master (is_master=True)
+    from rdzv.server import ServerThread
+
+__all__ = ["TCPStore"]
 
 logger = logging.getLogger("rdzv.store.tcp")
 
 _T = TypeVar("_T")
-
-
-_WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def check_arguments(
@@ -106,22 +106,6 @@ def check_arguments(
             "StoreServer(ssl=...) and connect to it with is_master=False"
         )
     return host, number, seconds
-
-
-def check_endpoint(host_name: object, port: object) -> tuple[str, int]:
-    """Validate a (host, port) pair: TypeError for wrong types, ValueError out of range."""
-    if not isinstance(host_name, str):
-        raise TypeError(f"host_name must be a str, got {type(host_name).__name__}")
-    if not isinstance(port, int) or isinstance(port, bool):
-        raise TypeError(f"port must be an int, got {type(port).__name__}: {port!r}")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be in 0..65535, got {port}")
-    return host_name, port
-
-
-def connect_host(host_name: str) -> str:
-    """Where a client reaches a server bound to ``host_name`` (wildcards -> loopback)."""
-    return _WILDCARDS.get(host_name, host_name)
 
 
 def client_core(
@@ -189,6 +173,8 @@ def start_master_server(
                     f"master_listen_fd {master_listen_fd} is bound to port {bound}, "
                     f"but port={port} was requested"
                 )
+        from rdzv.server import ServerThread
+
         ref = _ServerRef(ServerThread(host_name, port, sock=sock, token=token).start())
         if multi_tenant:
             _TENANTS[ref.port] = ref
