@@ -180,3 +180,28 @@ def test_add_overflow_keeps_value() -> None:
 def test_wait_only_rejects_unknown_namespace() -> None:
     with pytest.raises(ValueError, match="only"):
         Engine().wait([b"k"], Recorder(), only="bogus")
+
+
+def test_fastpath_tables_are_the_engines_own_and_park_registers_a_waiter() -> None:
+    e, rec = Engine(), Recorder()
+    bound: dict[bytes, object] = {}
+    tables = e.fastpath_tables(bound)
+    tables.data[b"a"] = b"1"  # what the fast path's SET does
+    assert e.get(b"a") == b"1"
+    w = tables.park(b"k", rec, "conn")
+    assert w.owner == "conn" and b"k" in tables.waiters
+    e.queue_push(b"k", b"item")  # an item satisfies a parked torch WAIT too
+    assert rec.fired == [w]
+    assert e.num_waiters() == 0 and not tables.waiters
+
+
+def test_fastpath_tables_refuse_an_engine_with_a_journal() -> None:
+    class Discard:
+        def on_set(self, key: bytes, value: bytes) -> None: ...
+        def on_append(self, key: bytes, value: bytes) -> None: ...
+        def on_delete(self, key: bytes) -> None: ...
+        def on_queue_push(self, key: bytes, value: bytes) -> None: ...
+        def on_queue_pop(self, key: bytes) -> None: ...
+
+    with pytest.raises(ValueError, match="journal"):
+        Engine(Discard()).fastpath_tables({})

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from rdzv.errors import CounterError
 
@@ -46,6 +46,7 @@ __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "Engine",
+    "FastPathTables",
     "Journal",
     "Waiter",
     "format_counter",
@@ -137,12 +138,48 @@ class Waiter:
         return f"Waiter(missing={sorted(self.missing)!r}, barrier_target={self.barrier_target})"
 
 
+class FastPathTables(NamedTuple):
+    """What the TCP server's C fast path (``rdzv.server._fastpath``) may touch of an engine,
+    and how.
+
+    Obtained from :meth:`Engine.fastpath_tables`; the dictionaries are the engine's own (they
+    stay valid, and current, as long as the engine lives). The engine keeps these invariants
+    between calls, and the fast path must keep them too:
+
+    * ``data`` (key -> value, ``bytes -> bytes``, insertion-ordered): the fast path may read
+      it, and may insert or overwrite the value of a key only when that key is in none of
+      ``waiters``, ``barriers`` and ``bound`` (a write there must wake, release or unbind:
+      the Python path's work). It never deletes.
+    * ``queues`` (key -> non-empty ``collections.deque`` of bytes): read only (presence);
+      an empty queue is never in it.
+    * ``waiters`` (key -> ``dict[Waiter, None]``, non-empty, registration order): read only
+      (membership).
+    * ``barriers`` (key -> ``dict[Waiter, None]`` of parked barrier waiters): read only
+      (membership).
+    * ``bound`` (key -> owner or lease: keys set with ``set_ephemeral``/``set_lease``): read
+      only (membership).
+    * ``park(key, callback, owner) -> Waiter``: registers a waiter for a value or an item
+      (a torch WAIT) on one key that is absent now (no value, no queue item; the caller
+      checked). Its callback fires, as any waiter's, when the key becomes present.
+
+    The engine must have no journal while the fast path is used: its writes are not
+    journaled.
+    """
+
+    data: dict[bytes, bytes]
+    queues: dict[bytes, deque[bytes]]
+    waiters: dict[bytes, dict[Waiter, None]]
+    barriers: dict[bytes, dict[Waiter, None]]
+    bound: dict[bytes, object]
+    park: Callable[[bytes, Callable[[Waiter], None], object], Waiter]
+
+
 class Journal(Protocol):
     """Receives every state change of an :class:`Engine`, after it is applied, in order.
 
     Replaying the calls on an empty engine (:meth:`Engine.apply_set` and friends) rebuilds
     the state; counters, barriers and compare_set arrive as the resulting ``on_set``, so
-    replay is deterministic. Used by :mod:`rdzv.persistence` for durability.
+    replay is deterministic. Used by :mod:`rdzv.server.persistence` for durability.
     """
 
     def on_set(self, key: bytes, value: bytes) -> None: ...
@@ -436,6 +473,29 @@ class Engine:
                 if not registry:
                     del table[key]
         return not missing
+
+    def park(self, key: bytes, callback: Callable[[Waiter], None], owner: object = None) -> Waiter:
+        """Register a waiter on one key the caller knows to be absent (no value, no queue
+        item), for a value or an item: :meth:`wait` without the presence check, for the C
+        fast path (see :class:`FastPathTables`)."""
+        waiter = Waiter({key}, callback, owner)
+        registry = self._waiters.get(key)
+        if registry is None:
+            self._waiters[key] = {waiter: None}
+        else:
+            registry[waiter] = None
+        return waiter
+
+    def fastpath_tables(self, bound: dict[bytes, object]) -> FastPathTables:
+        """The narrow interface of the C fast path: this engine's dictionaries and its
+        :meth:`park`, with the rules the fast path must follow (see :class:`FastPathTables`).
+        ``bound`` is the server's map of bound keys (until the engine holds them). Raises
+        ValueError if the engine has a journal (the fast path does not journal)."""
+        if self._journal is not None:
+            raise ValueError("the fast path cannot serve an engine with a journal")
+        return FastPathTables(
+            self._data, self._queues, self._waiters, self._barriers, bound, self.park
+        )
 
     def value_bytes(self) -> int:
         """Bytes of every value and queue item. Safe to call from another thread than the

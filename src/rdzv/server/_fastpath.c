@@ -1,5 +1,5 @@
 /*
- * rdzv._fastpath: the TCPStore server's hot path in C.
+ * rdzv.server._fastpath: the TCPStore server's hot path in C.
  *
  * One call of Executor.run(buf, pos, extended) decodes the complete requests of ``buf`` from
  * ``pos`` on and executes those that are *simple*: SET, GET, ADD, CHECK, WAIT and MULTI_GET
@@ -12,7 +12,7 @@
  * implement every request; this module only short-cuts the common ones, with byte-identical
  * replies and state changes (tests/server/test_fastpath.py checks both paths against each
  * other). The rules mirror rdzv.engine.Engine and the handlers in rdzv.server; see
- * rdzv/fastpath.py for the Python side.
+ * rdzv/server/fastpath.py for the Python side.
  *
  * Wire format: docs/protocol.md (torch's TCPStore: one opcode byte, u64 little-endian
  * lengths and counts, i64 little-endian integers).
@@ -171,15 +171,18 @@ read_blob(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t end, Py_ssize_t li
 /* ------------------------------------------------------------------------ the executor */
 typedef struct {
     PyObject_HEAD
-    PyObject *data;     /* Engine._data: bytes -> bytes */
-    PyObject *queues;   /* Engine._queues: bytes -> deque (non-empty) */
-    PyObject *waiters;  /* Engine._waiters: bytes -> waiters */
-    PyObject *barriers; /* Engine._barriers: bytes -> parked barrier waiters */
-    PyObject *bound;    /* StoreServer._bound: bytes -> owner */
+    /* The engine's tables, from rdzv.engine.Engine.fastpath_tables() (FastPathTables, whose
+     * docstring states what may be read and written here). */
+    PyObject *data;     /* key -> value; written only for keys in none of the three below */
+    PyObject *queues;   /* key -> non-empty deque; read only */
+    PyObject *waiters;  /* key -> registered waiters; read only */
+    PyObject *barriers; /* key -> parked barrier waiters; read only */
+    PyObject *bound;    /* key -> owner or lease of a bound key; read only */
+    PyObject *park;     /* park(key, callback, owner) -> Waiter, for an absent key */
     Py_ssize_t max_key;
     Py_ssize_t max_value;
     Py_ssize_t max_keys;
-    /* Busy polling (rdzv.fastpath.BusyPoller): reads seen by the receivers, whether the
+    /* Busy polling (rdzv.server.fastpath.BusyPoller): reads seen by the receivers, whether the
      * poller runs, and what to call on a read while it does not (None: no polling). */
     unsigned long long activity;
     unsigned long long epoch;  /* the poller's current period */
@@ -690,33 +693,46 @@ observe_latency(Executor *self, unsigned long long ns)
     self->latency_sum_ns += ns;
 }
 
+/* The fields of rdzv.engine.FastPathTables, in order; the five dictionaries come first. */
+#define TABLE_FIELDS 6
+#define TABLE_DICTS 5
+
 static int
 executor_init(Executor *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"data", "queues", "waiters", "barriers", "bound",
-                             "max_key_bytes", "max_value_bytes", "max_keys", NULL};
-    PyObject *data, *queues, *waiters, *barriers, *bound;
+    static char *kwlist[] = {"tables", "max_key_bytes", "max_value_bytes", "max_keys", NULL};
+    PyObject *tables;
     Py_ssize_t max_key, max_value, max_keys;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!O!O!nnn", kwlist, &PyDict_Type, &data,
-                                     &PyDict_Type, &queues, &PyDict_Type, &waiters,
-                                     &PyDict_Type, &barriers, &PyDict_Type, &bound, &max_key,
-                                     &max_value, &max_keys)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnn", kwlist, &PyTuple_Type, &tables,
+                                     &max_key, &max_value, &max_keys)) {
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(tables) != TABLE_FIELDS) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Executor(): tables must be an rdzv.engine.FastPathTables "
+                        "(Engine.fastpath_tables())");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < TABLE_DICTS; i++) {
+        if (!PyDict_CheckExact(PyTuple_GET_ITEM(tables, i))) {
+            PyErr_Format(PyExc_TypeError, "Executor(): field %zd of tables is not a dict", i);
+            return -1;
+        }
+    }
+    if (!PyCallable_Check(PyTuple_GET_ITEM(tables, TABLE_DICTS))) {
+        PyErr_SetString(PyExc_TypeError, "Executor(): tables.park is not callable");
         return -1;
     }
     if (max_key < 0 || max_value < 0 || max_keys < 0) {
         PyErr_SetString(PyExc_ValueError, "Executor(): limits must be >= 0");
         return -1;
     }
-    Py_INCREF(data);
-    Py_XSETREF(self->data, data);
-    Py_INCREF(queues);
-    Py_XSETREF(self->queues, queues);
-    Py_INCREF(waiters);
-    Py_XSETREF(self->waiters, waiters);
-    Py_INCREF(barriers);
-    Py_XSETREF(self->barriers, barriers);
-    Py_INCREF(bound);
-    Py_XSETREF(self->bound, bound);
+    Py_XSETREF(self->data, Py_NewRef(PyTuple_GET_ITEM(tables, 0)));
+    Py_XSETREF(self->queues, Py_NewRef(PyTuple_GET_ITEM(tables, 1)));
+    Py_XSETREF(self->waiters, Py_NewRef(PyTuple_GET_ITEM(tables, 2)));
+    Py_XSETREF(self->barriers, Py_NewRef(PyTuple_GET_ITEM(tables, 3)));
+    Py_XSETREF(self->bound, Py_NewRef(PyTuple_GET_ITEM(tables, 4)));
+    Py_XSETREF(self->park, Py_NewRef(PyTuple_GET_ITEM(tables, 5)));
     self->max_key = max_key;
     self->max_value = max_value;
     self->max_keys = max_keys;
@@ -741,6 +757,7 @@ executor_traverse(Executor *self, visitproc visit, void *arg)
     Py_VISIT(self->waiters);
     Py_VISIT(self->barriers);
     Py_VISIT(self->bound);
+    Py_VISIT(self->park);
     Py_VISIT(self->on_activity);
     return 0;
 }
@@ -753,6 +770,7 @@ executor_clear(Executor *self)
     Py_CLEAR(self->waiters);
     Py_CLEAR(self->barriers);
     Py_CLEAR(self->bound);
+    Py_CLEAR(self->park);
     Py_CLEAR(self->on_activity);
     return 0;
 }
@@ -790,12 +808,14 @@ static PyMethodDef executor_methods[] = {
 };
 
 PyDoc_STRVAR(executor_doc,
-"Executor(data, queues, waiters, barriers, bound, max_key_bytes, max_value_bytes, max_keys)\n\n"
-"Executes simple TCPStore requests directly on an engine's dictionaries (see rdzv.fastpath).");
+"Executor(tables, max_key_bytes, max_value_bytes, max_keys)\n\n"
+"Executes simple TCPStore requests directly on an engine's dictionaries: ``tables`` is\n"
+"rdzv.engine.Engine.fastpath_tables(), whose docstring states what may be touched and how\n"
+"(see rdzv.server.fastpath).");
 
 static PyTypeObject ExecutorType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "rdzv._fastpath.Executor",
+    .tp_name = "rdzv.server._fastpath.Executor",
     .tp_basicsize = sizeof(Executor),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = executor_doc,
@@ -1075,11 +1095,11 @@ PyDoc_STRVAR(receiver_doc,
 "A connection's data_received: receiver(data) executes the simple requests of ``data``\n"
 "(bytes) with ``executor`` while ``enabled``, writes their replies with ``write``, and\n"
 "calls ``slow(rest)`` with the bytes from the first request it did not take (or all of\n"
-"``data`` when disabled). See rdzv.fastpath.");
+"``data`` when disabled). See rdzv.server.fastpath.");
 
 static PyTypeObject ReceiverType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "rdzv._fastpath.Receiver",
+    .tp_name = "rdzv.server._fastpath.Receiver",
     .tp_basicsize = sizeof(Receiver),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_doc = receiver_doc,
@@ -1096,8 +1116,8 @@ static PyTypeObject ReceiverType = {
 
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "rdzv._fastpath",
-    .m_doc = "The TCPStore server's hot path in C (see rdzv.fastpath).",
+    .m_name = "rdzv.server._fastpath",
+    .m_doc = "The TCPStore server's hot path in C (see rdzv.server.fastpath).",
     .m_size = -1,
 };
 

@@ -1,6 +1,8 @@
-"""Type stub of the C extension (src/rdzv/_fastpath.c); see rdzv.fastpath."""
+"""Type stub of the C extension (src/rdzv/server/_fastpath.c); see rdzv.server.fastpath."""
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+
+from rdzv.engine import FastPathTables
 
 class Executor:
     @property
@@ -15,11 +17,7 @@ class Executor:
     def counters(self) -> tuple[dict[int, int], tuple[int, ...], int]: ...
     def __init__(
         self,
-        data: dict[bytes, bytes],
-        queues: Mapping[bytes, object],
-        waiters: Mapping[bytes, object],
-        barriers: Mapping[bytes, object],
-        bound: Mapping[bytes, object],
+        tables: FastPathTables,
         max_key_bytes: int,
         max_value_bytes: int,
         max_keys: int,
