@@ -194,7 +194,8 @@ class _Lease:
 
 
 class FastPathTables(NamedTuple):
-    """What the TCP server's C fast path (``rdzv._fastpath``) may touch of an engine, and how.
+    """What the TCP server's C fast path (``rdzv.server._fastpath``) may touch of an engine,
+    and how.
 
     Obtained from :meth:`Engine.fastpath_tables`; the dictionaries are the engine's own (they
     stay valid, and current, as long as the engine lives). The engine keeps these invariants
@@ -236,7 +237,7 @@ class Journal(Protocol):
     the state; counters, barriers and compare_set arrive as the resulting ``on_set``, so
     replay is deterministic. ``mark_volatile(key)`` follows the ``on_set`` of a key bound to
     an owner or a lease: such a key does not survive a restart. Used by
-    :mod:`rdzv.persistence` for durability.
+    :mod:`rdzv.server.persistence` for durability.
     """
 
     def on_set(self, key: bytes, value: bytes) -> None: ...
