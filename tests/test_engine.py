@@ -259,12 +259,12 @@ def test_ephemeral_keys_are_deleted_when_their_owner_closes() -> None:
     e.set_ephemeral(b"d", b"1", "conn1")
     e.set(b"d", b"2")  # a plain write makes it ordinary
     e.set_ephemeral(b"b", b"2", "conn2")  # set again: bound to the new owner
-    assert e.num_bound() == 3
+    assert sorted(e.bound_keys()) == [b"a", b"b", b"c"]
     assert sorted(e.owner_closed("conn1")) == [b"a"]
     assert e.owner_closed("conn1") == []
     assert e.list_keys() == [b"b", b"c", b"d"]
     assert sorted(e.owner_closed("conn2")) == [b"b", b"c"]
-    assert e.num_bound() == 0 and e.list_keys() == [b"d"]
+    assert e.bound_keys() == [] and e.list_keys() == [b"d"]
 
 
 def test_writes_unbind_an_ephemeral_key() -> None:
@@ -278,7 +278,7 @@ def test_writes_unbind_an_ephemeral_key() -> None:
         e = Engine()
         e.set_ephemeral(b"k", b"1", "conn")
         write(e)
-        assert e.num_bound() == 0
+        assert e.bound_keys() == []
         assert e.owner_closed("conn") == []
     e = Engine()
     e.set_ephemeral(b"k", b"1", "conn")
@@ -300,7 +300,7 @@ def test_leases_expire_at_their_deadline_and_renew() -> None:
     assert e.next_deadline() == 20.0
     assert e.list_keys() == [b"b", b"c"]
     assert e.expire(25.0) == [b"b"]
-    assert e.next_deadline() is None and e.num_bound() == 0
+    assert e.next_deadline() is None and e.bound_keys() == []
     assert e.list_keys() == [b"c"]
 
 

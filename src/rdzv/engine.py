@@ -473,9 +473,9 @@ class Engine:
                 expired.append(lease.key)
         return expired
 
-    def num_bound(self) -> int:
-        """Number of keys bound to an owner or a lease (for metrics and tests)."""
-        return len(self._bound)
+    def bound_keys(self) -> list[bytes]:
+        """The keys bound to an owner or a lease, in binding order (for tooling and tests)."""
+        return list(self._bound)
 
     # ----------------------------------------------------------------- queues
     def queue_push(self, key: bytes, value: bytes) -> None:
