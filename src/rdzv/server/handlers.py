@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from rdzv import auth, wire
 from rdzv.engine import Engine, Waiter
@@ -78,36 +78,66 @@ class Server(Protocol):
 
 # --------------------------------------------------------------------------- handlers
 # One function per opcode: (server, connection, request) -> None; replies go to conn.write.
+# ``@handles(op)`` registers it; adding an opcode to the server is writing one of these.
 
 Handler = Callable[[Server, "Connection", Any], None]
+_F = TypeVar("_F", bound=Callable[..., None])
+_REGISTERED: dict[Op, Handler] = {}
+_WRITES: set[Op] = set()
 
 
+def handles(op: Op, *, writes: bool = False) -> Callable[[_F], _F]:
+    """Register the decorated function as the handler of ``op`` (once per opcode).
+
+    ``writes``: the request changes the store. Such requests are refused while the journal
+    cannot be written (:attr:`Server.read_only`) and make the connection wait for the next
+    group commit before its following replies are sent.
+    """
+
+    def register(fn: _F) -> _F:
+        if op in _REGISTERED:
+            raise RuntimeError(f"two handlers for {op.name}: {_REGISTERED[op]} and {fn}")
+        _REGISTERED[op] = fn
+        if writes:
+            _WRITES.add(op)
+        return fn
+
+    return register
+
+
+@handles(Op.VALIDATE)
 def _h_validate(server: Server, conn: Connection, req: wire.Validate) -> None:
     pass  # the parser checked the magic; no reply (torch sends none)
 
 
+@handles(Op.SET, writes=True)
 def _h_set(server: Server, conn: Connection, req: wire.Set) -> None:
     server.engine.set(req.key, req.value)
 
 
+@handles(Op.COMPARE_SET, writes=True)
 def _h_compare_set(server: Server, conn: Connection, req: wire.CompareSet) -> None:
     conn.write(wire.reply_blob(server.engine.compare_set(req.key, req.expected, req.desired)))
 
 
+@handles(Op.GET)
 def _h_get(server: Server, conn: Connection, req: wire.Get) -> None:
     value = server.engine.get(req.key)
     # Missing key: an empty blob, as torch's libuv server (its legacy server closes).
     conn.write(_EMPTY_BLOB if value is None else wire.reply_blob(value))
 
 
+@handles(Op.ADD, writes=True)
 def _h_add(server: Server, conn: Connection, req: wire.Add) -> None:
     conn.write(_I64(server.engine.add(req.key, req.amount)))
 
 
+@handles(Op.CHECK)
 def _h_check(server: Server, conn: Connection, req: wire.Check) -> None:
     conn.write(CHECK_READY if server.engine.check(req.keys) else CHECK_NOT_READY)
 
 
+@handles(Op.WAIT)
 def _h_wait(server: Server, conn: Connection, req: wire.Wait) -> None:
     keys = req.keys
     engine = server.engine
@@ -122,55 +152,67 @@ def _h_wait(server: Server, conn: Connection, req: wire.Wait) -> None:
         conn.add_waiter(waiter, len(keys))
 
 
+@handles(Op.GETNUMKEYS)
 def _h_num_keys(server: Server, conn: Connection, req: wire.GetNumKeys) -> None:
     conn.write(_I64(server.engine.num_keys()))
 
 
+@handles(Op.DELETE_KEY, writes=True)
 def _h_delete_key(server: Server, conn: Connection, req: wire.DeleteKey) -> None:
     conn.write(_I64(1 if server.engine.delete_key(req.key) else 0))
 
 
+@handles(Op.APPEND, writes=True)
 def _h_append(server: Server, conn: Connection, req: wire.Append) -> None:
     server.engine.append(req.key, req.value)
 
 
+@handles(Op.MULTI_GET)
 def _h_multi_get(server: Server, conn: Connection, req: wire.MultiGet) -> None:
     values = server.engine.multi_get(req.keys)
     conn.write(wire.reply_blobs([b"" if v is None else v for v in values]))
 
 
+@handles(Op.MULTI_SET, writes=True)
 def _h_multi_set(server: Server, conn: Connection, req: wire.MultiSet) -> None:
     server.engine.multi_set(req.keys, req.values)
 
 
+@handles(Op.CANCEL_WAIT)
 def _h_cancel_wait(server: Server, conn: Connection, req: wire.CancelWait) -> None:
     server.release(conn)
     conn.write(WAIT_CANCELED)
 
 
+@handles(Op.PING)
 def _h_ping(server: Server, conn: Connection, req: wire.Ping) -> None:
     read_only = server.read_only is not None
     conn.send_stateless(wire.reply_ping(req.nonce, conn.parser.extended, read_only=read_only))
 
 
+@handles(Op.QUEUE_PUSH, writes=True)
 def _h_queue_push(server: Server, conn: Connection, req: wire.QueuePush) -> None:
     server.engine.queue_push(req.key, req.value)
 
 
+@handles(Op.QUEUE_POP, writes=True)
 def _h_queue_pop(server: Server, conn: Connection, req: wire.QueuePop) -> None:
     engine = server.engine
     length = engine.queue_len(req.key)
     conn.write(wire.reply_queue_pop(engine.queue_pop(req.key), length))
 
 
+@handles(Op.QUEUE_LEN)
 def _h_queue_len(server: Server, conn: Connection, req: wire.QueueLen) -> None:
     conn.write(_I64(server.engine.queue_len(req.key)))
 
 
+@handles(Op.LIST_KEYS)
 def _h_list_keys(server: Server, conn: Connection, req: wire.ListKeys) -> None:
     conn.write(wire.reply_key_list(server.engine.list_keys()))
 
 
+@handles(Op.BARRIER, writes=True)
 def _h_barrier(server: Server, conn: Connection, req: wire.Barrier) -> None:
     server.check_waits(conn, 1)
     waiter = server.engine.barrier(req.key, req.world_size, server.on_fire, (conn, KIND_BARRIER))
@@ -187,6 +229,7 @@ def _ext_error(conn: Connection, exc: Exception) -> None:
     conn.write(wire.reply_ext_error(wire.error_code_for(exc), str(exc)))
 
 
+@handles(Op.EXT_ADD, writes=True)
 def _h_ext_add(server: Server, conn: Connection, req: wire.ExtAdd) -> None:
     try:
         total = server.engine.add(req.key, req.amount)
@@ -196,6 +239,7 @@ def _h_ext_add(server: Server, conn: Connection, req: wire.ExtAdd) -> None:
         conn.write(EXT_OK + _I64(total))
 
 
+@handles(Op.EXT_BARRIER, writes=True)
 def _h_ext_barrier(server: Server, conn: Connection, req: wire.ExtBarrier) -> None:
     server.check_waits(conn, 1)
     try:
@@ -211,16 +255,19 @@ def _h_ext_barrier(server: Server, conn: Connection, req: wire.ExtBarrier) -> No
         conn.add_waiter(waiter, 1)
 
 
+@handles(Op.EXT_GET_WAIT)
 def _h_ext_get_wait(server: Server, conn: Connection, req: wire.ExtGetWait) -> None:
     got = server.engine.get_wait(req.key, server.on_fire, (conn, KIND_GET))
     _reply_or_park(server, conn, got, KIND_GET, 1)
 
 
+@handles(Op.EXT_MULTI_GET_WAIT)
 def _h_ext_multi_get_wait(server: Server, conn: Connection, req: wire.ExtMultiGetWait) -> None:
     got = server.engine.multi_get_wait(req.keys, server.on_fire, (conn, KIND_MULTI_GET))
     _reply_or_park(server, conn, got, KIND_MULTI_GET, len(req.keys))
 
 
+@handles(Op.EXT_QUEUE_POP_WAIT, writes=True)
 def _h_ext_queue_pop_wait(server: Server, conn: Connection, req: wire.ExtQueuePopWait) -> None:
     got = server.engine.queue_pop_wait(req.key, server.on_fire, (conn, KIND_QUEUE_POP))
     _reply_or_park(server, conn, got, KIND_QUEUE_POP, 1)
@@ -240,12 +287,14 @@ def _reply_or_park(server: Server, conn: Connection, got: object, kind: int, key
     conn.add_waiter(got, keys)
 
 
+@handles(Op.EXT_LIST_KEYS)
 def _h_ext_list_keys(server: Server, conn: Connection, req: wire.ExtListKeys) -> None:
     prefix = req.prefix
     entries = [(k, len(v)) for k, v in server.engine.items() if k.startswith(prefix)]
     conn.write(EXT_OK + wire.reply_key_sizes(entries))
 
 
+@handles(Op.EXT_NUM_KEYS)
 def _h_ext_num_keys(server: Server, conn: Connection, req: wire.ExtNumKeys) -> None:
     prefix = req.prefix
     if prefix:
@@ -255,11 +304,13 @@ def _h_ext_num_keys(server: Server, conn: Connection, req: wire.ExtNumKeys) -> N
     conn.write(EXT_OK + _I64(count))
 
 
+@handles(Op.EXT_SET_EPHEMERAL, writes=True)
 def _h_ext_set_ephemeral(server: Server, conn: Connection, req: wire.ExtSetEphemeral) -> None:
     server.engine.set_ephemeral(req.key, req.value, conn)
     conn.write(EXT_OK)
 
 
+@handles(Op.EXT_SET_LEASE, writes=True)
 def _h_ext_set_lease(server: Server, conn: Connection, req: wire.ExtSetLease) -> None:
     if not 0 < req.ttl_ms <= wire.MAX_LEASE_MS:
         limit = wire.MAX_LEASE_MS
@@ -272,6 +323,7 @@ def _h_ext_set_lease(server: Server, conn: Connection, req: wire.ExtSetLease) ->
 # ---- authentication (see rdzv.auth): served before and after the connection authenticated.
 
 
+@handles(Op.EXT_AUTH_BEGIN)
 def _h_auth_begin(server: Server, conn: Connection, req: wire.ExtAuthBegin) -> None:
     if server.token is None:
         _ext_error(conn, AuthError("this server has no token configured (authentication off)"))
@@ -280,6 +332,7 @@ def _h_auth_begin(server: Server, conn: Connection, req: wire.ExtAuthBegin) -> N
     conn.send_stateless(EXT_OK + conn.auth_nonce)
 
 
+@handles(Op.EXT_AUTH_PROOF)
 def _h_auth_proof(server: Server, conn: Connection, req: wire.ExtAuthProof) -> None:
     token = server.token
     if token is None:
@@ -320,68 +373,6 @@ def _h_unauthenticated(server: Server, conn: Connection, req: Request) -> None:
     )
 
 
-def _build_handlers() -> list[Handler]:
-    table: dict[Op, Callable[..., None]] = {
-        Op.VALIDATE: _h_validate,
-        Op.SET: _h_set,
-        Op.COMPARE_SET: _h_compare_set,
-        Op.GET: _h_get,
-        Op.ADD: _h_add,
-        Op.CHECK: _h_check,
-        Op.WAIT: _h_wait,
-        Op.GETNUMKEYS: _h_num_keys,
-        Op.DELETE_KEY: _h_delete_key,
-        Op.APPEND: _h_append,
-        Op.MULTI_GET: _h_multi_get,
-        Op.MULTI_SET: _h_multi_set,
-        Op.CANCEL_WAIT: _h_cancel_wait,
-        Op.PING: _h_ping,
-        Op.QUEUE_PUSH: _h_queue_push,
-        Op.QUEUE_POP: _h_queue_pop,
-        Op.QUEUE_LEN: _h_queue_len,
-        Op.LIST_KEYS: _h_list_keys,
-        Op.BARRIER: _h_barrier,
-        Op.EXT_ADD: _h_ext_add,
-        Op.EXT_BARRIER: _h_ext_barrier,
-        Op.EXT_GET_WAIT: _h_ext_get_wait,
-        Op.EXT_MULTI_GET_WAIT: _h_ext_multi_get_wait,
-        Op.EXT_QUEUE_POP_WAIT: _h_ext_queue_pop_wait,
-        Op.EXT_LIST_KEYS: _h_ext_list_keys,
-        Op.EXT_NUM_KEYS: _h_ext_num_keys,
-        Op.EXT_SET_EPHEMERAL: _h_ext_set_ephemeral,
-        Op.EXT_SET_LEASE: _h_ext_set_lease,
-        Op.EXT_AUTH_BEGIN: _h_auth_begin,
-        Op.EXT_AUTH_PROOF: _h_auth_proof,
-    }
-    handlers: list[Handler] = [_h_validate] * 256
-    for op, fn in table.items():
-        handlers[op] = fn
-    return handlers
-
-
-HANDLERS = _build_handlers()
-#: Requests that change the store: refused while the journal cannot be written.
-WRITE_OPS = (
-    Op.SET,
-    Op.COMPARE_SET,
-    Op.ADD,
-    Op.DELETE_KEY,
-    Op.APPEND,
-    Op.MULTI_SET,
-    Op.QUEUE_PUSH,
-    Op.QUEUE_POP,
-    Op.BARRIER,
-    Op.EXT_ADD,
-    Op.EXT_BARRIER,
-    Op.EXT_QUEUE_POP_WAIT,
-    Op.EXT_SET_EPHEMERAL,
-    Op.EXT_SET_LEASE,
-)
-IS_WRITE = [op in WRITE_OPS for op in range(256)]
-#: ... of which these have an extension reply, which can carry the error.
-EXT_WRITE_OPS = frozenset(op for op in WRITE_OPS if op >= Op.EXT_ADD)
-
-
 def _h_refused_ping(server: Server, conn: Connection, req: wire.Ping) -> None:
     if req.nonce == wire.RDZV_PING_NONCE and conn.parser.extended:
         conn.send_stateless(wire.reply_refused(conn.refusal))
@@ -391,6 +382,17 @@ def _h_refused_ping(server: Server, conn: Connection, req: wire.Ping) -> None:
 def _h_refused(server: Server, conn: Connection, req: Request) -> None:
     raise Close(conn.refusal)
 
+
+#: Handlers of an authenticated (or unauthenticated-allowed) connection, by opcode byte
+#: (opcodes the parser refuses never reach a handler).
+HANDLERS: list[Handler] = [_h_validate] * 256
+for _op, _fn in _REGISTERED.items():
+    HANDLERS[_op] = _fn
+#: Requests that change the store: refused while the journal cannot be written.
+WRITE_OPS = frozenset(_WRITES)
+IS_WRITE = [op in WRITE_OPS for op in range(256)]
+#: ... of which these have an extension reply, which can carry the error.
+EXT_WRITE_OPS = frozenset(op for op in WRITE_OPS if wire.is_extension(op))
 
 REFUSED_HANDLERS: list[Handler] = [_h_refused] * 256
 REFUSED_HANDLERS[Op.VALIDATE] = _h_validate
