@@ -34,6 +34,10 @@ store process, the listener process and the scraper (scheduler nanoseconds); the
 scrape without load (``scrape_cost_without_load``)::
 
     python bench/store_ops.py --metrics [--clients 1 16 64] [--seconds 1] [--repeats 15]
+                              [--profile]
+
+``--profile`` adds where the store process spends its CPU with and without metrics (Linux
+``perf``, software sampling; ``counting_profile``).
 
 ``--durability`` measures instead the cost of ``rdzv serve --data-dir`` (fsync always,
 interval, never) against the in-memory server, with rdzv's Python client (same workload;
@@ -358,6 +362,64 @@ def scrape_cost(scrapes: int = 5000, idle: float = 3.0) -> dict[str, float]:
     }
 
 
+def perf_shares(pid: int, seconds: float, during: Callable[[], object]) -> dict[str, Any]:
+    """``perf record`` (software cpu-clock sampling, 4999 Hz) of process ``pid`` while
+    ``during()`` runs: the share of samples (%) per shared object, and of the clock reads
+    (``clock_gettime``: vDSO, libc and PLT entries) that time each read when counting."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rdzv-perf-") as tmp:
+        data = f"{tmp}/perf.data"
+        perf = subprocess.Popen(
+            ["perf", "record", "-q", "-e", "cpu-clock", "-F", "4999", "-p", str(pid),
+             "-o", data, "--", "sleep", str(seconds + 0.3)],
+        )  # fmt: skip
+        during()
+        perf.wait(60)
+        report = subprocess.run(
+            ["perf", "report", "-i", data, "--stdio", "--sort", "dso,sym"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    by_dso: dict[str, float] = {}
+    clock = 0.0
+    for line in report.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or not fields[0].endswith("%") or line.startswith("#"):
+            continue
+        share = float(fields[0][:-1])
+        dso = fields[1].split(".cpython")[0]
+        by_dso[dso] = by_dso.get(dso, 0.0) + share
+        if "clock_gettime" in fields[-1]:
+            clock += share
+    top = dict(sorted(by_dso.items(), key=lambda kv: -kv[1])[:6])
+    return {"dso_pct": {k: round(v, 2) for k, v in top.items()}, "clock_reads_pct": round(clock, 2)}
+
+
+def counting_profile(clients: int, seconds: float, procs: int) -> dict[str, Any]:
+    """Where the store process spends its CPU with and without metrics (:func:`perf_shares`,
+    one phase each, same clients): does the counting in C (two ``clock_gettime`` calls
+    and a bucket search per read) show?"""
+    servers = MetricsServers()
+    try:
+        ports = [servers.plain_port, servers.metrics_port]
+        with Clients("torch", ports, clients, procs) as pool:
+            out: dict[str, Any] = {"clients": clients, "seconds": seconds}
+            for index, name in enumerate(("no metrics", "metrics")):
+                pid = servers.use(bool(index))
+                result: dict[str, Any] = {}
+
+                def run(
+                    index: int = index, pid: int = pid, result: dict[str, Any] = result
+                ) -> None:
+                    result.update(pool.run(index, seconds, pid))
+
+                out[name] = perf_shares(pid, seconds, run)
+                out[name]["server_cpu_us_per_op"] = result["server_cpu_us_per_op"]
+    finally:
+        servers.close()
+    return out
+
+
 def metrics_main(args: argparse.Namespace) -> None:
     variants = list(METRICS_VARIANTS)
     results = []
@@ -400,6 +462,11 @@ def metrics_main(args: argparse.Namespace) -> None:
                 "machine": {**machine(), "load_average_1min": spread(loads, 2)},
                 "results": results,
                 "scrape_cost_without_load": scrape_cost(),
+                **(
+                    {"counting_profile": counting_profile(16, 3.0, args.procs)}
+                    if args.profile
+                    else {}
+                ),
             },
             indent=2,
         )
@@ -445,6 +512,7 @@ def phase(stores: list[Any], start_at: float, seconds: float) -> dict[str, Any]:
     counts = [0] * len(stores)
     samples: list[list[float]] = [[] for _ in stores]
     pid = os.getpid()
+    cpu = time.process_time()  # this process's, its threads' included (even once ended)
 
     def run(t: int) -> None:
         store = stores[t]
@@ -475,7 +543,11 @@ def phase(stores: list[Any], start_at: float, seconds: float) -> dict[str, Any]:
         th.start()
     for th in pool:
         th.join()
-    return {"ops": sum(counts), "latencies": [x for s in samples for x in s]}
+    return {
+        "ops": sum(counts),
+        "cpu": time.process_time() - cpu,
+        "latencies": [x for s in samples for x in s],
+    }
 
 
 class Clients:
@@ -518,12 +590,12 @@ class Clients:
             w.stdin.write(f"{index} {start_at} {seconds}\n")
             w.stdin.flush()
         time.sleep(max(0.0, start_at - time.time()))
-        pids = [server_pid] + [w.pid for w in self.workers]
-        before = [cpu_ns(pid) for pid in pids]
+        cpu_before = cpu_ns(server_pid)
         busy_before = machine_busy_seconds()
         time.sleep(seconds)
         busy = machine_busy_seconds() - busy_before
-        cpu_used, *client_cpu = (cpu_ns(pid) - b for pid, b in zip(pids, before, strict=True))
+        cpu_used = cpu_ns(server_pid) - cpu_before
+        client_cpu = 0.0
         ops = 0
         latencies: list[float] = []
         for w in self.workers:
@@ -533,6 +605,7 @@ class Clients:
                 raise RuntimeError(f"client process failed ({w.wait()})")
             report = json.loads(line)
             ops += report["ops"]
+            client_cpu += report["cpu"]
             latencies += report["latencies"]
         latencies.sort()
 
@@ -544,7 +617,7 @@ class Clients:
             "p50_us": pct(0.50),
             "p99_us": pct(0.99),
             "server_cpu_us_per_op": round(cpu_used / 1e3 / max(ops, 1), 3),
-            "clients_cpu_us_per_op": round(sum(client_cpu) / 1e3 / max(ops, 1), 3),
+            "clients_cpu_us_per_op": round(client_cpu * 1e6 / max(ops, 1), 3),
             "machine_busy_cpus": round(busy / seconds, 2),
             "client_processes": self.procs,
         }
@@ -710,6 +783,10 @@ def main() -> None:
     parser.add_argument(
         "--metrics", action="store_true",
         help="measure rdzv serve with --metrics-port (scraped every 100 ms, and 1000/s) vs without",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="with --metrics: also profile the store process with perf (metrics on and off)",
     )  # fmt: skip
     parser.add_argument(
         "--variants", action="store_true",
