@@ -5,7 +5,7 @@ client sends WAIT + GET for a get: two round trips) on its own 100 keys, for a f
 Clients are ``torch.distributed.TCPStore`` objects (C++; they release the GIL while they
 wait) spread over a few client processes, each running several client threads. Each server
 runs in a process of its own: (a) torch's default (libuv) server, (b) ``rdzv serve`` with
-its defaults (uvloop, the C fast path when built and busy polling, see ``rdzv.fastpath``),
+its defaults (uvloop, the C fast path when built and busy polling, see ``rdzv.server.fastpath``),
 and with ``--variants`` (c) ``rdzv serve --busy-poll-us 0`` and (d) ``rdzv serve`` with the
 fast path off. Then rdzv's Python client against rdzv's server, for reference.
 
@@ -97,9 +97,9 @@ def start_server(kind: str, extra: Sequence[str] = ()) -> tuple[subprocess.Popen
         cmd = [sys.executable, "-c", TORCH_SERVER]
     else:
         cmd = [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--quiet", *extra]
-        if kind == "rdzv-python":  # rdzv serve without its C fast path (rdzv.fastpath)
+        if kind == "rdzv-python":  # rdzv serve without its C fast path (rdzv.server.fastpath)
             env["RDZV_FASTPATH"] = "0"
-        elif kind == "rdzv-nopoll":  # without busy polling (rdzv.fastpath.BusyPoller)
+        elif kind == "rdzv-nopoll":  # without busy polling (rdzv.server.fastpath.BusyPoller)
             cmd += ["--busy-poll-us", "0"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
@@ -755,7 +755,7 @@ def machine() -> dict[str, Any]:
 def fastpath_state() -> str:
     """Whether ``rdzv serve`` runs its C fast path here (the extension built, not disabled)."""
     sys.path.insert(0, str(SRC))
-    from rdzv import fastpath
+    from rdzv.server import fastpath
 
     if not fastpath.AVAILABLE:
         return "not built"

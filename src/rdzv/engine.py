@@ -139,7 +139,8 @@ class Waiter:
 
 
 class FastPathTables(NamedTuple):
-    """What the TCP server's C fast path (``rdzv._fastpath``) may touch of an engine, and how.
+    """What the TCP server's C fast path (``rdzv.server._fastpath``) may touch of an engine,
+    and how.
 
     Obtained from :meth:`Engine.fastpath_tables`; the dictionaries are the engine's own (they
     stay valid, and current, as long as the engine lives). The engine keeps these invariants
@@ -178,7 +179,7 @@ class Journal(Protocol):
 
     Replaying the calls on an empty engine (:meth:`Engine.apply_set` and friends) rebuilds
     the state; counters, barriers and compare_set arrive as the resulting ``on_set``, so
-    replay is deterministic. Used by :mod:`rdzv.persistence` for durability.
+    replay is deterministic. Used by :mod:`rdzv.server.persistence` for durability.
     """
 
     def on_set(self, key: bytes, value: bytes) -> None: ...

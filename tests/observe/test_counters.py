@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rdzv import fastpath, wire
+from rdzv import wire
 from rdzv.engine import Engine
+from rdzv.server import fastpath
 from rdzv.stats import REQUEST_BUCKETS, Histogram, HistogramSnapshot
 
 BOUNDS_NS = [round(b * 1e9) for b in REQUEST_BUCKETS]

@@ -1,4 +1,4 @@
-"""The server's C fast path (rdzv._fastpath) against its Python path.
+"""The server's C fast path (rdzv.server._fastpath) against its Python path.
 
 The differential test feeds the same random request streams, cut at random places and
 interleaved over two connections, to a server with the fast path and one without, and
@@ -22,9 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rdzv import fastpath, wire
+from rdzv import wire
 from rdzv.engine import Engine
-from rdzv.server import StoreServer, _Connection
+from rdzv.server import StoreServer, fastpath
+from rdzv.server.connection import Connection
 from rdzv.wire import Op
 from tests.conftest import subprocess_env
 
@@ -34,10 +35,10 @@ VALUES = [b"", b"1", b"-5", b" 7", b"+3", b"x", b"007", b"-", b"9223372036854775
 
 
 def test_the_extension_is_built() -> None:
-    # CI installs the package with pip, which compiles src/rdzv/_fastpath.c: without it the
+    # CI installs the package with pip, which compiles src/rdzv/server/_fastpath.c: without it the
     # server silently runs its slower pure-Python path.
     assert fastpath.AVAILABLE, (
-        "rdzv._fastpath is not built: run `pip install -e .` (needs a C compiler and the "
+        "rdzv.server._fastpath is not built: run `pip install -e .` (needs a C compiler and the "
         "Python headers) or `python setup.py build_ext --inplace`"
     )
 
@@ -89,12 +90,12 @@ class Harness:
         # run only by tests that ask for it (run_once).
         self.loop = self.server._loop = asyncio.new_event_loop()
         weakref.finalize(self, self.loop.close)
-        self.conns: list[_Connection] = []
+        self.conns: list[Connection] = []
         self.transports: list[FakeTransport] = []
         self.lost: list[bool] = []
 
     def connect(self) -> int:
-        conn = _Connection(self.server)
+        conn = Connection(self.server)
         transport = FakeTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         self.conns.append(conn)
@@ -120,7 +121,7 @@ class Harness:
         return {
             "data": dict(engine.items()),
             "queues": {k: list(v) for k, v in engine.queues()},
-            "bound": sorted(self.server._bound),
+            "bound": sorted(self.server.bound),
             "waiters": engine.num_waiters(),
             "replies": [bytes(t.out) for t in self.transports],
             "closed": [t.closed for t in self.transports],
@@ -346,7 +347,7 @@ def test_fastpath_state_says_why_it_is_off(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize(("value", "enabled"), [("0", False), ("off", False), ("1", True)])
 def test_rdzv_fastpath_environment_variable(value: str, enabled: bool) -> None:
-    code = "from rdzv import fastpath; print(fastpath.ENABLED)"
+    code = "from rdzv.server import fastpath; print(fastpath.ENABLED)"
     env = {**subprocess_env(), "RDZV_FASTPATH": value}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60

@@ -15,7 +15,8 @@ import struct
 import pytest
 
 from rdzv import auth, wire
-from rdzv.server import INPUT_SLICE, TURN_REQUESTS, ServerThread, StoreServer
+from rdzv.server import ServerThread, StoreServer
+from rdzv.server.connection import INPUT_SLICE, TURN_REQUESTS
 from rdzv.wire import Op
 from tests.server.helpers import Raw, eventually
 from tests.server.test_fastpath import Harness

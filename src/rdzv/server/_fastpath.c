@@ -1,5 +1,5 @@
 /*
- * rdzv._fastpath: the TCPStore server's hot path in C.
+ * rdzv.server._fastpath: the TCPStore server's hot path in C.
  *
  * One call of Executor.run(buf, pos, extended) decodes the complete requests of ``buf`` from
  * ``pos`` on and executes those that are *simple*: SET, GET, ADD, CHECK, WAIT and MULTI_GET
@@ -12,7 +12,7 @@
  * implement every request; this module only short-cuts the common ones, with byte-identical
  * replies and state changes (tests/server/test_fastpath.py checks both paths against each
  * other). The rules mirror rdzv.engine.Engine and the handlers in rdzv.server; see
- * rdzv/fastpath.py for the Python side.
+ * rdzv/server/fastpath.py for the Python side.
  *
  * Wire format: docs/protocol.md (torch's TCPStore: one opcode byte, u64 little-endian
  * lengths and counts, i64 little-endian integers).
@@ -182,7 +182,7 @@ typedef struct {
     Py_ssize_t max_key;
     Py_ssize_t max_value;
     Py_ssize_t max_keys;
-    /* Busy polling (rdzv.fastpath.BusyPoller): reads seen by the receivers, whether the
+    /* Busy polling (rdzv.server.fastpath.BusyPoller): reads seen by the receivers, whether the
      * poller runs, and what to call on a read while it does not (None: no polling). */
     unsigned long long activity;
     unsigned long long epoch;  /* the poller's current period */
@@ -811,11 +811,11 @@ PyDoc_STRVAR(executor_doc,
 "Executor(tables, max_key_bytes, max_value_bytes, max_keys)\n\n"
 "Executes simple TCPStore requests directly on an engine's dictionaries: ``tables`` is\n"
 "rdzv.engine.Engine.fastpath_tables(), whose docstring states what may be touched and how\n"
-"(see rdzv.fastpath).");
+"(see rdzv.server.fastpath).");
 
 static PyTypeObject ExecutorType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "rdzv._fastpath.Executor",
+    .tp_name = "rdzv.server._fastpath.Executor",
     .tp_basicsize = sizeof(Executor),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = executor_doc,
@@ -1095,11 +1095,11 @@ PyDoc_STRVAR(receiver_doc,
 "A connection's data_received: receiver(data) executes the simple requests of ``data``\n"
 "(bytes) with ``executor`` while ``enabled``, writes their replies with ``write``, and\n"
 "calls ``slow(rest)`` with the bytes from the first request it did not take (or all of\n"
-"``data`` when disabled). See rdzv.fastpath.");
+"``data`` when disabled). See rdzv.server.fastpath.");
 
 static PyTypeObject ReceiverType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "rdzv._fastpath.Receiver",
+    .tp_name = "rdzv.server._fastpath.Receiver",
     .tp_basicsize = sizeof(Receiver),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_doc = receiver_doc,
@@ -1116,8 +1116,8 @@ static PyTypeObject ReceiverType = {
 
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "rdzv._fastpath",
-    .m_doc = "The TCPStore server's hot path in C (see rdzv.fastpath).",
+    .m_name = "rdzv.server._fastpath",
+    .m_doc = "The TCPStore server's hot path in C (see rdzv.server.fastpath).",
     .m_size = -1,
 };
 

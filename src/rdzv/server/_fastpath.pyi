@@ -1,4 +1,4 @@
-"""Type stub of the C extension (src/rdzv/_fastpath.c); see rdzv.fastpath."""
+"""Type stub of the C extension (src/rdzv/server/_fastpath.c); see rdzv.server.fastpath."""
 
 from collections.abc import Callable, Sequence
 

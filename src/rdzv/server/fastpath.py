@@ -1,4 +1,4 @@
-"""The TCPStore server's optional C hot path (``rdzv._fastpath``), and when it is used.
+"""The TCPStore server's optional C hot path (``rdzv.server._fastpath``), and when it is used.
 
 The server decodes and executes every request in Python (:mod:`rdzv.wire`,
 :mod:`rdzv.server`). For the requests that dominate real traffic (SET, GET, ADD, CHECK,
@@ -14,7 +14,7 @@ byte-identical either way (tests/server/test_fastpath.py runs both on the same i
 
 The server uses it only on connections where nothing else must see each request: no
 durable journal (``--data-dir``), authenticated (or no token), no parked waits, no partial
-request buffered. It is built from ``src/rdzv/_fastpath.c`` by ``pip install``
+request buffered. It is built from ``src/rdzv/server/_fastpath.c`` by ``pip install``
 (setup.py, an optional extension: without a C compiler the install still works and the
 server is pure Python). With metrics on (``StoreServer(metrics=True)``, ``rdzv serve
 --metrics-port``), the executor also counts, in C, the requests it executes by opcode and the
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 try:
-    from rdzv._fastpath import Executor, Receiver
+    from rdzv.server._fastpath import Executor, Receiver
 except ImportError:  # not compiled (no C compiler at install time): pure Python
     Executor = Receiver = None  # type: ignore[assignment,misc]
 
