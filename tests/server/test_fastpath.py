@@ -121,7 +121,7 @@ class Harness:
         return {
             "data": dict(engine.items()),
             "queues": {k: list(v) for k, v in engine.queues()},
-            "bound": sorted(self.server.bound),
+            "bound": sorted(self.server.engine.bound_keys()),
             "waiters": engine.num_waiters(),
             "replies": [bytes(t.out) for t in self.transports],
             "closed": [t.closed for t in self.transports],
@@ -323,7 +323,7 @@ def test_direct_send_on_the_socket_when_nothing_is_queued() -> None:
 
 
 def test_receiver_rejects_bad_arguments() -> None:
-    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(Engine(), wire.DEFAULT_LIMITS)
     assert executor is not None
     with pytest.raises(TypeError):
         fastpath.Receiver(executor, 42, 10)  # type: ignore[arg-type]
@@ -358,7 +358,7 @@ def test_rdzv_fastpath_environment_variable(value: str, enabled: bool) -> None:
 # --------------------------------------------------------------------------- busy polling
 def _poll_setup(window: float = 0.002, max_clients: int = 1) -> tuple[Any, ...]:
     loop = asyncio.new_event_loop()
-    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(Engine(), wire.DEFAULT_LIMITS)
     assert executor is not None
     poller = fastpath.BusyPoller(loop, executor, window, max_clients)
     receivers = []
@@ -418,7 +418,7 @@ def test_busy_poller_backs_off_when_several_clients_read() -> None:
 
 def test_busy_poller_rejects_bad_settings() -> None:
     loop = asyncio.new_event_loop()
-    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(Engine(), wire.DEFAULT_LIMITS)
     assert executor is not None
     try:
         with pytest.raises(ValueError, match="window"):

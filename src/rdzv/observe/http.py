@@ -442,7 +442,7 @@ class ObserveServer:
         self.auth_failures = 0
         self.connections: set[_Connection] = set()
         self.loopback = False
-        from rdzv.server import new_event_loop  # uvloop's when installed: ~half the CPU
+        from rdzv.server.loop import new_event_loop  # uvloop's when installed: ~half the CPU
 
         self.loop = new_event_loop()
         self.pool = ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="rdzv-metrics")
