@@ -1,6 +1,6 @@
-"""One lease capability (Store.set_lease) on every backend: keys that expire on TCPStore
-(rdzv server, both clients, under a PrefixStore) and EtcdStore, NotImplementedError
-elsewhere; the same ttl validation everywhere."""
+"""One lease capability (Store.set_lease) on every backend: keys that expire on HashStore,
+TCPStore (rdzv server, both clients), EtcdStore and a PrefixStore over them,
+NotImplementedError elsewhere; the same ttl validation everywhere."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from tests.server.helpers import eventually
 from tests.store.backends import BACKENDS
 
 #: Backends with leases, and the shortest TTL worth asking each for (seconds): etcd raises
-#: TTLs below its minimum (about 2 s with its defaults), rdzv's server keeps milliseconds.
+#: TTLs below its minimum (about 2 s with its defaults); the engine keeps milliseconds.
 LEASING = {
+    "hash": 0.2,
+    "prefix": 0.2,
     "tcp": 0.2,
     "tcp_python_server": 0.2,
     "tcp_busy_poll": 0.2,

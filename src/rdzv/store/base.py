@@ -332,18 +332,19 @@ class Store:
 
         ``ttl``: seconds (int/float) or a timedelta, ``0 < ttl <=`` :data:`MAX_LEASE_TTL`
         (one year). The server's clock decides, and the key never goes before ``ttl``:
-        TCPStore rounds ``ttl`` up to whole milliseconds, EtcdStore to whole seconds and to
+        HashStore and TCPStore round ``ttl`` up to whole milliseconds, EtcdStore to whole
+        seconds and to
         etcd's minimum TTL (about 2 s with etcd's defaults; one etcd lease per call).
 
-        Supported by TCPStore and AsyncTCPStore on an rdzv server, EtcdStore, and a
-        PrefixStore over one of them (rdzv's extension: torch's stores have no leases).
+        Supported by HashStore, TCPStore and AsyncTCPStore on an rdzv server, EtcdStore, and
+        a PrefixStore over one of them (rdzv's extension: torch's stores have no leases).
         Keys that live as long as a connection are TCPStore's ``set_ephemeral``; keys that
         expire together under one renewable lease are EtcdStore's ``lease()``.
 
         Raises:
             TypeError / ValueError: a bad key, value or ``ttl`` (:func:`check_ttl`).
-            NotImplementedError: the backend has no leases (HashStore, FileStore, a store
-                defined in Python that does not override ``set_lease``).
+            NotImplementedError: the backend has no leases (FileStore, a store defined in
+                Python that does not override ``set_lease``).
             StoreError: TCPStore on a server without rdzv's protocol extensions (torch's).
         """
         self._set_lease(key_to_str(key), value_to_bytes(value), check_ttl(ttl))
