@@ -94,8 +94,8 @@ class AsyncBridge(Store):
     def list_keys(self) -> list[str]:
         return self._do(self._store.list_keys())
 
-    def multi_get(self, keys: Sequence[KeyLike]) -> list[bytes]:
-        return self._do(self._store.multi_get(keys))
+    def multi_get(self, keys: Sequence[KeyLike], timeout: TimeoutLike | None = None) -> list[bytes]:
+        return self._do(self._store.multi_get(keys, timeout))
 
     def multi_set(self, keys: Sequence[KeyLike], values: Sequence[ValueLike]) -> None:
         self._do(self._store.multi_set(keys, values))

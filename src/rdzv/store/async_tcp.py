@@ -327,11 +327,16 @@ class AsyncTCPStore:
     async def list_key_sizes(self, prefix: str = "") -> list[tuple[str, int]]:
         return await self._run(lambda: ops.list_key_sizes(self._session, prefix))
 
-    async def multi_get(self, keys: Sequence[KeyLike]) -> list[bytes]:
+    async def multi_get(
+        self, keys: Sequence[KeyLike], timeout: TimeoutLike | None = None
+    ) -> list[bytes]:
+        """The values of ``keys``, waiting for missing ones at most ``timeout`` (default: the
+        store's timeout; 0: do not wait). Raises StoreTimeoutError on expiry (as
+        :meth:`TCPStore.multi_get <rdzv.store.base.Store.multi_get>`)."""
         key_list = keys_to_list(keys)
         if not key_list:
             return []
-        deadline = Deadline(self._timeout)
+        deadline = Deadline(self._resolve(timeout))
         return await self._run(lambda: ops.multi_get(self._session, key_list, deadline.remaining()))
 
     async def multi_set(self, keys: Sequence[KeyLike], values: Sequence[ValueLike]) -> None:
