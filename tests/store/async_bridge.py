@@ -100,6 +100,9 @@ class AsyncBridge(Store):
     def multi_set(self, keys: Sequence[KeyLike], values: Sequence[ValueLike]) -> None:
         self._do(self._store.multi_set(keys, values))
 
+    def set_lease(self, key: KeyLike, value: ValueLike, ttl: TimeoutLike) -> None:
+        self._do(self._store.set_lease(key, value, ttl))
+
     def queue_push(self, key: KeyLike, value: ValueLike) -> None:
         self._do(self._store.queue_push(key, value))
 

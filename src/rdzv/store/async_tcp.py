@@ -43,6 +43,7 @@ from rdzv.store.base import (
     check_amount,
     check_barrier_rank,
     check_block,
+    check_ttl,
     check_world_size,
     key_to_str,
     keys_to_list,
@@ -388,8 +389,8 @@ class AsyncTCPStore:
         await self._run(lambda: ops.set_ephemeral(self._session, k, v))
 
     async def set_lease(self, key: KeyLike, value: ValueLike, ttl: TimeoutLike) -> None:
-        """See :meth:`rdzv.store.tcp.TCPStore.set_lease`."""
-        ttl_ms = ops.lease_ms(timeout_to_seconds(ttl, "ttl"))
+        """See :meth:`rdzv.store.base.Store.set_lease` (rdzv servers only)."""
+        ttl_ms = ops.lease_ms(check_ttl(ttl))
         k, v = key_to_str(key), value_to_bytes(value)
         await self._run(lambda: ops.set_lease(self._session, k, v, ttl_ms))
 

@@ -21,7 +21,7 @@ from typing import TypeVar
 from rdzv.engine import Engine, Waiter
 from rdzv.errors import QueueEmptyError
 from rdzv.store import tcp_ops
-from rdzv.store.base import Store, TimeoutLike, key_to_str, timeout_to_seconds, value_to_bytes
+from rdzv.store.base import Store, TimeoutLike
 
 __all__ = ["HashStore"]
 
@@ -178,15 +178,9 @@ class HashStore(Store):
             return self._now().queue_len(key.encode("utf-8"))
 
     # ----------------------------------------------------------------- leases
-    def set_lease(self, key: str, value: bytes | str, ttl: TimeoutLike) -> None:
-        """Set ``key`` with a lease: the store deletes it ``ttl`` (seconds or timedelta)
-        after this call unless it is set again with a lease (renewal); a plain write makes it
-        ordinary. Same semantics as :meth:`rdzv.store.tcp.TCPStore.set_lease` (the TTL is
-        rounded up to whole milliseconds); the clock is :func:`time.monotonic`.
-
-        Raises ValueError unless 0 < ``ttl`` <= one year
-        (:data:`rdzv.store.tcp_ops.MAX_LEASE_TTL`), TypeError for a ttl of another type."""
-        seconds = tcp_ops.lease_ms(timeout_to_seconds(ttl, "ttl")) / 1000
-        k, v = key_to_str(key).encode("utf-8"), value_to_bytes(value)
+    def _set_lease(self, key: str, value: bytes, ttl: float) -> None:
+        # Store.set_lease (semantics, units, errors), in the engine's lease table as on
+        # rdzv's server: the TTL rounded up to whole milliseconds, time.monotonic's clock.
+        deadline = time.monotonic() + tcp_ops.lease_ms(ttl) / 1000
         with self._lock:
-            self._now().set_lease(k, v, time.monotonic() + seconds)
+            self._now().set_lease(key.encode("utf-8"), value, deadline)
