@@ -304,18 +304,34 @@ def spread(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
     }
 
 
+def total_cpu_us_per_op(run: dict[str, Any]) -> float:
+    """CPU per op of everything the benchmark runs: store, clients, listener, scraper."""
+    return float(
+        run["server_cpu_us_per_op"]
+        + run["clients_cpu_us_per_op"]
+        + run.get("listener_cpu_us_per_op", 0.0)
+        + run.get("scraper_cpu_us_per_op", 0.0)
+    )
+
+
 def metrics_rows(clients: int, rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per variant: medians over its phases, and per-repeat ratios over no metrics."""
+    """Per variant: medians over its phases, and per-repeat ratios over no metrics: of
+    throughput, of the store's CPU per op, and of the CPU per op of all the benchmark's
+    processes (on a saturated machine, throughput is the CPU share the benchmark gets over
+    that: the ratio tells the cost whatever share other tenants leave it)."""
     base = rows["no metrics"]
     out = []
     for variant, runs in rows.items():
         row: dict[str, Any] = {"variant": variant, "clients": clients, "phases": len(runs)}
+        for r in runs:
+            r["total_cpu_us_per_op"] = total_cpu_us_per_op(r)
         for field in (
             "ops_per_s",
             "p50_us",
             "p99_us",
             "server_cpu_us_per_op",
             "clients_cpu_us_per_op",
+            "total_cpu_us_per_op",
             "machine_busy_cpus",
             "listener_cpu_us_per_op",
             "scraper_cpu_us_per_op",
@@ -325,25 +341,12 @@ def metrics_rows(clients: int, rows: dict[str, list[dict[str, Any]]]) -> list[di
             if field in runs[0]:
                 row[field] = round(median([r[field] for r in runs]), 3)
         if variant != "no metrics":
-            row["ops_ratio"] = spread(
-                [r["ops_per_s"] / b["ops_per_s"] for r, b in zip(runs, base, strict=True)]
-            )
-            row["server_cpu_ratio"] = spread(
-                [
-                    r["server_cpu_us_per_op"] / b["server_cpu_us_per_op"]
-                    for r, b in zip(runs, base, strict=True)
-                ]
-            )
-            row["cpu_us_per_op_added"] = spread(
-                [
-                    r["server_cpu_us_per_op"]
-                    + r.get("listener_cpu_us_per_op", 0.0)
-                    + r.get("scraper_cpu_us_per_op", 0.0)
-                    - b["server_cpu_us_per_op"]
-                    for r, b in zip(runs, base, strict=True)
-                ],
-                2,
-            )
+            for name, field in (
+                ("ops_ratio", "ops_per_s"),
+                ("server_cpu_ratio", "server_cpu_us_per_op"),
+                ("total_cpu_ratio", "total_cpu_us_per_op"),
+            ):
+                row[name] = spread([r[field] / b[field] for r, b in zip(runs, base, strict=True)])
         row["ops_per_s_phases"] = [r["ops_per_s"] for r in runs]
         out.append(row)
     return out
