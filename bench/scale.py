@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -89,6 +90,20 @@ class Server:
 
 
 # ---------------------------------------------------------------------------- worker process
+async def _watch_loop_lag(period: float = 0.2, report: float = 0.1) -> None:
+    """Log when this worker's event loop ran ``report`` seconds or more late, with the CPU
+    seconds the process had meanwhile: late with little CPU means the process was not
+    scheduled (the machine is shared), late with CPU means its own work (``RDZV_BENCH_LOG``)."""
+    loop = asyncio.get_running_loop()
+    log = logging.getLogger("rdzv.bench")
+    while True:
+        started, cpu = loop.time(), time.process_time()
+        await asyncio.sleep(period)
+        late = loop.time() - started - period
+        if late >= report:
+            log.info("loop %.3fs late, process CPU %.3fs", late, time.process_time() - cpu)
+
+
 async def _worker_main(
     port: int, count: int, n: int, min_nodes: int, run_id: str, args: dict[str, Any], pipe: Any
 ) -> None:
@@ -159,6 +174,7 @@ async def _worker_main(
             "ops": sum(node.ops[0] for node in nodes) - before,
         }
 
+    lag = loop.create_task(_watch_loop_lag()) if os.environ.get("RDZV_BENCH_LOG") else None
     pipe.send("ready")
     assert await recv() == "go"
     pipe.send(await round_(nodes))
@@ -168,21 +184,22 @@ async def _worker_main(
         if args["victim"]:
             victim, survivors = nodes[0], nodes[1:]
             victim.stop()
+            logging.getLogger("rdzv.bench").info("the victim %s stopped", victim.node)
             await victim._store.close()
             pipe.send(time.monotonic())
         pipe.send(await round_(survivors))
         await recv()
+    if lag is not None:
+        lag.cancel()
     os._exit(0)  # no orderly goodbye for thousands of connections
 
 
 def _worker(
     port: int, count: int, n: int, min_nodes: int, run_id: str, args: dict[str, Any], pipe: Any
 ) -> None:
-    import logging
-
-    if os.environ.get("RDZV_BENCH_LOG"):  # the rendezvous' own log, with monotonic times
+    if os.environ.get("RDZV_BENCH_LOG"):  # the rendezvous' own log, wall-clock times
         logging.basicConfig(
-            level=logging.INFO, format="%(relativeCreated)d %(process)d %(name)s %(message)s"
+            level=logging.INFO, format="%(created).3f %(process)d %(name)s %(message)s"
         )
     else:
         logging.disable(logging.CRITICAL)

@@ -28,7 +28,7 @@ def test_histogram_counts_each_observation_in_its_bucket() -> None:
 
 def test_fast_path_counts_the_requests_it_executes_and_times_reads() -> None:
     engine = Engine()
-    executor = fastpath.executor_for(engine, {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(engine, wire.DEFAULT_LIMITS)
     assert executor is not None and not executor.counting
     requests = wire.encode_set(b"/k", b"v") + wire.encode_key(wire.Op.GET, b"/k")
     executor.run(requests, 0, False, 1 << 20)

@@ -121,7 +121,7 @@ class Harness:
         return {
             "data": dict(engine.items()),
             "queues": {k: list(v) for k, v in engine.queues()},
-            "bound": sorted(self.server.bound),
+            "bound": sorted(self.server.engine.bound_keys()),
             "waiters": engine.num_waiters(),
             "replies": [bytes(t.out) for t in self.transports],
             "closed": [t.closed for t in self.transports],
@@ -323,7 +323,7 @@ def test_direct_send_on_the_socket_when_nothing_is_queued() -> None:
 
 
 def test_receiver_rejects_bad_arguments() -> None:
-    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(Engine(), wire.DEFAULT_LIMITS)
     assert executor is not None
     with pytest.raises(TypeError):
         fastpath.Receiver(executor, 42, 10)  # type: ignore[arg-type]
@@ -336,6 +336,18 @@ def test_receiver_rejects_bad_arguments() -> None:
         executor.run("text", 0, False, 10)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         executor.run(b"", 1, False, 10)
+
+
+def test_executor_takes_only_the_engines_fastpath_tables() -> None:
+    tables = Engine().fastpath_tables()
+    with pytest.raises(TypeError, match="FastPathTables"):
+        fastpath.Executor(tables[:5], 1, 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="field 2"):
+        fastpath.Executor(tables._replace(waiters=[]), 1, 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="park"):
+        fastpath.Executor(tables._replace(park=None), 1, 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=">= 0"):
+        fastpath.Executor(tables, -1, 1, 1)
 
 
 def test_fastpath_state_says_why_it_is_off(tmp_path: Any) -> None:
@@ -358,7 +370,7 @@ def test_rdzv_fastpath_environment_variable(value: str, enabled: bool) -> None:
 # --------------------------------------------------------------------------- busy polling
 def _poll_setup(window: float = 0.002, max_clients: int = 1) -> tuple[Any, ...]:
     loop = asyncio.new_event_loop()
-    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(Engine(), wire.DEFAULT_LIMITS)
     assert executor is not None
     poller = fastpath.BusyPoller(loop, executor, window, max_clients)
     receivers = []
@@ -418,7 +430,7 @@ def test_busy_poller_backs_off_when_several_clients_read() -> None:
 
 def test_busy_poller_rejects_bad_settings() -> None:
     loop = asyncio.new_event_loop()
-    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(Engine(), wire.DEFAULT_LIMITS)
     assert executor is not None
     try:
         with pytest.raises(ValueError, match="window"):

@@ -4,6 +4,9 @@ refusals."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from rdzv import wire
@@ -69,3 +72,15 @@ def test_the_unknown_opcode_message_names_the_ranges_from_the_codec() -> None:
     torch_last = max(op for op in Op if not wire.is_extension(op))
     expected = f"torch 2.13 uses 0x00-{torch_last:#04x}, rdzv extensions 0x80-{max(Op):#04x}"
     assert expected in str(parser.error)
+
+
+def test_the_c_fast_path_numbers_opcodes_as_the_codec() -> None:
+    """_fastpath.c repeats the opcodes it executes (a C enum); any other opcode goes to the
+    Python path, so a new opcode needs no C change, but these must stay the codec's."""
+    source = (Path(handlers.__file__).parent / "_fastpath.c").read_text()
+    enum = re.search(r"/\* Opcodes \(rdzv\.wire\.Op\)\. \*/\s*enum \{(.*?)\};", source, re.S)
+    assert enum is not None
+    entries = re.findall(r"OP_(\w+) = (0x[0-9A-Fa-f]+|\d+),", enum.group(1))
+    assert len(entries) >= 9
+    for name, value in entries:
+        assert Op[name] == int(value, 0), name

@@ -29,7 +29,7 @@ background thread with its own loop (what ``TCPStore(is_master=True)`` uses);
 The package, one concept per module:
 
 * :mod:`rdzv.server.store_server`: :class:`StoreServer` (binding, accept, limits over all
-  connections, waiter dispatch, bound keys and leases, group commit);
+  connections, replies to woken waiters, the lease clock, group commit);
 * :mod:`rdzv.server.connection`: one client connection (buffers, flow control, limits);
 * :mod:`rdzv.server.handlers`: the opcode -> handler tables;
 * :mod:`rdzv.server.fastpath` (and its C source ``_fastpath.c``): the optional C hot path;

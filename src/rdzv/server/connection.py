@@ -109,7 +109,7 @@ class ConnectionLog:
 
 
 class Connection(asyncio.Protocol):
-    """One client connection: parser, parked waiters, bound keys, flow control.
+    """One client connection: parser, parked waiters, flow control.
 
     Replies are written as they are produced (torch clients keep one request in flight, so
     there is nothing to batch). When the transport's write buffer passes its high-water mark
@@ -130,7 +130,6 @@ class Connection(asyncio.Protocol):
         "_transport_paused",
         "auth_nonce",
         "auth_timer",
-        "bound",
         "handlers",
         "last_write",
         "out",
@@ -158,7 +157,6 @@ class Connection(asyncio.Protocol):
         self.parser = wire.RequestParser(server.limits, allow_extensions=server.allow_extensions)
         self.peer = "?"
         self.waiters: dict[Waiter, int] = {}  # parked waiter -> keys it named
-        self.bound: set[bytes] = set()
         self._backlog: list[Request] | None = None
         self._paused = False  # not reading: one of the two below
         self._transport_paused = False  # the transport's buffer is above its high water
@@ -262,9 +260,7 @@ class Connection(asyncio.Protocol):
             server._connections.discard(self)
             server.stats.closed["rdzv" if self.parser.extended else "torch"] += 1
         server.release(self)
-        if self.bound:
-            server._drop_bound(self, self.bound)
-            self.bound.clear()
+        server.owner_closed(self)
         if exc is None:
             server._connection_log(False, "connection from %s closed", self.peer)
         else:
@@ -542,6 +538,7 @@ class Connection(asyncio.Protocol):
         self._closed = True
         self._backlog = self._input = None
         self.server._forget_partial(self)
+        self.server.release(self)  # now: a woken wait's reply could not be sent any more
         if self._receiver is not None:
             self._receiver.enabled = False
         if abort:

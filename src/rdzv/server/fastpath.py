@@ -65,18 +65,17 @@ ENABLED: bool = AVAILABLE and os.environ.get("RDZV_FASTPATH", "1").strip().lower
 REPLY_LIMIT = 256 * 1024
 
 
-def executor_for(engine: Engine, bound: dict[bytes, object], limits: Limits) -> Executor | None:
+def executor_for(engine: Engine, limits: Limits) -> Executor | None:
     """An :class:`Executor` over ``engine``'s state, or None when the fast path is off.
 
-    ``bound`` is the server's map of keys bound to a connection or a lease (writes to them
-    take the Python path). The executor works on :meth:`Engine.fastpath_tables` (the narrow
-    interface the engine offers it, with its rules), so it stays valid as long as the engine
-    does. Raises ValueError if the engine has a journal.
+    The executor works on :meth:`Engine.fastpath_tables` (the narrow interface the engine
+    offers it, with the rules it keeps), so it stays valid as long as the engine does.
+    Raises ValueError if the engine has a journal.
     """
     if not ENABLED:
         return None
     return Executor(
-        engine.fastpath_tables(bound),
+        engine.fastpath_tables(),
         limits.max_key_bytes,
         limits.max_value_bytes,
         limits.max_keys,

@@ -1,6 +1,6 @@
 """The opcode -> handler tables of the TCPStore server: one function per opcode, written
 against :class:`Server`, the part of the server a handler may use (the engine, the counters,
-waiter parking, bound keys), and the :class:`~rdzv.server.connection.Connection` it
+the wait limits, leases), and the :class:`~rdzv.server.connection.Connection` it
 answers on (``conn.write`` for replies)."""
 
 from __future__ import annotations
@@ -31,8 +31,21 @@ _I64 = wire.reply_i64
 EXT_OK = wire.reply_ext_ok()
 _EMPTY_BLOB = wire.reply_blob(b"")
 
-# Kinds of parked waiters (Waiter.owner = (connection, kind, argument)).
+# Replies of parked waiters (Waiter.owner = (connection, kind)): the engine's waiter kind
+# says what was waited for, this one how the client asked (torch's WAIT/BARRIER or rdzv's).
 KIND_WAIT, KIND_BARRIER, KIND_GET, KIND_MULTI_GET, KIND_QUEUE_POP, KIND_EXT_BARRIER = range(6)
+
+
+def wait_reply(kind: int, result: object) -> bytes:
+    """The reply to a wait of ``kind`` (``KIND_*``) satisfied with ``result``: what the
+    engine returned at once or handed the woken waiter (:attr:`rdzv.engine.Waiter.result`)."""
+    if kind in (KIND_WAIT, KIND_BARRIER):
+        return STOP_WAITING
+    if kind == KIND_EXT_BARRIER:
+        return EXT_OK
+    if kind == KIND_MULTI_GET:
+        return EXT_OK + wire.reply_blobs(result)  # type: ignore[arg-type]
+    return EXT_OK + wire.reply_blob(result)  # type: ignore[arg-type]
 
 
 class Close(Exception):
@@ -49,15 +62,6 @@ class Server(Protocol):
     token: bytes | None
     #: Why writes are refused (the journal cannot be written), or None.
     read_only: str | None
-    #: Keys bound to a connection (ephemeral) or a lease; empty in the common case, so a
-    #: handler tests it before calling :meth:`unbind`.
-    bound: dict[bytes, object]
-
-    def unbind(self, key: bytes) -> None:
-        """Forget ``key``'s binding (its value was overwritten or deleted)."""
-
-    def set_ephemeral(self, conn: Connection, key: bytes, value: bytes) -> None:
-        """Set ``key`` bound to ``conn``: deleted when ``conn`` closes."""
 
     def set_lease(self, key: bytes, value: bytes, ttl: float) -> None:
         """Set ``key`` deleted after ``ttl`` seconds unless set again."""
@@ -67,12 +71,6 @@ class Server(Protocol):
 
     def on_fire(self, waiter: Waiter) -> None:
         """The engine's wake-up callback of the waiters handlers park."""
-
-    def park(self, conn: Connection, keys: list[bytes], kind: int, arg: object, only: str) -> None:
-        """Park a waiter of ``conn`` on ``keys``; its reply is pushed when it fires."""
-
-    def multi_get_reply(self, keys: list[bytes]) -> bytes | None:
-        """The EXT_MULTI_GET_WAIT reply when every key is present, else None."""
 
     def release(self, conn: Connection) -> None:
         """Drop every parked wait of ``conn``."""
@@ -114,19 +112,12 @@ def _h_validate(server: Server, conn: Connection, req: wire.Validate) -> None:
 
 @handles(Op.SET, writes=True)
 def _h_set(server: Server, conn: Connection, req: wire.Set) -> None:
-    if server.bound:
-        server.unbind(req.key)
     server.engine.set(req.key, req.value)
 
 
 @handles(Op.COMPARE_SET, writes=True)
 def _h_compare_set(server: Server, conn: Connection, req: wire.CompareSet) -> None:
-    engine = server.engine
-    before = engine.get(req.key)
-    result = engine.compare_set(req.key, req.expected, req.desired)
-    if server.bound and engine.get(req.key) is not before:
-        server.unbind(req.key)
-    conn.write(wire.reply_blob(result))
+    conn.write(wire.reply_blob(server.engine.compare_set(req.key, req.expected, req.desired)))
 
 
 @handles(Op.GET)
@@ -138,8 +129,6 @@ def _h_get(server: Server, conn: Connection, req: wire.Get) -> None:
 
 @handles(Op.ADD, writes=True)
 def _h_add(server: Server, conn: Connection, req: wire.Add) -> None:
-    if server.bound:
-        server.unbind(req.key)
     conn.write(_I64(server.engine.add(req.key, req.amount)))
 
 
@@ -156,7 +145,7 @@ def _h_wait(server: Server, conn: Connection, req: wire.Wait) -> None:
         conn.write(STOP_WAITING)
         return
     server.check_waits(conn, len(keys))
-    waiter = engine.wait(keys, server.on_fire, (conn, KIND_WAIT, None))
+    waiter = engine.wait(keys, server.on_fire, (conn, KIND_WAIT))
     if waiter is None:
         conn.write(STOP_WAITING)
     else:
@@ -170,15 +159,11 @@ def _h_num_keys(server: Server, conn: Connection, req: wire.GetNumKeys) -> None:
 
 @handles(Op.DELETE_KEY, writes=True)
 def _h_delete_key(server: Server, conn: Connection, req: wire.DeleteKey) -> None:
-    if server.bound:
-        server.unbind(req.key)
     conn.write(_I64(1 if server.engine.delete_key(req.key) else 0))
 
 
 @handles(Op.APPEND, writes=True)
 def _h_append(server: Server, conn: Connection, req: wire.Append) -> None:
-    if server.bound:
-        server.unbind(req.key)
     server.engine.append(req.key, req.value)
 
 
@@ -190,9 +175,6 @@ def _h_multi_get(server: Server, conn: Connection, req: wire.MultiGet) -> None:
 
 @handles(Op.MULTI_SET, writes=True)
 def _h_multi_set(server: Server, conn: Connection, req: wire.MultiSet) -> None:
-    if server.bound:
-        for key in req.keys:
-            server.unbind(key)
     server.engine.multi_set(req.keys, req.values)
 
 
@@ -232,12 +214,8 @@ def _h_list_keys(server: Server, conn: Connection, req: wire.ListKeys) -> None:
 
 @handles(Op.BARRIER, writes=True)
 def _h_barrier(server: Server, conn: Connection, req: wire.Barrier) -> None:
-    if server.bound:
-        server.unbind(req.key)
     server.check_waits(conn, 1)
-    waiter = server.engine.barrier(
-        req.key, req.world_size, server.on_fire, (conn, KIND_BARRIER, None)
-    )
+    waiter = server.engine.barrier(req.key, req.world_size, server.on_fire, (conn, KIND_BARRIER))
     if waiter is None:
         conn.write(STOP_WAITING)
     else:
@@ -253,8 +231,6 @@ def _ext_error(conn: Connection, exc: Exception) -> None:
 
 @handles(Op.EXT_ADD, writes=True)
 def _h_ext_add(server: Server, conn: Connection, req: wire.ExtAdd) -> None:
-    if server.bound:
-        server.unbind(req.key)
     try:
         total = server.engine.add(req.key, req.amount)
     except (StoreError, ValueError) as exc:
@@ -265,12 +241,10 @@ def _h_ext_add(server: Server, conn: Connection, req: wire.ExtAdd) -> None:
 
 @handles(Op.EXT_BARRIER, writes=True)
 def _h_ext_barrier(server: Server, conn: Connection, req: wire.ExtBarrier) -> None:
-    if server.bound:
-        server.unbind(req.key)
     server.check_waits(conn, 1)
     try:
         waiter = server.engine.barrier(
-            req.key, req.world_size, server.on_fire, (conn, KIND_EXT_BARRIER, None)
+            req.key, req.world_size, server.on_fire, (conn, KIND_EXT_BARRIER)
         )
     except (StoreError, ValueError) as exc:
         _ext_error(conn, exc)
@@ -283,32 +257,34 @@ def _h_ext_barrier(server: Server, conn: Connection, req: wire.ExtBarrier) -> No
 
 @handles(Op.EXT_GET_WAIT)
 def _h_ext_get_wait(server: Server, conn: Connection, req: wire.ExtGetWait) -> None:
-    value = server.engine.get(req.key)
-    if value is not None:
-        conn.write(EXT_OK + wire.reply_blob(value))
-    else:
-        server.check_waits(conn, 1)
-        server.park(conn, [req.key], KIND_GET, req.key, "value")
+    got = server.engine.get_wait(req.key, server.on_fire, (conn, KIND_GET))
+    _reply_or_park(server, conn, got, KIND_GET, 1)
 
 
 @handles(Op.EXT_MULTI_GET_WAIT)
 def _h_ext_multi_get_wait(server: Server, conn: Connection, req: wire.ExtMultiGetWait) -> None:
-    reply = server.multi_get_reply(req.keys)
-    if reply is not None:
-        conn.write(reply)
-    else:
-        server.check_waits(conn, len(req.keys))
-        server.park(conn, req.keys, KIND_MULTI_GET, req.keys, "value")
+    got = server.engine.multi_get_wait(req.keys, server.on_fire, (conn, KIND_MULTI_GET))
+    _reply_or_park(server, conn, got, KIND_MULTI_GET, len(req.keys))
 
 
 @handles(Op.EXT_QUEUE_POP_WAIT, writes=True)
 def _h_ext_queue_pop_wait(server: Server, conn: Connection, req: wire.ExtQueuePopWait) -> None:
-    value = server.engine.queue_pop(req.key)
-    if value is not None:
-        conn.write(EXT_OK + wire.reply_blob(value))
-    else:
-        server.check_waits(conn, 1)
-        server.park(conn, [req.key], KIND_QUEUE_POP, req.key, "queue")
+    got = server.engine.queue_pop_wait(req.key, server.on_fire, (conn, KIND_QUEUE_POP))
+    _reply_or_park(server, conn, got, KIND_QUEUE_POP, 1)
+
+
+def _reply_or_park(server: Server, conn: Connection, got: object, kind: int, keys: int) -> None:
+    """Reply with what a wait got at once, or record its parked waiter on ``conn`` (within
+    the connection's wait limits: past one, the waiter is cancelled and Close raised)."""
+    if not isinstance(got, Waiter):
+        conn.write(wait_reply(kind, got))
+        return
+    try:
+        server.check_waits(conn, keys)
+    except Close:
+        server.engine.cancel(got)
+        raise
+    conn.add_waiter(got, keys)
 
 
 @handles(Op.EXT_LIST_KEYS)
@@ -330,7 +306,7 @@ def _h_ext_num_keys(server: Server, conn: Connection, req: wire.ExtNumKeys) -> N
 
 @handles(Op.EXT_SET_EPHEMERAL, writes=True)
 def _h_ext_set_ephemeral(server: Server, conn: Connection, req: wire.ExtSetEphemeral) -> None:
-    server.set_ephemeral(conn, req.key, req.value)
+    server.engine.set_ephemeral(req.key, req.value, conn)
     conn.write(EXT_OK)
 
 

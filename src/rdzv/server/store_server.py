@@ -1,6 +1,8 @@
 """The TCPStore server (:class:`StoreServer`): binding and accepting, the connection and
-output limits over all connections, waiter dispatch (replies to woken waiters), connection-
-bound keys and leases, and group commit of the durable journal. Connections are
+output limits over all connections, waiter dispatch (the results the engine handed woken
+waiters, carried to their connections), the clock of the engine's leases (a timer at the next
+deadline) and the news of closed connections (their bound keys), and group commit of the
+durable journal. Connections are
 :mod:`rdzv.server.connection`, request handlers :mod:`rdzv.server.handlers`."""
 
 from __future__ import annotations
@@ -15,31 +17,25 @@ import socket
 import ssl
 import time
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import cast
 
 from rdzv import auth, wire
 from rdzv.endpoint import format_endpoint
-from rdzv.engine import Engine, Waiter
+from rdzv.engine import QUEUE_POP, Engine, Waiter
 from rdzv.errors import NetworkError
 from rdzv.server import fastpath
 from rdzv.server.connection import Connection, ConnectionLog
 from rdzv.server.fastpath import BusyPoller, executor_for
 from rdzv.server.handlers import (
-    EXT_OK,
     EXT_WRITE_OPS,
     HANDLERS,
-    KIND_BARRIER,
-    KIND_EXT_BARRIER,
-    KIND_GET,
-    KIND_MULTI_GET,
-    KIND_QUEUE_POP,
-    KIND_WAIT,
     Close,
+    wait_reply,
 )
 from rdzv.server.loop import raise_fd_limit
 from rdzv.server.persistence import DurableJournal
 from rdzv.stats import REQUEST_BUCKETS, ServerSnapshot, ServerStats
-from rdzv.wire import DEFAULT_LIMITS, STOP_WAITING, Limits, Request
+from rdzv.wire import DEFAULT_LIMITS, Limits, Request
 
 __all__ = ["StoreServer"]
 
@@ -56,6 +52,9 @@ LISTEN_BACKLOG = 65535
 FD_RESERVE = 64
 #: torch's sentence for a server that cannot bind; rdzv's detail follows it.
 LISTEN_FAILED = "The server socket has failed to listen on any local network address."
+#: Seconds by which a lease may expire before its deadline: the lease timer's tolerance for a
+#: timer that fires early (uvloop's clock ticks in milliseconds).
+LEASE_TIMER_SLACK = 0.001
 #: Default of ``max_waits_per_connection``: a torch client parks at most one wait at a time;
 #: rdzv's pipelining clients a few; 4096 bounds the memory one connection can pin.
 DEFAULT_MAX_WAITS_PER_CONNECTION = 4096
@@ -254,8 +253,9 @@ class StoreServer:
         self._connections: set[Connection] = set()
         self._connection_log = ConnectionLog(self)
         self._fired: list[Waiter] = []
-        # key -> the connection (ephemeral) or lease timer handle it is bound to.
-        self.bound: dict[bytes, object] = {}
+        # The timer that expires the engine's leases, and the deadline it is set for.
+        self._lease_timer: asyncio.TimerHandle | None = None
+        self._lease_timer_at = 0.0
         self._closed: asyncio.Event | None = None
         self.journal: DurableJournal | None = None
         if data_dir is not None:
@@ -265,9 +265,7 @@ class StoreServer:
         self._outbox: list[Connection] = []
         # The C hot path for plain in-memory serving (rdzv.server.fastpath); off with a journal.
         self._fast = (
-            executor_for(self.engine, self.bound, limits)
-            if fastpath and self.journal is None
-            else None
+            executor_for(self.engine, limits) if fastpath and self.journal is None else None
         )
         self.stats = ServerStats(counting=metrics)
         self._op_counts = self.stats.requests if metrics else None
@@ -495,9 +493,9 @@ class StoreServer:
             conn.transport.close()
         for server in self._servers:
             await server.wait_closed()
-        for owner in self.bound.values():
-            if not isinstance(owner, Connection):
-                cast(asyncio.TimerHandle, owner).cancel()
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+            self._lease_timer = None
         self._servers.clear()
         if self._sync_timer is not None:
             self._sync_timer.cancel()
@@ -736,7 +734,11 @@ class StoreServer:
             return
         for waiter in conn.waiters:
             waiter.owner = None  # fired or not, no reply any more (see _reply_to)
-        self._releasing.extend(conn.waiters)
+            if waiter.kind == QUEUE_POP:
+                # At once: a push must not pop an item for a connection that is gone.
+                self.engine.cancel(waiter)
+            else:
+                self._releasing.append(waiter)
         conn.waiters.clear()
         conn.wait_keys = 0
         if not self._release_scheduled:
@@ -762,98 +764,61 @@ class StoreServer:
         # the connection runs right after the current request.
         self._fired.append(waiter)
 
-    def park(self, conn: Connection, keys: list[bytes], kind: int, arg: object, only: str) -> None:
-        waiter = self.engine.wait(keys, self.on_fire, (conn, kind, arg), only=only)
-        if waiter is None:  # became present: cannot happen on one loop, but stay correct
-            self._fired.append(Waiter(set(), self.on_fire, (conn, kind, arg)))
-        else:
-            conn.add_waiter(waiter, len(keys))
-
-    def multi_get_reply(self, keys: list[bytes]) -> bytes | None:
-        values = self.engine.multi_get(keys)
-        if any(v is None for v in values):
-            return None
-        return EXT_OK + wire.reply_blobs(values)  # type: ignore[arg-type]
-
     def _drain(self) -> None:
         """Reply to every waiter the last operation released."""
         fired = self._fired
-        engine = self.engine
         while fired:
             batch = fired[:]
             fired.clear()
             for waiter in batch:
-                self._reply_to(waiter, engine)
+                self._reply_to(waiter)
 
-    def _reply_to(self, waiter: Waiter, engine: Engine) -> None:
+    def _reply_to(self, waiter: Waiter) -> None:
         if waiter.owner is None:
             return  # dropped (connection closed, CANCEL_WAIT) while it was being released
-        conn, kind, arg = cast(tuple[Connection, int, Any], waiter.owner)
+        conn, kind = cast(tuple[Connection, int], waiter.owner)
         conn.wait_keys -= conn.waiters.pop(waiter, 0)
-        if conn._closed:
-            return
-        if kind in (KIND_WAIT, KIND_BARRIER):
-            conn.send(STOP_WAITING)
-        elif kind == KIND_EXT_BARRIER:
-            conn.send(EXT_OK)
-        elif kind in (KIND_GET, KIND_QUEUE_POP):
-            value = engine.get(arg) if kind == KIND_GET else engine.queue_pop(arg)
-            if value is None:  # gone again (a queue item another waiter took): wait again
-                self.park(conn, [arg], kind, arg, "value" if kind == KIND_GET else "queue")
-            else:
-                conn.send(EXT_OK + wire.reply_blob(value))
-        elif kind == KIND_MULTI_GET:
-            reply = self.multi_get_reply(arg)
-            if reply is None:
-                self.park(conn, arg, kind, arg, "value")
-            else:
-                conn.send(reply)
+        if not conn._closed:
+            conn.send(wait_reply(kind, waiter.result))
 
-    # ------------------------------------------------------------------ bound keys
-    def set_ephemeral(self, conn: Connection, key: bytes, value: bytes) -> None:
-        """Set ``key`` to ``value`` bound to ``conn``: deleted when ``conn`` closes."""
-        self.unbind(key)
-        self.engine.set(key, value)
-        if self.journal is not None:
-            self.journal.mark_volatile(key)
-        self.bound[key] = conn
-        conn.bound.add(key)
-
+    # ------------------------------------------------------------------ bound keys, leases
     def set_lease(self, key: bytes, value: bytes, ttl: float) -> None:
-        """Set ``key`` to ``value``, deleted after ``ttl`` seconds unless set again."""
-        self.unbind(key)
-        self.engine.set(key, value)
-        if self.journal is not None:
-            self.journal.mark_volatile(key)
+        """Set ``key`` to ``value``, deleted after ``ttl`` seconds unless set again (the
+        engine holds the lease; this server's timer tells it the time)."""
         loop = asyncio.get_running_loop()
-        self.bound[key] = loop.call_later(ttl, self._expire, key)
+        self.engine.set_lease(key, value, loop.time() + ttl)
+        self._arm_lease_timer(loop)
 
-    def unbind(self, key: bytes) -> None:
-        owner = self.bound.pop(key, None)
-        if owner is None:
-            return
-        if isinstance(owner, Connection):
-            owner.bound.discard(key)
-        else:  # a lease timer (uvloop's handles are not asyncio.TimerHandle instances)
-            cast(asyncio.TimerHandle, owner).cancel()
+    def owner_closed(self, conn: Connection) -> None:
+        """``conn`` closed: the engine deletes the keys bound to it."""
+        keys = self.engine.owner_closed(conn)
+        if keys:
+            logger.debug("deleted %d ephemeral keys of %s", len(keys), conn.peer)
+            if self.journal is not None and self.journal.dirty:
+                self._schedule_commit()
 
-    def _drop_bound(self, conn: Connection, keys: Iterable[bytes]) -> None:
-        for key in keys:
-            if self.bound.get(key) is conn:
-                del self.bound[key]
-                self.engine.delete_key(key)
-                logger.debug("deleted ephemeral key %r of %s", key, conn.peer)
-        if self.journal is not None and self.journal.dirty:
-            self._schedule_commit()
+    def _arm_lease_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have the lease timer fire at the engine's next lease deadline (if any)."""
+        deadline = self.engine.next_deadline()
+        timer = self._lease_timer
+        if timer is not None:
+            if deadline is not None and self._lease_timer_at <= deadline:
+                return  # fires in time (at worst early: it re-arms then)
+            timer.cancel()
+            self._lease_timer = None
+        if deadline is not None:
+            self._lease_timer_at = deadline
+            self._lease_timer = loop.call_at(deadline, self._expire_leases, loop)
 
-    def _expire(self, key: bytes) -> None:
-        owner = self.bound.get(key)
-        if owner is not None and not isinstance(owner, Connection):
-            del self.bound[key]
-            self.engine.delete_key(key)
-            logger.debug("lease of key %r expired", key)
+    def _expire_leases(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._lease_timer = None
+        # A timer may fire a little before its time (uvloop's tick is a millisecond).
+        keys = self.engine.expire(loop.time() + LEASE_TIMER_SLACK)
+        if keys:
+            logger.debug("leases of %d keys expired", len(keys))
             if self.journal is not None:
                 self._schedule_commit()
+        self._arm_lease_timer(loop)
 
 
 def _has_family(family: int) -> bool:

@@ -43,6 +43,7 @@ from rdzv.store.base import (
     check_amount,
     check_barrier_rank,
     check_block,
+    check_ttl,
     check_world_size,
     key_to_str,
     keys_to_list,
@@ -326,11 +327,16 @@ class AsyncTCPStore:
     async def list_key_sizes(self, prefix: str = "") -> list[tuple[str, int]]:
         return await self._run(lambda: ops.list_key_sizes(self._session, prefix))
 
-    async def multi_get(self, keys: Sequence[KeyLike]) -> list[bytes]:
+    async def multi_get(
+        self, keys: Sequence[KeyLike], timeout: TimeoutLike | None = None
+    ) -> list[bytes]:
+        """The values of ``keys``, waiting for missing ones at most ``timeout`` (default: the
+        store's timeout; 0: do not wait). Raises StoreTimeoutError on expiry (as
+        :meth:`TCPStore.multi_get <rdzv.store.base.Store.multi_get>`)."""
         key_list = keys_to_list(keys)
         if not key_list:
             return []
-        deadline = Deadline(self._timeout)
+        deadline = Deadline(self._resolve(timeout))
         return await self._run(lambda: ops.multi_get(self._session, key_list, deadline.remaining()))
 
     async def multi_set(self, keys: Sequence[KeyLike], values: Sequence[ValueLike]) -> None:
@@ -383,8 +389,8 @@ class AsyncTCPStore:
         await self._run(lambda: ops.set_ephemeral(self._session, k, v))
 
     async def set_lease(self, key: KeyLike, value: ValueLike, ttl: TimeoutLike) -> None:
-        """See :meth:`rdzv.store.tcp.TCPStore.set_lease`."""
-        ttl_ms = ops.lease_ms(timeout_to_seconds(ttl, "ttl"))
+        """See :meth:`rdzv.store.base.Store.set_lease` (rdzv servers only)."""
+        ttl_ms = ops.lease_ms(check_ttl(ttl))
         k, v = key_to_str(key), value_to_bytes(value)
         await self._run(lambda: ops.set_lease(self._session, k, v, ttl_ms))
 

@@ -474,16 +474,12 @@ class TCPStore(Store):
     def set_ephemeral(self, key: str, value: bytes | str) -> None:
         """Set ``key`` bound to this connection: the server deletes it when the connection
         closes (a crashed process's liveness key disappears). rdzv servers only: raises
-        StoreError on a torch server. A later plain write makes the key ordinary again."""
+        StoreError on a torch server. A later plain write makes the key ordinary again.
+        Keys that expire after a time: :meth:`~rdzv.store.base.Store.set_lease`."""
         k, v = key_to_str(key), value_to_bytes(value)
         self._run(lambda: ops.set_ephemeral(self._session, k, v))
 
-    def set_lease(self, key: str, value: bytes | str, ttl: TimeoutLike) -> None:
-        """Set ``key`` with a lease: the server deletes it ``ttl`` (seconds or timedelta)
-        after this call unless it is set again (renewal). rdzv servers only.
-
-        Raises ValueError unless 0 < ``ttl`` <= one year
-        (:data:`rdzv.store.tcp_ops.MAX_LEASE_TTL`), TypeError for a ttl of another type."""
-        ttl_ms = ops.lease_ms(timeout_to_seconds(ttl, "ttl"))
-        k, v = key_to_str(key), value_to_bytes(value)
-        self._run(lambda: ops.set_lease(self._session, k, v, ttl_ms))
+    def _set_lease(self, key: str, value: bytes, ttl: float) -> None:
+        # Store.set_lease: semantics, units, errors. rdzv servers only (EXT_SET_LEASE).
+        ttl_ms = ops.lease_ms(ttl)
+        self._run(lambda: ops.set_lease(self._session, key, value, ttl_ms))

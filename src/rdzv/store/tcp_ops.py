@@ -783,18 +783,10 @@ def set_ephemeral(s: Session, key: str, value: bytes) -> OpGen[None]:
     yield from ext_call(s, request, None, "the reply to SET_EPHEMERAL")
 
 
-#: Longest lease ``set_lease`` accepts, seconds (one year; :data:`rdzv.wire.MAX_LEASE_MS`).
-MAX_LEASE_TTL = wire.MAX_LEASE_MS / 1000
-
-
 def lease_ms(ttl: float) -> int:
-    """``ttl`` seconds as the whole milliseconds (at least 1) SET_LEASE carries. Raises
-    ValueError for a ttl that is not > 0 and <= :data:`MAX_LEASE_TTL` (infinity included)."""
-    if not 0 < ttl <= MAX_LEASE_TTL:
-        raise ValueError(
-            f"set_lease: ttl must be > 0 and <= {MAX_LEASE_TTL:g} seconds (one year), got "
-            f"{ttl!r}; use set() for a key that should not expire"
-        )
+    """``ttl`` seconds (checked by :func:`~rdzv.store.base.check_ttl`: at most one year,
+    :data:`rdzv.wire.MAX_LEASE_MS`) as the whole milliseconds SET_LEASE carries, rounded
+    up (at least 1)."""
     return max(1, math.ceil(ttl * 1000))
 
 
