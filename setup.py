@@ -1,8 +1,8 @@
-"""Build script for the optional C accelerator of the TCPStore server (rdzv._fastpath).
+"""Build script for the optional C accelerator of the TCPStore server (rdzv.server._fastpath).
 
 Everything else is configured in pyproject.toml. The extension is optional: where it cannot
 be compiled, the install still succeeds and the server runs its pure-Python path
-(``rdzv.fastpath.AVAILABLE`` tells which; tests/server/test_fastpath.py requires it in CI).
+(``rdzv.server.fastpath.AVAILABLE`` tells which; tests/server/test_fastpath.py requires it in CI).
 """
 
 from setuptools import Extension, setup
@@ -10,8 +10,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "rdzv._fastpath",
-            ["src/rdzv/_fastpath.c"],
+            "rdzv.server._fastpath",
+            ["src/rdzv/server/_fastpath.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         )

@@ -302,7 +302,7 @@ def _trial(
 def machine() -> dict[str, Any]:
     import uvloop
 
-    from rdzv import fastpath
+    from rdzv.server import fastpath
 
     one, five, _ = os.getloadavg()
     return {

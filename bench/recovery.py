@@ -1,7 +1,7 @@
 """Recovery time of a durable store directory against its size and content.
 
 For each log size, builds a data directory in a temporary directory and times
-:func:`rdzv.persistence.recover` (median of ``--repeats``) on three logs:
+:func:`rdzv.server.persistence.recover` (median of ``--repeats``) on three logs:
 
 * ``small records``: commits of 16 sets of 64-byte values (the common case);
 * ``torn hostile``: one value of the whole size whose bytes look like record and commit
@@ -34,10 +34,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from rdzv import persistence  # noqa: E402
 from rdzv.engine import Engine  # noqa: E402
 from rdzv.errors import StoreError  # noqa: E402
-from rdzv.persistence import DurableJournal, recover  # noqa: E402
+from rdzv.server import persistence  # noqa: E402
+from rdzv.server.persistence import DurableJournal, recover  # noqa: E402
 
 
 def hostile_value(size: int) -> bytes:

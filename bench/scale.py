@@ -7,7 +7,7 @@ the heartbeats of one process share one connection (a node-local agent's). The s
 ``python -m rdzv serve`` in its own process, so its CPU seconds and peak RSS are its own.
 
     python bench/scale.py [--sizes 1024,4096,10000] [--procs 4] [--repeat 1]
-        [--loss 4096] [--interval 1] [--attempts 3]
+        [--loss 4096] [--interval 1] [--attempts 3] [--profile DIR]
 
 Figures per N (min = max = N, all nodes connected first, then released at once):
 ``seconds`` from the release to the last node holding its rank; ``ops_per_node`` store
@@ -23,6 +23,10 @@ heartbeats stop, its connection closes) and the others call ``next_rendezvous`` 
 ``seconds`` from the death to the last survivor holding its rank in the new round, to set
 against the detection time (keep-alive interval x attempts).
 
+Profiling: ``RDZV_BENCH_LOG=1`` logs the rendezvous (who declared whom dead, when each round
+closed), the victim's death and every worker's event-loop lag, with wall-clock times that
+compare across processes; ``--profile DIR`` writes each worker's cProfile from the release on.
+
 Prints one JSON document (machine, load, workload, results).
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -89,6 +94,20 @@ class Server:
 
 
 # ---------------------------------------------------------------------------- worker process
+async def _watch_loop_lag(period: float = 0.2, report: float = 0.1) -> None:
+    """Log when this worker's event loop ran ``report`` seconds or more late, with the CPU
+    seconds the process had meanwhile: late with little CPU means the process was not
+    scheduled (the machine is shared), late with CPU means its own work (``RDZV_BENCH_LOG``)."""
+    loop = asyncio.get_running_loop()
+    log = logging.getLogger("rdzv.bench")
+    while True:
+        started, cpu = loop.time(), time.process_time()
+        await asyncio.sleep(period)
+        late = loop.time() - started - period
+        if late >= report:
+            log.info("loop %.3fs late, process CPU %.3fs", late, time.process_time() - cpu)
+
+
 async def _worker_main(
     port: int, count: int, n: int, min_nodes: int, run_id: str, args: dict[str, Any], pipe: Any
 ) -> None:
@@ -159,8 +178,16 @@ async def _worker_main(
             "ops": sum(node.ops[0] for node in nodes) - before,
         }
 
+    lag = loop.create_task(_watch_loop_lag()) if os.environ.get("RDZV_BENCH_LOG") else None
+    profile = None
+    if args["profile"]:  # the worker's Python profile from the release on (see --profile)
+        import cProfile
+
+        profile = cProfile.Profile()
     pipe.send("ready")
     assert await recv() == "go"
+    if profile is not None:
+        profile.enable()
     pipe.send(await round_(nodes))
     command = await recv()
     if command == "loss":
@@ -168,21 +195,25 @@ async def _worker_main(
         if args["victim"]:
             victim, survivors = nodes[0], nodes[1:]
             victim.stop()
+            logging.getLogger("rdzv.bench").info("the victim %s stopped", victim.node)
             await victim._store.close()
             pipe.send(time.monotonic())
         pipe.send(await round_(survivors))
         await recv()
+    if lag is not None:
+        lag.cancel()
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(os.path.join(args["profile"], f"worker-{os.getpid()}.prof"))
     os._exit(0)  # no orderly goodbye for thousands of connections
 
 
 def _worker(
     port: int, count: int, n: int, min_nodes: int, run_id: str, args: dict[str, Any], pipe: Any
 ) -> None:
-    import logging
-
-    if os.environ.get("RDZV_BENCH_LOG"):  # the rendezvous' own log, with monotonic times
+    if os.environ.get("RDZV_BENCH_LOG"):  # the rendezvous' own log, wall-clock times
         logging.basicConfig(
-            level=logging.INFO, format="%(relativeCreated)d %(process)d %(name)s %(message)s"
+            level=logging.INFO, format="%(created).3f %(process)d %(name)s %(message)s"
         )
     else:
         logging.disable(logging.CRITICAL)
@@ -300,6 +331,11 @@ def main() -> None:
     parser.add_argument("--loss", type=int, default=0, help="N of the node-loss scenario")
     parser.add_argument("--no-uvloop", action="store_true", help="asyncio's loop in workers")
     parser.add_argument("--server-arg", action="append", default=[], help="for rdzv serve")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="write each worker's cProfile (from the release on) to DIR/worker-<pid>.prof",
+    )
     opts = parser.parse_args()
     args = {
         "budget": opts.budget,
@@ -308,6 +344,7 @@ def main() -> None:
         "last_call": opts.last_call,
         "uvloop": not opts.no_uvloop,
         "server_args": opts.server_arg,
+        "profile": opts.profile,
     }
     results: dict[str, Any] = {}
     sizes = [int(s) for s in opts.sizes.split(",") if s]

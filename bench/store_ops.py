@@ -5,7 +5,7 @@ client sends WAIT + GET for a get: two round trips) on its own 100 keys, for a f
 Clients are ``torch.distributed.TCPStore`` objects (C++; they release the GIL while they
 wait) spread over a few client processes, each running several client threads. Each server
 runs in a process of its own: (a) torch's default (libuv) server, (b) ``rdzv serve`` with
-its defaults (uvloop, the C fast path when built and busy polling, see ``rdzv.fastpath``),
+its defaults (uvloop, the C fast path when built and busy polling, see ``rdzv.server.fastpath``),
 and with ``--variants`` (c) ``rdzv serve --busy-poll-us 0`` and (d) ``rdzv serve`` with the
 fast path off. Then rdzv's Python client against rdzv's server, for reference.
 
@@ -24,13 +24,20 @@ time (handshake included) and the set/get loop.
 
 ``--metrics`` measures instead the cost of ``rdzv serve --metrics-port`` (request counting
 and timing, in C on the fast path) with torch's clients: the server without metrics, with
-metrics scraped every 100 ms during the load (Prometheus scrapes every 15 s; 100 ms is a
-stress), and scraped 1,000 times a second (one keep-alive scraper). The server's CPU per op
-is the store process's; the listener process's is reported apart (``listener_cpu_us_per_op``,
-from the clients' start to their exit), and so is the CPU of one scrape without load
-(``scrape_cost_without_load``)::
+metrics scraped every 100 ms (Prometheus scrapes every 15 s; 100 ms is a stress), and
+scraped 1,000 times a second (one keep-alive scraper, raw socket). Both servers run for the
+whole client count, the same client connections to each; the variants take turns in short
+phases (order rotated every repeat; the idle server is stopped with SIGSTOP), so a shared
+machine's drifting load hits all of them alike. Per variant: the median phase, and the
+median and spread of the per-repeat throughput ratio over no metrics; the CPU per op of the
+store process, the listener process and the scraper (scheduler nanoseconds); the CPU of one
+scrape without load (``scrape_cost_without_load``)::
 
-    python bench/store_ops.py --metrics [--clients 1 16 64] [--seconds 3] [--repeats 3]
+    python bench/store_ops.py --metrics [--clients 1 16 64] [--seconds 1] [--repeats 15]
+                              [--profile]
+
+``--profile`` adds where the store process spends its CPU with and without metrics (Linux
+``perf``, software sampling; ``counting_profile``).
 
 ``--durability`` measures instead the cost of ``rdzv serve --data-dir`` (fsync always,
 interval, never) against the in-memory server, with rdzv's Python client (same workload;
@@ -45,6 +52,8 @@ import argparse
 import json
 import os
 import platform
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -52,8 +61,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from procstat import cpu_seconds
+from procstat import cpu_ns
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
@@ -87,9 +97,9 @@ def start_server(kind: str, extra: Sequence[str] = ()) -> tuple[subprocess.Popen
         cmd = [sys.executable, "-c", TORCH_SERVER]
     else:
         cmd = [sys.executable, "-m", "rdzv", "serve", "--port", "0", "--quiet", *extra]
-        if kind == "rdzv-python":  # rdzv serve without its C fast path (rdzv.fastpath)
+        if kind == "rdzv-python":  # rdzv serve without its C fast path (rdzv.server.fastpath)
             env["RDZV_FASTPATH"] = "0"
-        elif kind == "rdzv-nopoll":  # without busy polling (rdzv.fastpath.BusyPoller)
+        elif kind == "rdzv-nopoll":  # without busy polling (rdzv.server.fastpath.BusyPoller)
             cmd += ["--busy-poll-us", "0"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
@@ -109,150 +119,354 @@ def metrics_url(proc: subprocess.Popen[str]) -> str:
     return line.split()[3] + "metrics"
 
 
-class Scraper(threading.Thread):
-    """GETs ``url`` every ``interval`` seconds over one keep-alive connection until stopped;
-    counts the scrapes (each reply read whole)."""
+def read_reply(sock: socket.socket, buffer: bytearray) -> int:
+    """Read one HTTP reply (with Content-Length) from ``sock``; bytes beyond it stay in
+    ``buffer``. Returns its status code."""
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            at = buffer.find(b"\r\nContent-Length: ", 0, end)
+            if at < 0:
+                raise RuntimeError(f"reply without Content-Length: {bytes(buffer[:200])!r}")
+            length = int(buffer[at + 18 : buffer.index(b"\r\n", at + 18)])
+            if len(buffer) >= end + 4 + length:
+                status = int(buffer[9:12])
+                del buffer[: end + 4 + length]
+                return status
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise RuntimeError("the listener closed the connection")
+        buffer += chunk
 
-    def __init__(self, url: str, interval: float) -> None:
+
+class Scraper(threading.Thread):
+    """GETs ``url`` every ``interval`` seconds (0: back to back) over one keep-alive
+    connection, a raw socket and a request prepared once (``http.client`` costs ~70 us of
+    CPU a request, this ~10 us), until stopped or ``count`` scrapes; counts the scrapes and
+    its own CPU time."""
+
+    def __init__(self, url: str, interval: float, count: int | None = None) -> None:
         super().__init__(daemon=True)
-        self.url = url
+        parts = urlsplit(url)
+        self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.request = f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode()
         self.interval = interval
+        self.count = count
         self.scrapes = 0
         self.seconds = 0.0
-        self._done = threading.Event()
+        self.cpu = 0.0
+        self.error: BaseException | None = None
+        self._done = False
 
     def run(self) -> None:
-        import http.client
-        from urllib.parse import urlsplit
+        try:
+            self._scrape()
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
 
-        parts = urlsplit(self.url)
-        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    def _scrape(self) -> None:
+        sock = socket.create_connection(self.address, timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer = bytearray()
+        cpu = time.thread_time()
         start = time.perf_counter()
         next_at = start
-        while not self._done.is_set():
-            conn.request("GET", parts.path)
-            response = conn.getresponse()
-            response.read()
-            if response.status != 200:
-                raise RuntimeError(f"scrape failed: {response.status}")
+        while not self._done and self.scrapes != self.count:
+            sock.sendall(self.request)
+            status = read_reply(sock, buffer)
+            if status != 200:
+                raise RuntimeError(f"scrape failed: {status}")
             self.scrapes += 1
             next_at += self.interval
             delay = next_at - time.perf_counter()
             if delay > 0:
-                self._done.wait(delay)
+                time.sleep(delay)
             else:
                 next_at = time.perf_counter()  # behind: do not burst to catch up
         self.seconds = time.perf_counter() - start
-        conn.close()
+        self.cpu = time.thread_time() - cpu
+        sock.close()
 
     def stop(self) -> dict[str, float]:
-        self._done.set()
+        self._done = True
         self.join(60)
-        return {"scrapes": self.scrapes, "scrapes_per_s": round(self.scrapes / self.seconds, 1)}
+        if self.error is not None:
+            raise RuntimeError(f"scraper failed: {self.error!r}")
+        return {
+            "scrapes": self.scrapes,
+            "scrapes_per_s": round(self.scrapes / max(self.seconds, 1e-9), 1),
+            "scraper_cpu_us_per_scrape": round(self.cpu / max(self.scrapes, 1) * 1e6, 1),
+        }
 
 
-#: --metrics variants: server kind -> seconds between scrapes (None: no metrics at all).
-METRICS_VARIANTS: dict[str, float | None] = {
-    "rdzv": None,
-    "rdzv-metrics-100ms": 0.1,
-    "rdzv-metrics-1000/s": 0.001,
+#: --metrics variants: name -> (server of :class:`MetricsServers`, seconds between scrapes
+#: or None). The control is a second server without metrics: its ratio over the first
+#: shows what the method resolves (an A/A test).
+METRICS_VARIANTS: dict[str, tuple[str, float | None]] = {
+    "no metrics": ("plain", None),
+    "no metrics, 2nd server (A/A control)": ("control", None),
+    "scraped every 100 ms": ("metrics", 0.1),
+    "scraped 1000/s": ("metrics", 0.001),
 }
 
 
-def measure_metrics(variant: str, clients: int, args: argparse.Namespace) -> dict[str, Any]:
-    """torch clients on ``rdzv serve`` without metrics, or with ``--metrics-port 0`` scraped
-    at the variant's interval for the whole run."""
-    interval = METRICS_VARIANTS[variant]
+def listener_pid(store_pid: int) -> int:
+    """The listener process of ``rdzv serve --metrics-port`` (its one child)."""
+    return int(Path(f"/proc/{store_pid}/task/{store_pid}/children").read_text().split()[0])
+
+
+class MetricsServers:
+    """``rdzv serve`` without metrics twice (``plain``, ``control``) and with
+    ``--metrics-port 0`` (``metrics``), all running, one at a time resumed (:meth:`use`; the
+    others stopped with SIGSTOP, a listener included, so idle publishing costs the phase
+    nothing)."""
+
+    NAMES = ("plain", "control", "metrics")
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.ports: list[int] = []
+        try:
+            for name in self.NAMES:
+                extra = ("--metrics-port", "0") if name == "metrics" else ()
+                self.procs[name], port = start_server("rdzv", extra)
+                self.ports.append(port)
+            self.url = metrics_url(self.procs["metrics"])
+            self.listener = listener_pid(self.procs["metrics"].pid)
+        except BaseException:
+            self.close()
+            raise
+        self._stopped: list[int] = []
+
+    def _pids(self, name: str) -> list[int]:
+        pid = self.procs[name].pid
+        return [pid, self.listener] if name == "metrics" else [pid]
+
+    def use(self, name: str) -> tuple[int, int]:
+        """Resume server ``name``, stop the others: its index in :attr:`ports`, its pid."""
+        self._signal(signal.SIGCONT, self._stopped)
+        self._stopped = [pid for other in self.NAMES if other != name for pid in self._pids(other)]
+        self._signal(signal.SIGSTOP, self._stopped)
+        return self.NAMES.index(name), self.procs[name].pid
+
+    @staticmethod
+    def _signal(sig: int, pids: list[int]) -> None:
+        for pid in pids:
+            os.kill(pid, sig)
+
+    def close(self) -> None:
+        self._signal(signal.SIGCONT, getattr(self, "_stopped", []))
+        self._stopped = []
+        for proc in self.procs.values():
+            stop_server(proc)
+
+
+def metrics_phase(
+    servers: MetricsServers, pool: Clients, variant: str, seconds: float
+) -> dict[str, Any]:
+    """One phase of ``variant``: the clients' loop on its server for ``seconds``, scraped
+    at its interval for the whole phase."""
+    server, interval = METRICS_VARIANTS[variant]
+    index, pid = servers.use(server)
     if interval is None:
-        return measure("rdzv", "torch", clients, args)
-    proc, port = start_server("rdzv", ("--metrics-port", "0"))
-    try:
-        scraper = Scraper(metrics_url(proc), interval)
-        # The listener is a process of its own (rdzv.observe.listener): its CPU is reported
-        # apart from the store process's (server_cpu_us_per_op).
-        listener = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
-        listener_cpu = cpu_seconds(listener)
-        scraper.start()
-        result = run_clients("torch", port, clients, args.procs, args.seconds, proc.pid)
-        listener_cpu = cpu_seconds(listener) - listener_cpu
-        result.update(scraper.stop())
-        ops = max(result["ops_per_s"] * args.seconds, 1)  # CPU from connect to exit: an upper bound
-        result["listener_cpu_us_per_op"] = round(listener_cpu / ops * 1e6, 2)
-    finally:
-        stop_server(proc)
+        return pool.run(index, seconds, pid)
+    scraper = Scraper(servers.url, interval)
+    listener = cpu_ns(servers.listener)
+    scraper.start()
+    result = pool.run(index, seconds, pid)
+    scraped = scraper.stop()
+    listener = cpu_ns(servers.listener) - listener  # over the clients' phase and the scrapes'
+    ops = max(result["ops_per_s"] * seconds, 1)
+    result.update(scraped)
+    result["listener_cpu_us_per_op"] = round(listener / 1e3 / ops, 3)
+    result["scraper_cpu_us_per_op"] = round(
+        scraped["scraper_cpu_us_per_scrape"] * scraped["scrapes"] / ops, 3
+    )
     return result
 
 
-def alternated(
-    variants: Sequence[str], repeats: int, run: Callable[[str], dict[str, Any]]
-) -> dict[str, list[dict[str, Any]]]:
-    """``run(variant)`` ``repeats`` times for each of ``variants``, alternating variants (the
-    machine's load drifts); the runs by variant."""
-    rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    for _ in range(repeats):
-        for variant in variants:
-            rows[variant].append(run(variant))
-    return rows
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def scrape_cost(scrapes: int = 3000, idle: float = 3.0) -> dict[str, float]:
+def spread(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
+    """Median, quartiles, min and max of ``values``."""
+    ordered = sorted(values)
+    n = len(ordered)
+    return {
+        "median": round(median(ordered), digits),
+        "q1": round(ordered[(n - 1) // 4], digits),
+        "q3": round(ordered[(3 * (n - 1) + 3) // 4], digits),
+        "min": round(ordered[0], digits),
+        "max": round(ordered[-1], digits),
+    }
+
+
+def total_cpu_us_per_op(run: dict[str, Any]) -> float:
+    """CPU per op of everything the benchmark runs: store, clients, listener, scraper."""
+    return float(
+        run["server_cpu_us_per_op"]
+        + run["clients_cpu_us_per_op"]
+        + run.get("listener_cpu_us_per_op", 0.0)
+        + run.get("scraper_cpu_us_per_op", 0.0)
+    )
+
+
+def metrics_rows(clients: int, rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per variant: medians over its phases, and per-repeat ratios over no metrics: of
+    throughput, of the store's CPU per op, and of the CPU per op of all the benchmark's
+    processes (on a saturated machine, throughput is the CPU share the benchmark gets over
+    that: the ratio tells the cost whatever share other tenants leave it)."""
+    base = rows["no metrics"]
+    out = []
+    for variant, runs in rows.items():
+        row: dict[str, Any] = {"variant": variant, "clients": clients, "phases": len(runs)}
+        for r in runs:
+            r["total_cpu_us_per_op"] = total_cpu_us_per_op(r)
+        for field in (
+            "ops_per_s",
+            "p50_us",
+            "p99_us",
+            "server_cpu_us_per_op",
+            "clients_cpu_us_per_op",
+            "total_cpu_us_per_op",
+            "machine_busy_cpus",
+            "listener_cpu_us_per_op",
+            "scraper_cpu_us_per_op",
+            "scrapes_per_s",
+            "scraper_cpu_us_per_scrape",
+        ):
+            if field in runs[0]:
+                row[field] = round(median([r[field] for r in runs]), 3)
+        if variant != "no metrics":
+            for name, field in (
+                ("ops_ratio", "ops_per_s"),
+                ("server_cpu_ratio", "server_cpu_us_per_op"),
+                ("total_cpu_ratio", "total_cpu_us_per_op"),
+            ):
+                row[name] = spread([r[field] / b[field] for r, b in zip(runs, base, strict=True)])
+        row["ops_per_s_phases"] = [r["ops_per_s"] for r in runs]
+        out.append(row)
+    return out
+
+
+def scrape_cost(scrapes: int = 5000, idle: float = 3.0) -> dict[str, float]:
     """Without store load: the CPU one /metrics scrape costs the listener process, the
-    scraper (this process) and the store process, and the store process's CPU per second
-    spent publishing snapshots to an idle listener."""
-    import http.client
-    from urllib.parse import urlsplit
+    scraper (:class:`Scraper`) and the store process, and the store process's CPU per
+    second spent publishing snapshots to an idle listener (once the status document's
+    first :data:`~rdzv.observe.channel.WATCH_TIMEOUT` seconds are over: snapshots only)."""
+    sys.path.insert(0, str(SRC))
+    from rdzv.observe.channel import WATCH_TIMEOUT
 
+    started = time.monotonic()
     proc, _ = start_server("rdzv", ("--metrics-port", "0"))
     try:
-        url = urlsplit(metrics_url(proc))
-        listener = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
-        store_cpu = cpu_seconds(proc.pid)
+        url = metrics_url(proc)
+        listener = listener_pid(proc.pid)
+        time.sleep(1.0)  # started
+        scraper = Scraper(url, 0.0, scrapes)
+        before = (cpu_ns(listener), cpu_ns(proc.pid))
+        scraper.start()
+        scraper.join(120)
+        after = (cpu_ns(listener), cpu_ns(proc.pid))
+        scraped = scraper.stop()
+        time.sleep(max(0.0, started + WATCH_TIMEOUT + 1.0 - time.monotonic()))
+        store_cpu = cpu_ns(proc.pid)
         time.sleep(idle)
-        publishing = cpu_seconds(proc.pid) - store_cpu
-        conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
-        before = (cpu_seconds(listener), time.process_time(), cpu_seconds(proc.pid))
-        start = time.perf_counter()
-        for _ in range(scrapes):
-            conn.request("GET", url.path)
-            conn.getresponse().read()
-        wall = time.perf_counter() - start
-        after = (cpu_seconds(listener), time.process_time(), cpu_seconds(proc.pid))
-        conn.close()
+        publishing = cpu_ns(proc.pid) - store_cpu
     finally:
         stop_server(proc)
-    listener_s, scraper_s, store_s = (b - a for a, b in zip(before, after, strict=True))
+    listener_ns, store_ns = (b - a for a, b in zip(before, after, strict=True))
     return {
         "scrapes": scrapes,
-        "scrape_wall_us": round(wall / scrapes * 1e6, 1),
-        "listener_cpu_us_per_scrape": round(listener_s / scrapes * 1e6, 1),
-        "scraper_cpu_us_per_scrape": round(scraper_s / scrapes * 1e6, 1),
-        "store_cpu_us_per_scrape": round(store_s / scrapes * 1e6, 2),
-        "store_cpu_ms_per_s_idle_publishing": round(publishing / idle * 1e3, 2),
+        "scrape_wall_us": round(scraper.seconds / scrapes * 1e6, 1),
+        "listener_cpu_us_per_scrape": round(listener_ns / 1e3 / scrapes, 1),
+        "scraper_cpu_us_per_scrape": scraped["scraper_cpu_us_per_scrape"],
+        "store_cpu_us_per_scrape": round(store_ns / 1e3 / scrapes, 2),
+        "store_cpu_ms_per_s_idle_publishing": round(publishing / 1e6 / idle, 2),
     }
+
+
+def perf_shares(pid: int, seconds: float, during: Callable[[], object]) -> dict[str, Any]:
+    """``perf record`` (software cpu-clock sampling, 4999 Hz) of process ``pid`` while
+    ``during()`` runs: the share of samples (%) per shared object, and of the clock reads
+    (``clock_gettime``: vDSO, libc and PLT entries) that time each read when counting."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rdzv-perf-") as tmp:
+        data = f"{tmp}/perf.data"
+        perf = subprocess.Popen(
+            ["perf", "record", "-q", "-e", "cpu-clock", "-F", "4999", "-p", str(pid),
+             "-o", data, "--", "sleep", str(seconds + 0.3)],
+        )  # fmt: skip
+        during()
+        perf.wait(60)
+        report = subprocess.run(
+            ["perf", "report", "-i", data, "--stdio", "--sort", "dso,sym"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    by_dso: dict[str, float] = {}
+    clock = 0.0
+    for line in report.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or not fields[0].endswith("%") or line.startswith("#"):
+            continue
+        share = float(fields[0][:-1])
+        dso = fields[1].split(".cpython")[0]
+        by_dso[dso] = by_dso.get(dso, 0.0) + share
+        if "clock_gettime" in fields[-1]:
+            clock += share
+    top = dict(sorted(by_dso.items(), key=lambda kv: -kv[1])[:6])
+    return {"dso_pct": {k: round(v, 2) for k, v in top.items()}, "clock_reads_pct": round(clock, 2)}
+
+
+def counting_profile(clients: int, seconds: float, procs: int) -> dict[str, Any]:
+    """Where the store process spends its CPU with and without metrics (:func:`perf_shares`,
+    one phase each, same clients): does the counting in C (two ``clock_gettime`` calls
+    and a bucket search per read) show?"""
+    servers = MetricsServers()
+    try:
+        with Clients("torch", servers.ports, clients, procs) as pool:
+            out: dict[str, Any] = {"clients": clients, "seconds": seconds}
+            for name, server in (("no metrics", "plain"), ("metrics", "metrics")):
+                index, pid = servers.use(server)
+                result: dict[str, Any] = {}
+
+                def run(
+                    index: int = index, pid: int = pid, result: dict[str, Any] = result
+                ) -> None:
+                    result.update(pool.run(index, seconds, pid))
+
+                out[name] = perf_shares(pid, seconds, run)
+                out[name]["server_cpu_us_per_op"] = result["server_cpu_us_per_op"]
+    finally:
+        servers.close()
+    return out
 
 
 def metrics_main(args: argparse.Namespace) -> None:
+    variants = list(METRICS_VARIANTS)
     results = []
+    loads = [os.getloadavg()[0]]
     for clients in args.clients:
-        rows = alternated(
-            list(METRICS_VARIANTS), args.repeats, lambda v, n=clients: measure_metrics(v, n, args)
-        )
-        for variant in METRICS_VARIANTS:
-            results.append(
-                {"variant": variant, **summarize(variant, "torch", clients, rows[variant])}
-            )
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-
-    def ops(variant: str, clients: int) -> int:
-        return next(
-            r["ops_per_s"] for r in results if r["variant"] == variant and r["clients"] == clients
-        )
-
-    ratios = {
-        variant: {str(n): round(ops(variant, n) / ops("rdzv", n), 3) for n in args.clients}
-        for variant in METRICS_VARIANTS
-        if variant != "rdzv"
-    }
+        servers = MetricsServers()
+        try:
+            with Clients("torch", servers.ports, clients, args.procs) as pool:
+                for variant in variants:  # warm-up, not recorded
+                    metrics_phase(servers, pool, variant, min(args.seconds, 0.5))
+                rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+                for repeat in range(args.repeats):
+                    turn = repeat % len(variants)
+                    for variant in variants[turn:] + variants[:turn]:
+                        rows[variant].append(metrics_phase(servers, pool, variant, args.seconds))
+                        loads.append(os.getloadavg()[0])
+        finally:
+            servers.close()
+        for row in metrics_rows(clients, rows):
+            results.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
     print(
         json.dumps(
             {
@@ -260,16 +474,23 @@ def metrics_main(args: argparse.Namespace) -> None:
                 "workload": {
                     "loop": "set(key, 64 B) then get(key) (torch get = WAIT + GET)",
                     "keys_per_client": KEYS_PER_CLIENT,
-                    "seconds": args.seconds,
-                    "op": "one set or get call",
-                    "scraper": "one thread of the bench process, one keep-alive connection",
+                    "phase_seconds": args.seconds,
                     "repeats": args.repeats,
-                    "statistic": "median run by ops/s; latencies and CPU of that run",
+                    "op": "one set or get call",
+                    "scraper": "one thread of the bench process, raw socket, keep-alive",
+                    "schedule": "variants in turn within each repeat, order rotated; same "
+                    "client connections; the idle servers SIGSTOPped",
+                    "statistic": "median over phases; ratios per repeat over no metrics "
+                    "(median, quartiles, min, max); CPU from /proc/*/task/*/schedstat",
                 },
-                "machine": machine(),
+                "machine": {**machine(), "load_average_1min": spread(loads, 2)},
                 "results": results,
-                "ratio_over_no_metrics": ratios,
                 "scrape_cost_without_load": scrape_cost(),
+                **(
+                    {"counting_profile": counting_profile(16, 3.0, args.procs)}
+                    if args.profile
+                    else {}
+                ),
             },
             indent=2,
         )
@@ -283,29 +504,39 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 
 # --------------------------------------------------------------------------- client worker
-def worker(client: str, port: int, threads: int, seconds: float) -> None:
-    """Client process: connects ``threads`` clients, prints ``ready``, reads the start time
-    (``time.time()``) from stdin, runs, prints a JSON summary on stdout."""
+def worker(client: str, ports: list[int], threads: int) -> None:
+    """Client process: connects ``threads`` clients to each of ``ports``, prints ``ready``,
+    then runs one phase per line read from stdin (``INDEX START SECONDS``: the clients of
+    ``ports[INDEX]`` loop from ``time.time() == START`` for ``SECONDS``) and prints a JSON
+    summary line per phase; exits at the end of stdin."""
     if client == "torch":
         import datetime
 
         import torch.distributed as dist
 
-        def connect() -> Any:
+        def connect(port: int) -> Any:
             return dist.TCPStore("127.0.0.1", port, timeout=datetime.timedelta(seconds=60))
     else:
         sys.path.insert(0, str(SRC))
         from rdzv.store.tcp import TCPStore
 
-        def connect() -> Any:
+        def connect(port: int) -> Any:
             return TCPStore("127.0.0.1", port, timeout=60, **security_kwargs())
 
-    stores = [connect() for _ in range(threads)]
+    stores = [[connect(port) for _ in range(threads)] for port in ports]
     print("ready", flush=True)
-    start_at = float(sys.stdin.readline())
-    counts = [0] * threads
-    samples: list[list[float]] = [[] for _ in range(threads)]
+    for line in sys.stdin:
+        index, start_at, seconds = line.split()
+        print(json.dumps(phase(stores[int(index)], float(start_at), float(seconds))), flush=True)
+
+
+def phase(stores: list[Any], start_at: float, seconds: float) -> dict[str, Any]:
+    """One thread per store loops from ``time.time() == start_at`` for ``seconds``: ops done
+    and sampled latencies (seconds)."""
+    counts = [0] * len(stores)
+    samples: list[list[float]] = [[] for _ in stores]
     pid = os.getpid()
+    cpu = time.process_time()  # this process's, its threads' included (even once ended)
 
     def run(t: int) -> None:
         store = stores[t]
@@ -331,63 +562,116 @@ def worker(client: str, port: int, threads: int, seconds: float) -> None:
                 break
         counts[t] = n
 
-    pool = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    pool = [threading.Thread(target=run, args=(t,)) for t in range(len(stores))]
     for th in pool:
         th.start()
     for th in pool:
         th.join()
-    print(json.dumps({"ops": sum(counts), "latencies": [x for s in samples for x in s]}))
+    return {
+        "ops": sum(counts),
+        "cpu": time.process_time() - cpu,
+        "latencies": [x for s in samples for x in s],
+    }
+
+
+class Clients:
+    """``clients`` client connections to each of ``ports``, in at most ``procs`` client
+    processes (:func:`worker`), all connected before the first phase; :meth:`run` runs one
+    phase of the set/get loop against one port."""
+
+    def __init__(self, client: str, ports: Sequence[int], clients: int, procs: int) -> None:
+        nproc = max(1, min(procs, clients))
+        split = [clients // nproc + (1 if i < clients % nproc else 0) for i in range(nproc)]
+        self.procs = nproc
+        self.workers = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", client, ",".join(map(str, ports)), str(n)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=_env(),
+            )
+            for n in split
+        ]
+        for w in self.workers:  # every client connected
+            assert w.stdout is not None
+            if w.stdout.readline() != "ready\n":
+                self.close()
+                raise RuntimeError("a client process failed to connect")
+
+    def __enter__(self) -> Clients:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, index: int, seconds: float, server_pid: int) -> dict[str, Any]:
+        """One phase on ``ports[index]``: ops/s, p50 and p99 latency per call, and the CPU
+        per op of ``server_pid`` (over the phase's ``seconds``)."""
+        start_at = time.time() + 0.2
+        for w in self.workers:
+            assert w.stdin is not None
+            w.stdin.write(f"{index} {start_at} {seconds}\n")
+            w.stdin.flush()
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu_before = cpu_ns(server_pid)
+        busy_before = machine_busy_seconds()
+        time.sleep(seconds)
+        busy = machine_busy_seconds() - busy_before
+        cpu_used = cpu_ns(server_pid) - cpu_before
+        client_cpu = 0.0
+        ops = 0
+        latencies: list[float] = []
+        for w in self.workers:
+            assert w.stdout is not None
+            line = w.stdout.readline()
+            if not line:
+                raise RuntimeError(f"client process failed ({w.wait()})")
+            report = json.loads(line)
+            ops += report["ops"]
+            client_cpu += report["cpu"]
+            latencies += report["latencies"]
+        latencies.sort()
+
+        def pct(p: float) -> float:
+            return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e6, 1)
+
+        return {
+            "ops_per_s": round(ops / seconds),
+            "p50_us": pct(0.50),
+            "p99_us": pct(0.99),
+            "server_cpu_us_per_op": round(cpu_used / 1e3 / max(ops, 1), 3),
+            "clients_cpu_us_per_op": round(client_cpu * 1e6 / max(ops, 1), 3),
+            "machine_busy_cpus": round(busy / seconds, 2),
+            "client_processes": self.procs,
+        }
+
+    def close(self) -> None:
+        for w in self.workers:
+            assert w.stdin is not None
+            w.stdin.close()
+        for w in self.workers:
+            try:
+                w.wait(60)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine spent busy so far (not idle nor waiting for I/O;
+    /proc/stat, clock ticks)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def run_clients(
     client: str, port: int, clients: int, procs: int, seconds: float, server_pid: int
 ) -> dict[str, Any]:
-    nproc = max(1, min(procs, clients))
-    split = [clients // nproc + (1 if i < clients % nproc else 0) for i in range(nproc)]
-    workers = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", client, str(port), str(n), str(seconds)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=_env(),
-        )
-        for n in split
-    ]
-    for w in workers:  # every client connected
-        assert w.stdout is not None
-        if w.stdout.readline() != "ready\n":
-            raise RuntimeError("a client process failed to connect")
-    start_at = time.time() + 0.2
-    for w in workers:
-        assert w.stdin is not None
-        w.stdin.write(f"{start_at}\n")
-        w.stdin.flush()
-    ops = 0
-    latencies: list[float] = []
-    time.sleep(max(0.0, start_at - time.time()))
-    cpu_before = cpu_seconds(server_pid)
-    time.sleep(seconds)
-    cpu_used = cpu_seconds(server_pid) - cpu_before
-    for w in workers:
-        out, _ = w.communicate(timeout=seconds + 120)
-        if w.returncode != 0:
-            raise RuntimeError(f"client process failed ({w.returncode})")
-        report = json.loads(out)
-        ops += report["ops"]
-        latencies += report["latencies"]
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e6, 1)
-
-    return {
-        "ops_per_s": round(ops / seconds),
-        "p50_us": pct(0.50),
-        "p99_us": pct(0.99),
-        "server_cpu_us_per_op": round(cpu_used / max(ops, 1) * 1e6, 2),
-        "client_processes": nproc,
-    }
+    """One phase of ``clients`` fresh clients on ``port`` (:class:`Clients`)."""
+    with Clients(client, [port], clients, procs) as pool:
+        return pool.run(0, seconds, server_pid)
 
 
 def measure(server: str, client: str, clients: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -396,6 +680,18 @@ def measure(server: str, client: str, clients: int, args: argparse.Namespace) ->
         return run_clients(client, port, clients, args.procs, args.seconds, proc.pid)
     finally:
         stop_server(proc)
+
+
+def alternated(
+    variants: Sequence[str], repeats: int, run: Callable[[str], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """``run(variant)`` ``repeats`` times for each of ``variants``, alternating variants (the
+    machine's load drifts); the runs by variant."""
+    rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for variant in variants:
+            rows[variant].append(run(variant))
+    return rows
 
 
 def summarize(server: str, client: str, clients: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -483,7 +779,7 @@ def machine() -> dict[str, Any]:
 def fastpath_state() -> str:
     """Whether ``rdzv serve`` runs its C fast path here (the extension built, not disabled)."""
     sys.path.insert(0, str(SRC))
-    from rdzv import fastpath
+    from rdzv.server import fastpath
 
     if not fastpath.AVAILABLE:
         return "not built"
@@ -511,6 +807,10 @@ def main() -> None:
     parser.add_argument(
         "--metrics", action="store_true",
         help="measure rdzv serve with --metrics-port (scraped every 100 ms, and 1000/s) vs without",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="with --metrics: also profile the store process with perf (metrics on and off)",
     )  # fmt: skip
     parser.add_argument(
         "--variants", action="store_true",
@@ -666,7 +966,7 @@ def security_main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, client, port, threads, seconds = sys.argv
-        worker(client, int(port), int(threads), float(seconds))
+        _, _, client, ports, threads = sys.argv
+        worker(client, [int(p) for p in ports.split(",")], int(threads))
     else:
         main()

@@ -135,7 +135,7 @@ class ServerStats:
 
 
 class _Counters(Protocol):
-    """What the C fast path's executor offers (rdzv._fastpath.Executor)."""
+    """What the C fast path's executor offers (rdzv.server._fastpath.Executor)."""
 
     @property
     def counting(self) -> bool: ...

@@ -40,6 +40,7 @@ __all__ = [
     "CHECK_NOT_READY",
     "CHECK_READY",
     "DEFAULT_LIMITS",
+    "EXTENSION_BASE",
     "EXT_ERROR",
     "EXT_OK",
     "EXT_VERSION",
@@ -61,6 +62,7 @@ __all__ = [
     "ReplyBuffer",
     "Request",
     "RequestParser",
+    "is_extension",
 ]
 
 # --------------------------------------------------------------------------- constants
@@ -147,9 +149,19 @@ class Op(IntEnum):
     EXT_AUTH_PROOF = 0x8A
 
 
+#: First opcode of rdzv's extensions; torch's opcodes are all below it.
+EXTENSION_BASE = 0x80
+
+
+def is_extension(op: int) -> bool:
+    """Whether opcode ``op`` is in rdzv's extension range (its replies start with
+    :data:`EXT_OK` or :data:`EXT_ERROR`; sent only after negotiation)."""
+    return op >= EXTENSION_BASE
+
+
 # The opcode ranges, as error messages name them ("0x00-0x12"), derived from Op.
-_TORCH_OPS = f"{min(Op):#04x}-{max(op for op in Op if op < Op.EXT_ADD):#04x}"
-_EXT_OPS = f"{Op.EXT_ADD:#04x}-{max(Op):#04x}"
+_TORCH_OPS = f"{min(Op):#04x}-{max(op for op in Op if not is_extension(op)):#04x}"
+_EXT_OPS = f"{EXTENSION_BASE:#04x}-{max(Op):#04x}"
 
 
 class ErrorCode(IntEnum):
@@ -228,9 +240,23 @@ class Request:
     op: Op
 
 
-def _request(op: Op) -> Callable[[type[_R]], type[_R]]:
+#: What follows the opcode in a request frame, by opcode (see :func:`_request`).
+_FRAMES: dict[Op, tuple[type[Request], str]] = {}
+
+
+def _request(op: Op, frame: str | None = None) -> Callable[[type[_R]], type[_R]]:
+    """Declare the decorated class as the request of opcode ``op`` and how its frame is
+    parsed: ``"key"`` (one key blob), ``"key+value"`` (key and value blobs), ``"key+i64"``
+    (key blob and an i64), ``"keys"`` (u64 count and key blobs; MULTI_SET: key and value
+    blobs), ``"none"`` (nothing), or the name of a :class:`RequestParser` method for any
+    other layout. None: not parsed from the tables (VALIDATE, which only opens a
+    connection). The parser tables are built from these declarations, so adding an opcode
+    to the codec is declaring its request here (and its reply encoder and decoder below)."""
+
     def deco(cls: type[_R]) -> type[_R]:
         cls.op = op
+        if frame is not None:
+            _FRAMES[op] = (cls, frame)
         return cls
 
     return deco
@@ -245,14 +271,14 @@ class Validate(Request):
     magic: int
 
 
-@_request(Op.SET)
+@_request(Op.SET, "key+value")
 @dataclass(slots=True)
 class Set(Request):
     key: bytes
     value: bytes
 
 
-@_request(Op.COMPARE_SET)
+@_request(Op.COMPARE_SET, "_p_compare_set")
 @dataclass(slots=True)
 class CompareSet(Request):
     key: bytes
@@ -260,159 +286,159 @@ class CompareSet(Request):
     desired: bytes
 
 
-@_request(Op.GET)
+@_request(Op.GET, "key")
 @dataclass(slots=True)
 class Get(Request):
     key: bytes
 
 
-@_request(Op.ADD)
+@_request(Op.ADD, "key+i64")
 @dataclass(slots=True)
 class Add(Request):
     key: bytes
     amount: int
 
 
-@_request(Op.CHECK)
+@_request(Op.CHECK, "keys")
 @dataclass(slots=True)
 class Check(Request):
     keys: list[bytes]
 
 
-@_request(Op.WAIT)
+@_request(Op.WAIT, "keys")
 @dataclass(slots=True)
 class Wait(Request):
     keys: list[bytes]
 
 
-@_request(Op.GETNUMKEYS)
+@_request(Op.GETNUMKEYS, "none")
 @dataclass(slots=True)
 class GetNumKeys(Request):
     pass
 
 
-@_request(Op.DELETE_KEY)
+@_request(Op.DELETE_KEY, "key")
 @dataclass(slots=True)
 class DeleteKey(Request):
     key: bytes
 
 
-@_request(Op.APPEND)
+@_request(Op.APPEND, "key+value")
 @dataclass(slots=True)
 class Append(Request):
     key: bytes
     value: bytes
 
 
-@_request(Op.MULTI_GET)
+@_request(Op.MULTI_GET, "keys")
 @dataclass(slots=True)
 class MultiGet(Request):
     keys: list[bytes]
 
 
-@_request(Op.MULTI_SET)
+@_request(Op.MULTI_SET, "keys")
 @dataclass(slots=True)
 class MultiSet(Request):
     keys: list[bytes]
     values: list[bytes]
 
 
-@_request(Op.CANCEL_WAIT)
+@_request(Op.CANCEL_WAIT, "none")
 @dataclass(slots=True)
 class CancelWait(Request):
     pass
 
 
-@_request(Op.PING)
+@_request(Op.PING, "_p_ping")
 @dataclass(slots=True)
 class Ping(Request):
     nonce: int
 
 
-@_request(Op.QUEUE_PUSH)
+@_request(Op.QUEUE_PUSH, "key+value")
 @dataclass(slots=True)
 class QueuePush(Request):
     key: bytes
     value: bytes
 
 
-@_request(Op.QUEUE_POP)
+@_request(Op.QUEUE_POP, "key")
 @dataclass(slots=True)
 class QueuePop(Request):
     key: bytes
 
 
-@_request(Op.QUEUE_LEN)
+@_request(Op.QUEUE_LEN, "key")
 @dataclass(slots=True)
 class QueueLen(Request):
     key: bytes
 
 
-@_request(Op.LIST_KEYS)
+@_request(Op.LIST_KEYS, "none")
 @dataclass(slots=True)
 class ListKeys(Request):
     pass
 
 
-@_request(Op.BARRIER)
+@_request(Op.BARRIER, "key+i64")
 @dataclass(slots=True)
 class Barrier(Request):
     key: bytes
     world_size: int
 
 
-@_request(Op.EXT_ADD)
+@_request(Op.EXT_ADD, "key+i64")
 @dataclass(slots=True)
 class ExtAdd(Request):
     key: bytes
     amount: int
 
 
-@_request(Op.EXT_BARRIER)
+@_request(Op.EXT_BARRIER, "key+i64")
 @dataclass(slots=True)
 class ExtBarrier(Request):
     key: bytes
     world_size: int
 
 
-@_request(Op.EXT_GET_WAIT)
+@_request(Op.EXT_GET_WAIT, "key")
 @dataclass(slots=True)
 class ExtGetWait(Request):
     key: bytes
 
 
-@_request(Op.EXT_MULTI_GET_WAIT)
+@_request(Op.EXT_MULTI_GET_WAIT, "keys")
 @dataclass(slots=True)
 class ExtMultiGetWait(Request):
     keys: list[bytes]
 
 
-@_request(Op.EXT_QUEUE_POP_WAIT)
+@_request(Op.EXT_QUEUE_POP_WAIT, "key")
 @dataclass(slots=True)
 class ExtQueuePopWait(Request):
     key: bytes
 
 
-@_request(Op.EXT_LIST_KEYS)
+@_request(Op.EXT_LIST_KEYS, "key")
 @dataclass(slots=True)
 class ExtListKeys(Request):
     prefix: bytes
 
 
-@_request(Op.EXT_NUM_KEYS)
+@_request(Op.EXT_NUM_KEYS, "key")
 @dataclass(slots=True)
 class ExtNumKeys(Request):
     prefix: bytes
 
 
-@_request(Op.EXT_SET_EPHEMERAL)
+@_request(Op.EXT_SET_EPHEMERAL, "key+value")
 @dataclass(slots=True)
 class ExtSetEphemeral(Request):
     key: bytes
     value: bytes
 
 
-@_request(Op.EXT_SET_LEASE)
+@_request(Op.EXT_SET_LEASE, "_p_set_lease")
 @dataclass(slots=True)
 class ExtSetLease(Request):
     key: bytes
@@ -420,13 +446,13 @@ class ExtSetLease(Request):
     ttl_ms: int
 
 
-@_request(Op.EXT_AUTH_BEGIN)
+@_request(Op.EXT_AUTH_BEGIN, "none")
 @dataclass(slots=True)
 class ExtAuthBegin(Request):
     pass
 
 
-@_request(Op.EXT_AUTH_PROOF)
+@_request(Op.EXT_AUTH_PROOF, "_p_auth_proof")
 @dataclass(slots=True)
 class ExtAuthProof(Request):
     client_nonce: bytes
@@ -580,7 +606,7 @@ class RequestParser:
         return out
 
     def _unknown(self, op: int) -> ProtocolError:
-        if op >= Op.EXT_ADD and op in Op._value2member_map_:
+        if is_extension(op) and op in Op._value2member_map_:
             return ProtocolError(
                 f"extension opcode {op:#04x} ({Op(op).name}) sent without negotiating "
                 "extensions (PING with the rdzv nonce)"
@@ -729,10 +755,7 @@ _U64_FROM = _U64.unpack_from
 _I64_FROM = _I64.unpack_from
 
 _LIST_CLASSES: dict[Op, Callable[[list[bytes]], Request]] = {
-    Op.CHECK: Check,
-    Op.WAIT: Wait,
-    Op.MULTI_GET: MultiGet,
-    Op.EXT_MULTI_GET_WAIT: ExtMultiGetWait,
+    op: cls for op, (cls, frame) in _FRAMES.items() if frame == "keys" and op != Op.MULTI_SET
 }
 
 # Per-shape parsers: ``(parser, buf, pos, end) -> (request, end of frame)``; ``pos`` is just
@@ -790,38 +813,31 @@ def _fixed(req: Request) -> _Parse:
     return parse
 
 
+def _parser_of(op: Op, cls: type[Request], frame: str) -> _Parse:
+    if frame == "key":
+        return _key_parser(cls)
+    if frame == "key+value":
+        return _key_parser(cls, _KEY_VALUE)
+    if frame == "key+i64":
+        return _key_parser(cls, _KEY_INT)
+    if frame == "keys":
+        return _list_parser(op)
+    if frame == "none":
+        return _fixed(cls())
+    parse: _Parse = getattr(RequestParser, frame)
+    return parse
+
+
 def _build_tables() -> tuple[list[_Parse | None], list[_Parse | None]]:
+    """The parser tables by opcode byte: torch's opcodes (before negotiation), and torch's
+    plus the extensions (after), from the :func:`_request` declarations."""
     torch: list[_Parse | None] = [None] * 256
-    torch[Op.SET] = _key_parser(Set, _KEY_VALUE)
-    torch[Op.COMPARE_SET] = RequestParser._p_compare_set
-    torch[Op.GET] = _key_parser(Get)
-    torch[Op.ADD] = _key_parser(Add, _KEY_INT)
-    torch[Op.CHECK] = _list_parser(Op.CHECK)
-    torch[Op.WAIT] = _list_parser(Op.WAIT)
-    torch[Op.GETNUMKEYS] = _fixed(GetNumKeys())
-    torch[Op.DELETE_KEY] = _key_parser(DeleteKey)
-    torch[Op.APPEND] = _key_parser(Append, _KEY_VALUE)
-    torch[Op.MULTI_GET] = _list_parser(Op.MULTI_GET)
-    torch[Op.MULTI_SET] = _list_parser(Op.MULTI_SET)
-    torch[Op.CANCEL_WAIT] = _fixed(CancelWait())
-    torch[Op.PING] = RequestParser._p_ping
-    torch[Op.QUEUE_PUSH] = _key_parser(QueuePush, _KEY_VALUE)
-    torch[Op.QUEUE_POP] = _key_parser(QueuePop)
-    torch[Op.QUEUE_LEN] = _key_parser(QueueLen)
-    torch[Op.LIST_KEYS] = _fixed(ListKeys())
-    torch[Op.BARRIER] = _key_parser(Barrier, _KEY_INT)
-    ext = list(torch)
-    ext[Op.EXT_ADD] = _key_parser(ExtAdd, _KEY_INT)
-    ext[Op.EXT_BARRIER] = _key_parser(ExtBarrier, _KEY_INT)
-    ext[Op.EXT_GET_WAIT] = _key_parser(ExtGetWait)
-    ext[Op.EXT_MULTI_GET_WAIT] = _list_parser(Op.EXT_MULTI_GET_WAIT)
-    ext[Op.EXT_QUEUE_POP_WAIT] = _key_parser(ExtQueuePopWait)
-    ext[Op.EXT_LIST_KEYS] = _key_parser(ExtListKeys)
-    ext[Op.EXT_NUM_KEYS] = _key_parser(ExtNumKeys)
-    ext[Op.EXT_SET_EPHEMERAL] = _key_parser(ExtSetEphemeral, _KEY_VALUE)
-    ext[Op.EXT_SET_LEASE] = RequestParser._p_set_lease
-    ext[Op.EXT_AUTH_BEGIN] = _fixed(ExtAuthBegin())
-    ext[Op.EXT_AUTH_PROOF] = RequestParser._p_auth_proof
+    ext: list[_Parse | None] = [None] * 256
+    for op, (cls, frame) in _FRAMES.items():
+        parse = _parser_of(op, cls, frame)
+        ext[op] = parse
+        if not is_extension(op):
+            torch[op] = parse
     return torch, ext
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rdzv.cli.store import parse_endpoint
+from rdzv.endpoint import parse_endpoint
 from rdzv.store.tcp import TCPStore
 from tests.conftest import subprocess_env
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from rdzv.engine import Engine
-from rdzv.persistence import recover
+from rdzv.server.persistence import recover
 from rdzv.store.tcp import TCPStore
 from tests.conftest import subprocess_env
 from tests.rendezvous.conftest import ProcNode

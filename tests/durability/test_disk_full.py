@@ -22,7 +22,7 @@ import pytest
 from rdzv import wire
 from rdzv.engine import Engine
 from rdzv.errors import NetworkError, StoreError
-from rdzv.persistence import recover
+from rdzv.server.persistence import recover
 from rdzv.store.tcp import TCPStore
 from tests.conftest import subprocess_env
 from tests.server.helpers import Raw
@@ -169,7 +169,7 @@ def test_writes_without_a_reply_are_not_acknowledged_by_a_later_reply(tmp_path: 
 def test_a_failed_commit_is_undone_and_written_again(tmp_path: Path) -> None:
     """The journal alone: a failing write leaves no partial commit in the log, keeps its
     records and writes them with the next commit."""
-    from rdzv.persistence import DurableJournal
+    from rdzv.server.persistence import DurableJournal
 
     engine = Engine()
     journal = DurableJournal(tmp_path, fsync="never")
@@ -202,7 +202,7 @@ def test_a_failed_commit_is_undone_and_written_again(tmp_path: Path) -> None:
 
 
 def test_a_failed_interval_fsync_refuses_writes_until_an_fsync_succeeds(tmp_path: Path) -> None:
-    from rdzv.persistence import DurableJournal
+    from rdzv.server.persistence import DurableJournal
 
     engine = Engine()
     journal = DurableJournal(tmp_path, fsync="interval", fsync_interval=3600.0)
@@ -227,7 +227,7 @@ def test_a_failed_interval_fsync_refuses_writes_until_an_fsync_succeeds(tmp_path
 def test_a_snapshot_that_cannot_open_its_new_log_is_retried_by_the_next_commit(
     tmp_path: Path,
 ) -> None:
-    from rdzv.persistence import DurableJournal
+    from rdzv.server.persistence import DurableJournal
 
     engine = Engine()
     journal = DurableJournal(tmp_path, fsync="never", snapshot_bytes=1 << 30)

@@ -17,10 +17,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from rdzv import persistence
 from rdzv.engine import Engine
 from rdzv.errors import StoreError
-from rdzv.persistence import DurableJournal, recover
+from rdzv.server import persistence
+from rdzv.server.persistence import DurableJournal, recover
 from tests.conftest import subprocess_env
 from tests.server.helpers import rdzv_serve
 
@@ -96,7 +96,7 @@ def test_discard_corrupt_keeps_the_intact_part_and_says_what_is_lost(
     snapshot = snapshot_of(tmp_path)
     flip(snapshot, snapshot.stat().st_size // 2)
     engine = Engine()
-    caplog.set_level(logging.WARNING, "rdzv.persistence")
+    caplog.set_level(logging.WARNING, "rdzv.server.persistence")
     journal = DurableJournal(tmp_path, recovery="discard-corrupt")
     result = journal.open(engine)
     journal.close()
@@ -208,7 +208,7 @@ def test_a_torn_last_commit_is_dropped_whole_and_counted(
     with open(log, "r+b") as f:
         f.truncate(log.stat().st_size - 100)  # the crash cut the last commit short
     torn = log.stat().st_size
-    caplog.set_level(logging.WARNING, "rdzv.persistence")
+    caplog.set_level(logging.WARNING, "rdzv.server.persistence")
     again = Engine()
     result = recover(tmp_path, again)
     assert dict(again.items()) == {b"acked": b"1"}
@@ -244,7 +244,7 @@ def test_damage_followed_by_commits_is_refused(tmp_path: Path) -> None:
 
 
 class CountingCrc:
-    """Stands in for the zlib module in rdzv.persistence: counts the bytes checksummed."""
+    """Stands in for the zlib module in rdzv.server.persistence: counts the bytes checksummed."""
 
     def __init__(self) -> None:
         self.bytes = 0

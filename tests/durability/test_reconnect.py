@@ -1,20 +1,46 @@
 """Clients reconnect after a server restart: retries of idempotent operations, replay of
-unacknowledged writes, outcome-unknown errors for the others (TCPStore and AsyncTCPStore)."""
+unacknowledged writes, outcome-unknown errors for the others. Each test runs on both
+drivers of the one client core (TCPStore, and AsyncTCPStore through a blocking facade)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rdzv.errors import NetworkError
 from rdzv.server import ServerThread
 from rdzv.store.async_tcp import AsyncTCPStore
+from rdzv.store.base import Store
 from rdzv.store.tcp import TCPStore
 from tests.server.helpers import eventually
+from tests.store.async_bridge import AsyncBridge, LoopThread
+
+Client = Callable[..., Store]
+
+
+@pytest.fixture(params=["TCPStore", "AsyncTCPStore"])
+def client(request: pytest.FixtureRequest) -> Iterator[Client]:
+    """``client(port, **kwargs)``: a connected store of the parametrised client class."""
+    loops: list[LoopThread] = []
+
+    def make(port: int, **kwargs: Any) -> Store:
+        if request.param == "TCPStore":
+            return TCPStore("127.0.0.1", port, **kwargs)
+        if not loops:
+            loops.append(LoopThread())
+        store = AsyncTCPStore("127.0.0.1", port, **kwargs)
+        loops[0].run(store.connect())
+        return AsyncBridge(loops[0], store)
+
+    yield make
+    for loop in loops:
+        loop.stop()
 
 
 def restart(server: ServerThread, **kwargs: object) -> ServerThread:
@@ -25,9 +51,9 @@ def restart(server: ServerThread, **kwargs: object) -> ServerThread:
     return ServerThread("127.0.0.1", port, **kwargs).start()
 
 
-def test_blocked_get_continues_across_a_restart(tmp_path: Path) -> None:
+def test_blocked_get_continues_across_a_restart(tmp_path: Path, client: Client) -> None:
     server = ServerThread("127.0.0.1", 0, data_dir=tmp_path).start()
-    store = TCPStore("127.0.0.1", server.port, timeout=30)
+    store = client(server.port, timeout=30)
     store.set("before", b"1")
     got: list[bytes | BaseException] = []
 
@@ -56,9 +82,9 @@ def test_blocked_get_continues_across_a_restart(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_unacknowledged_sets_are_sent_again() -> None:
+def test_unacknowledged_sets_are_sent_again(client: Client) -> None:
     server = ServerThread("127.0.0.1", 0).start()
-    store = TCPStore("127.0.0.1", server.port, timeout=30)
+    store = client(server.port, timeout=30)
     store.set("acked", b"1")
     assert store.check(["acked"])  # a reply: "acked" is acknowledged
     store.set("unacked", b"2")
@@ -72,9 +98,9 @@ def test_unacknowledged_sets_are_sent_again() -> None:
         server.stop()
 
 
-def test_add_in_flight_has_an_unknown_outcome_and_the_store_recovers() -> None:
+def test_add_in_flight_has_an_unknown_outcome_and_the_store_recovers(client: Client) -> None:
     server = ServerThread("127.0.0.1", 0).start()
-    store = TCPStore("127.0.0.1", server.port, timeout=30)
+    store = client(server.port, timeout=30)
     assert store.add("n", 1) == 1
     port = server.port
     server.stop()
@@ -88,9 +114,9 @@ def test_add_in_flight_has_an_unknown_outcome_and_the_store_recovers() -> None:
         server.stop()
 
 
-def test_unacknowledged_append_is_reported_not_replayed() -> None:
+def test_unacknowledged_append_is_reported_not_replayed(client: Client) -> None:
     server = ServerThread("127.0.0.1", 0).start()
-    store = TCPStore("127.0.0.1", server.port, timeout=30)
+    store = client(server.port, timeout=30)
     store.append("log", b"a")
     store.set("k", b"v")
     server = restart(server)
@@ -104,9 +130,9 @@ def test_unacknowledged_append_is_reported_not_replayed() -> None:
         server.stop()
 
 
-def test_reconnect_false_keeps_torch_behaviour() -> None:
+def test_reconnect_false_keeps_torch_behaviour(client: Client) -> None:
     server = ServerThread("127.0.0.1", 0).start()
-    store = TCPStore("127.0.0.1", server.port, timeout=30, reconnect=False)
+    store = client(server.port, timeout=30, reconnect=False)
     store.set("k", b"v")
     server = restart(server)
     try:
@@ -118,9 +144,9 @@ def test_reconnect_false_keeps_torch_behaviour() -> None:
         server.stop()
 
 
-def test_reconnect_gives_up_after_the_timeout() -> None:
+def test_reconnect_gives_up_after_the_timeout(client: Client) -> None:
     server = ServerThread("127.0.0.1", 0).start()
-    store = TCPStore("127.0.0.1", server.port, timeout=1)
+    store = client(server.port, timeout=1)
     store.set("k", b"v")
     server.stop()
     start = time.monotonic()

@@ -13,8 +13,8 @@ import pytest
 
 from rdzv import wire
 from rdzv.engine import Engine
-from rdzv.persistence import DurableJournal, recover
 from rdzv.server import ServerThread
+from rdzv.server.persistence import DurableJournal, recover
 from rdzv.store.tcp import TCPStore
 from tests.conftest import subprocess_env
 from tests.server.helpers import Raw, eventually, rdzv_serve

@@ -213,7 +213,7 @@ class LiveServer:
         deadline = time.monotonic() + 5
         while True:
             state = self.thread.call(
-                lambda s: (s.num_connections, s.engine.num_waiters(), len(s._bound))
+                lambda s: (s.num_connections, s.engine.num_waiters(), len(s.engine.bound_keys()))
             )
             if state[0] == 1 and state[1] == 0:
                 break

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rdzv import fastpath, wire
+from rdzv import wire
 from rdzv.engine import Engine
+from rdzv.server import fastpath
 from rdzv.stats import REQUEST_BUCKETS, Histogram, HistogramSnapshot
 
 BOUNDS_NS = [round(b * 1e9) for b in REQUEST_BUCKETS]
@@ -27,7 +28,7 @@ def test_histogram_counts_each_observation_in_its_bucket() -> None:
 
 def test_fast_path_counts_the_requests_it_executes_and_times_reads() -> None:
     engine = Engine()
-    executor = fastpath.executor_for(engine, {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(engine, wire.DEFAULT_LIMITS)
     assert executor is not None and not executor.counting
     requests = wire.encode_set(b"/k", b"v") + wire.encode_key(wire.Op.GET, b"/k")
     executor.run(requests, 0, False, 1 << 20)

@@ -21,6 +21,7 @@ from rdzv.errors import (
     StoreTimeoutError,
 )
 from rdzv.rendezvous.decision import (
+    LOOKOUT_BLOCK,
     Bootstrap,
     CleanUp,
     Completed,
@@ -98,8 +99,9 @@ class World:
         self.data: dict[str, bytes] = {}
         self.clock = 1000.0
         self.ops: list[Op] = []
-        #: Store operations per node index.
+        #: Store operations per node index, and the operations themselves.
         self.by_node: dict[int, int] = {}
+        self.trace: dict[int, list[Op]] = {}
         self.beating: dict[int, str | None] = {}
 
     # ---- the store, as torch defines it
@@ -143,7 +145,7 @@ class World:
     def waits_on(op: Op) -> list[str] | None:
         if isinstance(op, Get):
             return [op.key]
-        if isinstance(op, Wait):
+        if isinstance(op, (Wait, MultiGet)):
             return op.keys
         return None
 
@@ -157,6 +159,7 @@ class World:
                 assert keys is not None
                 if not all(k in self.data for k in keys):
                     return progressed
+                self.trace.setdefault(index, []).append(node.blocked)
                 node.value, node.blocked = self.perform(node.blocked), None
                 self.by_node[index] = self.by_node.get(index, 0) + 1
             try:
@@ -182,10 +185,11 @@ class World:
                 elif isinstance(op, Bootstrap):
                     node.value = ("boot", 1)
             elif (keys := self.waits_on(op)) is not None and not all(k in self.data for k in keys):
-                timeout = op.timeout if isinstance(op, (Get, Wait)) else None
+                timeout = op.timeout if isinstance(op, (Get, Wait, MultiGet)) else None
                 node.blocked = op
                 node.until = self.clock + (3600.0 if timeout is None else timeout)
             else:
+                self.trace.setdefault(index, []).append(op)
                 node.value = self.perform(op)
                 self.by_node[index] = self.by_node.get(index, 0) + 1
         return progressed
@@ -387,3 +391,81 @@ def test_waiting_nodes_far_from_the_monitors_look_less_often() -> None:
     assert near > 3 * far, (near, far)
     # The far node looked a few times in 64 intervals (~4), not 64 times.
     assert far < 64 * 3 / 8
+
+
+def test_survivors_rejoin_without_reading_the_round_and_lookouts_look_first() -> None:
+    """Re-joining after a completed round: a member takes its slot in the next round at once
+    (no read of the round counter); the two lowest slots of each block of LOOKOUT_BLOCK
+    first read their block's heartbeats (one request, not waiting for missing keys)."""
+    n = LOOKOUT_BLOCK + 6
+    s = settings(n, n)
+    world = World()
+    cores = [core(i, s) for i in range(n)]
+    first = join(world, cores)
+    assert all(node.raised is None for node in first)
+    slot_of = {i: node.result.slot for i, node in enumerate(first)}
+    world.trace.clear()
+    again = join(world, cores)
+    assert all(node.raised is None for node in again), [n.raised for n in again]
+    assert sorted(node.result.rank for node in again) == list(range(n))
+    assert {node.result.keys.number for node in again} == {1}
+    for i, ops in world.trace.items():
+        slot = slot_of[i]
+        if slot in (1, 2, LOOKOUT_BLOCK + 1, LOOKOUT_BLOCK + 2):
+            look = ops[0]
+            assert isinstance(look, MultiGet) and look.timeout == 0.0, look
+            start = slot - (slot - 1) % LOOKOUT_BLOCK
+            block = range(start, min(start + LOOKOUT_BLOCK - 1, n) + 1)
+            assert look.keys == [f"rdzv/job/r0/hb/{b}" for b in block if b != slot]
+            assert ops[1] == Get("rdzv/job/r0/size", 0.0)  # which of them are members
+            ops = ops[2:]
+        assert ops[0] == Add("rdzv/job/r1/joined", 1), (slot, ops[:3])
+    assert not any(op == Add("rdzv/job/round", 0) for ops in world.trace.values() for op in ops)
+
+
+def test_a_lookout_declares_a_dead_member_one_expiry_after_its_first_look() -> None:
+    """The look-out's first look, taken before it re-joins, starts the expiry of a dead
+    member: the next round completes one expiry (plus the last call) after it, although the
+    other survivors and the monitors of the new round come later."""
+    s = settings(3, 4, last_call=0.25)
+    world = World()
+    cores = [core(i, s) for i in range(4)]
+    first = join(world, cores)
+    assert all(node.raised is None for node in first)
+    by_slot = {node.result.slot: i for i, node in enumerate(first)}
+    lookout, victim = by_slot[1], by_slot[4]
+    others = [i for i in range(4) if i not in (lookout, victim)]
+    # The look-out starts re-joining: its first store operation is the look at its block;
+    # it goes on until it holds its slot in round 1.
+    program = cores[lookout].next_rendezvous(None)
+    t0 = world.clock
+    ops: list[Op] = []
+    value: Any = None
+    while not ops or ops[-1] != Add("rdzv/job/r1/joined", 1):
+        op = program.send(value)
+        if isinstance(op, Now):
+            value = world.clock
+        else:
+            ops.append(op)
+            value = world.perform(op)
+    assert isinstance(ops[0], MultiGet) and "rdzv/job/r0/hb/4" in ops[0].keys
+    # The victim is dead; the others are still running their round for 1.5 s (beating).
+    world.beating[victim] = None
+    world.clock += 1.0
+    world.beat(frozenset({victim}))
+    world.clock += 0.5
+    nodes = [Node(c.next_rendezvous(None)) for c in cores]
+    nodes[lookout] = Node(program, value=value)
+    world.run(nodes, dead=frozenset({victim}))
+    done = [nodes[i] for i in (lookout, *others)]
+    assert all(n.raised is None for n in done), [n.raised for n in done]
+    assert sorted(n.result.rank for n in done) == [0, 1, 2]
+    assert {n.result.keys.number for n in done} == {1}
+    records = [e for n in nodes for e in n.effects if isinstance(e, Record)]
+    assert len(records) == 1 and "slot 4 of round 0" in records[0].message
+    assert any(isinstance(e, Record) for e in nodes[lookout].effects)
+    assert world.data["rdzv/job/r0/hb/4"].startswith(b"dead:")
+    assert world.data["rdzv/job/r0/nvacated"] == b"4"
+    # Declared at t0 + EXPIRY, closed after the last call: not 1.5 s later, when the
+    # monitors' own first look would have let them declare it.
+    assert t0 + EXPIRY <= world.clock <= t0 + EXPIRY + 0.25 + 0.5, world.clock - t0

@@ -9,7 +9,6 @@ import socket
 import pytest
 
 from rdzv.rendezvous.utils import (
-    _try_parse_port,
     matches_machine_hostname,
     parse_rendezvous_config,
     parse_rendezvous_endpoint,
@@ -59,18 +58,6 @@ def test_parse_rendezvous_config_last_duplicate_wins() -> None:
 
 
 # --------------------------------------------------------------------------- ports
-@pytest.mark.parametrize(
-    ("text", "port"), [("0", 0), ("123", 123), ("00080", 80), ("99999", 99999)]
-)
-def test_try_parse_port(text: str, port: int) -> None:
-    assert _try_parse_port(text) == port
-
-
-@pytest.mark.parametrize("text", ["", "  ", " 1", "1 ", "abc", "-1", "+1", "123456", "1.0", "١٢"])
-def test_try_parse_port_rejects(text: str) -> None:
-    assert _try_parse_port(text) is None
-
-
 # --------------------------------------------------------------------------- endpoints
 @pytest.mark.parametrize(
     ("endpoint", "expected"),

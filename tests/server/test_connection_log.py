@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from rdzv import server as server_module
 from rdzv.server import ServerThread
+from rdzv.server import connection as server_module
 from tests.server.helpers import Raw, eventually
 
 

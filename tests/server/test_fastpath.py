@@ -1,4 +1,4 @@
-"""The server's C fast path (rdzv._fastpath) against its Python path.
+"""The server's C fast path (rdzv.server._fastpath) against its Python path.
 
 The differential test feeds the same random request streams, cut at random places and
 interleaved over two connections, to a server with the fast path and one without, and
@@ -22,9 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rdzv import fastpath, wire
+from rdzv import wire
 from rdzv.engine import Engine
-from rdzv.server import StoreServer, _Connection
+from rdzv.server import StoreServer, fastpath
+from rdzv.server.connection import Connection
 from rdzv.wire import Op
 from tests.conftest import subprocess_env
 
@@ -34,10 +35,10 @@ VALUES = [b"", b"1", b"-5", b" 7", b"+3", b"x", b"007", b"-", b"9223372036854775
 
 
 def test_the_extension_is_built() -> None:
-    # CI installs the package with pip, which compiles src/rdzv/_fastpath.c: without it the
+    # CI installs the package with pip, which compiles src/rdzv/server/_fastpath.c: without it the
     # server silently runs its slower pure-Python path.
     assert fastpath.AVAILABLE, (
-        "rdzv._fastpath is not built: run `pip install -e .` (needs a C compiler and the "
+        "rdzv.server._fastpath is not built: run `pip install -e .` (needs a C compiler and the "
         "Python headers) or `python setup.py build_ext --inplace`"
     )
 
@@ -89,12 +90,12 @@ class Harness:
         # run only by tests that ask for it (run_once).
         self.loop = self.server._loop = asyncio.new_event_loop()
         weakref.finalize(self, self.loop.close)
-        self.conns: list[_Connection] = []
+        self.conns: list[Connection] = []
         self.transports: list[FakeTransport] = []
         self.lost: list[bool] = []
 
     def connect(self) -> int:
-        conn = _Connection(self.server)
+        conn = Connection(self.server)
         transport = FakeTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         self.conns.append(conn)
@@ -125,7 +126,7 @@ class Harness:
         return {
             "data": dict(engine.items()),
             "queues": {k: list(v) for k, v in engine.queues()},
-            "bound": sorted(self.server._bound),
+            "bound": sorted(self.server.engine.bound_keys()),
             "waiters": engine.num_waiters(),
             "parked": [(len(c.waiters), c.wait_keys) for c in self.conns],
             "replies": [bytes(t.out) for t in self.transports],
@@ -289,13 +290,13 @@ def test_a_waiter_sends_the_set_to_python() -> None:
 def slow_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """The bytes each connection made from now on hands to the Python path."""
     calls: list[bytes] = []
-    original = _Connection._receive
+    original = Connection._receive
 
-    def spy(conn: _Connection, data: bytes) -> None:
+    def spy(conn: Connection, data: bytes) -> None:
         calls.append(data)
         original(conn, data)
 
-    monkeypatch.setattr(_Connection, "_receive", spy)
+    monkeypatch.setattr(Connection, "_receive", spy)
     return calls
 
 
@@ -402,31 +403,34 @@ def test_close_and_cancel_drop_a_wait_parked_by_the_fast_path() -> None:
     assert h.transports[cancelling].out == wire.WAIT_CANCELED
 
 
-def test_a_wait_over_a_limit_is_left_to_python(slow_calls: list[bytes]) -> None:
+def test_without_an_owner_the_python_path_parks(slow_calls: list[bytes]) -> None:
     h = Harness(fast=True)
-    h.server.max_wait_keys_per_connection = 0  # below what the constructor accepts
     i = h.connect()
+    receiver = h.conns[i]._receiver
+    assert receiver is not None
+    receiver.owner = None
     wait = wire.encode_keys(Op.WAIT, [b"/k"])
     h.feed(i, wire.encode_validate() + wait)
-    assert slow_calls == [wait]  # park() declined: Python closes with the limit's message
-    assert h.transports[i].closed and h.server.engine.num_waiters() == 0
+    assert slow_calls == [wait]
+    assert h.server.engine.num_waiters() == 1 and h.conns[i].wait_keys == 1
 
 
-def test_executor_run_never_parks() -> None:
-    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+def test_executor_run_never_parks_and_receivers_check_their_owner() -> None:
+    engine = Engine()
+    executor = fastpath.executor_for(engine, wire.DEFAULT_LIMITS)
     assert executor is not None
-    parked: list[tuple[object, bytes]] = []
-    executor.park = lambda owner, key: parked.append((owner, key)) is None
     wait = wire.encode_keys(Op.WAIT, [b"/k"])
-    assert executor.run(wait, 0, False, 100) == (0, None)
+    executor.on_fire = lambda waiter: None
+    assert executor.run(wait, 0, False, 100) == (0, None)  # no connection to park for
     receiver = fastpath.Receiver(executor, lambda data: None, 100)
     receiver.write = lambda data: None
     receiver.enabled = True
-    receiver(wait)  # no owner: not parked
-    assert parked == []
-    receiver.owner = "conn"
-    receiver(wait)
-    assert parked == [("conn", b"/k")] and not receiver.enabled
+    receiver.owner = ("not a connection",)  # type: ignore[assignment]
+    with pytest.raises(AttributeError):  # it has no add_waiter
+        receiver(wait)
+    receiver.owner = "conn"  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="owner must be a"):
+        receiver(wait)
 
 
 def test_the_fast_path_stops_at_a_partial_request() -> None:
@@ -488,7 +492,7 @@ def test_direct_send_on_the_socket_when_nothing_is_queued() -> None:
 
 
 def test_receiver_rejects_bad_arguments() -> None:
-    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(Engine(), wire.DEFAULT_LIMITS)
     assert executor is not None
     with pytest.raises(TypeError):
         fastpath.Receiver(executor, 42, 10)  # type: ignore[arg-type]
@@ -503,6 +507,18 @@ def test_receiver_rejects_bad_arguments() -> None:
         executor.run(b"", 1, False, 10)
 
 
+def test_executor_takes_only_the_engines_fastpath_tables() -> None:
+    tables = Engine().fastpath_tables()
+    with pytest.raises(TypeError, match="FastPathTables"):
+        fastpath.Executor(tables[:5], 1, 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="field 2"):
+        fastpath.Executor(tables._replace(waiters=[]), 1, 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="park"):
+        fastpath.Executor(tables._replace(park=None), 1, 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=">= 0"):
+        fastpath.Executor(tables, -1, 1, 1)
+
+
 def test_fastpath_state_says_why_it_is_off(tmp_path: Any) -> None:
     assert StoreServer().fastpath_state == "on"
     assert StoreServer(fastpath=False).fastpath_state == "off (fastpath=False)"
@@ -512,7 +528,7 @@ def test_fastpath_state_says_why_it_is_off(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize(("value", "enabled"), [("0", False), ("off", False), ("1", True)])
 def test_rdzv_fastpath_environment_variable(value: str, enabled: bool) -> None:
-    code = "from rdzv import fastpath; print(fastpath.ENABLED)"
+    code = "from rdzv.server import fastpath; print(fastpath.ENABLED)"
     env = {**subprocess_env(), "RDZV_FASTPATH": value}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
@@ -523,7 +539,7 @@ def test_rdzv_fastpath_environment_variable(value: str, enabled: bool) -> None:
 # --------------------------------------------------------------------------- busy polling
 def _poll_setup(window: float = 0.002, max_clients: int = 1) -> tuple[Any, ...]:
     loop = asyncio.new_event_loop()
-    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(Engine(), wire.DEFAULT_LIMITS)
     assert executor is not None
     poller = fastpath.BusyPoller(loop, executor, window, max_clients)
     receivers = []
@@ -583,7 +599,7 @@ def test_busy_poller_backs_off_when_several_clients_read() -> None:
 
 def test_busy_poller_rejects_bad_settings() -> None:
     loop = asyncio.new_event_loop()
-    executor = fastpath.executor_for(Engine(), {}, wire.DEFAULT_LIMITS)
+    executor = fastpath.executor_for(Engine(), wire.DEFAULT_LIMITS)
     assert executor is not None
     try:
         with pytest.raises(ValueError, match="window"):

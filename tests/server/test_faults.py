@@ -15,7 +15,8 @@ import struct
 import pytest
 
 from rdzv import auth, wire
-from rdzv.server import INPUT_SLICE, TURN_REQUESTS, ServerThread, StoreServer
+from rdzv.server import ServerThread, StoreServer
+from rdzv.server.connection import INPUT_SLICE, TURN_REQUESTS
 from rdzv.wire import Op
 from tests.server.helpers import Raw, eventually
 from tests.server.test_fastpath import Harness
@@ -151,18 +152,18 @@ def test_huge_waits_are_released_incrementally_on_close() -> None:
                 hog.write(wire.encode_keys(Op.WAIT, keys))
                 total += len(keys)
             await hog.drain()
-            while len(server.engine._waiters) < total:
+            while server.engine.num_waiting_keys() < total:
                 await asyncio.sleep(0.01)
             reader, victim = await asyncio.open_connection("127.0.0.1", server.port)
             victim.write(wire.encode_validate())
             hog.close()
             while server.num_connections > 1:
                 await asyncio.sleep(0)
-            assert 0 < len(server.engine._waiters) < total  # released in steps
+            assert 0 < server.engine.num_waiting_keys() < total  # released in steps
             victim.write(wire.encode_set(b"/v", b"1") + wire.encode_key(Op.GET, b"/v"))
             assert await asyncio.wait_for(reader.readexactly(9), 5) == U64(1) + b"1"
-            assert len(server.engine._waiters) > 0  # served before the release finished
-            while server.engine._waiters:
+            assert server.engine.num_waiting_keys() > 0  # served before the release finished
+            while server.engine.num_waiting_keys():
                 await asyncio.sleep(0)
             victim.close()
         finally:

@@ -360,7 +360,7 @@ def test_lease_expires_unless_renewed(server: ServerThread) -> None:
     c.call(wire.encode_set_lease(b"/kept", b"1", 100), 1)
     c.send(wire.encode_set(b"/kept", b"plain"))  # a plain write cancels the lease
     c.ping()
-    assert server.call(lambda s: len(s._bound)) == 0
+    assert server.call(lambda s: s.engine.bound_keys()) == []
     assert c.call(wire.encode_keys(Op.CHECK, [b"/kept"]), 1) == b"\x00"
 
 

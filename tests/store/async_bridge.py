@@ -94,11 +94,14 @@ class AsyncBridge(Store):
     def list_keys(self) -> list[str]:
         return self._do(self._store.list_keys())
 
-    def multi_get(self, keys: Sequence[KeyLike]) -> list[bytes]:
-        return self._do(self._store.multi_get(keys))
+    def multi_get(self, keys: Sequence[KeyLike], timeout: TimeoutLike | None = None) -> list[bytes]:
+        return self._do(self._store.multi_get(keys, timeout))
 
     def multi_set(self, keys: Sequence[KeyLike], values: Sequence[ValueLike]) -> None:
         self._do(self._store.multi_set(keys, values))
+
+    def set_lease(self, key: KeyLike, value: ValueLike, ttl: TimeoutLike) -> None:
+        self._do(self._store.set_lease(key, value, ttl))
 
     def queue_push(self, key: KeyLike, value: ValueLike) -> None:
         self._do(self._store.queue_push(key, value))

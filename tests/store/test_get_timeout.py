@@ -5,8 +5,10 @@ timeout."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from rdzv import HashStore, PrefixStore, Store
 from rdzv.errors import StoreTimeoutError
 from rdzv.server import ServerThread
 from rdzv.store.tcp import TCPStore
+from tests.store.backends import async_tcp_store
 
 
 @pytest.fixture(params=["hash", "tcp"])
@@ -43,6 +46,19 @@ def test_a_per_call_timeout_overrides_the_store_timeout(store: Store) -> None:
     assert store.multi_get(["k"]) == [b"v"]
     assert store.multi_get(["k", "k"], timeout=1) == [b"v", b"v"]
     assert store.multi_get([], timeout=0) == []
+
+
+def test_the_async_client_takes_a_per_call_multi_get_timeout(tmp_path: Path) -> None:
+    with async_tcp_store(tmp_path) as store:  # its own timeout: 5 s
+        started = time.monotonic()
+        with pytest.raises(StoreTimeoutError):
+            store.multi_get(["absent", "also"], timeout=0)
+        with pytest.raises(StoreTimeoutError):
+            store.multi_get(["absent"], timeout=timedelta(milliseconds=50))
+        assert time.monotonic() - started < 4
+        store.set("k", b"v")
+        assert store.multi_get(["k", "k"], timeout=0) == [b"v", b"v"]
+        assert store.multi_get(["k"]) == [b"v"]
 
 
 def test_a_bad_timeout_is_refused(store: Store) -> None:

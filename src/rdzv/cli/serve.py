@@ -20,7 +20,7 @@ from rdzv.server import (
 )
 
 #: ``rdzv serve --busy-poll-us`` default: covers a client's turnaround between two requests
-#: (see rdzv.fastpath.BusyPoller and docs/performance.md).
+#: (see rdzv.server.fastpath.BusyPoller and docs/performance.md).
 DEFAULT_BUSY_POLL_US = 50.0
 
 __all__ = ["register"]

@@ -8,23 +8,10 @@ import json
 import sys
 from typing import Any
 
+from rdzv.endpoint import parse_endpoint
 from rdzv.errors import RdzvError
 
-__all__ = ["parse_endpoint", "register"]
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port); ValueError with the reason."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"endpoint {text!r} must be HOST:PORT (e.g. 127.0.0.1:29500)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"endpoint {text!r}: write IPv6 addresses in brackets, [::1]:29500")
-    if not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"endpoint {text!r}: the port must be a number in 1..65535")
-    return host, int(port)
+__all__ = ["register"]
 
 
 def _value_json(value: bytes) -> dict[str, Any]:

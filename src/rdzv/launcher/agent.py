@@ -51,6 +51,7 @@ from types import FrameType
 from typing import Any
 
 from rdzv import auth, events
+from rdzv.endpoint import format_endpoint
 from rdzv.errors import (
     RdzvError,
     RendezvousClosedError,
@@ -90,7 +91,6 @@ from rdzv.launcher.restart_policy import (
 from rdzv.launcher.watchdog import Watchdog
 from rdzv.launcher.workers import Worker, WorkerProcesses
 from rdzv.rendezvous.api import RendezvousHandler, RendezvousInfo
-from rdzv.server import format_endpoint
 from rdzv.stats import AgentStats
 from rdzv.store.base import Store
 

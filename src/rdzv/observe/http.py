@@ -1,22 +1,31 @@
-"""The metrics and status-page listener: an HTTP server in threads of its own.
+"""The metrics and status-page listener: a small HTTP/1.1 server on an event loop of its own.
 
 Routes (GET and HEAD; other methods get 405, unknown paths 404):
 
-* ``/metrics``: the Prometheus text format (OpenMetrics when the scraper asks for it),
-  rendered from the collectors at scrape time;
+* ``/metrics``: the Prometheus text format (OpenMetrics when the scraper asks for it);
 * ``/api/status``: the status document (JSON, :mod:`rdzv.observe.status`);
 * ``/api/keys?prefix=P&limit=N`` (a store's listener): key names and value sizes, never
   values;
 * ``/`` and ``/static/...``: the status page (static files shipped in the package; they hold
   no data, so they are served without a token and ask for one when the data needs it).
 
-It never runs on, and never waits for, the store's event loop or the agent's thread: each
-request is served in a thread of :class:`http.server.ThreadingHTTPServer` that reads plain
-counters and snapshots. A store's listener runs in a process of its own and reads the
-snapshots the store process publishes (:mod:`rdzv.observe.listener`); an agent's runs in
-threads of the agent's process (copies taken under the GIL). A client's mistake costs that client a
-4xx; at most :data:`MAX_CONCURRENT` requests are served at once (more get 503), each socket
-times out after :data:`REQUEST_TIMEOUT` seconds.
+It never runs on, and never waits for, the store's event loop or the agent's thread. One
+thread runs an asyncio loop that parses requests (the request line and the few headers it
+reads, split from the bytes received) and answers them; a ``/metrics`` or ``/api/status``
+reply is sent from bytes rendered once per state of the data (``version``: a store
+listener's published snapshots) or once per :data:`RENDER_MAX_AGE` seconds, so a scrape of
+an unchanged state costs a few microseconds of CPU (``http.server`` spent ~60 us a request
+parsing and formatting headers). Rendering, status documents and key listings, which may
+wait (for the store process, or the agent's store), run in a pool of
+:data:`MAX_CONCURRENT` threads, never on the loop. A store's listener runs in a process of
+its own and reads the snapshots the store process publishes (:mod:`rdzv.observe.listener`);
+an agent's runs in threads of the agent's process (copies taken under the GIL).
+
+Connections are kept alive (HTTP/1.1, and HTTP/1.0 asking for it; requests on one connection
+are answered in order). A client's mistake costs that client a 4xx (400 malformed, 405 other
+methods, 413/414/431 too large; the connection is then closed); at most
+:data:`MAX_CONCURRENT` connections are served at once (more get 503), and a connection that
+sends nothing for :data:`REQUEST_TIMEOUT` seconds is closed.
 
 Security (``docs/observability.md``): bind loopback unless told otherwise; with tokens,
 ``/metrics`` and ``/api/...`` require ``Authorization: Bearer <token>`` (any of the
@@ -27,6 +36,7 @@ rebinding).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import ipaddress
@@ -36,11 +46,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from email.utils import formatdate
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, cast
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
@@ -48,6 +59,7 @@ from prometheus_client.registry import CollectorRegistry
 __all__ = [
     "KEYS_INTERVAL",
     "MAX_CONCURRENT",
+    "MAX_REQUEST_BYTES",
     "RENDER_MAX_AGE",
     "REQUEST_TIMEOUT",
     "ObserveServer",
@@ -57,11 +69,18 @@ __all__ = [
 
 _log = logging.getLogger("rdzv.observe.http")
 
-#: Requests served at once; more are answered 503 at once (a flood of scrapes or page
-#: loads costs threads and the GIL the store needs; Prometheus scrapes one at a time).
+#: Connections served at once; more are answered 503 at once (a flood of scrapes or page
+#: loads costs CPU the store needs; Prometheus scrapes one at a time). Also the threads
+#: that render bodies and wait for status documents and key listings.
 MAX_CONCURRENT = 16
-#: Seconds a connection may take to send its request (a slow client holds a thread).
+#: Seconds a connection may stay without sending anything (idle, or in the middle of a
+#: request); it is then closed.
 REQUEST_TIMEOUT = 10.0
+#: Bytes of a request's line and headers (more: 414 or 431), and of a body a GET may carry
+#: (it is read and ignored; more: 413).
+MAX_REQUEST_BYTES = 64 * 1024
+#: Header lines a request may have (more: 431).
+MAX_HEADERS = 100
 #: Seconds a rendered /metrics or /api/status body is reused when the listener has no
 #: ``version`` of its data (an agent's): rendering costs ~0.3 ms of CPU (and the GIL the
 #: agent needs), so a flood of scrapes renders at most 100 times a
@@ -94,12 +113,22 @@ _STATIC = {
     "/static/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 _HEADERS = {
+    "Server": "rdzv",
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
 }
+_DATA_PATHS = ("/metrics", "/api/status", "/api/keys")
+#: The characters of an HTTP method (a token, RFC 9110 5.6.2).
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\n\r\n"
+)
 
 
 def _load_static() -> dict[str, tuple[bytes, str]]:
@@ -114,176 +143,279 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
+def _head(code: int, ctype: str, length: int, extra: dict[str, str] | None = None) -> bytes:
+    """A reply's status line and headers, without ``Date``, ``Connection`` and the blank
+    line that ends them (added per reply)."""
+    status = HTTPStatus(code)
+    lines = [f"HTTP/1.1 {status.value} {status.phrase}"]
+    lines += [f"{name}: {value}" for name, value in (_HEADERS | (extra or {})).items()]
+    lines += [f"Content-Type: {ctype}", f"Content-Length: {length}", ""]
+    return "\r\n".join(lines).encode("latin-1")
 
-    def __init__(self, address: tuple[str, int], family: int, owner: ObserveServer) -> None:
-        self.address_family = family
-        self.owner = owner
-        self.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
-        super().__init__(address, _Handler)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                    b"Retry-After: 1\r\nConnection: close\r\n\r\n"
-                )
-            self.shutdown_request(request)
+class _Malformed(Exception):
+    """A request that cannot be served: reply ``code`` with ``message`` and close."""
+
+    def __init__(self, code: int, message: str, extra: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.extra = extra
+
+
+def _parse(head: bytes) -> tuple[str, str, bool, dict[str, str]]:
+    """(method, target, HTTP/1.1 or later, headers by lower-case name) of a request's line
+    and headers; raises :class:`_Malformed`."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1]:
+        raise _Malformed(HTTPStatus.BAD_REQUEST, f"bad request line {lines[0][:100]!r}")
+    method, target, version = parts
+    if method not in ("GET", "HEAD"):
+        if not method or not _TOKEN.issuperset(method):
+            raise _Malformed(HTTPStatus.BAD_REQUEST, f"bad request line {lines[0][:100]!r}")
+        raise _Malformed(
+            HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", {"Allow": "GET, HEAD"}
+        )
+    if len(lines) > MAX_HEADERS + 1:
+        raise _Malformed(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():  # no folding, no space before ':'
+            raise _Malformed(HTTPStatus.BAD_REQUEST, f"bad header line {line[:100]!r}")
+        headers[name.lower()] = value.strip()
+    return method, target, version != "HTTP/1.0", headers
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: requests parsed from its bytes and answered in order."""
+
+    def __init__(self, owner: ObserveServer) -> None:
+        self._owner = owner
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._busy = False  # a reply is being prepared in a thread: later requests wait
+        self._paused = False  # the client does not read its replies: read no more requests
+        self.last_active = 0.0
+
+    # ---------------------------------------------------------------- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        owner = self._owner
+        if len(owner.connections) >= MAX_CONCURRENT:
+            cast(asyncio.Transport, transport).write(_BUSY)
+            transport.close()
             return
-        super().process_request(request, client_address)
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.last_active = time.monotonic()
+        owner.connections.add(self)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._owner.connections.discard(self)
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        _log.warning("metrics listener: error serving %s", client_address, exc_info=True)
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self.last_active = time.monotonic()
+        self._process()
 
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    timeout = REQUEST_TIMEOUT
-    protocol_version = "HTTP/1.1"
-    # Errors before the request's version is parsed still get a status line (HTTP/0.9,
-    # http.server's default, has none and is not served).
-    default_request_version = "HTTP/1.0"
-    server_version = "rdzv"
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._transport is not None:
+            self._transport.resume_reading()
+            self._process()
 
-    def version_string(self) -> str:
-        return self.server_version
+    def idle(self, now: float) -> bool:
+        """Whether the client sent nothing for :data:`REQUEST_TIMEOUT` seconds (a reply
+        being prepared does not count)."""
+        return not self._busy and now - self.last_active > REQUEST_TIMEOUT
 
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in two writes: without NODELAY, Nagle's algorithm holds
-        # the body until the client's delayed ACK (40 ms per keep-alive request on Linux).
-        with contextlib.suppress(OSError):
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
-    def log_message(self, format: str, *args: Any) -> None:
-        if _log.isEnabledFor(logging.DEBUG):  # every request logs: format only when shown
-            _log.debug("%s %s", self.address_string(), format % args)
+    # ---------------------------------------------------------------- requests
+    def _process(self) -> None:
+        buffer = self._buffer
+        while self._transport is not None and not self._busy and not self._paused:
+            while buffer[:2] == b"\r\n":  # empty lines before a request are ignored
+                del buffer[:2]
+            end = buffer.find(b"\r\n\r\n", 0, MAX_REQUEST_BYTES + 4)
+            try:
+                if end < 0:
+                    if len(buffer) > MAX_REQUEST_BYTES:
+                        if buffer.find(b"\r\n", 0, MAX_REQUEST_BYTES) < 0:
+                            raise _Malformed(
+                                HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long"
+                            )
+                        raise _Malformed(
+                            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "headers too long"
+                        )
+                    return
+                method, target, http11, headers = _parse(bytes(buffer[:end]))
+                length = self._body_length(headers)
+            except _Malformed as exc:
+                self._reply_text(exc.code, str(exc), exc.extra, keep=False, head_only=False)
+                return
+            if len(buffer) < end + 4 + length:
+                return  # the rest of an (ignored) body is still to come
+            del buffer[: end + 4 + length]
+            connection = headers.get("connection", "").lower()
+            keep = "close" not in connection if http11 else "keep-alive" in connection
+            try:
+                self._serve(method == "HEAD", target, headers, keep, http11)
+            except _Malformed as exc:
+                self._reply_text(exc.code, str(exc), exc.extra, keep=False, head_only=False)
+                return
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        if code == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method: the client's mistake
-            code = HTTPStatus.METHOD_NOT_ALLOWED
-        super().send_error(code, message, explain)
+    @staticmethod
+    def _body_length(headers: dict[str, str]) -> int:
+        if "transfer-encoding" in headers:
+            raise _Malformed(HTTPStatus.BAD_REQUEST, "a GET or HEAD request takes no body")
+        raw = headers.get("content-length", "0")
+        if not raw.isdigit():
+            raise _Malformed(HTTPStatus.BAD_REQUEST, f"bad Content-Length {raw[:20]!r}")
+        length = int(raw)
+        if length > MAX_REQUEST_BYTES:
+            raise _Malformed(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
+        return length
 
-    def _reply(
-        self, code: int, body: bytes, ctype: str, extra: dict[str, str] | None = None
+    def _serve(
+        self, head_only: bool, target: str, headers: dict[str, str], keep: bool, http11: bool
     ) -> None:
-        self.send_response(code)
-        for name, value in (_HEADERS | (extra or {})).items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _text(self, code: int, text: str, extra: dict[str, str] | None = None) -> None:
-        self._reply(code, text.encode() + b"\n", "text/plain; charset=utf-8", extra)
-
-    def _host_allowed(self) -> bool:
-        owner = self.server.owner
-        if not owner.loopback:
-            return True
-        host = self.headers.get("Host")
-        if host is None:
-            return True  # HTTP/1.0 clients (curl -0, scrapers) send none
-        name = urlsplit("//" + host).hostname or ""
-        return _is_loopback(name)
-
-    def _authorized(self) -> bool:
-        tokens = self.server.owner.tokens
-        if not tokens:
-            return True
-        header = self.headers.get("Authorization", "")
-        scheme, _, credentials = header.partition(" ")
-        if scheme.lower() != "bearer" or not credentials:
-            return False
-        given = credentials.strip().encode("utf-8", "replace")
-        return any(hmac.compare_digest(given, token) for token in tokens)
-
-    def do_GET(self) -> None:
-        owner = self.server.owner
-        if not self._host_allowed():
-            self._text(HTTPStatus.FORBIDDEN, "forbidden: Host is not a loopback address")
+        owner = self._owner
+        if _log.isEnabledFor(logging.DEBUG):  # every request logs: format only when shown
+            _log.debug("%s %s", "HEAD" if head_only else "GET", target[:200])
+        if owner.loopback and not _host_allowed(headers.get("host")):
+            self._reply_text(
+                HTTPStatus.FORBIDDEN,
+                "forbidden: Host is not a loopback address",
+                None,
+                keep,
+                head_only,
+            )
             return
-        url = urlsplit(self.path)
-        path = url.path
-        static = owner.static.get(path)
-        if static is not None:
-            self._reply(HTTPStatus.OK, static[0], static[1])
+        path, _, query = target.partition("?")
+        if not path.startswith("/"):  # absolute-form (a proxy's request)
+            url = _split(target)
+            path, query = url.path or "/", url.query
+        reply = owner.static_replies.get(path)
+        if reply is not None:
+            self._send(reply[0], reply[1], keep, http11, head_only)
             return
-        if path not in ("/metrics", "/api/status", "/api/keys") or (
-            path == "/api/keys" and owner.keys is None
-        ):
-            self._text(HTTPStatus.NOT_FOUND, f"not found: {path} (try /, /metrics, /api/status)")
+        if path not in _DATA_PATHS or (path == "/api/keys" and owner.keys is None):
+            self._reply_text(
+                HTTPStatus.NOT_FOUND,
+                f"not found: {path[:200]} (try /, /metrics, /api/status)",
+                None,
+                keep,
+                head_only,
+            )
             return
-        if not self._authorized():
+        if not owner.authorized(headers.get("authorization", "")):
             owner.auth_failures += 1
-            self._text(
+            self._reply_text(
                 HTTPStatus.UNAUTHORIZED,
                 "unauthorized: send the store's token (or the read-only metrics token) as "
                 "'Authorization: Bearer <token>'",
                 {"WWW-Authenticate": 'Bearer realm="rdzv"'},
+                keep,
+                head_only,
             )
             return
         if path == "/api/keys":
-            self._list_keys(url.query)
+            self._in_thread(lambda: owner.list_keys(query), keep, http11, head_only)
             return
-        try:
-            if path == "/metrics":
-                encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
-                body = owner.render((path, ctype), lambda: encoder(owner.registry))
-            else:
-                ctype = "application/json"
-                body = owner.render(
-                    (path, ctype), lambda: json.dumps(owner.status(), default=str).encode()
+        key = owner.body_key(path, headers.get("accept", ""))
+        cached = owner.cached(key)
+        if cached is not None:
+            self._send(cached[0], cached[1], keep, http11, head_only)
+            return
+        self._in_thread(lambda: owner.render(key), keep, http11, head_only)
+
+    def _in_thread(
+        self,
+        make: Callable[[], tuple[bytes, bytes]],
+        keep: bool,
+        http11: bool,
+        head_only: bool,
+    ) -> None:
+        """Reply with ``make()``'s (head, body), run in the pool; later requests of this
+        connection wait for it."""
+        owner = self._owner
+        self._busy = True
+
+        def done(future: Future[tuple[bytes, bytes]]) -> None:  # on the loop
+            self._busy = False
+            self.last_active = time.monotonic()
+            try:
+                head, body = future.result()
+            except Exception:  # a bug in a collector must cost this request, not the store
+                _log.exception("metrics listener: request failed")
+                head, body = _text_reply(
+                    HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the logs)"
                 )
-        except Exception:  # a bug in a collector must cost this request, not the store
-            _log.exception("metrics listener: %s failed", path)
-            self._text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the logs)")
-            return
-        self._reply(HTTPStatus.OK, body, ctype)
+            self._send(head, body, keep, http11, head_only)
+            self._process()
 
-    do_HEAD = do_GET
+        def finished(future: Future[tuple[bytes, bytes]]) -> None:  # in the pool
+            with contextlib.suppress(RuntimeError):  # the listener was closed meanwhile
+                owner.loop.call_soon_threadsafe(done, future)
 
-    def _list_keys(self, query: str) -> None:
-        """``/api/keys?prefix=P&limit=N``: key names and sizes (never values)."""
-        keys = self.server.owner.keys
-        assert keys is not None
-        params = parse_qs(query, keep_blank_values=True)
-        prefix = params.get("prefix", [""])[-1]
-        raw = params.get("limit", [str(DEFAULT_KEYS)])[-1]
         try:
-            limit = int(raw)
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_KEYS:
-            self._text(HTTPStatus.BAD_REQUEST, f"limit must be an integer in 1..{MAX_KEYS}")
-            return
-        try:
-            body = json.dumps(keys(prefix, limit)).encode()
-        except Unavailable as exc:
-            self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc}", {"Retry-After": "1"})
-            return
-        self._reply(HTTPStatus.OK, body, "application/json")
+            owner.pool.submit(make).add_done_callback(finished)
+        except RuntimeError:  # the pool is shut down: the listener is closing
+            self.abort()
 
-    def _not_allowed(self) -> None:
-        self._text(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", {"Allow": "GET, HEAD"})
+    def _reply_text(
+        self, code: int, text: str, extra: dict[str, str] | None, keep: bool, head_only: bool
+    ) -> None:
+        head, body = _text_reply(code, text, extra)
+        self._send(head, body, keep, True, head_only)
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+    def _send(self, head: bytes, body: bytes, keep: bool, http11: bool, head_only: bool) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if not keep:
+            connection = b"Connection: close\r\n"
+        else:
+            connection = b"" if http11 else b"Connection: keep-alive\r\n"
+        reply = b"".join((head, self._owner.date_line(), connection, b"\r\n"))
+        transport.write(reply if head_only else reply + body)
+        if not keep:
+            self._buffer.clear()
+            self._transport = None  # read no more requests; connection_lost follows
+            transport.close()
+
+
+def _text_reply(code: int, text: str, extra: dict[str, str] | None = None) -> tuple[bytes, bytes]:
+    body = text.encode() + b"\n"
+    return _head(code, _TEXT, len(body), extra), body
+
+
+def _split(url: str) -> SplitResult:
+    """``urlsplit(url)``; raises :class:`_Malformed` (400) for what it cannot parse."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise _Malformed(HTTPStatus.BAD_REQUEST, f"bad URL {url[:100]!r}") from None
+
+
+def _host_allowed(host: str | None) -> bool:
+    if host is None:
+        return True  # HTTP/1.0 clients (curl -0, scrapers) send none
+    return _is_loopback(_split("//" + host).hostname or "")
 
 
 class ObserveServer:
     """Serves ``/metrics`` from ``registry`` and the status page with ``status()``'s
-    document, on ``host:port`` (port 0: a free one), in daemon threads.
+    document, on ``host:port`` (port 0: a free one), in a daemon thread (an event loop)
+    and a pool of at most :data:`MAX_CONCURRENT` threads (rendering and waiting).
 
     Args:
         host: address to bind (loopback by default; callers refuse other addresses without
@@ -317,53 +449,147 @@ class ObserveServer:
         self.registry = registry
         self.status = status
         self.tokens = tuple(tokens)
-        self.static = _load_static()
+        self.static_replies = {
+            path: (_head(HTTPStatus.OK, ctype, len(body)), body)
+            for path, (body, ctype) in _load_static().items()
+        }
         self.auth_failures = 0
-        self._version = version
-        self._rendered: dict[tuple[str, str], tuple[object, float, bytes]] = {}
-        self._render_lock = threading.Lock()
-        self._requested_port = port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self.connections: set[_Connection] = set()
         self.loopback = False
+        from rdzv.server.loop import new_event_loop  # uvloop's when installed: ~half the CPU
 
-    def render(self, key: tuple[str, str], make: Callable[[], bytes]) -> bytes:
-        """``make()``, or its earlier result for the same ``key``: while ``version()`` is
-        unchanged when the listener has one, else for :data:`RENDER_MAX_AGE` seconds (one
-        render at a time: concurrent requests share it)."""
+        self.loop = new_event_loop()
+        self.pool = ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="rdzv-metrics")
+        self._version = version
+        self._accepted: dict[str, str] = {}  # Accept header -> content type
+        self._encoders: dict[str, Callable[[CollectorRegistry], bytes]] = {}  # content type ->
+        # (path, content type) -> (version, time rendered, head, body)
+        self._rendered: dict[tuple[str, str], tuple[object, float, bytes, bytes]] = {}
+        self._render_lock = threading.Lock()
+        self._date = (0, b"")
+        self._requested_port = port
+        self._port: int | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- called by requests
+    def authorized(self, header: str) -> bool:
+        """Whether an ``Authorization`` header carries one of the tokens (any, without)."""
+        if not self.tokens:
+            return True
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer" or not credentials:
+            return False
+        given = credentials.strip().encode("utf-8", "replace")
+        return any(hmac.compare_digest(given, token) for token in self.tokens)
+
+    def body_key(self, path: str, accept: str) -> tuple[str, str]:
+        """(path, content type) of a data request: the cache key of its body."""
+        if path != "/metrics":
+            return path, _JSON
+        ctype = self._accepted.get(accept)
+        if ctype is None:
+            encoder, ctype = choose_encoder(accept)
+            self._encoders[ctype] = encoder
+            if len(self._accepted) < 64:  # scrapers send one or two distinct values
+                self._accepted[accept] = ctype
+        return path, ctype
+
+    def cached(self, key: tuple[str, str]) -> tuple[bytes, bytes] | None:
+        """The rendered (head, body) of ``key`` while it is current: while ``version()`` is
+        unchanged when the listener has one, else for :data:`RENDER_MAX_AGE` seconds."""
+        cached = self._rendered.get(key)
+        if cached is None:
+            return None
+        if self._version is None:
+            if time.monotonic() - cached[1] >= RENDER_MAX_AGE:
+                return None
+        elif cached[0] != self._version():
+            return None
+        return cached[2], cached[3]
+
+    def render(self, key: tuple[str, str]) -> tuple[bytes, bytes]:
+        """Render the body of ``key`` (``(path, content type)``) unless another thread just
+        did (one render at a time: concurrent requests share it)."""
         with self._render_lock:
-            now = time.monotonic()
+            cached = self.cached(key)
+            if cached is not None:
+                return cached
             version = None if self._version is None else self._version()
-            cached = self._rendered.get(key)
-            if (
-                cached is not None
-                and cached[0] == version
-                and (version is not None or now - cached[1] < RENDER_MAX_AGE)
-            ):
-                return cached[2]
-            body = make()
-            self._rendered[key] = (version, now, body)
-            return body
+            now = time.monotonic()
+            path, ctype = key
+            if path == "/metrics":
+                body = self._encoders[ctype](self.registry)
+            else:
+                body = json.dumps(self.status(), default=str).encode()
+            head = _head(HTTPStatus.OK, ctype, len(body))
+            self._rendered[key] = (version, now, head, body)
+            return head, body
 
+    def list_keys(self, query: str) -> tuple[bytes, bytes]:
+        """``/api/keys?prefix=P&limit=N``: key names and sizes (never values)."""
+        keys = self.keys
+        assert keys is not None
+        params = parse_qs(query, keep_blank_values=True)
+        prefix = params.get("prefix", [""])[-1]
+        raw = params.get("limit", [str(DEFAULT_KEYS)])[-1]
+        try:
+            limit = int(raw)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_KEYS:
+            return _text_reply(HTTPStatus.BAD_REQUEST, f"limit must be an integer in 1..{MAX_KEYS}")
+        try:
+            body = json.dumps(keys(prefix, limit)).encode()
+        except Unavailable as exc:
+            return _text_reply(
+                HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc}", {"Retry-After": "1"}
+            )
+        return _head(HTTPStatus.OK, _JSON, len(body)), body
+
+    def date_line(self) -> bytes:
+        """``Date: ...\\r\\n`` of this second."""
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode())
+        return self._date[1]
+
+    # ---------------------------------------------------------------- lifecycle
     def start(self) -> ObserveServer:
         infos = socket.getaddrinfo(self.host, self._requested_port, type=socket.SOCK_STREAM)
         family, _, _, _, address = infos[0]
         self.loopback = all(_is_loopback(str(info[4][0])) for info in infos)
-        self._server = _Server((str(address[0]), int(address[1])), family, self)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(64)
+            sock.setblocking(False)
+            self._server = self.loop.run_until_complete(
+                self.loop.create_server(lambda: _Connection(self), sock=sock)
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self._port = int(sock.getsockname()[1])
+        self.loop.call_later(1.0, self._close_idle)
         self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.5},
-            name="rdzv-metrics",
-            daemon=True,
+            target=self.loop.run_forever, name="rdzv-metrics", daemon=True
         )
         self._thread.start()
         return self
 
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        for connection in [c for c in self.connections if c.idle(now)]:
+            connection.abort()
+        self.loop.call_later(1.0, self._close_idle)
+
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._port is None:
             raise RuntimeError("the metrics listener is not started")
-        return int(self._server.server_address[1])
+        return self._port
 
     @property
     def url(self) -> str:
@@ -372,10 +598,21 @@ class ObserveServer:
 
     def close(self) -> None:
         """Stop serving and close the socket (idempotent)."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(5.0)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is None:
+            self.loop.close()
+            self.pool.shutdown(wait=False)
+            return
+
+        def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            for connection in list(self.connections):
+                connection.abort()
+            self.loop.call_soon(self.loop.stop)  # after the connections' connection_lost
+
+        self.loop.call_soon_threadsafe(stop)
+        thread.join(5.0)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if not thread.is_alive():
+            self.loop.close()

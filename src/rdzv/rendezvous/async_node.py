@@ -79,7 +79,7 @@ async def _perform(store: AsyncTCPStore, op: Op) -> Any:
     if isinstance(op, Check):
         return await store.check(op.keys)
     if isinstance(op, MultiGet):
-        return await store.multi_get(op.keys)
+        return await store.multi_get(op.keys, op.timeout)
     if isinstance(op, MultiSet):
         return await store.multi_set(op.keys, op.values)
     if isinstance(op, Set):

@@ -86,6 +86,10 @@ logger = logging.getLogger("rdzv.rendezvous.dynamic")
 #: The longest period, in keep-alive intervals, between two looks of a waiting non-monitor
 #: at the monitors of its round (see ``RendezvousCore._watch_period``).
 MAX_WATCH_INTERVALS = 16
+#: Slots of a completed round per look-out block: when the members re-join the next round,
+#: the two lowest slots of each block of this many (slots 1-2, 65-66, ...) watch the
+#: heartbeats of their block from their first request on (see ``RendezvousCore._look_out``).
+LOOKOUT_BLOCK = 64
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -251,6 +255,18 @@ class Completed:
 
 
 @dataclass
+class _LookOut:
+    """A member's watch over its block of the round it left (see
+    ``RendezvousCore._look_out``): the heartbeat keys of the block's members not yet known
+    gone, with their slots, and the observer holding what it saw of them and when."""
+
+    keys: RoundKeys
+    world_size: int
+    slots: dict[str, int]
+    observer: LivenessObserver
+
+
+@dataclass
 class _Pending:
     """This node's view of the open round it holds a slot in."""
 
@@ -271,6 +287,8 @@ class _Pending:
     size_seen_at: float | None = None
     #: The slot count a monitor saw at its previous look (0: none yet).
     watched_upto: int = 0
+    #: This node's watch over its block of the previous round, if it is a look-out.
+    lookout: _LookOut | None = None
 
     @property
     def number(self) -> int:
@@ -325,16 +343,19 @@ class RendezvousCore:
         deadline = (yield NOW) + join_timeout
         previous = self.membership
         self.membership = None
-        hint = yield Add(self.keys.round, 0)
-        if hint < 0:
-            raise RendezvousStateError(
-                f"the round counter {self.keys.round!r} is negative ({hint}): the rendezvous "
-                "state is corrupt or hostile"
-            )
-        number = hint if previous is None else max(hint, previous.keys.number + 1)
-        left_previous = previous is None
+        lookout: _LookOut | None = None
+        if previous is None:
+            number = yield from self._current_round()
+        else:
+            # A member joins the round after its own: no read of the round counter (one
+            # request less per node in the re-join storm); if the rendezvous has moved on
+            # further, the join finds out (late) and the counter is read then.
+            number = previous.keys.number + 1
+            lookout = yield from self._look_out(previous)
+        hinted = left_previous = previous is None
         while True:
-            pending, late = yield from self.join(number, previous, master)
+            pending, late = yield from self.join(number, previous, master, lookout)
+            lookout = None
             if not left_previous:
                 assert previous is not None
                 yield from self._leave_member_round(previous, evaluate=number)
@@ -342,17 +363,68 @@ class RendezvousCore:
             outcome = None if late else (yield from self._await(pending, deadline))
             if outcome is None:  # late: not admitted to this round, wait for the next one
                 number += 1
+                if not hinted:
+                    number = max(number, (yield from self._current_round()))
+                    hinted = True
                 continue
             return (yield from self._complete(pending, outcome))
+
+    def _current_round(self) -> Program[int]:
+        """The round counter: the round a newcomer joins first."""
+        number = yield Add(self.keys.round, 0)
+        if number < 0:
+            raise RendezvousStateError(
+                f"the round counter {self.keys.round!r} is negative ({number}): the "
+                "rendezvous state is corrupt or hostile"
+            )
+        return int(number)
+
+    def _look_out(self, member: Completed) -> Program[_LookOut | None]:
+        """If this node is a look-out of the round it completed (the two lowest slots of
+        each block of :data:`LOOKOUT_BLOCK`), take the first look at the heartbeats of its
+        block's members now, before re-joining; None otherwise.
+
+        A dead member is declared once its heartbeat has been seen unchanged for the
+        liveness expiry, counted from a first look. The monitors of the next round take
+        theirs once they hold their slots, i.e. after the re-join storm (a chain of requests
+        each queued behind everybody's), which delayed a re-rendezvous after a node loss by
+        the length of that storm. A look-out's first look is its first request, and the
+        look-outs split the old round between them (O(1) keys each, O(N) in all, like one
+        monitor look)."""
+        keys, slot = member.keys, member.slot
+        if (slot - 1) % LOOKOUT_BLOCK >= 2:
+            return None
+        first = slot - (slot - 1) % LOOKOUT_BLOCK
+        # Slots up to the world size (or ours) were all joined, so their keys exist.
+        last = min(first + LOOKOUT_BLOCK - 1, max(member.world_size, slot))
+        block = {keys.alive(s): s for s in range(first, last + 1) if s != slot}
+        if not block:
+            return None
+        observer = self.liveness.observer(self.token)
+        statuses = yield from observer.observe_program(list(block))
+        try:  # the members of the block (a live slot may have been late, not a member)
+            size = yield from self._read_size(keys, timeout=0.0)
+        except StoreTimeoutError:  # the round has been cleaned up: the rendezvous moved on
+            return None
+        members = set() if size.closed else set(size.members())
+        watched = {
+            key: s for key, s in block.items() if s in members and statuses[key] is Status.ALIVE
+        }
+        observer.forget([key for key in block if key not in watched])
+        if not watched:
+            return None
+        return _LookOut(keys, member.world_size, watched, observer)
 
     def join(
         self,
         number: int,
         previous: Completed | None = None,
         master: tuple[str, int] | None = None,
+        lookout: _LookOut | None = None,
     ) -> Program[tuple[_Pending, bool]]:
         """Take a slot in round ``number`` and write this node's descriptor and heartbeat.
-        Returns the pending state and whether the round had already completed without us."""
+        Returns the pending state and whether the round had already completed without us.
+        ``lookout``: this node's watch over the previous round, kept while it waits."""
         keys = self.keys.of(number)
         slot = yield Add(keys.joined, 1)
         if slot < 1:
@@ -387,6 +459,8 @@ class RendezvousCore:
             gate_open=number == 0,
             was_member=was_member,
         )
+        if lookout is not None and lookout.keys.number == number - 1:
+            pending.lookout = lookout
         self.pending = pending
         logger.debug("node %s took slot %d of round %d", self.node, slot, number)
         if slot >= self.settings.min_nodes:
@@ -408,7 +482,7 @@ class RendezvousCore:
         logger.debug("round %d dissolved; the gate of round %d is open", number, number + 1)
         pending = self.pending
         if evaluate == number + 1 and pending is not None and pending.number == number + 1:
-            pending.gate_open = True
+            self._gate_opened(pending)
             yield from self._evaluate(pending, joined=None)
 
     def _evaluate(self, pending: _Pending, joined: int | None) -> Program[None]:
@@ -417,7 +491,7 @@ class RendezvousCore:
         if not pending.gate_open:
             if not (yield Check([keys.gate])):
                 return
-            pending.gate_open = True
+            self._gate_opened(pending)
         if joined is None:
             joined = yield Add(keys.joined, 0)
             assert joined is not None
@@ -426,17 +500,20 @@ class RendezvousCore:
         live = joined - (yield Add(keys.ngone, 0))
         settings = self.settings
         if live >= settings.max_nodes:
-            yield from self._attempt_close(keys, full=True)
+            yield from self._attempt_close(keys, full=True, gate_open=True)
         elif live >= settings.min_nodes:
             yield CompareSet(keys.quorum, b"", b"1")
 
     # ------------------------------------------------------------------ closing a round
-    def _attempt_close(self, keys: RoundKeys, full: bool) -> Program[_Close]:
+    def _attempt_close(
+        self, keys: RoundKeys, full: bool, gate_open: bool = False
+    ) -> Program[_Close]:
         """Freeze the membership of round ``keys`` with one compare_set, then publish every
         slot's rank record (one multi_set). ``full``: close only with max_nodes live slots
-        (else: with at least min_nodes, the last call being over)."""
+        (else: with at least min_nodes, the last call being over). ``gate_open``: the caller
+        has seen the gate open (no need to check it again)."""
         settings = self.settings
-        if keys.number > 0 and not (yield Check([keys.gate])):
+        if keys.number > 0 and not gate_open and not (yield Check([keys.gate])):
             return _Close.NOT_READY
         joined = yield Add(keys.joined, 0)
         if joined > SEAL:
@@ -512,8 +589,8 @@ class RendezvousCore:
                 out_values.append(LATE_RANK)
         yield MultiSet(out_keys, out_values)
 
-    def _read_size(self, keys: RoundKeys) -> Program[SizeRecord]:
-        raw = yield Get(keys.size)
+    def _read_size(self, keys: RoundKeys, timeout: float | None = None) -> Program[SizeRecord]:
+        raw = yield Get(keys.size, timeout)
         return SizeRecord.decode(keys.size, raw, self.settings.max_nodes)
 
     # ------------------------------------------------------------------ waiting
@@ -551,6 +628,11 @@ class RendezvousCore:
             if pending.quorum_at is not None and self._is_primary(pending):
                 close_at = pending.quorum_at + last_call
                 wake = min(wake, close_at)
+            lookout_at = None
+            if pending.lookout is not None:
+                lookout_at = pending.lookout.observer.next_deadline()
+                if lookout_at is not None:
+                    wake = min(wake, lookout_at)
             try:
                 if key == rank_key:
                     # One request that waits for the record and returns it.
@@ -564,7 +646,7 @@ class RendezvousCore:
                 continue
             now = yield NOW
             if close_at is not None and now >= close_at:
-                outcome = yield from self._attempt_close(keys, full=False)
+                outcome = yield from self._attempt_close(keys, False, pending.gate_open)
                 if outcome is _Close.NOT_READY:
                     # Fewer than min_nodes are left: the last call starts again when a
                     # joiner brings the round back to min_nodes (torch clears its deadline).
@@ -573,6 +655,8 @@ class RendezvousCore:
                     if (yield Check([keys.size])):  # closed meanwhile (set_closed)
                         pending.size_seen_at = yield NOW
                 continue
+            if lookout_at is not None and now >= lookout_at:
+                yield from self._look(pending)
             if now >= next_tick or (observed is not None and now >= observed):
                 yield from self._tick(pending)
                 next_tick = now + (monitor_tick if pending.monitor else self._watch_period(pending))
@@ -581,6 +665,43 @@ class RendezvousCore:
                     deadline = now + settings.timeout.join.total_seconds()
                     continue
                 return (yield from self._time_out(pending))
+
+    def _look(self, pending: _Pending) -> Program[None]:
+        """A look-out's look at its block of the previous round, when a heartbeat there
+        could have expired: declares the dead, forgets the gone; the look-out whose
+        declaration vacates the last member dissolves that round (opens the gate)."""
+        watch = pending.lookout
+        assert watch is not None
+        statuses = yield from watch.observer.observe_program(list(watch.slots))
+        for key, status in statuses.items():
+            if status is Status.ALIVE:
+                continue
+            slot = watch.slots.pop(key)
+            watch.observer.forget([key])
+            if status is Status.DECLARED:
+                vacated = yield from self._vacate_dead(watch.keys, slot)
+                if vacated == watch.world_size:
+                    yield from self._dissolve(watch.keys.number, evaluate=pending.number)
+        if not watch.slots:
+            pending.lookout = None
+
+    def _vacate_dead(self, keys: RoundKeys, slot: int) -> Program[int]:
+        """Account for the member in ``slot`` of the completed round ``keys``, declared dead
+        by this node: it has vacated the round. Returns the vacated count."""
+        vacated: int = yield Add(keys.nvacated, 1)
+        yield from self._node_lost(keys, slot)
+        return vacated
+
+    def _gate_opened(self, pending: _Pending) -> None:
+        """The previous round has dissolved (every member left or was declared dead): stop
+        watching its members. Their heartbeats stay in the observers otherwise, and one
+        seen unchanged would keep the next wake-up in the past (a busy loop)."""
+        pending.gate_open = True
+        if pending.prev_members:
+            prev_keys = self.keys.of(pending.number - 1)
+            pending.observer.forget([prev_keys.alive(s) for s in pending.prev_members])
+            pending.prev_members = []
+        pending.lookout = None
 
     @staticmethod
     def _is_primary(pending: _Pending) -> bool:
@@ -625,7 +746,7 @@ class RendezvousCore:
         prev_keys: RoundKeys | None = None
         if pending.monitor and not pending.gate_open:
             if (yield Check([keys.gate])):
-                pending.gate_open = True
+                self._gate_opened(pending)
             else:
                 prev_keys = self.keys.of(pending.number - 1)
                 for slot in (yield from self._previous_members(pending, prev_keys)):
@@ -645,11 +766,10 @@ class RendezvousCore:
                 assert pending.prev_members is not None and prev_keys is not None
                 pending.prev_members.remove(slot)
                 if status is Status.DECLARED:
-                    yield Add(prev_keys.nvacated, 1)
-                    yield from self._node_lost(prev_keys, slot)
+                    yield from self._vacate_dead(prev_keys, slot)
         if prev_keys is not None and pending.prev_members == []:
             yield from self._dissolve(prev_keys.number, evaluate=None)
-            pending.gate_open = True
+            self._gate_opened(pending)
         was_monitor = pending.monitor
         self._update_role(pending)
         if pending.monitor and not was_monitor:
@@ -662,7 +782,7 @@ class RendezvousCore:
         ):
             live = slot_count((yield Add(keys.joined, 0))) - len(pending.gone)
             if live >= self.settings.max_nodes:
-                yield from self._attempt_close(keys, full=True)
+                yield from self._attempt_close(keys, full=True, gate_open=True)
             elif live >= self.settings.min_nodes:
                 yield CompareSet(keys.quorum, b"", b"1")
         if pending.monitor:

@@ -260,10 +260,14 @@ class HeartbeatLiveness(Liveness):
     def snapshot_program(self, keys: list[str], token: str) -> Program[list[Status]]:
         if not keys:
             return []
-        if not (yield Check(keys)):
+        try:  # one request when every key exists (the usual case)
+            values: dict[str, bytes | None] = dict(
+                zip(keys, (yield MultiGet(keys, 0.0)), strict=True)
+            )
+        except StoreTimeoutError:
             with contextlib.suppress(StoreTimeoutError):
                 yield Wait(keys, self._expiry)
-        values = yield from _read(keys)
+            values = yield from _read(keys)
         marker = DEAD_PREFIX + token.encode()
         result: list[Status] = []
         for key in keys:
@@ -282,11 +286,16 @@ class HeartbeatLiveness(Liveness):
 
 
 def _read(keys: list[str]) -> Program[dict[str, bytes | None]]:
-    """The values of ``keys`` (None for missing ones) without blocking: one ``check`` and
-    one ``multi_get`` when all exist; otherwise the missing ones are found by halving (a few
-    ``check`` calls: missing keys are rare, those of slots taken a moment ago)."""
+    """The values of ``keys`` (None for missing ones) without blocking: one ``multi_get``
+    that does not wait when all exist; otherwise the missing ones are found by halving (a
+    few ``check`` calls: missing keys are rare, those of slots taken a moment ago)."""
     values: dict[str, bytes | None] = dict.fromkeys(keys)
-    missing = set() if (yield Check(keys)) else set((yield from _find_missing(keys)))
+    try:
+        values.update(zip(keys, (yield MultiGet(keys, 0.0)), strict=True))
+        return values
+    except StoreTimeoutError:
+        pass
+    missing = set((yield from _find_missing(keys)))
     present = [k for k in keys if k not in missing]
     if present:
         values.update(zip(present, (yield MultiGet(present)), strict=True))

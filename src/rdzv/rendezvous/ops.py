@@ -77,9 +77,12 @@ class Set:
 
 @dataclass(frozen=True, slots=True)
 class MultiGet:
-    """``store.multi_get(keys)`` -> list[bytes]."""
+    """``store.multi_get(keys)`` -> list[bytes], waiting at most ``timeout`` seconds for
+    missing keys (None: the store's own timeout; 0: do not wait, one request that either
+    returns every value or raises StoreTimeoutError into the program)."""
 
     keys: list[str]
+    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +171,7 @@ def _perform(store: Store, op: Op) -> Any:
     if isinstance(op, Check):
         return store.check(op.keys)
     if isinstance(op, MultiGet):
-        return store.multi_get(op.keys)
+        return store.multi_get(op.keys, op.timeout)
     if isinstance(op, MultiSet):
         return store.multi_set(op.keys, op.values)
     if isinstance(op, Set):

@@ -4,33 +4,23 @@ Same names, semantics and error texts as ``torch.distributed.elastic.rendezvous.
 (``parse_rendezvous_endpoint``, ``_parse_rendezvous_config``, ``_matches_machine_hostname``),
 public here, with one deliberate fix: an IPv6 literal written without brackets is a host.
 
-Endpoint rule (:func:`parse_rendezvous_endpoint`):
-
-* ``""`` / ``None`` / blanks: ``("localhost", default_port)``;
-* ``"[v6]"`` or ``"[v6]:port"``: the bracketed IPv6 address, with or without a port;
-* an endpoint with **two or more** colons and no brackets (``"::1"``, ``"2001:db8::1"``,
-  ``"fe80::1%eth0"``) is an IPv6 address **without** a port: ``default_port`` applies. To give
-  a port with an IPv6 address, use brackets (``"[::1]:29500"``), as in URLs (RFC 3986).
-  torch splits on the last colon instead and turns ``"::1"`` into host ``":"``, port 1;
-* otherwise ``"host"`` or ``"host:port"`` (split on the one colon).
+Endpoint rule (:func:`parse_rendezvous_endpoint`): :mod:`rdzv.endpoint`'s (``"[v6]:port"``;
+an unbracketed IPv6 address has no port), with ``""`` / ``None`` / blanks meaning
+``("localhost", default_port)``, port 0 accepted and torch's error texts.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
+
+from rdzv.endpoint import EndpointError, parse_endpoint
 
 __all__ = [
     "matches_machine_hostname",
     "parse_rendezvous_config",
     "parse_rendezvous_endpoint",
 ]
-
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-# Hostnames: word characters, dots, colons and dashes (torch's rule); IPv6 literals with a
-# zone id (``%eth0``) are validated separately with :mod:`ipaddress`.
-_HOST_RE = re.compile(r"[\w.:-]+")
 
 
 def parse_rendezvous_config(config_str: str) -> dict[str, str]:
@@ -66,24 +56,6 @@ def parse_rendezvous_config(config_str: str) -> dict[str, str]:
     return config
 
 
-def _try_parse_port(port_str: str) -> int | None:
-    """The port in ``port_str`` if it is 1 to 5 ASCII digits (no sign, no blanks), else None.
-
-    Values above 65535 are returned as is; callers check the range.
-    """
-    if _PORT_RE.fullmatch(port_str):
-        return int(port_str)
-    return None
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def parse_rendezvous_endpoint(endpoint: str | None, default_port: int) -> tuple[str, int]:
     """Split a rendezvous endpoint ``<host>[:<port>]`` into ``(host, port)``.
 
@@ -104,52 +76,21 @@ def parse_rendezvous_endpoint(endpoint: str | None, default_port: int) -> tuple[
             address." when the host is empty or contains other characters (blanks, ``~``), or
             when brackets hold something that is not an IPv6 address.
     """
-    if endpoint is not None:
-        endpoint = endpoint.strip()
-    if not endpoint:
+    if endpoint is None or not endpoint.strip():
         return ("localhost", default_port)
-
-    port_str: str | None = None
-    if endpoint.startswith("["):
-        # "[v6]" or "[v6]:port"; the bracketed part must be an IPv6 address.
-        close = endpoint.find("]")
-        host = endpoint[1:close] if close > 0 else endpoint
-        rest = endpoint[close + 1 :] if close > 0 else ""
-        if close < 0 or not _is_ipv6(host) or (rest and not rest.startswith(":")):
-            raise _bad_host(endpoint)
-        if rest:
-            port_str = rest[1:]
-    elif endpoint.count(":") >= 2:
-        # An unbracketed IPv6 literal: all of it is the host.
-        host = endpoint
-        if not _is_ipv6(host):
-            raise _bad_host(endpoint)
-    else:
-        host, sep, port_part = endpoint.partition(":")
-        if sep:
-            port_str = port_part
-
-    if port_str is None:
-        port = default_port
-    else:
-        parsed = _try_parse_port(port_str)
-        if parsed is None or parsed >= 2**16:
+    endpoint = endpoint.strip()
+    try:
+        return parse_endpoint(endpoint, default_port, min_port=0)
+    except EndpointError as exc:
+        if exc.field == "port":
             raise ValueError(
                 f"The port number of the rendezvous endpoint '{endpoint}' must be an integer "
                 "between 0 and 65536."
-            )
-        port = parsed
-
-    if not (_HOST_RE.fullmatch(host) or _is_ipv6(host)):
-        raise _bad_host(endpoint)
-    return host, port
-
-
-def _bad_host(endpoint: str) -> ValueError:
-    return ValueError(
-        f"The hostname of the rendezvous endpoint '{endpoint}' must be a dot-separated list of "
-        "labels, an IPv4 address, or an IPv6 address."
-    )
+            ) from None
+        raise ValueError(
+            f"The hostname of the rendezvous endpoint '{endpoint}' must be a dot-separated "
+            "list of labels, an IPv4 address, or an IPv6 address."
+        ) from None
 
 
 def _addresses(host: str) -> list[tuple[str, str]]:

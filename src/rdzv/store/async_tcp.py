@@ -27,14 +27,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rdzv import auth, wire
-from rdzv.errors import NetworkError, ProtocolError, StoreTimeoutError
-from rdzv.server import StoreServer, format_endpoint
+from rdzv.endpoint import connect_host, format_endpoint
+from rdzv.errors import StoreTimeoutError
 from rdzv.store import tcp_ops as ops
 from rdzv.store.base import (
-    DEFAULT_TIMEOUT,
     Deadline,
     KeyLike,
     TimeoutLike,
@@ -44,6 +43,7 @@ from rdzv.store.base import (
     check_amount,
     check_barrier_rank,
     check_block,
+    check_ttl,
     check_world_size,
     key_to_str,
     keys_to_list,
@@ -53,9 +53,12 @@ from rdzv.store.base import (
     value_to_bytes,
     values_to_list,
 )
-from rdzv.store.tcp import check_endpoint, check_options, connect_host
-from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
+from rdzv.store.tcp import check_arguments, client_core
+from rdzv.store.tcp_ops import Connect, Done, Recv, Sleep, resume
 from rdzv.tls import TLSConfig, client_context
+
+if TYPE_CHECKING:  # the server is imported only by a master (is_master=True)
+    from rdzv.server import StoreServer
 
 __all__ = ["AsyncTCPStore"]
 
@@ -107,32 +110,28 @@ class AsyncTCPStore:
         tls: ssl.SSLContext | TLSConfig | None = None,
         reconnect: bool = True,
     ) -> None:
-        self._host, self._port = check_endpoint(host_name, port)
-        check_options(world_size, is_master)
-        if tls is not None and is_master:
-            raise ValueError(
-                "tls= is for clients; start a TLS server with `rdzv serve --tls-cert` or "
-                "StoreServer(ssl=...) and connect to it with is_master=False"
-            )
+        self._host, self._port, self._timeout = check_arguments(
+            host_name, port, world_size, is_master, timeout, tls
+        )
         self._token = auth.load_token(token, token_file)
         self._tls = tls
         self._tls_context = None if tls is None else client_context(tls)
-        self._world_size = world_size
+        self._workers = world_size if wait_for_workers else None
         self._is_master = is_master
-        self._wait_for_workers = wait_for_workers
-        self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout_to_seconds(timeout)
-        self._session = Session(
-            repr(self), ops.io_timeout_for(self._timeout), self._token, tls is not None
-        )
+        self._reconnect = bool(reconnect)
         self._lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._rbuf = wire.ReplyBuffer()
         self._server: StoreServer | None = None
-        self._broken: str | None = None
-        self._reconnect = bool(reconnect)
-        self._lost = False  # the connection was lost (reconnectable), not broken
-        self._unacked = ops.Unacked()
+        self._started = False
+        self._locate()
+
+    def _locate(self) -> None:
+        """A new connection core for this store's host and port."""
+        self._core = client_core(
+            self, self._host, self._port, self._timeout, self._token, self._tls, self._reconnect
+        )
+        self._session = self._core.session  # the operations' protocol state
 
     def __repr__(self) -> str:
         return f"AsyncTCPStore({format_endpoint(connect_host(self._host), self._port)})"
@@ -156,7 +155,7 @@ class AsyncTCPStore:
 
     def set_timeout(self, timeout: TimeoutLike) -> None:
         self._timeout = timeout_to_seconds(timeout)
-        self._session.io_timeout = ops.io_timeout_for(self._timeout)
+        self._core.set_timeout(self._timeout)
 
     def _resolve(self, timeout: TimeoutLike | None) -> float:
         return self._timeout if timeout is None else timeout_to_seconds(timeout)
@@ -170,60 +169,17 @@ class AsyncTCPStore:
         return self
 
     async def _open(self) -> None:
-        if self._writer is not None:
+        if self._started or self._core.lost:  # lost: the core reconnects
             return
-        if self._broken is not None and not self._lost:
-            raise NetworkError(f"{self!r} cannot be used: {self._broken}")
-        if self._is_master and self._server is None:
+        if self._is_master and self._server is None and self._core.broken is None:
+            from rdzv.server import StoreServer
+
             self._server = StoreServer(self._host, self._port, token=self._token)
             await self._server.start()
             self._port = self._server.port
-            self._session.where = repr(self)
-        await self._connect(self._timeout)
-        counting = self._world_size is not None and self._world_size > 0
-        if counting and self._wait_for_workers:
-            await self._guarded(ops.register_worker(self._session), "add to the worker count")
-            if self._server is not None:
-                assert self._world_size is not None
-                op = ops.wait_for_workers(self._session, self._world_size, self._timeout)
-                await self._guarded(op, "the wait for workers")
-
-    async def _connect(self, timeout: float) -> None:
-        deadline = Deadline(timeout)
-        delays = ops.backoff_delays()
-        host = connect_host(self._host)
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                limit = deadline.remaining()
-                tls: dict[str, Any] = {}
-                if self._tls_context is not None:
-                    ctx, hostname = self._tls_context
-                    tls = {"ssl": ctx, "server_hostname": hostname or host}
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, self._port, **tls),
-                    min(limit, ops.MIN_IO_TIMEOUT) if limit > 0 else 1.0,
-                )
-                sock = writer.get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._reader, self._writer, self._broken = reader, writer, None
-                self._lost = False
-                self._rbuf.clear()
-                await self._drive(ops.handshake(self._session))
-                return
-            except (OSError, asyncio.TimeoutError, NetworkError, ProtocolError, ReadTimeout) as exc:
-                self._drop()
-                fatal = ops.handshake_error(self._session, exc)
-                if fatal is not None:
-                    raise fatal from exc
-                last: BaseException = exc
-            remaining = deadline.remaining()
-            if remaining <= 0:
-                endpoint = format_endpoint(host, self._port)
-                raise ops.connect_error(endpoint, timeout, attempts, last) from last
-            await asyncio.sleep(min(next(delays), remaining))
+            self._locate()  # the bound port
+        await self._drive(self._core.start(self._workers, self._server is not None))
+        self._started = True
 
     def _drop(self) -> None:
         writer, self._writer, self._reader = self._writer, None, None
@@ -233,8 +189,7 @@ class AsyncTCPStore:
     async def close(self) -> None:
         """Close the connection, and the server when this store started it."""
         self._drop()
-        self._broken = "the store was closed"
-        self._lost = False
+        self._core.closed()
         if self._server is not None:
             server, self._server = self._server, None
             await server.close()
@@ -265,112 +220,61 @@ class AsyncTCPStore:
         unsafe: str | None = None,
         sent: bytes | None = None,
     ) -> _T:
-        """Perform the operation ``make()`` builds; after a lost connection, reconnect,
-        replay and perform it again unless ``unsafe`` names it (as ``TCPStore._run``)."""
-        recovery: Deadline | None = None
-        unacked = self._unacked
-        dropped: str | None = None
+        """Perform the operation ``make()`` builds under the store's lock (connecting on
+        demand), with the reconnect rules of :meth:`~rdzv.store.tcp_ops.ClientCore.run`."""
         async with self._lock:
-            while True:
-                fresh = False
-                if self._lost and self._writer is None:
-                    recovery = recovery or Deadline(self._timeout)
-                    await self._connect(recovery.remaining())  # NetworkError when out of time
-                    logger.info("%r: reconnected", self)
-                    fresh = True
-                    dropped = unacked.drop_unsafe() or dropped
-                else:
-                    await self._open()
-                try:
-                    if fresh and unacked:
-                        await self._drive(ops.send(unacked.replay()))
-                    if dropped is not None or (sent is not None and unacked.full()):
-                        await self._drive(ops.ping(self._session))
-                        unacked.clear()
-                    if dropped is None:
-                        result = await self._drive(make())
-                except Exception as exc:
-                    reason = self._failed(exc, None if dropped is not None else unsafe)
-                    ops.before_retry(self._session, unacked, recovery is not None, reason, exc)
-                    continue
-                unacked.settle(self._session, dropped, sent, unsafe, self._reconnect)
-                return result
+            await self._open()
+            return await self._drive(self._core.run(make, unsafe, sent))
 
-    async def _guarded(self, op: Generator[Any, Any, _T], unsafe: str | None = None) -> _T:
-        """Drive ``op`` (no retry), turning I/O failures into NetworkError."""
-        try:
-            return await self._drive(op)
-        except Exception as exc:
-            self._failed(exc, unsafe or "the operation")
-            raise  # not reached: _failed raises
-
-    def _failed(self, exc: Exception, unsafe: str | None) -> str:
-        """Handle ``exc`` from an operation: re-raise it (its own outcome), raise the
-        NetworkError of a broken connection or of an ``unsafe`` operation interrupted by a
-        lost one, or return why the connection was lost (reconnect and retry)."""
-        reason = ops.failure_reason(self._session, exc)
-        if reason is None:
-            raise exc
-        error = self._fail(reason, self._reconnect and ops.connection_lost(exc))
-        if not self._lost:
-            raise error from exc
-        if unsafe is not None:
-            raise ops.outcome_unknown(self._session, unsafe, reason) from exc
-        return reason
-
-    def _fail(self, reason: str, lost: bool = False) -> NetworkError:
-        self._drop()
-        self._lost = lost
-        self._broken = f"the connection failed earlier: {reason}"
-        return NetworkError(f"{self!r}: {reason}; this store object is no longer usable")
-
-    async def _drive(self, op: Generator[Any, Any, _T]) -> _T:
-        writer = self._writer
-        assert writer is not None
+    async def _drive(self, core: Generator[Any, Any, _T]) -> _T:
+        """Perform the I/O actions of ``core`` on asyncio streams."""
         value: Any = None
-        error: BaseException | None = None
+        error: Exception | None = None
         while True:
+            action = resume(core, value, error)
+            kind, value, error = action.__class__, None, None
             try:
-                action = op.send(value) if error is None else op.throw(error)
-            except StopIteration as stop:
-                result: _T = stop.value
-                return result
-            value = error = None
-            if action.__class__ is bytes:
-                writer.write(action)
-                await writer.drain()
-            elif action.__class__ is Read:
-                try:
-                    value = await self._read(action)
-                except ReadTimeout as exc:
-                    error = exc
-            else:
-                assert isinstance(action, Sleep)
-                await asyncio.sleep(action.seconds)
+                if kind is bytes:
+                    writer: Any = self._writer
+                    writer.write(action)
+                    await writer.drain()
+                elif kind is Recv:
+                    remaining = action.deadline - time.monotonic()
+                    if remaining > 0:
+                        reader: Any = self._reader
+                        limit = None if math.isinf(remaining) else remaining
+                        try:
+                            value = await _within(reader.read(action.size), limit)
+                        except asyncio.TimeoutError:
+                            value = None  # the deadline passed
+                elif kind is Done:
+                    result: _T = action.value
+                    return result
+                elif kind is Sleep:
+                    await asyncio.sleep(action.seconds)
+                elif kind is Connect:
+                    self._drop()
+                    await self._connect(action)
+                else:
+                    self._drop()
+            except Exception as exc:
+                error = exc
 
-    async def _read(self, read: Read) -> Any:
-        reader = self._reader
-        assert reader is not None
-        buf = self._rbuf
-        while True:
-            try:
-                return buf.read(read.decoder)
-            except wire.NeedData as short:
-                need = short.need
-            while len(buf) < need:
-                remaining = read.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ReadTimeout(read)
-                try:
-                    data = await _within(
-                        reader.read(ops.recv_size(need - len(buf))),
-                        None if math.isinf(remaining) else remaining,
-                    )
-                except asyncio.TimeoutError:
-                    raise ReadTimeout(read) from None
-                if not data:
-                    raise ops.server_closed(read)
-                buf.feed(data)
+    async def _connect(self, connect: Connect) -> None:
+        tls: dict[str, Any] = {}
+        if self._tls_context is not None:
+            ctx, hostname = self._tls_context
+            tls = {"ssl": ctx, "server_hostname": hostname or connect.host}
+        try:
+            reader, writer = await _within(
+                asyncio.open_connection(connect.host, connect.port, **tls), connect.timeout
+            )
+        except asyncio.TimeoutError:  # not an OSError before Python 3.11
+            raise TimeoutError(f"no connection within {connect.timeout:g} s") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader, self._writer = reader, writer
 
     async def _send(self, data: bytes, unsafe: str | None = None) -> None:
         await self._run(lambda: ops.send(data), unsafe, data)
@@ -423,11 +327,16 @@ class AsyncTCPStore:
     async def list_key_sizes(self, prefix: str = "") -> list[tuple[str, int]]:
         return await self._run(lambda: ops.list_key_sizes(self._session, prefix))
 
-    async def multi_get(self, keys: Sequence[KeyLike]) -> list[bytes]:
+    async def multi_get(
+        self, keys: Sequence[KeyLike], timeout: TimeoutLike | None = None
+    ) -> list[bytes]:
+        """The values of ``keys``, waiting for missing ones at most ``timeout`` (default: the
+        store's timeout; 0: do not wait). Raises StoreTimeoutError on expiry (as
+        :meth:`TCPStore.multi_get <rdzv.store.base.Store.multi_get>`)."""
         key_list = keys_to_list(keys)
         if not key_list:
             return []
-        deadline = Deadline(self._timeout)
+        deadline = Deadline(self._resolve(timeout))
         return await self._run(lambda: ops.multi_get(self._session, key_list, deadline.remaining()))
 
     async def multi_set(self, keys: Sequence[KeyLike], values: Sequence[ValueLike]) -> None:
@@ -480,8 +389,8 @@ class AsyncTCPStore:
         await self._run(lambda: ops.set_ephemeral(self._session, k, v))
 
     async def set_lease(self, key: KeyLike, value: ValueLike, ttl: TimeoutLike) -> None:
-        """See :meth:`rdzv.store.tcp.TCPStore.set_lease`."""
-        ttl_ms = ops.lease_ms(timeout_to_seconds(ttl, "ttl"))
+        """See :meth:`rdzv.store.base.Store.set_lease` (rdzv servers only)."""
+        ttl_ms = ops.lease_ms(check_ttl(ttl))
         k, v = key_to_str(key), value_to_bytes(value)
         await self._run(lambda: ops.set_lease(self._session, k, v, ttl_ms))
 

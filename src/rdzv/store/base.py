@@ -13,8 +13,9 @@ rendezvous handlers use them; a method overridden neither way raises NotImplemen
 
 Everything else has a generic fallback here, written once (the same fallbacks as torch's
 ``c10d::Store`` base class): ``append`` as a compare_set loop, ``multi_get``/``multi_set`` as
-sequences of get/set under one deadline, ``barrier`` as add + set + wait. ``list_keys`` and the
-queue operations raise :class:`NotImplementedError` unless the backend provides them.
+sequences of get/set under one deadline, ``barrier`` as add + set + wait. ``list_keys``, the
+queue operations and ``set_lease`` raise :class:`NotImplementedError` unless the backend
+provides them.
 
 Timeouts: every timeout argument accepts a :class:`datetime.timedelta` or a number of seconds
 (``int``/``float``); ``None`` means the store's default (:attr:`Store.timeout`, 300 s unless
@@ -39,12 +40,14 @@ from rdzv.errors import CounterError, StoreTimeoutError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "MAX_LEASE_TTL",
     "KeyLike",
     "Store",
     "TimeoutLike",
     "ValueLike",
     "check_amount",
     "check_block",
+    "check_ttl",
     "check_world_size",
     "handle_for_thread",
     "key_to_str",
@@ -57,6 +60,10 @@ __all__ = [
 
 #: Default store timeout in seconds, torch's ``kDefaultTimeout``.
 DEFAULT_TIMEOUT = 300.0
+
+#: Longest TTL :meth:`Store.set_lease` accepts, seconds (one year; the TCP wire protocol's
+#: limit, :data:`rdzv.wire.MAX_LEASE_MS`, applied to every backend alike).
+MAX_LEASE_TTL = 365 * 24 * 3600.0
 
 KeyLike = str | bytes
 ValueLike = str | bytes | bytearray | memoryview
@@ -120,6 +127,22 @@ def timeout_to_seconds(timeout: object, what: str = "timeout") -> float:
         )
     if math.isnan(seconds) or seconds < 0:
         raise ValueError(f"{what} must be >= 0 seconds, got {timeout!r}")
+    return seconds
+
+
+def check_ttl(ttl: object) -> float:
+    """Validate the ``ttl`` of a lease (:meth:`Store.set_lease`): a timedelta or a number
+    of seconds, ``0 < ttl <=`` :data:`MAX_LEASE_TTL`; return it in seconds.
+
+    Raises TypeError for another type (``bool`` included), ValueError out of that range
+    (infinity and NaN included).
+    """
+    seconds = timeout_to_seconds(ttl, "ttl")
+    if not 0 < seconds <= MAX_LEASE_TTL:
+        raise ValueError(
+            f"set_lease: ttl must be > 0 and <= {MAX_LEASE_TTL:g} seconds (one year), got "
+            f"{ttl!r}; use set() for a key that should not expire"
+        )
     return seconds
 
 
@@ -298,6 +321,33 @@ class Store:
         Same semantics as ``torch.distributed.Store.set``.
         """
         self._set(key_to_str(key), value_to_bytes(value))
+
+    def set_lease(self, key: KeyLike, value: ValueLike, ttl: TimeoutLike) -> None:
+        """Set ``key`` to ``value`` with a lease: the store deletes the key once ``ttl`` has
+        passed since this call, unless it was written again before. ``set_lease`` again
+        renews (the new value, a new ``ttl`` from that call); any other write that changes it
+        (set, add, append, multi_set, a compare_set that swaps it) makes it an ordinary key
+        that does not expire.
+        Waiters of the key are woken as by :meth:`set`; the expiry wakes nobody.
+
+        ``ttl``: seconds (int/float) or a timedelta, ``0 < ttl <=`` :data:`MAX_LEASE_TTL`
+        (one year). The server's clock decides, and the key never goes before ``ttl``:
+        HashStore and TCPStore round ``ttl`` up to whole milliseconds, EtcdStore to whole
+        seconds and to
+        etcd's minimum TTL (about 2 s with etcd's defaults; one etcd lease per call).
+
+        Supported by HashStore, TCPStore and AsyncTCPStore on an rdzv server, EtcdStore, and
+        a PrefixStore over one of them (rdzv's extension: torch's stores have no leases).
+        Keys that live as long as a connection are TCPStore's ``set_ephemeral``; keys that
+        expire together under one renewable lease are EtcdStore's ``lease()``.
+
+        Raises:
+            TypeError / ValueError: a bad key, value or ``ttl`` (:func:`check_ttl`).
+            NotImplementedError: the backend has no leases (FileStore, a store defined in
+                Python that does not override ``set_lease``).
+            StoreError: TCPStore on a server without rdzv's protocol extensions (torch's).
+        """
+        self._set_lease(key_to_str(key), value_to_bytes(value), check_ttl(ttl))
 
     def get(self, key: KeyLike, timeout: TimeoutLike | None = None) -> bytes:
         """Return the value of ``key``, waiting up to ``timeout`` (seconds or timedelta;
@@ -546,6 +596,16 @@ class Store:
             self._wait([last], timeout)
         except StoreTimeoutError:
             raise self._timeout_error("barrier", [key], timeout) from None
+
+    def _set_lease(self, key: str, value: bytes, ttl: float) -> None:
+        """``set_lease`` with a validated ``ttl`` in seconds."""
+        if self._overrides("set_lease"):
+            self.set_lease(key, value, ttl)
+            return
+        raise NotImplementedError(
+            f"{type(self).__name__} has no leases (set_lease): keys that expire need "
+            "TCPStore on an rdzv server or EtcdStore"
+        )
 
     def _queue_push(self, key: str, value: bytes) -> None:
         if self._overrides("queue_push"):

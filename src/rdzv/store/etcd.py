@@ -25,8 +25,9 @@ queues                 one key per item under a per-queue prefix; FIFO by create
                        revision (exactly one popper gets each item); blocking pop watches
 barrier                a counter under the key (as rdzv's engine): ``add`` then a watch until
                        the counter reaches the generation's target; reusable
-TTLs                   leases: ``set(key, value, ttl=...)`` or ``lease(ttl)`` +
-                       ``set(key, value, lease=...)``; expired keys are deleted by etcd
+leases                 ``set_lease(key, value, ttl)``: a new etcd lease per call; or
+                       ``lease(ttl)`` + ``set(key, value, lease=...)`` for keys that expire
+                       together; expired keys are deleted by etcd
 =====================  ===================================================================
 
 Key layout under the prefix ``P`` (``/rdzv/store/`` by default; the bytes are the UTF-8 of
@@ -68,6 +69,7 @@ from rdzv.store.base import (
     Store,
     TimeoutLike,
     ValueLike,
+    check_ttl,
     key_to_str,
     keys_to_list,
     value_to_bytes,
@@ -117,11 +119,9 @@ def _mod_is(key: bytes, revision: int) -> Any:
 
 
 def _ttl_seconds(ttl: object) -> int:
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise TypeError(f"ttl must be a number of seconds, got {type(ttl).__name__}: {ttl!r}")
-    if math.isnan(ttl) or ttl <= 0 or math.isinf(ttl):
-        raise ValueError(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
-    return max(1, math.ceil(ttl))
+    """A lease TTL (:func:`~rdzv.store.base.check_ttl`) in the whole seconds etcd grants,
+    rounded up."""
+    return max(1, math.ceil(check_ttl(ttl)))
 
 
 class EtcdLease:
@@ -603,29 +603,34 @@ class EtcdStore(Store):
         key: str | bytes,
         value: ValueLike,
         *,
-        ttl: float | None = None,
+        ttl: TimeoutLike | None = None,
         lease: EtcdLease | None = None,
     ) -> None:
         """Insert or overwrite ``key`` (same semantics as ``torch.distributed.Store.set``).
 
-        Extensions: ``ttl`` (seconds, rounded up to whole seconds) attaches the key to a
-        new etcd lease so that etcd deletes it after ``ttl`` seconds; ``lease`` attaches it to
-        an existing :class:`EtcdLease` (keys expire together, kept alive by
+        Extensions: ``ttl`` (seconds or timedelta) is an alias of :meth:`set_lease` (kept
+        for existing callers): the key expires ``ttl`` after this call; ``lease`` attaches
+        the key to an existing :class:`EtcdLease` (keys expire together, kept alive by
         :meth:`EtcdLease.refresh`). Overwriting a key without ttl/lease makes it permanent.
-        Raises TypeError/ValueError for bad arguments, ValueError if both are given.
+        Raises TypeError/ValueError for bad arguments (:func:`~rdzv.store.base.check_ttl`),
+        ValueError if both are given, :class:`LeaseExpiredError` for an expired ``lease``.
         """
-        k, v = key_to_str(key), value_to_bytes(value)
         if ttl is not None and lease is not None:
             raise ValueError("set: pass ttl or lease, not both")
+        if ttl is not None:
+            self.set_lease(key, value, ttl)
+            return
         if lease is not None and not isinstance(lease, EtcdLease):
             raise TypeError(f"set: lease must be an EtcdLease, got {type(lease).__name__}")
-        lease_id = 0 if lease is None else lease.id
-        if ttl is not None:
-            lease_id = self.lease(ttl).id
-        self._put(k, v, lease_id)
+        self._put(key_to_str(key), value_to_bytes(value), 0 if lease is None else lease.id)
 
     def _set(self, key: str, value: bytes) -> None:
         self._put(key, value, 0)
+
+    def _set_lease(self, key: str, value: bytes, ttl: float) -> None:
+        # Store.set_lease: a new lease of ttl rounded up to whole seconds (etcd raises it to
+        # its minimum TTL), then one Put attached to it.
+        self._put(key, value, self.lease(ttl).id)
 
     def _put(self, key: str, value: bytes, lease_id: int) -> None:
         request = etcdrpc.PutRequest(key=self._vkey(key), value=value, lease=lease_id)
@@ -647,10 +652,11 @@ class EtcdStore(Store):
         _, values, _ = self._read(list(dict.fromkeys(key_list)), queues=False)
         return [values.get(k) for k in key_list]
 
-    def lease(self, ttl: float) -> EtcdLease:
-        """Grant a new etcd lease of ``ttl`` seconds (rounded up to whole seconds; etcd
-        raises TTLs below its minimum). Keys set with ``lease=`` expire with it unless it is
-        refreshed. Raises TypeError/ValueError for a bad ttl."""
+    def lease(self, ttl: TimeoutLike) -> EtcdLease:
+        """Grant a new etcd lease of ``ttl`` (seconds or timedelta, rounded up to whole
+        seconds; etcd raises TTLs below its minimum). Keys set with ``lease=`` expire with
+        it unless it is refreshed. Raises TypeError/ValueError for a bad ttl
+        (:func:`~rdzv.store.base.check_ttl`)."""
         seconds = _ttl_seconds(ttl)
         response = self._unary(
             "Lease", "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=seconds, ID=0), "lease grant"

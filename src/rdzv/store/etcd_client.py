@@ -38,6 +38,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rdzv.endpoint import EndpointError, format_endpoint, parse_endpoint
 from rdzv.errors import AuthError, NetworkError, StoreError
 from rdzv.store.base import Deadline
 
@@ -113,8 +114,7 @@ class EtcdEndpoint:
     @property
     def target(self) -> str:
         """``host:port`` as gRPC wants it (IPv6 literals in brackets)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return format_endpoint(self.host, self.port)
 
     def __str__(self) -> str:
         return self.target
@@ -123,7 +123,8 @@ class EtcdEndpoint:
 def parse_endpoints(spec: str | Sequence[str]) -> list[EtcdEndpoint]:
     """Parse etcd endpoints: a list of strings or one comma-separated string, each
     ``host``, ``host:port``, ``[v6]:port`` or a URL ``http://host:port`` /
-    ``https://host:port`` (default port 2379). Raises ValueError naming the bad entry."""
+    ``https://host:port`` (default port 2379; the rest of :mod:`rdzv.endpoint`'s rule).
+    Raises ValueError naming the bad entry and what is wrong with it."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     result: list[EtcdEndpoint] = []
     for item in items:
@@ -139,24 +140,12 @@ def parse_endpoints(spec: str | Sequence[str]) -> list[EtcdEndpoint]:
             raise ValueError(
                 f"bad etcd endpoint {item!r}: use host:port, http://host:port or https://host:port"
             )
-        if text.startswith("["):
-            host, sep, rest = text[1:].partition("]")
-            if not sep or (rest and not rest.startswith(":")):
-                raise ValueError(f"bad etcd endpoint {item!r}: unbalanced [ ] around the IPv6 host")
-            port_text = rest[1:]
-        elif text.count(":") == 1:
-            host, _, port_text = text.partition(":")
-        else:  # a bare host, or a bare IPv6 literal without a port
-            host, port_text = text, ""
-        if not host:
-            raise ValueError(f"bad etcd endpoint {item!r}: the host is empty")
-        port = DEFAULT_PORT
-        if port_text:
-            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-                raise ValueError(f"bad etcd endpoint {item!r}: port must be 1..65535")
-            port = int(port_text)
+        try:
+            host, port = parse_endpoint(text, DEFAULT_PORT)
+        except EndpointError as exc:
+            raise ValueError(f"bad etcd endpoint {item!r}: {exc.reason}") from None
         result.append(EtcdEndpoint(host, port, tls))
-    if not result or not all(e.host for e in result):
+    if not result:
         raise ValueError(f"no etcd endpoint given in {spec!r}")
     return result
 

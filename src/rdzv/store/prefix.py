@@ -112,6 +112,9 @@ class PrefixStore(Store):
     def _barrier(self, key: str, world_size: int, timeout: float) -> None:
         self._store._barrier(self._k(key), world_size, timeout)
 
+    def _set_lease(self, key: str, value: bytes, ttl: float) -> None:
+        self._store._set_lease(self._k(key), value, ttl)
+
     def _queue_push(self, key: str, value: bytes) -> None:
         self._store._queue_push(self._k(key), value)
 

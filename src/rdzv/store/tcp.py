@@ -34,7 +34,6 @@ Differences from ``torch.distributed.TCPStore`` (each on purpose):
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
@@ -45,13 +44,14 @@ import time
 import weakref
 from collections.abc import Callable, Generator
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rdzv import auth, wire
-from rdzv.errors import NetworkError, ProtocolError, RdzvError
-from rdzv.server import ServerThread, format_endpoint
+from rdzv.endpoint import check_endpoint, connect_host, format_endpoint
+from rdzv.errors import NetworkError, RdzvError
 from rdzv.store import tcp_ops as ops
 from rdzv.store.base import (
+    DEFAULT_TIMEOUT,
     Deadline,
     Store,
     TimeoutLike,
@@ -59,23 +59,39 @@ from rdzv.store.base import (
     timeout_to_seconds,
     value_to_bytes,
 )
-from rdzv.store.tcp_ops import Read, ReadTimeout, Session, Sleep
+from rdzv.store.tcp_ops import Connect, Done, Recv, Sleep, resume
 from rdzv.tls import TLSConfig, client_context
 
-__all__ = ["TCPStore", "check_endpoint", "connect_host"]
+if TYPE_CHECKING:  # the server is imported only by a master (is_master=True)
+    from rdzv.server import ServerThread
+
+__all__ = ["TCPStore"]
 
 logger = logging.getLogger("rdzv.store.tcp")
 
 _T = TypeVar("_T")
 
 
-_WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+def check_arguments(
+    host_name: object,
+    port: object,
+    world_size: object,
+    is_master: object,
+    timeout: object,
+    tls: object,
+) -> tuple[str, int, float]:
+    """Validate the arguments TCPStore and AsyncTCPStore share; return ``(host_name, port,
+    timeout in seconds)`` (a ``timeout`` of None: :data:`~rdzv.store.base.DEFAULT_TIMEOUT`).
 
-
-def check_options(world_size: object, is_master: object) -> None:
-    """Validate ``world_size`` and ``is_master`` as TCPStore and AsyncTCPStore take them:
-    TypeError for a non-bool ``is_master`` or a ``world_size`` that is neither an int nor
-    None, ValueError for a world size of 0 (torch's message)."""
+    Raises:
+        TypeError: a ``host_name`` that is not a str, a ``port`` that is not an int, an
+            ``is_master`` that is not a bool, a ``world_size`` that is neither an int nor
+            None, a ``timeout`` that is neither a timedelta nor a number of seconds.
+        ValueError: a port outside 0..65535, a world size of 0 (torch's message), a
+            negative or NaN timeout, ``tls`` with ``is_master`` (a master starts a plain
+            server).
+    """
+    host, number = check_endpoint(host_name, port)
     if not isinstance(is_master, bool):
         raise TypeError(f"is_master must be a bool, got {type(is_master).__name__}")
     if world_size is not None:
@@ -83,22 +99,31 @@ def check_options(world_size: object, is_master: object) -> None:
             raise TypeError(f"world_size must be an int or None, got {world_size!r}")
         if world_size == 0:
             raise ValueError("TCPStore world size cannot be 0")
+    seconds = DEFAULT_TIMEOUT if timeout is None else timeout_to_seconds(timeout)
+    if tls is not None and is_master:
+        raise ValueError(
+            "tls= is for clients; start a TLS server with `rdzv serve --tls-cert` or "
+            "StoreServer(ssl=...) and connect to it with is_master=False"
+        )
+    return host, number, seconds
 
 
-def check_endpoint(host_name: object, port: object) -> tuple[str, int]:
-    """Validate a (host, port) pair: TypeError for wrong types, ValueError out of range."""
-    if not isinstance(host_name, str):
-        raise TypeError(f"host_name must be a str, got {type(host_name).__name__}")
-    if not isinstance(port, int) or isinstance(port, bool):
-        raise TypeError(f"port must be an int, got {type(port).__name__}: {port!r}")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be in 0..65535, got {port}")
-    return host_name, port
-
-
-def connect_host(host_name: str) -> str:
-    """Where a client reaches a server bound to ``host_name`` (wildcards -> loopback)."""
-    return _WILDCARDS.get(host_name, host_name)
+def client_core(
+    store: object,
+    host_name: str,
+    port: int,
+    timeout: float,
+    token: bytes | None,
+    tls: object,
+    reconnect: bool,
+) -> ops.ClientCore:
+    """The connection core of a TCPStore or AsyncTCPStore ``store`` (named by its repr)
+    reaching ``host_name``:``port`` (wildcards: loopback)."""
+    host = connect_host(host_name)
+    endpoint = format_endpoint(host, port)
+    return ops.ClientCore(
+        host, port, endpoint, repr(store), timeout, token, tls is not None, reconnect
+    )
 
 
 def _agent_store_fallback(port: int) -> bool:
@@ -148,6 +173,8 @@ def start_master_server(
                     f"master_listen_fd {master_listen_fd} is bound to port {bound}, "
                     f"but port={port} was requested"
                 )
+        from rdzv.server import ServerThread
+
         ref = _ServerRef(ServerThread(host_name, port, sock=sock, token=token).start())
         if multi_tenant:
             _TENANTS[ref.port] = ref
@@ -213,25 +240,16 @@ class TCPStore(Store):
         tls: ssl.SSLContext | TLSConfig | None = None,
         reconnect: bool = True,
     ) -> None:
-        host_name, port = check_endpoint(host_name, port)
-        if tls is not None and is_master:
-            raise ValueError(
-                "tls= is for clients; start a TLS server with `rdzv serve --tls-cert` or "
-                "StoreServer(ssl=...) and connect to it with is_master=False"
-            )
-        check_options(world_size, is_master)
-        super().__init__(timeout)
+        host_name, port, seconds = check_arguments(
+            host_name, port, world_size, is_master, timeout, tls
+        )
+        super().__init__(seconds)
         self._host = host_name
         self._port = port
         self._use_libuv = bool(use_libuv)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self._broken: str | None = None
         self._reconnect = bool(reconnect)
-        self._lost = False  # the connection was lost (reconnectable), not broken
-        self._interrupted: RdzvError | None = None  # set by interrupt(): fail every call
-        self._unacked = ops.Unacked()
-        self._rbuf = wire.ReplyBuffer()
         self._server: _ServerRef | None = None
         self._token = auth.load_token(token, token_file)
         self._tls = tls
@@ -246,16 +264,12 @@ class TCPStore(Store):
                 if not _agent_store_fallback(port):
                     raise
                 logger.warning("%s; continuing as a client (TORCHELASTIC_USE_AGENT_STORE)", exc)
-        self._session = Session(
-            repr(self), ops.io_timeout_for(self._timeout), self._token, tls is not None
+        self._core = client_core(
+            self, host_name, self._port, self._timeout, self._token, tls, self._reconnect
         )
-        self._connect(self._timeout)
-        counting = world_size is not None and world_size > 0 and wait_for_workers
-        if counting:
-            self._run(lambda: ops.register_worker(self._session), "add to the worker count")
-        if counting and is_master and self._server is not None:
-            assert world_size is not None
-            self._run(lambda: ops.wait_for_workers(self._session, world_size, self._timeout))
+        self._session = self._core.session  # the operations' protocol state
+        workers = world_size if wait_for_workers else None
+        self._drive(self._core.start(workers, is_master and self._server is not None))
 
     # ------------------------------------------------------------------ properties
     def __repr__(self) -> str:
@@ -283,7 +297,7 @@ class TCPStore(Store):
 
     def set_timeout(self, timeout: TimeoutLike) -> None:
         super().set_timeout(timeout)
-        self._session.io_timeout = ops.io_timeout_for(self._timeout)
+        self._core.set_timeout(self._timeout)
 
     def has_extended_api(self) -> bool:
         return True
@@ -304,11 +318,8 @@ class TCPStore(Store):
     def close(self) -> None:
         """Close the connection (and release this master's share of its server)."""
         with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
-            self._broken = "the store was closed"
-            self._lost = False
+            self._close()
+            self._core.closed()
             self._server = None
 
     def interrupt(self, error: RdzvError) -> None:
@@ -316,7 +327,7 @@ class TCPStore(Store):
         raise (a copy of) ``error`` at once; the connection is shut down and never reopened.
         Used to abort a worker's blocked ``wait`` with
         :class:`~rdzv.errors.PeerFailedError` when a peer failed (:func:`rdzv.connect`)."""
-        self._interrupted = error
+        self._core.interrupted = error
         sock = self._sock
         if sock is not None:
             # Already closed: the blocked call fails anyway.
@@ -334,148 +345,67 @@ class TCPStore(Store):
         if sock is not None:
             sock.close()
 
-    # ------------------------------------------------------------------ connection
-    def _connect(self, timeout: float) -> None:
-        deadline = Deadline(timeout)
-        delays = ops.backoff_delays()
-        address = (connect_host(self._host), self._port)
-        attempts = 0
-        while True:
-            attempts += 1
-            sock: socket.socket | None = None
-            try:
-                limit = deadline.remaining()
-                sock = socket.create_connection(
-                    address, timeout=min(limit, ops.MIN_IO_TIMEOUT) if limit > 0 else 1.0
-                )
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self._tls_context is not None:
-                    ctx, hostname = self._tls_context
-                    sock = ctx.wrap_socket(sock, server_hostname=hostname or address[0])
-                self._sock, self._broken, self._lost = sock, None, False
-                self._rbuf.clear()
-                self._drive(ops.handshake(self._session))
-                return
-            except (OSError, NetworkError, ProtocolError, ReadTimeout) as exc:
-                self._sock = None
-                if sock is not None:
-                    sock.close()
-                fatal = ops.handshake_error(self._session, exc)
-                if fatal is not None:
-                    raise fatal from exc
-                last: BaseException = exc
-            remaining = deadline.remaining()
-            if remaining <= 0:
-                raise ops.connect_error(
-                    format_endpoint(*address), timeout, attempts, last
-                ) from last
-            time.sleep(min(next(delays), remaining))
-
+    # ------------------------------------------------------------------ driver
     def _run(
         self,
         make: Callable[[], Generator[Any, Any, _T]],
         unsafe: str | None = None,
         sent: bytes | None = None,
     ) -> _T:
-        """Perform the operation ``make()`` builds, under the connection lock.
-
-        When the connection is lost (and ``reconnect``): reconnect within the store timeout,
-        send again the idempotent requests that no reply acknowledged (:class:`Unacked`),
-        and perform the operation again, unless ``unsafe`` names it (not idempotent): then
-        raise NetworkError saying its outcome is unknown. ``sent``: the operation is that
-        request without a reply.
-        """
-        recovery: Deadline | None = None
-        unacked = self._unacked
-        dropped: str | None = None
+        """Perform the operation ``make()`` builds under the connection lock, with the
+        reconnect rules of :meth:`~rdzv.store.tcp_ops.ClientCore.run`."""
         with self._lock:
-            while True:
-                if self._interrupted is not None:
-                    self._fail(str(self._interrupted))
-                    raise copy.copy(self._interrupted)
-                fresh = False
-                if self._sock is None:
-                    if not self._lost:
-                        raise NetworkError(f"{self!r} cannot be used: {self._broken}")
-                    recovery = recovery or Deadline(self._timeout)
-                    self._connect(recovery.remaining())  # NetworkError when out of time
-                    logger.info("%r: reconnected", self)
-                    fresh = True
-                    dropped = unacked.drop_unsafe() or dropped
-                try:
-                    if fresh and unacked:
-                        self._drive(ops.send(unacked.replay()))
-                    if dropped is not None or (sent is not None and unacked.full()):
-                        self._drive(ops.ping(self._session))  # acknowledges what came before
-                        unacked.clear()
-                    if dropped is None:
-                        result = self._drive(make())
-                except Exception as exc:
-                    reason = ops.failure_reason(self._session, exc)
-                    if reason is None:
-                        raise
-                    if self._interrupted is not None:
-                        continue  # the loop's head raises with the interruption's reason
-                    error = self._fail(reason, self._reconnect and ops.connection_lost(exc))
-                    if not self._lost:
-                        raise error from exc
-                    if unsafe is not None and dropped is None:
-                        raise ops.outcome_unknown(self._session, unsafe, reason) from exc
-                    ops.before_retry(self._session, unacked, recovery is not None, reason, exc)
-                    continue
-                unacked.settle(self._session, dropped, sent, unsafe, self._reconnect)
-                return result
+            return self._drive(self._core.run(make, unsafe, sent))
 
-    def _fail(self, reason: str, lost: bool = False) -> NetworkError:
+    def _drive(self, core: Generator[Any, Any, _T]) -> _T:
+        """Perform the I/O actions of ``core`` on a blocking socket."""
+        sock: Any = self._sock  # None until a Connect, after a Close
+        value: Any = None
+        error: Exception | None = None
+        while True:
+            action = resume(core, value, error)
+            kind, value, error = action.__class__, None, None
+            try:
+                if kind is bytes:
+                    sock.sendall(action)
+                elif kind is Recv:
+                    remaining = action.deadline - time.monotonic()
+                    if remaining > 0:
+                        sock.settimeout(None if math.isinf(remaining) else remaining)
+                        try:
+                            value = sock.recv(action.size)
+                        except TimeoutError:
+                            value = None  # the deadline passed
+                elif kind is Done:
+                    result: _T = action.value
+                    return result
+                elif kind is Sleep:
+                    time.sleep(action.seconds)
+                elif kind is Connect:
+                    self._close()
+                    sock = self._sock = self._open(action)
+                else:
+                    self._close()
+                    sock = None
+            except Exception as exc:
+                error = exc
+
+    def _open(self, connect: Connect) -> socket.socket:
+        sock = socket.create_connection((connect.host, connect.port), timeout=connect.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls_context is not None:
+                ctx, hostname = self._tls_context
+                sock = ctx.wrap_socket(sock, server_hostname=hostname or connect.host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
-        self._lost = lost
-        self._broken = f"the connection failed earlier: {reason}"
-        return NetworkError(f"{self!r}: {reason}; this TCPStore object is no longer usable")
-
-    def _drive(self, op: Generator[Any, Any, _T]) -> _T:
-        sock = self._sock
-        assert sock is not None
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                action = op.send(value) if error is None else op.throw(error)
-            except StopIteration as stop:
-                result: _T = stop.value
-                return result
-            value = error = None
-            if action.__class__ is bytes:
-                sock.sendall(action)
-            elif action.__class__ is Read:
-                try:
-                    value = self._read(sock, action)
-                except ReadTimeout as exc:
-                    error = exc
-            else:
-                assert isinstance(action, Sleep)
-                time.sleep(action.seconds)
-
-    def _read(self, sock: socket.socket, read: Read) -> Any:
-        buf = self._rbuf
-        while True:
-            try:
-                return buf.read(read.decoder)
-            except wire.NeedData as short:
-                need = short.need
-            while len(buf) < need:
-                remaining = read.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ReadTimeout(read)
-                sock.settimeout(None if math.isinf(remaining) else remaining)
-                try:
-                    data = sock.recv(ops.recv_size(need - len(buf)))
-                except TimeoutError:
-                    raise ReadTimeout(read) from None
-                if not data:
-                    raise ops.server_closed(read)
-                buf.feed(data)
 
     # ------------------------------------------------------------------ store core
     def _set(self, key: str, value: bytes) -> None:
@@ -544,16 +474,12 @@ class TCPStore(Store):
     def set_ephemeral(self, key: str, value: bytes | str) -> None:
         """Set ``key`` bound to this connection: the server deletes it when the connection
         closes (a crashed process's liveness key disappears). rdzv servers only: raises
-        StoreError on a torch server. A later plain write makes the key ordinary again."""
+        StoreError on a torch server. A later plain write makes the key ordinary again.
+        Keys that expire after a time: :meth:`~rdzv.store.base.Store.set_lease`."""
         k, v = key_to_str(key), value_to_bytes(value)
         self._run(lambda: ops.set_ephemeral(self._session, k, v))
 
-    def set_lease(self, key: str, value: bytes | str, ttl: TimeoutLike) -> None:
-        """Set ``key`` with a lease: the server deletes it ``ttl`` (seconds or timedelta)
-        after this call unless it is set again (renewal). rdzv servers only.
-
-        Raises ValueError unless 0 < ``ttl`` <= one year
-        (:data:`rdzv.store.tcp_ops.MAX_LEASE_TTL`), TypeError for a ttl of another type."""
-        ttl_ms = ops.lease_ms(timeout_to_seconds(ttl, "ttl"))
-        k, v = key_to_str(key), value_to_bytes(value)
-        self._run(lambda: ops.set_lease(self._session, k, v, ttl_ms))
+    def _set_lease(self, key: str, value: bytes, ttl: float) -> None:
+        # Store.set_lease: semantics, units, errors. rdzv servers only (EXT_SET_LEASE).
+        ttl_ms = ops.lease_ms(ttl)
+        self._run(lambda: ops.set_lease(self._session, key, value, ttl_ms))

@@ -1,34 +1,48 @@
-"""The TCPStore client's operations, written once as sans-I/O generators.
+"""The TCPStore client, sans I/O: its operations and its connection rules, written once.
 
 :class:`~rdzv.store.tcp.TCPStore` (blocking sockets) and
 :class:`~rdzv.store.async_tcp.AsyncTCPStore` (asyncio) differ only in how they perform I/O;
-the rules live here: key prefixing, the request sequences (``get`` = WAIT + GET like torch,
+every rule lives here: key prefixing, the request sequences (``get`` = WAIT + GET like torch,
 or one extension request on an rdzv server), the CANCEL_WAIT dance on timeouts, the use of
-negotiated extensions, error mapping, and the reconnect rules (which failures are a lost
-connection, what is replayed, when a retry is unsafe: :func:`connection_lost`,
-:class:`Unacked`, :func:`lost_again`). The loop applying the reconnect rules (connect,
-replay, perform again) is each driver's ``_run`` (``TCPStore._run``, ``AsyncTCPStore._run``);
-argument validation is :func:`rdzv.store.tcp.check_endpoint` and
-:func:`rdzv.store.tcp.check_options`, shared by both clients.
+negotiated extensions, error mapping, and the connection's life (:class:`ClientCore`):
+connecting with back-off, the handshake, which failures are a lost connection
+(:func:`connection_lost`), reconnecting, what is replayed (:class:`Unacked`), when a retry
+is unsafe (:func:`outcome_unknown`, :func:`lost_again`). Argument validation is one
+function, :func:`rdzv.store.tcp.check_arguments`, shared by both clients.
+
+Why generators and not a synchronous client generated from the asynchronous one (as
+httpcore does with unasync): the operations already were sans-I/O generators, so the
+connection rules became generators of the same kind, and each client only executes five
+actions (about 40 lines each: ``TCPStore._drive``, ``AsyncTCPStore._drive``). The rules
+then run as the same code in both clients (no generated copy to keep in sync, no build
+step or CI check). The cost is a generator frame more per action (see
+``docs/performance.md``).
 
 An operation is a generator that yields actions and receives their results:
 
 * ``bytes``: send these bytes (result: None);
 * :class:`Read`: decode one reply with ``decoder`` before ``deadline`` (result: the value);
-  at the deadline the driver throws :class:`ReadTimeout` into the generator;
+  at the deadline :class:`ReadTimeout` is thrown into the generator;
 * :class:`Sleep`: pause (result: None).
 
 The generator's return value is the operation's result; its exceptions are the operation's.
+:meth:`ClientCore.perform` runs an operation: it decodes :class:`Read` actions from the
+reply buffer itself and passes the driver only I/O actions: ``bytes``, :class:`Sleep`,
+:class:`Recv` (receive some bytes before a deadline), :class:`Connect` and :class:`Close`.
+A driver throws the errors of an action (OSError, ssl.SSLError, TimeoutError) back into
+the core's generator, which decides: retry, reconnect, or raise; :func:`resume` is a
+driver's step, and :class:`Done` carries the core's result.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
 import ssl
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
 from rdzv import auth, wire
@@ -37,10 +51,11 @@ from rdzv.errors import (
     ConnectionLimitError,
     NetworkError,
     ProtocolError,
+    RdzvError,
     StoreError,
     StoreTimeoutError,
 )
-from rdzv.store.base import timeout_error
+from rdzv.store.base import Deadline, timeout_error
 from rdzv.wire import (
     EXT_ERROR,
     EXT_OK,
@@ -768,18 +783,10 @@ def set_ephemeral(s: Session, key: str, value: bytes) -> OpGen[None]:
     yield from ext_call(s, request, None, "the reply to SET_EPHEMERAL")
 
 
-#: Longest lease ``set_lease`` accepts, seconds (one year; :data:`rdzv.wire.MAX_LEASE_MS`).
-MAX_LEASE_TTL = wire.MAX_LEASE_MS / 1000
-
-
 def lease_ms(ttl: float) -> int:
-    """``ttl`` seconds as the whole milliseconds (at least 1) SET_LEASE carries. Raises
-    ValueError for a ttl that is not > 0 and <= :data:`MAX_LEASE_TTL` (infinity included)."""
-    if not 0 < ttl <= MAX_LEASE_TTL:
-        raise ValueError(
-            f"set_lease: ttl must be > 0 and <= {MAX_LEASE_TTL:g} seconds (one year), got "
-            f"{ttl!r}; use set() for a key that should not expire"
-        )
+    """``ttl`` seconds (checked by :func:`~rdzv.store.base.check_ttl`: at most one year,
+    :data:`rdzv.wire.MAX_LEASE_MS`) as the whole milliseconds SET_LEASE carries, rounded
+    up (at least 1)."""
     return max(1, math.ceil(ttl * 1000))
 
 
@@ -815,3 +822,276 @@ def wait_for_workers(s: Session, world_size: int, timeout: float) -> OpGen[None]
                 "its TCPStore with the same world_size before the timeout)"
             )
         yield Sleep(min(WORKER_POLL_INTERVAL, max(0.0, timeout - elapsed)))
+
+
+# --------------------------------------------------------------------------- the client core
+# The connection's life, written once for both drivers: connect with back-off, handshake,
+# perform an operation, and after a lost connection reconnect, replay and perform it again.
+
+
+class Recv:
+    """Action: receive up to ``size`` bytes before the monotonic time ``deadline``. Result:
+    the bytes, ``b""`` when the peer closed the connection, None when the deadline passed
+    first (a deadline already past: None without receiving)."""
+
+    __slots__ = ("deadline", "size")
+
+    def __init__(self, size: int, deadline: float) -> None:
+        self.size = size
+        self.deadline = deadline
+
+
+class Connect:
+    """Action: replace the connection by a new one to ``(host, port)``, TCP_NODELAY and
+    TLS (the driver's context) included, within ``timeout`` seconds (result: None). Errors
+    (OSError, TimeoutError, ssl.SSLError) are thrown into the core."""
+
+    __slots__ = ("host", "port", "timeout")
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+
+
+class Close:
+    """Action: close the connection if one is open (result: None; never raises)."""
+
+    __slots__ = ()
+
+
+CLOSE = Close()
+
+
+class Done:
+    """What :func:`resume` returns when the core generator returned ``value``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def resume(core: OpGen[Any], value: Any, error: Exception | None) -> Any:
+    """A driver's step: send ``value`` (the last action's result) into ``core``, or throw
+    ``error`` (its failure); return the next action, or :class:`Done` with the result."""
+    try:
+        return core.send(value) if error is None else core.throw(error)
+    except StopIteration as stop:
+        return Done(stop.value)
+
+
+class ClientCore:
+    """One client connection's state and rules, sans I/O: its generators yield the actions
+    ``bytes`` (send), :class:`Recv`, :class:`Sleep`, :class:`Connect` and :class:`Close`
+    to a driver that performs them and throws I/O errors back in.
+
+    Args:
+        host, port: where to connect (wildcards already mapped to loopback).
+        endpoint: ``host:port`` as messages show it.
+        where: the store as messages name it (its repr).
+        timeout: the store timeout, seconds: the connect deadline, the reconnect deadline.
+        token, tls: as :class:`Session`.
+        reconnect: reconnect after the server closed or reset the connection.
+
+    States: connected (``connected``); lost, reconnectable on the next operation (``lost``);
+    broken, every operation raises NetworkError (``broken`` says why); interrupted
+    (``interrupted``, set from any thread: every operation raises a copy of it).
+    """
+
+    __slots__ = (
+        "broken",
+        "connected",
+        "endpoint",
+        "host",
+        "interrupted",
+        "lost",
+        "port",
+        "rbuf",
+        "reconnect",
+        "session",
+        "timeout",
+        "unacked",
+    )
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        endpoint: str,
+        where: str,
+        timeout: float,
+        token: bytes | None,
+        tls: bool,
+        reconnect: bool,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.reconnect = reconnect
+        self.session = Session(where, io_timeout_for(timeout), token, tls)
+        self.unacked = Unacked()
+        self.rbuf = wire.ReplyBuffer()
+        self.connected = False
+        self.lost = False
+        self.broken: str | None = None
+        self.interrupted: RdzvError | None = None
+
+    def set_timeout(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.session.io_timeout = io_timeout_for(timeout)
+
+    def closed(self) -> None:
+        """The driver closed the connection on the user's request: no reconnecting."""
+        self.connected = self.lost = False
+        self.broken = "the store was closed"
+
+    # ------------------------------------------------------------------ generators
+    def start(self, workers: int | None, master: bool) -> OpGen[None]:
+        """What torch's constructor does: connect; with ``workers`` (a world size, > 0; None:
+        no worker counting) add 1 to the worker count, and as the ``master`` wait until
+        ``workers`` stores have (:func:`wait_for_workers`)."""
+        if self.broken is not None:
+            raise NetworkError(f"{self.session.where} cannot be used: {self.broken}")
+        yield from self.connect(self.timeout)
+        s = self.session
+        if workers is not None and workers > 0:
+            yield from self.run(lambda: register_worker(s), "add to the worker count")
+            if master:
+                yield from self.run(lambda: wait_for_workers(s, workers, self.timeout))
+
+    def connect(self, timeout: float) -> OpGen[None]:
+        """Connect and handshake, retrying with back-off (:func:`backoff_delays`) within
+        ``timeout`` seconds. Raises :func:`handshake_error`'s errors at once, and
+        :func:`connect_error` when out of time."""
+        deadline = Deadline(timeout)
+        delays = backoff_delays()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                limit = deadline.remaining()
+                limit = min(limit, MIN_IO_TIMEOUT) if limit > 0 else 1.0
+                yield Connect(self.host, self.port, limit)
+                self.connected, self.lost, self.broken = True, False, None
+                self.rbuf.clear()
+                yield from self.perform(handshake(self.session))
+                return
+            except (OSError, NetworkError, ProtocolError, ReadTimeout) as exc:
+                self.connected = False
+                yield CLOSE
+                fatal = handshake_error(self.session, exc)
+                if fatal is not None:
+                    raise fatal from exc
+                last: BaseException = exc
+            remaining = deadline.remaining()
+            if remaining <= 0:
+                raise connect_error(self.endpoint, timeout, attempts, last) from last
+            yield Sleep(min(next(delays), remaining))
+
+    def run(
+        self,
+        make: Callable[[], OpGen[_T]],
+        unsafe: str | None = None,
+        sent: bytes | None = None,
+    ) -> OpGen[_T]:
+        """Perform the operation ``make()`` builds (drivers serialise the calls).
+
+        When the connection is lost (and ``reconnect``): reconnect within the store timeout,
+        send again the idempotent requests that no reply acknowledged (:class:`Unacked`),
+        and perform the operation again, unless ``unsafe`` names it (not idempotent): then
+        raise NetworkError saying its outcome is unknown (:func:`outcome_unknown`); lost
+        again at once: :func:`lost_again`. ``sent``: the operation is that request without
+        a reply (it joins the replay window).
+        """
+        recovery: Deadline | None = None
+        unacked = self.unacked
+        s = self.session
+        dropped: str | None = None
+        while True:
+            if self.interrupted is not None:
+                yield from self.fail(str(self.interrupted))
+                raise copy.copy(self.interrupted)
+            fresh = False
+            if not self.connected:
+                if not self.lost:
+                    raise NetworkError(f"{s.where} cannot be used: {self.broken}")
+                recovery = recovery or Deadline(self.timeout)
+                yield from self.connect(recovery.remaining())  # NetworkError when out of time
+                _log.info("%s: reconnected", s.where)
+                fresh = True
+                dropped = unacked.drop_unsafe() or dropped
+            try:
+                if fresh and unacked:
+                    yield unacked.replay()
+                if dropped is not None or (sent is not None and unacked.full()):
+                    yield from self.perform(ping(s))  # acknowledges what came before
+                    unacked.clear()
+                if dropped is None:
+                    result = yield from self.perform(make())
+            except Exception as exc:
+                reason = failure_reason(s, exc)
+                if reason is None:
+                    raise
+                if self.interrupted is not None:
+                    continue  # the loop's head raises with the interruption's reason
+                error = yield from self.fail(reason, self.reconnect and connection_lost(exc))
+                if not self.lost:
+                    raise error from exc
+                if unsafe is not None and dropped is None:
+                    raise outcome_unknown(s, unsafe, reason) from exc
+                before_retry(s, unacked, recovery is not None, reason, exc)
+                continue
+            unacked.settle(s, dropped, sent, unsafe, self.reconnect)
+            return result
+
+    def fail(self, reason: str, lost: bool = False) -> OpGen[NetworkError]:
+        """Close the connection: ``lost`` (reconnect on the next operation) or broken."""
+        yield CLOSE
+        self.connected, self.lost = False, lost
+        self.broken = f"the connection failed earlier: {reason}"
+        return NetworkError(
+            f"{self.session.where}: {reason}; this store object is no longer usable"
+        )
+
+    def perform(self, op: OpGen[_T]) -> OpGen[_T]:
+        """Run the operation ``op``: its ``bytes`` and :class:`Sleep` go to the driver, its
+        :class:`Read` are decoded from the reply buffer, filled by :class:`Recv` actions.
+        I/O errors end ``op`` (they are not thrown into it); a :class:`ReadTimeout` is."""
+        buf = self.rbuf
+        value: Any = None
+        error: ReadTimeout | None = None
+        while True:
+            try:
+                action = op.send(value) if error is None else op.throw(error)
+            except StopIteration as stop:
+                result: _T = stop.value
+                return result
+            value = error = None
+            if action.__class__ is Read:
+                try:
+                    value = buf.read(action.decoder)
+                except wire.NeedData as short:
+                    try:
+                        value = yield from self._fill(action, short.need)
+                    except ReadTimeout as exc:
+                        error = exc
+            else:
+                yield action
+
+    def _fill(self, read: Read, need: int) -> OpGen[Any]:
+        """Receive until ``read`` decodes (``need``: the buffered length it needs so far)."""
+        buf = self.rbuf
+        while True:
+            while len(buf) < need:
+                data = yield Recv(recv_size(need - len(buf)), read.deadline)
+                if data is None:
+                    raise ReadTimeout(read)
+                if not data:
+                    raise server_closed(read)
+                buf.feed(data)
+            try:
+                return buf.read(read.decoder)
+            except wire.NeedData as short:
+                need = short.need

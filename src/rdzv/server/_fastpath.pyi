@@ -1,7 +1,8 @@
-"""Type stub of the C extension (src/rdzv/_fastpath.c); see rdzv.fastpath."""
+"""Type stub of the C extension (src/rdzv/server/_fastpath.c); see rdzv.server.fastpath."""
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+
+from rdzv.engine import FastPathTables, Waiter
 
 class Executor:
     @property
@@ -10,18 +11,14 @@ class Executor:
     distinct: int
     polling: bool
     on_activity: Callable[[], object] | None
-    park: Callable[[Any, bytes], bool] | None
+    on_fire: Callable[[Waiter], object] | None
     @property
     def counting(self) -> bool: ...
     def enable_counting(self, bounds_ns: Sequence[int], /) -> None: ...
     def counters(self) -> tuple[dict[int, int], tuple[int, ...], int]: ...
     def __init__(
         self,
-        data: dict[bytes, bytes],
-        queues: Mapping[bytes, object],
-        waiters: Mapping[bytes, object],
-        barriers: Mapping[bytes, object],
-        bound: Mapping[bytes, object],
+        tables: FastPathTables,
         max_key_bytes: int,
         max_value_bytes: int,
         max_keys: int,
@@ -35,7 +32,7 @@ class Receiver:
     extended: bool
     validate: bool
     parser: object
-    owner: object
+    owner: tuple[object, ...] | None
     write: Callable[[bytes], object] | None
     buffered: Callable[[], int] | None
     fd: int

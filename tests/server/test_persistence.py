@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from rdzv.engine import Engine
 from rdzv.errors import StoreError
-from rdzv.persistence import DurableJournal, recover
+from rdzv.server.persistence import DurableJournal, recover
 from tests.conftest import subprocess_env
 
 
@@ -157,7 +157,7 @@ def test_replay_equals_live_state(tmp_path_factory: pytest.TempPathFactory, ops:
 WRITER = """
 import sys
 from rdzv.engine import Engine
-from rdzv.persistence import DurableJournal
+from rdzv.server.persistence import DurableJournal
 engine = Engine()
 journal = DurableJournal(sys.argv[1], fsync=sys.argv[2])
 journal.open(engine)

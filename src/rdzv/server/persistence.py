@@ -65,7 +65,7 @@ from rdzv.stats import FSYNC_BUCKETS, Histogram
 
 __all__ = ["FSYNC_POLICIES", "RECOVERY_MODES", "DurableJournal", "Recovery", "recover"]
 
-_log = logging.getLogger("rdzv.persistence")
+_log = logging.getLogger("rdzv.server.persistence")
 
 FSYNC_POLICIES = ("always", "interval", "never")
 #: ``recovery`` choices: refuse to start on damage beyond a torn last commit, or keep what

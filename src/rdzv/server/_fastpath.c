@@ -1,5 +1,5 @@
 /*
- * rdzv._fastpath: the TCPStore server's hot path in C.
+ * rdzv.server._fastpath: the TCPStore server's hot path in C.
  *
  * One call of Executor.run(buf, pos, extended) decodes the complete requests of ``buf`` from
  * ``pos`` on and executes those that are *simple*: SET, GET, ADD, CHECK, WAIT and MULTI_GET
@@ -10,13 +10,13 @@
  * it, and returns how far it got plus the concatenated replies. Two requests change a
  * connection's state and are taken only by a connection's Receiver: its first request,
  * VALIDATE (whole, with the right magic), and a WAIT on one absent key, which the Receiver
- * parks through the executor's ``park`` callable (the reply on wake-up is the Python
- * path's). The server then hands the
+ * parks with the engine's ``park`` (FastPathTables) and records on the connection (the
+ * reply on wake-up is the Python path's). The server then hands the
  * rest of the bytes to the Python parser and handlers (rdzv.wire / rdzv.server), which
  * implement every request; this module only short-cuts the common ones, with byte-identical
  * replies and state changes (tests/server/test_fastpath.py checks both paths against each
  * other). The rules mirror rdzv.engine.Engine and the handlers in rdzv.server; see
- * rdzv/fastpath.py for the Python side.
+ * rdzv/server/fastpath.py for the Python side.
  *
  * Wire format: docs/protocol.md (torch's TCPStore: one opcode byte, u64 little-endian
  * lengths and counts, i64 little-endian integers).
@@ -71,9 +71,13 @@ enum {
 #define STEP_STOP (-1)  /* not taken: nothing changed, the Python path takes over here */
 #define STEP_ERROR (-2) /* a Python exception is set (out of memory) */
 
+static PyObject *validated_name;  /* "validated" (interned) */
+static PyObject *add_waiter_name; /* "add_waiter" (interned) */
+static PyObject *one;             /* the int 1 */
+
 /* What a Receiver lets the executor do beyond the stateless requests. */
 typedef struct {
-    PyObject *owner; /* passed to Executor.park for a WAIT on one absent key; NULL: no parking */
+    PyObject *owner; /* owner of a WAIT waiter parked here, (connection, kind); NULL: none */
     int parked;      /* set when a WAIT was parked: the executor stops after it */
 } Ctx;
 
@@ -191,16 +195,19 @@ read_blob(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t end, Py_ssize_t li
 /* ------------------------------------------------------------------------ the executor */
 typedef struct {
     PyObject_HEAD
-    PyObject *data;     /* Engine._data: bytes -> bytes */
-    PyObject *queues;   /* Engine._queues: bytes -> deque (non-empty) */
-    PyObject *waiters;  /* Engine._waiters: bytes -> waiters */
-    PyObject *barriers; /* Engine._barriers: bytes -> parked barrier waiters */
-    PyObject *bound;    /* StoreServer._bound: bytes -> owner */
-    PyObject *park;     /* callable(owner, key) parking a WAIT on one absent key, or None */
+    /* The engine's tables, from rdzv.engine.Engine.fastpath_tables() (FastPathTables, whose
+     * docstring states what may be read and written here). */
+    PyObject *data;     /* key -> value; written only for keys in none of the three below */
+    PyObject *queues;   /* key -> non-empty deque; read only */
+    PyObject *waiters;  /* key -> registered waiters; read only */
+    PyObject *barriers; /* key -> parked barrier waiters; read only */
+    PyObject *bound;    /* key -> owner or lease of a bound key; read only */
+    PyObject *park;     /* park(key, callback, owner) -> Waiter, for an absent key */
+    PyObject *on_fire;  /* callback of the WAIT waiters parked here; None: no parking */
     Py_ssize_t max_key;
     Py_ssize_t max_value;
     Py_ssize_t max_keys;
-    /* Busy polling (rdzv.fastpath.BusyPoller): reads seen by the receivers, whether the
+    /* Busy polling (rdzv.server.fastpath.BusyPoller): reads seen by the receivers, whether the
      * poller runs, and what to call on a read while it does not (None: no polling). */
     unsigned long long activity;
     unsigned long long epoch;  /* the poller's current period */
@@ -394,8 +401,9 @@ done:
 }
 
 /* CHECK, WAIT, MULTI_GET: a u64 count and that many key blobs. */
-/* Park a WAIT on the absent key p[start:start+len] with ``park(owner, key)``; when it
- * returns false (a limit), nothing was registered and the Python path takes the WAIT. */
+/* Park a WAIT on the absent key p[start:start+len]: the engine registers the waiter
+ * (``park(key, on_fire, owner)``, FastPathTables.park), then the connection, owner[0],
+ * records it (``add_waiter(waiter, 1)``, as the Python WAIT handler does). */
 static Py_ssize_t
 park_wait(Executor *self, const unsigned char *p, Py_ssize_t start, Py_ssize_t len,
           Py_ssize_t pos, Ctx *ctx)
@@ -404,18 +412,20 @@ park_wait(Executor *self, const unsigned char *p, Py_ssize_t start, Py_ssize_t l
     if (key == NULL) {
         return STEP_ERROR;
     }
-    PyObject *owner = Py_NewRef(ctx->owner); /* the receiver's: kept alive for the call */
-    PyObject *parked = PyObject_CallFunctionObjArgs(self->park, owner, key, NULL);
-    Py_DECREF(owner);
+    PyObject *owner = Py_NewRef(ctx->owner); /* the receiver's: kept alive for the calls */
+    PyObject *waiter = PyObject_CallFunctionObjArgs(self->park, key, self->on_fire, owner, NULL);
     Py_DECREF(key);
-    if (parked == NULL) {
+    PyObject *added = NULL;
+    if (waiter != NULL) {
+        added = PyObject_CallMethodObjArgs(PyTuple_GET_ITEM(owner, 0), add_waiter_name, waiter,
+                                           one, NULL);
+        Py_DECREF(waiter);
+    }
+    Py_DECREF(owner);
+    if (added == NULL) {
         return STEP_ERROR;
     }
-    int ok = PyObject_IsTrue(parked);
-    Py_DECREF(parked);
-    if (ok <= 0) {
-        return ok < 0 ? STEP_ERROR : STEP_STOP;
-    }
+    Py_DECREF(added);
     ctx->parked = 1;
     return pos;
 }
@@ -477,9 +487,10 @@ step_list(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end
     }
     if (op == OP_WAIT) {
         if (!all) {
-            /* One key: parked through ``park`` when the connection allows it; more keys, or
-             * no ``park``: the Python path parks the waiter. */
-            if (n == 1 && ctx->owner != NULL && self->park != NULL && self->park != Py_None) {
+            /* One key, on a connection with an owner for its waiter: parked here; more
+             * keys, or no owner or callback: the Python path parks the waiter. */
+            if (n == 1 && ctx->owner != NULL && self->on_fire != NULL &&
+                self->on_fire != Py_None) {
                 return park_wait(self, p, starts[0], lens[0], pos, ctx);
             }
             return STEP_STOP;
@@ -744,33 +755,46 @@ observe_latency(Executor *self, unsigned long long ns)
     self->latency_sum_ns += ns;
 }
 
+/* The fields of rdzv.engine.FastPathTables, in order; the five dictionaries come first. */
+#define TABLE_FIELDS 6
+#define TABLE_DICTS 5
+
 static int
 executor_init(Executor *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"data", "queues", "waiters", "barriers", "bound",
-                             "max_key_bytes", "max_value_bytes", "max_keys", NULL};
-    PyObject *data, *queues, *waiters, *barriers, *bound;
+    static char *kwlist[] = {"tables", "max_key_bytes", "max_value_bytes", "max_keys", NULL};
+    PyObject *tables;
     Py_ssize_t max_key, max_value, max_keys;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!O!O!nnn", kwlist, &PyDict_Type, &data,
-                                     &PyDict_Type, &queues, &PyDict_Type, &waiters,
-                                     &PyDict_Type, &barriers, &PyDict_Type, &bound, &max_key,
-                                     &max_value, &max_keys)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnn", kwlist, &PyTuple_Type, &tables,
+                                     &max_key, &max_value, &max_keys)) {
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(tables) != TABLE_FIELDS) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Executor(): tables must be an rdzv.engine.FastPathTables "
+                        "(Engine.fastpath_tables())");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < TABLE_DICTS; i++) {
+        if (!PyDict_CheckExact(PyTuple_GET_ITEM(tables, i))) {
+            PyErr_Format(PyExc_TypeError, "Executor(): field %zd of tables is not a dict", i);
+            return -1;
+        }
+    }
+    if (!PyCallable_Check(PyTuple_GET_ITEM(tables, TABLE_DICTS))) {
+        PyErr_SetString(PyExc_TypeError, "Executor(): tables.park is not callable");
         return -1;
     }
     if (max_key < 0 || max_value < 0 || max_keys < 0) {
         PyErr_SetString(PyExc_ValueError, "Executor(): limits must be >= 0");
         return -1;
     }
-    Py_INCREF(data);
-    Py_XSETREF(self->data, data);
-    Py_INCREF(queues);
-    Py_XSETREF(self->queues, queues);
-    Py_INCREF(waiters);
-    Py_XSETREF(self->waiters, waiters);
-    Py_INCREF(barriers);
-    Py_XSETREF(self->barriers, barriers);
-    Py_INCREF(bound);
-    Py_XSETREF(self->bound, bound);
+    Py_XSETREF(self->data, Py_NewRef(PyTuple_GET_ITEM(tables, 0)));
+    Py_XSETREF(self->queues, Py_NewRef(PyTuple_GET_ITEM(tables, 1)));
+    Py_XSETREF(self->waiters, Py_NewRef(PyTuple_GET_ITEM(tables, 2)));
+    Py_XSETREF(self->barriers, Py_NewRef(PyTuple_GET_ITEM(tables, 3)));
+    Py_XSETREF(self->bound, Py_NewRef(PyTuple_GET_ITEM(tables, 4)));
+    Py_XSETREF(self->park, Py_NewRef(PyTuple_GET_ITEM(tables, 5)));
     self->max_key = max_key;
     self->max_value = max_value;
     self->max_keys = max_keys;
@@ -779,7 +803,7 @@ executor_init(Executor *self, PyObject *args, PyObject *kwds)
     self->distinct = 0;
     self->polling = 0;
     Py_XSETREF(self->on_activity, Py_NewRef(Py_None));
-    Py_XSETREF(self->park, Py_NewRef(Py_None));
+    Py_XSETREF(self->on_fire, Py_NewRef(Py_None));
     self->counting = 0;
     self->nbounds = 0;
     memset(self->ops, 0, sizeof self->ops);
@@ -796,8 +820,9 @@ executor_traverse(Executor *self, visitproc visit, void *arg)
     Py_VISIT(self->waiters);
     Py_VISIT(self->barriers);
     Py_VISIT(self->bound);
-    Py_VISIT(self->on_activity);
     Py_VISIT(self->park);
+    Py_VISIT(self->on_activity);
+    Py_VISIT(self->on_fire);
     return 0;
 }
 
@@ -809,8 +834,9 @@ executor_clear(Executor *self)
     Py_CLEAR(self->waiters);
     Py_CLEAR(self->barriers);
     Py_CLEAR(self->bound);
-    Py_CLEAR(self->on_activity);
     Py_CLEAR(self->park);
+    Py_CLEAR(self->on_activity);
+    Py_CLEAR(self->on_fire);
     return 0;
 }
 
@@ -834,11 +860,10 @@ static PyMemberDef executor_members[] = {
      "bool: the busy poller runs; the receivers call ``on_activity`` while it is False"},
     {"on_activity", T_OBJECT, offsetof(Executor, on_activity), 0,
      "callable() or None: called (after ``polling`` is set) on a read while not polling"},
-    {"park", T_OBJECT, offsetof(Executor, park), 0,
-     "callable(owner, key) -> bool or None: registers a waiter for a WAIT on one absent key "
-     "(bytes) sent on a connection whose receiver has an ``owner`` and returns True, or "
-     "registers nothing and returns False (the Python path then takes the WAIT); None: the "
-     "Python path parks every WAIT"},
+    {"on_fire", T_OBJECT, offsetof(Executor, on_fire), 0,
+     "callable(Waiter) or None: the callback of the WAIT waiters the receivers park (a WAIT "
+     "on one absent key, on a connection whose receiver has an ``owner``); None: the Python "
+     "path parks every WAIT"},
     {"counting", T_BOOL, offsetof(Executor, counting), READONLY,
      "bool: enable_counting() was called"},
     {NULL, 0, 0, 0, NULL},
@@ -852,12 +877,14 @@ static PyMethodDef executor_methods[] = {
 };
 
 PyDoc_STRVAR(executor_doc,
-"Executor(data, queues, waiters, barriers, bound, max_key_bytes, max_value_bytes, max_keys)\n\n"
-"Executes simple TCPStore requests directly on an engine's dictionaries (see rdzv.fastpath).");
+"Executor(tables, max_key_bytes, max_value_bytes, max_keys)\n\n"
+"Executes simple TCPStore requests directly on an engine's dictionaries: ``tables`` is\n"
+"rdzv.engine.Engine.fastpath_tables(), whose docstring states what may be touched and how\n"
+"(see rdzv.server.fastpath).");
 
 static PyTypeObject ExecutorType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "rdzv._fastpath.Executor",
+    .tp_name = "rdzv.server._fastpath.Executor",
     .tp_basicsize = sizeof(Executor),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = executor_doc,
@@ -871,7 +898,6 @@ static PyTypeObject ExecutorType = {
 };
 
 /* ------------------------------------------------------------------------ the receiver */
-static PyObject *validated_name; /* "validated" (interned) */
 
 /* What the transport calls with received bytes (the protocol's ``data_received``): runs
  * the executor on them, writes the replies, and hands whatever it did not take to ``slow``
@@ -884,7 +910,7 @@ typedef struct {
     PyObject *write;    /* callable(bytes), the transport's write; None until connected */
     PyObject *buffered; /* callable() -> int, the transport's get_write_buffer_size */
     PyObject *parser;   /* the connection's request parser: ``validated`` set after VALIDATE */
-    PyObject *owner;    /* what Executor.park gets for this connection; None: no parking */
+    PyObject *owner;    /* (connection, kind): owner of a WAIT waiter parked here, or None */
     int fd;             /* the plain TCP socket to send on directly, -1: always ``write`` */
     char enabled;
     char extended;
@@ -988,6 +1014,10 @@ receiver_feed(Receiver *self, PyObject *data)
         pos = 5; /* no reply (torch's server sends none) */
     }
     Ctx ctx = {self->owner == Py_None ? NULL : self->owner, 0};
+    if (ctx.owner != NULL && (!PyTuple_Check(ctx.owner) || PyTuple_GET_SIZE(ctx.owner) < 1)) {
+        PyErr_SetString(PyExc_TypeError, "Receiver.owner must be a (connection, ...) tuple");
+        return NULL;
+    }
     Out out;
     out_init(&out);
     for (;;) {
@@ -1166,8 +1196,10 @@ static PyMemberDef receiver_members[] = {
      "the connection's request parser (its ``validated`` is set True when the receiver "
      "takes VALIDATE), or None"},
     {"owner", T_OBJECT, offsetof(Receiver, owner), 0,
-     "what the executor's ``park`` gets for a WAIT on one absent key sent on this "
-     "connection (the receiver is disabled after parking it); None: the Python path parks"},
+     "tuple (connection, ...) or None: the owner of the waiter of a WAIT on one absent key "
+     "sent on this connection, which the receiver parks (the engine's park, then "
+     "``connection.add_waiter(waiter, 1)``) and then disables itself; None: the Python "
+     "path parks"},
     {"fd", T_INT, offsetof(Receiver, fd), 0,
      "int: the plain TCP socket replies may be sent on directly when ``buffered()`` is 0 "
      "(-1: never; TLS connections must keep -1)"},
@@ -1179,11 +1211,11 @@ PyDoc_STRVAR(receiver_doc,
 "A connection's data_received: receiver(data) executes the simple requests of ``data``\n"
 "(bytes) with ``executor`` while ``enabled``, writes their replies with ``write``, and\n"
 "calls ``slow(rest)`` with the bytes from the first request it did not take (or all of\n"
-"``data`` when disabled). See rdzv.fastpath.");
+"``data`` when disabled). See rdzv.server.fastpath.");
 
 static PyTypeObject ReceiverType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "rdzv._fastpath.Receiver",
+    .tp_name = "rdzv.server._fastpath.Receiver",
     .tp_basicsize = sizeof(Receiver),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_doc = receiver_doc,
@@ -1200,8 +1232,8 @@ static PyTypeObject ReceiverType = {
 
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "rdzv._fastpath",
-    .m_doc = "The TCPStore server's hot path in C (see rdzv.fastpath).",
+    .m_name = "rdzv.server._fastpath",
+    .m_doc = "The TCPStore server's hot path in C (see rdzv.server.fastpath).",
     .m_size = -1,
 };
 
@@ -1209,7 +1241,9 @@ PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
     validated_name = PyUnicode_InternFromString("validated");
-    if (validated_name == NULL) {
+    add_waiter_name = PyUnicode_InternFromString("add_waiter");
+    one = PyLong_FromLong(1);
+    if (validated_name == NULL || add_waiter_name == NULL || one == NULL) {
         return NULL;
     }
     if (PyType_Ready(&ExecutorType) < 0 || PyType_Ready(&ReceiverType) < 0) {

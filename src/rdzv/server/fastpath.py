@@ -1,10 +1,11 @@
-"""The TCPStore server's optional C hot path (``rdzv._fastpath``), and when it is used.
+"""The TCPStore server's optional C hot path (``rdzv.server._fastpath``), and when it is used.
 
 The server decodes and executes every request in Python (:mod:`rdzv.wire`,
 :mod:`rdzv.server`). For the requests that dominate real traffic (SET, GET, ADD, CHECK,
 WAIT and MULTI_GET of up to 16 keys, a torch client's PING, EXT_ADD and EXT_GET_WAIT) it first
 offers the received
-bytes to a C :class:`Executor` that works directly on the engine's dictionaries and returns
+bytes to a C :class:`Executor` that works directly on the engine's dictionaries (the ones
+:meth:`rdzv.engine.Engine.fastpath_tables` hands it, with the rules it must keep) and returns
 the concatenated replies. The executor takes a request only when its outcome needs nothing
 but those dictionaries: no waiter to wake, no ephemeral or leased key to unbind, no barrier
 to release, no error to report, no wait to park, no limit exceeded; otherwise it stops, before
@@ -12,17 +13,19 @@ changing anything, and the Python path carries on from that request. Replies and
 byte-identical either way (tests/server/test_fastpath.py runs both on the same input).
 
 A connection's :class:`Receiver` also takes two requests that change the connection's state,
-so that a torch client's ``init_process_group`` (VALIDATE, PING, ADD, WAIT, GET) never runs
+so that a torch client's ``init_process_group`` (VALIDATE, PING, ADD, WAIT, GET) runs no
 Python code of the server but the waiter's registration: the connection's first request,
 VALIDATE, when it arrives whole with the right magic (``Receiver.validate``; it then sets the
-parser's ``validated``), and a WAIT on one absent key, which it parks through
-``Executor.park(owner, key)`` (the server's ``_park_wait``, which registers the waiter with the
-engine as the WAIT handler does, or declines when a per-connection limit would be passed) and
-then disables itself until the waiter is woken; the reply on wake-up is the Python path's.
+parser's ``validated``), and a WAIT on one absent key on a connection with an ``owner``: the
+engine registers the waiter (``FastPathTables.park(key, Executor.on_fire, owner)``), the
+connection records it (``owner[0].add_waiter(waiter, 1)``, as the WAIT handler does), and
+the receiver disables itself until the waiter is woken; the reply on wake-up is the Python
+path's. It parks only on a connection with no parked wait (the receiver is disabled
+otherwise), so the per-connection wait limits (at least 1) cannot be passed.
 
 The server uses it only on connections where nothing else must see each request: no
 durable journal (``--data-dir``), authenticated (or no token), no parked waits, no partial
-request buffered. It is built from ``src/rdzv/_fastpath.c`` by ``pip install``
+request buffered. It is built from ``src/rdzv/server/_fastpath.c`` by ``pip install``
 (setup.py, an optional extension: without a C compiler the install still works and the
 server is pure Python). With metrics on (``StoreServer(metrics=True)``, ``rdzv serve
 --metrics-port``), the executor also counts, in C, the requests it executes by opcode and the
@@ -54,7 +57,7 @@ __all__ = [
 ]
 
 try:
-    from rdzv._fastpath import Executor, Receiver
+    from rdzv.server._fastpath import Executor, Receiver
 except ImportError:  # not compiled (no C compiler at install time): pure Python
     Executor = Receiver = None  # type: ignore[assignment,misc]
 
@@ -73,22 +76,17 @@ ENABLED: bool = AVAILABLE and os.environ.get("RDZV_FASTPATH", "1").strip().lower
 REPLY_LIMIT = 256 * 1024
 
 
-def executor_for(engine: Engine, bound: dict[bytes, object], limits: Limits) -> Executor | None:
+def executor_for(engine: Engine, limits: Limits) -> Executor | None:
     """An :class:`Executor` over ``engine``'s state, or None when the fast path is off.
 
-    ``bound`` is the server's map of keys bound to a connection or a lease (writes to them
-    take the Python path). The executor shares the dictionaries, so it stays valid as long
-    as the engine does.
+    The executor works on :meth:`Engine.fastpath_tables` (the narrow interface the engine
+    offers it, with the rules it keeps), so it stays valid as long as the engine does.
+    Raises ValueError if the engine has a journal.
     """
     if not ENABLED:
         return None
-    # The engine's private tables: this module and the engine are the two that know them.
     return Executor(
-        engine._data,
-        engine._queues,
-        engine._waiters,
-        engine._barriers,
-        bound,
+        engine.fastpath_tables(),
         limits.max_key_bytes,
         limits.max_value_bytes,
         limits.max_keys,
