@@ -199,11 +199,14 @@ class Scraper(threading.Thread):
         }
 
 
-#: --metrics variants: name -> seconds between scrapes (None: the server without metrics).
-METRICS_VARIANTS: dict[str, float | None] = {
-    "no metrics": None,
-    "scraped every 100 ms": 0.1,
-    "scraped 1000/s": 0.001,
+#: --metrics variants: name -> (server of :class:`MetricsServers`, seconds between scrapes
+#: or None). The control is a second server without metrics: its ratio over the first
+#: shows what the method resolves (an A/A test).
+METRICS_VARIANTS: dict[str, tuple[str, float | None]] = {
+    "no metrics": ("plain", None),
+    "no metrics, 2nd server (A/A control)": ("control", None),
+    "scraped every 100 ms": ("metrics", 0.1),
+    "scraped 1000/s": ("metrics", 0.001),
 }
 
 
@@ -213,23 +216,38 @@ def listener_pid(store_pid: int) -> int:
 
 
 class MetricsServers:
-    """``rdzv serve`` without metrics and ``rdzv serve --metrics-port 0``, both running, one
-    at a time resumed (:meth:`use`; the other stopped with SIGSTOP, listener included, so
-    its idle publishing costs the phase nothing)."""
+    """``rdzv serve`` without metrics twice (``plain``, ``control``) and with
+    ``--metrics-port 0`` (``metrics``), all running, one at a time resumed (:meth:`use`; the
+    others stopped with SIGSTOP, a listener included, so idle publishing costs the phase
+    nothing)."""
+
+    NAMES = ("plain", "control", "metrics")
 
     def __init__(self) -> None:
-        self.plain, self.plain_port = start_server("rdzv")
-        self.metrics, self.metrics_port = start_server("rdzv", ("--metrics-port", "0"))
-        self.url = metrics_url(self.metrics)
-        self.listener = listener_pid(self.metrics.pid)
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.ports: list[int] = []
+        try:
+            for name in self.NAMES:
+                extra = ("--metrics-port", "0") if name == "metrics" else ()
+                self.procs[name], port = start_server("rdzv", extra)
+                self.ports.append(port)
+            self.url = metrics_url(self.procs["metrics"])
+            self.listener = listener_pid(self.procs["metrics"].pid)
+        except BaseException:
+            self.close()
+            raise
         self._stopped: list[int] = []
 
-    def use(self, metrics: bool) -> int:
-        """Resume the server with (or without) metrics, stop the other; its pid."""
+    def _pids(self, name: str) -> list[int]:
+        pid = self.procs[name].pid
+        return [pid, self.listener] if name == "metrics" else [pid]
+
+    def use(self, name: str) -> tuple[int, int]:
+        """Resume server ``name``, stop the others: its index in :attr:`ports`, its pid."""
         self._signal(signal.SIGCONT, self._stopped)
-        self._stopped = [self.plain.pid] if metrics else [self.metrics.pid, self.listener]
+        self._stopped = [pid for other in self.NAMES if other != name for pid in self._pids(other)]
         self._signal(signal.SIGSTOP, self._stopped)
-        return self.metrics.pid if metrics else self.plain.pid
+        return self.NAMES.index(name), self.procs[name].pid
 
     @staticmethod
     def _signal(sig: int, pids: list[int]) -> None:
@@ -237,10 +255,10 @@ class MetricsServers:
             os.kill(pid, sig)
 
     def close(self) -> None:
-        self._signal(signal.SIGCONT, self._stopped)
+        self._signal(signal.SIGCONT, getattr(self, "_stopped", []))
         self._stopped = []
-        stop_server(self.plain)
-        stop_server(self.metrics)
+        for proc in self.procs.values():
+            stop_server(proc)
 
 
 def metrics_phase(
@@ -248,14 +266,14 @@ def metrics_phase(
 ) -> dict[str, Any]:
     """One phase of ``variant``: the clients' loop on its server for ``seconds``, scraped
     at its interval for the whole phase."""
-    interval = METRICS_VARIANTS[variant]
-    pid = servers.use(interval is not None)
+    server, interval = METRICS_VARIANTS[variant]
+    index, pid = servers.use(server)
     if interval is None:
-        return pool.run(0, seconds, pid)
+        return pool.run(index, seconds, pid)
     scraper = Scraper(servers.url, interval)
     listener = cpu_ns(servers.listener)
     scraper.start()
-    result = pool.run(1, seconds, pid)
+    result = pool.run(index, seconds, pid)
     scraped = scraper.stop()
     listener = cpu_ns(servers.listener) - listener  # over the clients' phase and the scrapes'
     ops = max(result["ops_per_s"] * seconds, 1)
@@ -286,18 +304,34 @@ def spread(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
     }
 
 
+def total_cpu_us_per_op(run: dict[str, Any]) -> float:
+    """CPU per op of everything the benchmark runs: store, clients, listener, scraper."""
+    return float(
+        run["server_cpu_us_per_op"]
+        + run["clients_cpu_us_per_op"]
+        + run.get("listener_cpu_us_per_op", 0.0)
+        + run.get("scraper_cpu_us_per_op", 0.0)
+    )
+
+
 def metrics_rows(clients: int, rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per variant: medians over its phases, and per-repeat ratios over no metrics."""
+    """Per variant: medians over its phases, and per-repeat ratios over no metrics: of
+    throughput, of the store's CPU per op, and of the CPU per op of all the benchmark's
+    processes (on a saturated machine, throughput is the CPU share the benchmark gets over
+    that: the ratio tells the cost whatever share other tenants leave it)."""
     base = rows["no metrics"]
     out = []
     for variant, runs in rows.items():
         row: dict[str, Any] = {"variant": variant, "clients": clients, "phases": len(runs)}
+        for r in runs:
+            r["total_cpu_us_per_op"] = total_cpu_us_per_op(r)
         for field in (
             "ops_per_s",
             "p50_us",
             "p99_us",
             "server_cpu_us_per_op",
             "clients_cpu_us_per_op",
+            "total_cpu_us_per_op",
             "machine_busy_cpus",
             "listener_cpu_us_per_op",
             "scraper_cpu_us_per_op",
@@ -307,25 +341,12 @@ def metrics_rows(clients: int, rows: dict[str, list[dict[str, Any]]]) -> list[di
             if field in runs[0]:
                 row[field] = round(median([r[field] for r in runs]), 3)
         if variant != "no metrics":
-            row["ops_ratio"] = spread(
-                [r["ops_per_s"] / b["ops_per_s"] for r, b in zip(runs, base, strict=True)]
-            )
-            row["server_cpu_ratio"] = spread(
-                [
-                    r["server_cpu_us_per_op"] / b["server_cpu_us_per_op"]
-                    for r, b in zip(runs, base, strict=True)
-                ]
-            )
-            row["cpu_us_per_op_added"] = spread(
-                [
-                    r["server_cpu_us_per_op"]
-                    + r["listener_cpu_us_per_op"]
-                    + r["scraper_cpu_us_per_op"]
-                    - b["server_cpu_us_per_op"]
-                    for r, b in zip(runs, base, strict=True)
-                ],
-                2,
-            )
+            for name, field in (
+                ("ops_ratio", "ops_per_s"),
+                ("server_cpu_ratio", "server_cpu_us_per_op"),
+                ("total_cpu_ratio", "total_cpu_us_per_op"),
+            ):
+                row[name] = spread([r[field] / b[field] for r, b in zip(runs, base, strict=True)])
         row["ops_per_s_phases"] = [r["ops_per_s"] for r in runs]
         out.append(row)
     return out
@@ -334,21 +355,27 @@ def metrics_rows(clients: int, rows: dict[str, list[dict[str, Any]]]) -> list[di
 def scrape_cost(scrapes: int = 5000, idle: float = 3.0) -> dict[str, float]:
     """Without store load: the CPU one /metrics scrape costs the listener process, the
     scraper (:class:`Scraper`) and the store process, and the store process's CPU per
-    second spent publishing snapshots to an idle listener."""
+    second spent publishing snapshots to an idle listener (once the status document's
+    first :data:`~rdzv.observe.channel.WATCH_TIMEOUT` seconds are over: snapshots only)."""
+    sys.path.insert(0, str(SRC))
+    from rdzv.observe.channel import WATCH_TIMEOUT
+
+    started = time.monotonic()
     proc, _ = start_server("rdzv", ("--metrics-port", "0"))
     try:
         url = metrics_url(proc)
         listener = listener_pid(proc.pid)
         time.sleep(1.0)  # started
-        store_cpu = cpu_ns(proc.pid)
-        time.sleep(idle)
-        publishing = cpu_ns(proc.pid) - store_cpu
         scraper = Scraper(url, 0.0, scrapes)
         before = (cpu_ns(listener), cpu_ns(proc.pid))
         scraper.start()
         scraper.join(120)
         after = (cpu_ns(listener), cpu_ns(proc.pid))
         scraped = scraper.stop()
+        time.sleep(max(0.0, started + WATCH_TIMEOUT + 1.0 - time.monotonic()))
+        store_cpu = cpu_ns(proc.pid)
+        time.sleep(idle)
+        publishing = cpu_ns(proc.pid) - store_cpu
     finally:
         stop_server(proc)
     listener_ns, store_ns = (b - a for a, b in zip(before, after, strict=True))
@@ -401,11 +428,10 @@ def counting_profile(clients: int, seconds: float, procs: int) -> dict[str, Any]
     and a bucket search per read) show?"""
     servers = MetricsServers()
     try:
-        ports = [servers.plain_port, servers.metrics_port]
-        with Clients("torch", ports, clients, procs) as pool:
+        with Clients("torch", servers.ports, clients, procs) as pool:
             out: dict[str, Any] = {"clients": clients, "seconds": seconds}
-            for index, name in enumerate(("no metrics", "metrics")):
-                pid = servers.use(bool(index))
+            for name, server in (("no metrics", "plain"), ("metrics", "metrics")):
+                index, pid = servers.use(server)
                 result: dict[str, Any] = {}
 
                 def run(
@@ -427,9 +453,7 @@ def metrics_main(args: argparse.Namespace) -> None:
     for clients in args.clients:
         servers = MetricsServers()
         try:
-            with Clients(
-                "torch", [servers.plain_port, servers.metrics_port], clients, args.procs
-            ) as pool:
+            with Clients("torch", servers.ports, clients, args.procs) as pool:
                 for variant in variants:  # warm-up, not recorded
                     metrics_phase(servers, pool, variant, min(args.seconds, 0.5))
                 rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
@@ -455,7 +479,7 @@ def metrics_main(args: argparse.Namespace) -> None:
                     "op": "one set or get call",
                     "scraper": "one thread of the bench process, raw socket, keep-alive",
                     "schedule": "variants in turn within each repeat, order rotated; same "
-                    "client connections; the idle server SIGSTOPped",
+                    "client connections; the idle servers SIGSTOPped",
                     "statistic": "median over phases; ratios per repeat over no metrics "
                     "(median, quartiles, min, max); CPU from /proc/*/task/*/schedstat",
                 },

@@ -10,10 +10,14 @@ imports run at import time form no cycle."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import subprocess_env
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "rdzv"
@@ -120,6 +124,25 @@ def test_the_client_imports_the_server_only_to_start_one() -> None:
     ]
     assert {name for name, _, _ in found} == {"rdzv.store.tcp", "rdzv.store.async_tcp"}
     assert [f"{name}:{line}" for name, line, eager in found if eager] == []
+
+
+def test_a_client_process_does_not_load_the_server() -> None:
+    """At run time too: importing and using the TCP clients loads no ``rdzv.server`` module
+    (only starting a master does)."""
+    code = (
+        "import sys, rdzv, rdzv.store.tcp, rdzv.store.async_tcp\n"
+        "rdzv.TCPStore, rdzv.AsyncTCPStore\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rdzv.server')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def _eager_graph() -> dict[str, set[str]]:

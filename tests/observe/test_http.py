@@ -167,6 +167,10 @@ def test_http_1_0_closes_unless_kept_alive(server: ObserveServer) -> None:
         (b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * (MAX_HEADERS + 1) + b"\r\n", 431),
         (b"GET /metrics HTTP/1.1\r\nX-A: " + b"b" * MAX_REQUEST_BYTES + b"\r\n\r\n", 431),
         (b"PUT /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 405),
+        (b"M-SEARCH * HTTP/1.1\r\n\r\n", 405),
+        (b"G(T /metrics HTTP/1.1\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nHost: [::1\r\n\r\n", 400),
+        (b"GET http://[x/metrics HTTP/1.1\r\n\r\n", 400),
     ],
 )
 def test_bad_requests_get_4xx_and_close(

@@ -338,6 +338,18 @@ def test_receiver_rejects_bad_arguments() -> None:
         executor.run(b"", 1, False, 10)
 
 
+def test_executor_takes_only_the_engines_fastpath_tables() -> None:
+    tables = Engine().fastpath_tables()
+    with pytest.raises(TypeError, match="FastPathTables"):
+        fastpath.Executor(tables[:5], 1, 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="field 2"):
+        fastpath.Executor(tables._replace(waiters=[]), 1, 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="park"):
+        fastpath.Executor(tables._replace(park=None), 1, 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=">= 0"):
+        fastpath.Executor(tables, -1, 1, 1)
+
+
 def test_fastpath_state_says_why_it_is_off(tmp_path: Any) -> None:
     assert StoreServer().fastpath_state == "on"
     assert StoreServer(fastpath=False).fastpath_state == "off (fastpath=False)"

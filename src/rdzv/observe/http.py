@@ -51,7 +51,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from importlib import resources
 from typing import Any, cast
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
@@ -121,6 +121,8 @@ _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
 }
 _DATA_PATHS = ("/metrics", "/api/status", "/api/keys")
+#: The characters of an HTTP method (a token, RFC 9110 5.6.2).
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _TEXT = "text/plain; charset=utf-8"
 _JSON = "application/json"
 _BUSY = (
@@ -169,7 +171,7 @@ def _parse(head: bytes) -> tuple[str, str, bool, dict[str, str]]:
         raise _Malformed(HTTPStatus.BAD_REQUEST, f"bad request line {lines[0][:100]!r}")
     method, target, version = parts
     if method not in ("GET", "HEAD"):
-        if not method.isalpha() or not method.isupper():
+        if not method or not _TOKEN.issuperset(method):
             raise _Malformed(HTTPStatus.BAD_REQUEST, f"bad request line {lines[0][:100]!r}")
         raise _Malformed(
             HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", {"Allow": "GET, HEAD"}
@@ -264,7 +266,11 @@ class _Connection(asyncio.Protocol):
             del buffer[: end + 4 + length]
             connection = headers.get("connection", "").lower()
             keep = "close" not in connection if http11 else "keep-alive" in connection
-            self._serve(method == "HEAD", target, headers, keep, http11)
+            try:
+                self._serve(method == "HEAD", target, headers, keep, http11)
+            except _Malformed as exc:
+                self._reply_text(exc.code, str(exc), exc.extra, keep=False, head_only=False)
+                return
 
     @staticmethod
     def _body_length(headers: dict[str, str]) -> int:
@@ -295,7 +301,7 @@ class _Connection(asyncio.Protocol):
             return
         path, _, query = target.partition("?")
         if not path.startswith("/"):  # absolute-form (a proxy's request)
-            url = urlsplit(target)
+            url = _split(target)
             path, query = url.path or "/", url.query
         reply = owner.static_replies.get(path)
         if reply is not None:
@@ -392,10 +398,18 @@ def _text_reply(code: int, text: str, extra: dict[str, str] | None = None) -> tu
     return _head(code, _TEXT, len(body), extra), body
 
 
+def _split(url: str) -> SplitResult:
+    """``urlsplit(url)``; raises :class:`_Malformed` (400) for what it cannot parse."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise _Malformed(HTTPStatus.BAD_REQUEST, f"bad URL {url[:100]!r}") from None
+
+
 def _host_allowed(host: str | None) -> bool:
     if host is None:
         return True  # HTTP/1.0 clients (curl -0, scrapers) send none
-    return _is_loopback(urlsplit("//" + host).hostname or "")
+    return _is_loopback(_split("//" + host).hostname or "")
 
 
 class ObserveServer:
