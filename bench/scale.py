@@ -7,7 +7,7 @@ the heartbeats of one process share one connection (a node-local agent's). The s
 ``python -m rdzv serve`` in its own process, so its CPU seconds and peak RSS are its own.
 
     python bench/scale.py [--sizes 1024,4096,10000] [--procs 4] [--repeat 1]
-        [--loss 4096] [--interval 1] [--attempts 3]
+        [--loss 4096] [--interval 1] [--attempts 3] [--profile DIR]
 
 Figures per N (min = max = N, all nodes connected first, then released at once):
 ``seconds`` from the release to the last node holding its rank; ``ops_per_node`` store
@@ -22,6 +22,10 @@ connection; ``server_peak_rss_mb``; ``last_slot_taken_s`` when the last node hel
 heartbeats stop, its connection closes) and the others call ``next_rendezvous`` at once:
 ``seconds`` from the death to the last survivor holding its rank in the new round, to set
 against the detection time (keep-alive interval x attempts).
+
+Profiling: ``RDZV_BENCH_LOG=1`` logs the rendezvous (who declared whom dead, when each round
+closed), the victim's death and every worker's event-loop lag, with wall-clock times that
+compare across processes; ``--profile DIR`` writes each worker's cProfile from the release on.
 
 Prints one JSON document (machine, load, workload, results).
 """
@@ -175,8 +179,15 @@ async def _worker_main(
         }
 
     lag = loop.create_task(_watch_loop_lag()) if os.environ.get("RDZV_BENCH_LOG") else None
+    profile = None
+    if args["profile"]:  # the worker's Python profile from the release on (see --profile)
+        import cProfile
+
+        profile = cProfile.Profile()
     pipe.send("ready")
     assert await recv() == "go"
+    if profile is not None:
+        profile.enable()
     pipe.send(await round_(nodes))
     command = await recv()
     if command == "loss":
@@ -191,6 +202,9 @@ async def _worker_main(
         await recv()
     if lag is not None:
         lag.cancel()
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(os.path.join(args["profile"], f"worker-{os.getpid()}.prof"))
     os._exit(0)  # no orderly goodbye for thousands of connections
 
 
@@ -317,6 +331,11 @@ def main() -> None:
     parser.add_argument("--loss", type=int, default=0, help="N of the node-loss scenario")
     parser.add_argument("--no-uvloop", action="store_true", help="asyncio's loop in workers")
     parser.add_argument("--server-arg", action="append", default=[], help="for rdzv serve")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="write each worker's cProfile (from the release on) to DIR/worker-<pid>.prof",
+    )
     opts = parser.parse_args()
     args = {
         "budget": opts.budget,
@@ -325,6 +344,7 @@ def main() -> None:
         "last_call": opts.last_call,
         "uvloop": not opts.no_uvloop,
         "server_args": opts.server_arg,
+        "profile": opts.profile,
     }
     results: dict[str, Any] = {}
     sizes = [int(s) for s in opts.sizes.split(",") if s]

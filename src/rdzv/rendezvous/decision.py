@@ -500,17 +500,20 @@ class RendezvousCore:
         live = joined - (yield Add(keys.ngone, 0))
         settings = self.settings
         if live >= settings.max_nodes:
-            yield from self._attempt_close(keys, full=True)
+            yield from self._attempt_close(keys, full=True, gate_open=True)
         elif live >= settings.min_nodes:
             yield CompareSet(keys.quorum, b"", b"1")
 
     # ------------------------------------------------------------------ closing a round
-    def _attempt_close(self, keys: RoundKeys, full: bool) -> Program[_Close]:
+    def _attempt_close(
+        self, keys: RoundKeys, full: bool, gate_open: bool = False
+    ) -> Program[_Close]:
         """Freeze the membership of round ``keys`` with one compare_set, then publish every
         slot's rank record (one multi_set). ``full``: close only with max_nodes live slots
-        (else: with at least min_nodes, the last call being over)."""
+        (else: with at least min_nodes, the last call being over). ``gate_open``: the caller
+        has seen the gate open (no need to check it again)."""
         settings = self.settings
-        if keys.number > 0 and not (yield Check([keys.gate])):
+        if keys.number > 0 and not gate_open and not (yield Check([keys.gate])):
             return _Close.NOT_READY
         joined = yield Add(keys.joined, 0)
         if joined > SEAL:
@@ -643,7 +646,7 @@ class RendezvousCore:
                 continue
             now = yield NOW
             if close_at is not None and now >= close_at:
-                outcome = yield from self._attempt_close(keys, full=False)
+                outcome = yield from self._attempt_close(keys, False, pending.gate_open)
                 if outcome is _Close.NOT_READY:
                     # Fewer than min_nodes are left: the last call starts again when a
                     # joiner brings the round back to min_nodes (torch clears its deadline).
@@ -779,7 +782,7 @@ class RendezvousCore:
         ):
             live = slot_count((yield Add(keys.joined, 0))) - len(pending.gone)
             if live >= self.settings.max_nodes:
-                yield from self._attempt_close(keys, full=True)
+                yield from self._attempt_close(keys, full=True, gate_open=True)
             elif live >= self.settings.min_nodes:
                 yield CompareSet(keys.quorum, b"", b"1")
         if pending.monitor:
