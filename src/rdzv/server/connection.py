@@ -204,10 +204,11 @@ class Connection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         server = self.server
-        self.write = self.transport.write if server.journal is None else self._hold
+        write = self.transport.write  # one bound method for both (an object per connection)
+        self.write = write if server.journal is None else self._hold
         receiver = self._receiver
         if receiver is not None:
-            receiver.write = self.transport.write
+            receiver.write = write
         peer = transport.get_extra_info("peername")
         # TCP (the peer is an address tuple; a Unix socket's is a path). Both event loops set
         # TCP_NODELAY on their TCP transports themselves (asyncio since Python 3.6, uvloop
