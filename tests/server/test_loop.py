@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
-from tests.conftest import subprocess_env
+from tests.conftest import run_python
 
 _CHECK = textwrap.dedent(
     """
@@ -34,12 +32,6 @@ _CHECK = textwrap.dedent(
 
 def test_tune_gc_freezes_startup_objects_and_still_collects_cycles() -> None:
     # In a child process: the collector's settings are process-wide.
-    done = subprocess.run(
-        [sys.executable, "-c", _CHECK],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_python(_CHECK)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
