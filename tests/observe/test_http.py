@@ -251,3 +251,12 @@ def test_a_client_flooding_requests_while_one_is_pending_is_not_read() -> None:
     finally:
         release.set()
         server.close()
+
+
+def test_a_taken_port_raises_oserror(server: ObserveServer) -> None:
+    other = ObserveServer("127.0.0.1", server.port, registry=registry_for(), status=dict)
+    with pytest.raises(OSError):
+        other.start()
+    with connect(server) as sock:  # the first one still serves
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert read_reply(sock, bytearray())[0] == 200

@@ -573,6 +573,21 @@ class ObserveServer:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> ObserveServer:
+        """Bind and serve in a daemon thread; raises OSError when the address cannot be
+        resolved or bound (the listener is then closed)."""
+        try:
+            self._bind()
+        except BaseException:
+            self.close()
+            raise
+        self.loop.call_later(1.0, self._close_idle)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="rdzv-metrics", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def _bind(self) -> None:
         infos = socket.getaddrinfo(self.host, self._requested_port, type=socket.SOCK_STREAM)
         family, _, _, _, address = infos[0]
         self.loopback = all(_is_loopback(str(info[4][0])) for info in infos)
@@ -589,12 +604,6 @@ class ObserveServer:
             sock.close()
             raise
         self._port = int(sock.getsockname()[1])
-        self.loop.call_later(1.0, self._close_idle)
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="rdzv-metrics", daemon=True
-        )
-        self._thread.start()
-        return self
 
     def _close_idle(self) -> None:
         now = time.monotonic()
