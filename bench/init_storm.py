@@ -22,7 +22,8 @@ Servers, each in its own process so its CPU seconds and memory are its own (``/p
 
 Figures per server: ``connect_s`` from the release to the last rank's PING reply (all ranks
 connect at once); ``add_wait_get_s`` from the second release (all connected) to the last
-rank holding the id; the server's CPU seconds per phase; ``idle_rss_mb``, ``peak_rss_mb``
+rank holding the id; the server's CPU seconds per phase (``server_cpu_*``: user + system;
+``server_user_*``: user alone, the server's own code); ``idle_rss_mb``, ``peak_rss_mb``
 (VmHWM) and ``rss_per_conn_bytes`` (RSS growth from idle to all connected, per connection).
 ``--profile DIR``: ``py-spy record`` samples the server during the trial and writes its
 collapsed stacks (one file per phase, ``DIR/<server>-<phase>.txt``).
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from children import receive
-from procstat import cpu_seconds, memory_bytes
+from procstat import cpu_seconds, memory_bytes, user_seconds
 
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO / "src") not in sys.path:
@@ -107,6 +108,9 @@ class Server:
 
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)
+
+    def user(self) -> float:
+        return user_seconds(self.proc.pid)
 
     def mem(self, field: str) -> int:
         """``VmRSS`` or ``VmHWM`` in bytes."""
@@ -257,20 +261,20 @@ def _trial(
             assert receive(pipe, 60) == "ready"
         time.sleep(0.5)  # the workers idle: the server's idle RSS
         profiler.phase("connect")
-        idle_rss, cpu0 = server.mem("VmRSS"), server.cpu()
+        idle_rss, cpu0, user0 = server.mem("VmRSS"), server.cpu(), server.user()
         start = time.monotonic()
         for pipe in pipes:
             pipe.send("connect")
         connected = max(receive(pipe, timeout)["done"] for pipe in pipes)
-        cpu1, conn_rss = server.cpu(), server.mem("VmRSS")
+        cpu1, user1, conn_rss = server.cpu(), server.user(), server.mem("VmRSS")
         profiler.phase("add_wait_get")
-        cpu1 = server.cpu()
+        cpu1b, user1b = server.cpu(), server.user()
         start2 = time.monotonic()
         for pipe in pipes:
             pipe.send("init")
         reports = [receive(pipe, timeout) for pipe in pipes]
         done = max(r["done"] for r in reports)
-        cpu2 = server.cpu()
+        cpu2, user2 = server.cpu(), server.user()
         profiler.stop()
         for pipe in pipes:
             pipe.send("exit")
@@ -281,7 +285,9 @@ def _trial(
             "add_wait_get_s": round(done - start2, 3),
             "wrong_ids": sum(r["wrong"] for r in reports),
             "server_cpu_connect_s": round(cpu1 - cpu0, 2),
-            "server_cpu_add_wait_get_s": round(cpu2 - cpu1, 2),
+            "server_cpu_add_wait_get_s": round(cpu2 - cpu1b, 2),
+            "server_user_connect_s": round(user1 - user0, 2),
+            "server_user_add_wait_get_s": round(user2 - user1b, 2),
             "idle_rss_mb": round(idle_rss / 2**20, 1),
             "peak_rss_mb": round(server.mem("VmHWM") / 2**20, 1),
             "rss_per_conn_bytes": round((conn_rss - idle_rss) / ranks),

@@ -5,15 +5,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cpu_ns", "cpu_seconds", "memory_bytes"]
+__all__ = ["cpu_ns", "cpu_seconds", "memory_bytes", "user_seconds"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _ticks(pid: int) -> tuple[int, int]:
+    """(user, system) clock ticks of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far (clock-tick resolution)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return sum(_ticks(pid)) / _TICK
+
+
+def user_seconds(pid: int) -> float:
+    """User-mode CPU seconds of process ``pid`` so far (its own code, not the kernel's on
+    its behalf; clock-tick resolution)."""
+    return _ticks(pid)[0] / _TICK
 
 
 def memory_bytes(pid: int, field: str = "VmRSS") -> int:

@@ -10,14 +10,12 @@ imports run at import time form no cycle."""
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import subprocess_env
+from tests.conftest import run_python
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "rdzv"
@@ -134,14 +132,8 @@ def test_a_client_process_does_not_load_the_server() -> None:
         "rdzv.TCPStore, rdzv.AsyncTCPStore\n"
         "print(sorted(m for m in sys.modules if m.startswith('rdzv.server')))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
 

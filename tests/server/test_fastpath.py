@@ -104,7 +104,12 @@ class Harness:
         return len(self.conns) - 1
 
     def feed(self, i: int, data: bytes) -> None:
+        """Deliver ``data`` on connection ``i``; empty: the client closes it."""
         if self.lost[i]:
+            return
+        if not data:
+            self.transports[i].closed = self.lost[i] = True
+            self.conns[i].connection_lost(None)
             return
         self.conns[i].data_received(data)
         for j, transport in enumerate(self.transports):  # asyncio reports the close later
@@ -123,6 +128,7 @@ class Harness:
             "queues": {k: list(v) for k, v in engine.queues()},
             "bound": sorted(self.server.engine.bound_keys()),
             "waiters": engine.num_waiters(),
+            "parked": [(len(c.waiters), c.wait_keys) for c in self.conns],
             "replies": [bytes(t.out) for t in self.transports],
             "closed": [t.closed for t in self.transports],
         }
@@ -144,6 +150,7 @@ def _request(draw: Callable[..., Any], extended: bool) -> bytes:
         )
     common = [
         wire.encode_set(key, value),
+        wire.encode_keys(Op.WAIT, [key]),  # parked by the fast path when the key is absent
         wire.encode_key(Op.GET, key),
         wire.encode_key_int(Op.ADD, key, amount),
         wire.encode_keys(Op.CHECK, keys),
@@ -172,11 +179,23 @@ def _request(draw: Callable[..., Any], extended: bool) -> bytes:
 
 @st.composite
 def schedules(draw: Callable[..., Any]) -> list[tuple[int, bytes]]:
-    """Chunks to deliver, as (connection, bytes), each connection's stream in order."""
+    """Chunks to deliver, as (connection, bytes), each connection's stream in order (empty
+    bytes: the client closes the connection)."""
     streams = []
     for _ in range(2):
         extended = draw(st.booleans())
-        frames = [wire.encode_validate()]
+        frames = [
+            draw(
+                st.sampled_from(
+                    [wire.encode_validate()] * 8
+                    + [
+                        bytes((Op.VALIDATE,)) + struct.pack("<I", 0x12345678),  # bad magic
+                        wire.encode_ping(0x1234),  # no VALIDATE first
+                        wire.encode_validate() * 2,  # VALIDATE twice
+                    ]
+                )
+            )
+        ]
         if extended:
             frames.append(wire.encode_ping(wire.RDZV_PING_NONCE))
         frames += [_request(draw, extended) for _ in range(draw(st.integers(0, 30)))]
@@ -190,7 +209,10 @@ def schedules(draw: Callable[..., Any]) -> list[tuple[int, bytes]]:
                 cuts.add(end)
         bounds = sorted(cuts | {0, len(stream)})
         pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
-        streams.append([p for p in pieces if p])
+        pieces = [p for p in pieces if p]
+        if draw(st.integers(0, 4)) == 0:
+            pieces.insert(draw(st.integers(1, len(pieces))), b"")  # the client closes
+        streams.append(pieces)
     order = draw(st.permutations([0] * len(streams[0]) + [1] * len(streams[1])))
     taken = [0, 0]
     plan = []
@@ -262,6 +284,153 @@ def test_a_waiter_sends_the_set_to_python() -> None:
     h.feed(writer, wire.encode_set(b"/k", b"v"))
     assert h.transports[waiting].out == b"\x00"  # woken: the SET took the Python path
     assert h.server.engine.num_waiters() == 0
+
+
+@pytest.fixture
+def slow_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The bytes each connection made from now on hands to the Python path."""
+    calls: list[bytes] = []
+    original = Connection._receive
+
+    def spy(conn: Connection, data: bytes) -> None:
+        calls.append(data)
+        original(conn, data)
+
+    monkeypatch.setattr(Connection, "_receive", spy)
+    return calls
+
+
+def test_the_handshake_never_reaches_python(slow_calls: list[bytes]) -> None:
+    h = Harness(fast=True)
+    i = h.connect()
+    h.feed(i, wire.encode_validate() + wire.encode_ping(0x1234))  # one read, as in a storm
+    assert bytes(h.transports[i].out) == struct.pack("<I", 0x1234)
+    h.feed(i, wire.encode_key_int(Op.ADD, b"/c", 2))
+    assert bytes(h.transports[i].out)[4:] == struct.pack("<q", 2)
+    assert slow_calls == []
+    assert h.conns[i].parser.validated
+    j = h.connect()
+    h.feed(j, wire.encode_validate())  # VALIDATE and PING in two reads
+    h.feed(j, wire.encode_ping(7))
+    assert bytes(h.transports[j].out) == struct.pack("<I", 7)
+    assert slow_calls == []
+
+
+def test_an_rdzv_ping_after_the_handshake_negotiates_in_python(slow_calls: list[bytes]) -> None:
+    h = Harness(fast=True)
+    i = h.connect()
+    h.feed(i, wire.encode_validate() + wire.encode_ping(wire.RDZV_PING_NONCE))
+    assert slow_calls == [wire.encode_ping(wire.RDZV_PING_NONCE)]  # VALIDATE taken in C
+    assert h.conns[i].parser.extended
+    assert bytes(h.transports[i].out) == wire.reply_ping(wire.RDZV_PING_NONCE, True)
+
+
+@pytest.mark.parametrize(
+    ("first", "error"),
+    [
+        (bytes((Op.VALIDATE,)) + struct.pack("<I", 0xDEADBEEF), "magic"),
+        (wire.encode_ping(1), "the first request must be VALIDATE"),
+    ],
+)
+def test_a_bad_handshake_is_reported_by_the_python_path(
+    first: bytes, error: str, slow_calls: list[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(fast=True)
+    i = h.connect()
+    h.feed(i, first + wire.encode_ping(2))
+    assert slow_calls == [first + wire.encode_ping(2)]
+    assert h.transports[i].closed and h.transports[i].out == b""
+    assert error in caplog.text
+
+
+def test_a_validate_in_pieces_goes_to_python_and_then_the_fast_path_resumes(
+    slow_calls: list[bytes],
+) -> None:
+    h = Harness(fast=True)
+    i = h.connect()
+    validate = wire.encode_validate()
+    h.feed(i, validate[:2])
+    h.feed(i, validate[2:])
+    assert slow_calls == [validate[:2], validate[2:]]
+    h.feed(i, wire.encode_ping(3))
+    assert bytes(h.transports[i].out) == struct.pack("<I", 3)
+    assert len(slow_calls) == 2  # validated by Python; the receiver no longer expects it
+
+
+def test_a_single_key_wait_is_parked_without_python(slow_calls: list[bytes]) -> None:
+    h = Harness(fast=True)
+    waiting = h.connect()
+    writer = h.connect()
+    h.feed(waiting, wire.encode_validate() + wire.encode_keys(Op.WAIT, [b"/id"]))
+    h.feed(writer, wire.encode_validate())
+    assert slow_calls == []
+    conn = h.conns[waiting]
+    assert h.server.engine.num_waiters() == 1
+    assert list(conn.waiters.values()) == [1] and conn.wait_keys == 1
+    assert conn._receiver is not None and not conn._receiver.enabled
+    h.feed(writer, wire.encode_set(b"/id", b"v"))  # a waiter: the SET takes the Python path
+    assert slow_calls == [wire.encode_set(b"/id", b"v")]
+    assert h.transports[waiting].out == wire.STOP_WAITING
+    assert h.server.engine.num_waiters() == 0 and conn.wait_keys == 0
+    assert conn._receiver.enabled  # woken: the fast path again
+    h.feed(waiting, wire.encode_key(Op.GET, b"/id"))
+    assert bytes(h.transports[waiting].out) == wire.STOP_WAITING + U64(1) + b"v"
+    assert len(slow_calls) == 1
+
+
+def test_requests_behind_a_parked_wait_go_to_python(slow_calls: list[bytes]) -> None:
+    h = Harness(fast=True)
+    i = h.connect()
+    get = wire.encode_key(Op.GET, b"/other")
+    h.feed(i, wire.encode_validate() + wire.encode_keys(Op.WAIT, [b"/k"]) + get)
+    assert slow_calls == [get]
+    assert bytes(h.transports[i].out) == U64(0)  # answered while the wait stays parked
+    assert h.server.engine.num_waiters() == 1
+
+
+def test_close_and_cancel_drop_a_wait_parked_by_the_fast_path() -> None:
+    h = Harness(fast=True)
+    closing, cancelling = h.connect(), h.connect()
+    for i in (closing, cancelling):
+        h.feed(i, wire.encode_validate() + wire.encode_keys(Op.WAIT, [b"/k"]))
+    assert h.server.engine.num_waiters() == 2
+    h.feed(closing, b"")  # the client goes away
+    assert h.server.engine.num_waiters() == 1
+    h.feed(cancelling, wire.encode_op(Op.CANCEL_WAIT))
+    assert bytes(h.transports[cancelling].out) == wire.WAIT_CANCELED
+    assert h.server.engine.num_waiters() == 0
+    h.server.engine.set(b"/k", b"v")  # wakes nobody: no reply to either
+    assert h.transports[cancelling].out == wire.WAIT_CANCELED
+
+
+def test_without_an_owner_the_python_path_parks(slow_calls: list[bytes]) -> None:
+    h = Harness(fast=True)
+    i = h.connect()
+    receiver = h.conns[i]._receiver
+    assert receiver is not None
+    receiver.owner = None
+    wait = wire.encode_keys(Op.WAIT, [b"/k"])
+    h.feed(i, wire.encode_validate() + wait)
+    assert slow_calls == [wait]
+    assert h.server.engine.num_waiters() == 1 and h.conns[i].wait_keys == 1
+
+
+def test_executor_run_never_parks_and_receivers_check_their_owner() -> None:
+    engine = Engine()
+    executor = fastpath.executor_for(engine, wire.DEFAULT_LIMITS)
+    assert executor is not None
+    wait = wire.encode_keys(Op.WAIT, [b"/k"])
+    executor.on_fire = lambda waiter: None
+    assert executor.run(wait, 0, False, 100) == (0, None)  # no connection to park for
+    receiver = fastpath.Receiver(executor, lambda data: None, 100)
+    receiver.write = lambda data: None
+    receiver.enabled = True
+    receiver.owner = ("not a connection",)  # type: ignore[assignment]
+    with pytest.raises(AttributeError):  # it has no add_waiter
+        receiver(wait)
+    receiver.owner = "conn"  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="owner must be a"):
+        receiver(wait)
 
 
 def test_the_fast_path_stops_at_a_partial_request() -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from rdzv import StoreError, StoreTimeoutError
 from rdzv.store.file import FileStore
-from tests.conftest import subprocess_env
+from tests.conftest import run_python, subprocess_env
 from tests.store import filestore_util as util
 from tests.store.filestore_util import last_value, read_records, record
 
@@ -271,13 +271,7 @@ def test_write_failure_cuts_the_file_back(path: Path) -> None:
         print("ok")
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_python(script)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
     with FileStore(path) as store:

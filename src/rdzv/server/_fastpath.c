@@ -7,7 +7,11 @@
  * nothing but the engine's dictionaries: no waiter to wake, no key bound to a connection or
  * lease, no barrier to release, no error to report, no wait to park. It stops at the first
  * request that is not simple, incomplete, or over a limit, *before* changing anything for
- * it, and returns how far it got plus the concatenated replies. The server then hands the
+ * it, and returns how far it got plus the concatenated replies. Two requests change a
+ * connection's state and are taken only by a connection's Receiver: its first request,
+ * VALIDATE (whole, with the right magic), and a WAIT on one absent key, which the Receiver
+ * parks with the engine's ``park`` (FastPathTables) and records on the connection (the
+ * reply on wake-up is the Python path's). The server then hands the
  * rest of the bytes to the Python parser and handlers (rdzv.wire / rdzv.server), which
  * implement every request; this module only short-cuts the common ones, with byte-identical
  * replies and state changes (tests/server/test_fastpath.py checks both paths against each
@@ -33,6 +37,7 @@
 
 /* Opcodes (rdzv.wire.Op). */
 enum {
+    OP_VALIDATE = 0,
     OP_SET = 1,
     OP_GET = 3,
     OP_ADD = 4,
@@ -51,6 +56,9 @@ enum {
 /* The PING nonce by which an rdzv client negotiates extensions (rdzv.wire.RDZV_PING_NONCE). */
 #define RDZV_PING_NONCE 0x72647A76u
 
+/* The magic of VALIDATE, a connection's first request (rdzv.wire.VALIDATE_MAGIC). */
+#define VALIDATE_MAGIC 0x3C85F7CEu
+
 #define REPLY_STOP_WAITING 0x00
 #define REPLY_CHECK_READY 0x00
 #define REPLY_CHECK_NOT_READY 0x01
@@ -62,6 +70,16 @@ enum {
 /* Outcome of one request. */
 #define STEP_STOP (-1)  /* not taken: nothing changed, the Python path takes over here */
 #define STEP_ERROR (-2) /* a Python exception is set (out of memory) */
+
+static PyObject *validated_name;  /* "validated" (interned) */
+static PyObject *add_waiter_name; /* "add_waiter" (interned) */
+static PyObject *one;             /* the int 1 */
+
+/* What a Receiver lets the executor do beyond the stateless requests. */
+typedef struct {
+    PyObject *owner; /* owner of a WAIT waiter parked here, (connection, kind); NULL: none */
+    int parked;      /* set when a WAIT was parked: the executor stops after it */
+} Ctx;
 
 /* ------------------------------------------------------------------------ reply buffer */
 typedef struct {
@@ -140,6 +158,12 @@ out_blob(Out *out, PyObject *value)
 }
 
 /* ------------------------------------------------------------------------ frame reading */
+static uint32_t
+read_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
 static uint64_t
 read_u64(const unsigned char *p)
 {
@@ -179,6 +203,7 @@ typedef struct {
     PyObject *barriers; /* key -> parked barrier waiters; read only */
     PyObject *bound;    /* key -> owner or lease of a bound key; read only */
     PyObject *park;     /* park(key, callback, owner) -> Waiter, for an absent key */
+    PyObject *on_fire;  /* callback of the WAIT waiters parked here; None: no parking */
     Py_ssize_t max_key;
     Py_ssize_t max_value;
     Py_ssize_t max_keys;
@@ -376,9 +401,38 @@ done:
 }
 
 /* CHECK, WAIT, MULTI_GET: a u64 count and that many key blobs. */
+/* Park a WAIT on the absent key p[start:start+len]: the engine registers the waiter
+ * (``park(key, on_fire, owner)``, FastPathTables.park), then the connection, owner[0],
+ * records it (``add_waiter(waiter, 1)``, as the Python WAIT handler does). */
+static Py_ssize_t
+park_wait(Executor *self, const unsigned char *p, Py_ssize_t start, Py_ssize_t len,
+          Py_ssize_t pos, Ctx *ctx)
+{
+    PyObject *key = PyBytes_FromStringAndSize((const char *)p + start, len);
+    if (key == NULL) {
+        return STEP_ERROR;
+    }
+    PyObject *owner = Py_NewRef(ctx->owner); /* the receiver's: kept alive for the calls */
+    PyObject *waiter = PyObject_CallFunctionObjArgs(self->park, key, self->on_fire, owner, NULL);
+    Py_DECREF(key);
+    PyObject *added = NULL;
+    if (waiter != NULL) {
+        added = PyObject_CallMethodObjArgs(PyTuple_GET_ITEM(owner, 0), add_waiter_name, waiter,
+                                           one, NULL);
+        Py_DECREF(waiter);
+    }
+    Py_DECREF(owner);
+    if (added == NULL) {
+        return STEP_ERROR;
+    }
+    Py_DECREF(added);
+    ctx->parked = 1;
+    return pos;
+}
+
 static Py_ssize_t
 step_list(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out *out,
-          int op)
+          int op, Ctx *ctx)
 {
     if (end - pos < 8) {
         return STEP_STOP;
@@ -433,7 +487,13 @@ step_list(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end
     }
     if (op == OP_WAIT) {
         if (!all) {
-            return STEP_STOP; /* parks a waiter: the Python path */
+            /* One key, on a connection with an owner for its waiter: parked here; more
+             * keys, or no owner or callback: the Python path parks the waiter. */
+            if (n == 1 && ctx->owner != NULL && self->on_fire != NULL &&
+                self->on_fire != Py_None) {
+                return park_wait(self, p, starts[0], lens[0], pos, ctx);
+            }
+            return STEP_STOP;
         }
         return out_byte(out, REPLY_STOP_WAITING) < 0 ? STEP_ERROR : pos;
     }
@@ -458,7 +518,7 @@ step_ping(const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out *out)
 
 static Py_ssize_t
 step(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out *out,
-     int extended)
+     int extended, Ctx *ctx)
 {
     int op = p[pos];
     pos += 1;
@@ -472,7 +532,7 @@ step(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Out
     case OP_CHECK:
     case OP_WAIT:
     case OP_MULTI_GET:
-        return step_list(self, p, pos, end, out, op);
+        return step_list(self, p, pos, end, out, op, ctx);
     case OP_PING:
         return step_ping(p, pos, end, out);
     case OP_EXT_ADD:
@@ -502,13 +562,14 @@ out_free(Out *out)
 }
 
 /* Execute the simple requests of p[*pos:end] into ``out`` while it is shorter than
- * ``reply_limit``; advances *pos past them. -1 with an exception set on error. */
+ * ``reply_limit``, up to and including a parked WAIT (ctx->parked); advances *pos past
+ * them. -1 with an exception set on error. */
 static int
 execute(Executor *self, const unsigned char *p, Py_ssize_t *pos, Py_ssize_t end, Out *out,
-        int extended, Py_ssize_t reply_limit)
+        int extended, Py_ssize_t reply_limit, Ctx *ctx)
 {
-    while (*pos < end && out->len < reply_limit) {
-        Py_ssize_t next = step(self, p, *pos, end, out, extended);
+    while (*pos < end && out->len < reply_limit && !ctx->parked) {
+        Py_ssize_t next = step(self, p, *pos, end, out, extended, ctx);
         if (next == STEP_ERROR) {
             return -1;
         }
@@ -571,7 +632,8 @@ executor_run(Executor *self, PyObject *const *args, Py_ssize_t nargs)
     Out out;
     out_init(&out);
     PyObject *result = NULL;
-    if (execute(self, p, &pos, end, &out, extended, reply_limit) == 0) {
+    Ctx ctx = {NULL, 0}; /* run() never parks */
+    if (execute(self, p, &pos, end, &out, extended, reply_limit, &ctx) == 0) {
         if (out.len == 0) {
             result = Py_BuildValue("(nO)", pos, Py_None);
         }
@@ -741,6 +803,7 @@ executor_init(Executor *self, PyObject *args, PyObject *kwds)
     self->distinct = 0;
     self->polling = 0;
     Py_XSETREF(self->on_activity, Py_NewRef(Py_None));
+    Py_XSETREF(self->on_fire, Py_NewRef(Py_None));
     self->counting = 0;
     self->nbounds = 0;
     memset(self->ops, 0, sizeof self->ops);
@@ -759,6 +822,7 @@ executor_traverse(Executor *self, visitproc visit, void *arg)
     Py_VISIT(self->bound);
     Py_VISIT(self->park);
     Py_VISIT(self->on_activity);
+    Py_VISIT(self->on_fire);
     return 0;
 }
 
@@ -772,6 +836,7 @@ executor_clear(Executor *self)
     Py_CLEAR(self->bound);
     Py_CLEAR(self->park);
     Py_CLEAR(self->on_activity);
+    Py_CLEAR(self->on_fire);
     return 0;
 }
 
@@ -795,6 +860,10 @@ static PyMemberDef executor_members[] = {
      "bool: the busy poller runs; the receivers call ``on_activity`` while it is False"},
     {"on_activity", T_OBJECT, offsetof(Executor, on_activity), 0,
      "callable() or None: called (after ``polling`` is set) on a read while not polling"},
+    {"on_fire", T_OBJECT, offsetof(Executor, on_fire), 0,
+     "callable(Waiter) or None: the callback of the WAIT waiters the receivers park (a WAIT "
+     "on one absent key, on a connection whose receiver has an ``owner``); None: the Python "
+     "path parks every WAIT"},
     {"counting", T_BOOL, offsetof(Executor, counting), READONLY,
      "bool: enable_counting() was called"},
     {NULL, 0, 0, 0, NULL},
@@ -829,6 +898,7 @@ static PyTypeObject ExecutorType = {
 };
 
 /* ------------------------------------------------------------------------ the receiver */
+
 /* What the transport calls with received bytes (the protocol's ``data_received``): runs
  * the executor on them, writes the replies, and hands whatever it did not take to ``slow``
  * (the Python path), which also decides, through ``enabled``, whether the next bytes may
@@ -839,9 +909,12 @@ typedef struct {
     PyObject *slow;     /* callable(bytes) */
     PyObject *write;    /* callable(bytes), the transport's write; None until connected */
     PyObject *buffered; /* callable() -> int, the transport's get_write_buffer_size */
+    PyObject *parser;   /* the connection's request parser: ``validated`` set after VALIDATE */
+    PyObject *owner;    /* (connection, kind): owner of a WAIT waiter parked here, or None */
     int fd;             /* the plain TCP socket to send on directly, -1: always ``write`` */
     char enabled;
     char extended;
+    char validate;      /* the first request, VALIDATE, is still to come */
     Py_ssize_t reply_limit;
     unsigned long long seen_epoch; /* the executor's epoch of this receiver's last read */
     vectorcallfunc vectorcall;
@@ -919,17 +992,41 @@ receiver_feed(Receiver *self, PyObject *data)
         ex->distinct++;
     }
     if (!self->enabled || !PyBytes_CheckExact(data) || self->write == Py_None) {
+        self->validate = 0; /* the Python parser checks VALIDATE from now on */
         return PyObject_CallOneArg(self->slow, data);
     }
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t end = PyBytes_GET_SIZE(data);
     Py_ssize_t pos = 0;
+    if (self->validate) {
+        self->validate = 0;
+        if (end < 5 || p[0] != OP_VALIDATE || read_u32(p + 1) != VALIDATE_MAGIC) {
+            /* In pieces, or not a VALIDATE: the Python parser takes it (and the errors). */
+            return PyObject_CallOneArg(self->slow, data);
+        }
+        if (self->parser != NULL && self->parser != Py_None &&
+            PyObject_SetAttr(self->parser, validated_name, Py_True) < 0) {
+            return NULL;
+        }
+        if (ex->counting) {
+            ex->ops[OP_VALIDATE]++;
+        }
+        pos = 5; /* no reply (torch's server sends none) */
+    }
+    Ctx ctx = {self->owner == Py_None ? NULL : self->owner, 0};
+    if (ctx.owner != NULL && (!PyTuple_Check(ctx.owner) || PyTuple_GET_SIZE(ctx.owner) < 1)) {
+        PyErr_SetString(PyExc_TypeError, "Receiver.owner must be a (connection, ...) tuple");
+        return NULL;
+    }
     Out out;
     out_init(&out);
     for (;;) {
-        if (execute(ex, p, &pos, end, &out, self->extended, self->reply_limit) < 0) {
+        if (execute(ex, p, &pos, end, &out, self->extended, self->reply_limit, &ctx) < 0) {
             out_free(&out);
             return NULL;
+        }
+        if (ctx.parked) {
+            self->enabled = 0; /* a parked wait: the Python path until it is woken */
         }
         if (out.len == 0) {
             break; /* stopped at a request the Python path must take */
@@ -1013,9 +1110,12 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->slow, Py_NewRef(slow));
     Py_XSETREF(self->write, Py_NewRef(Py_None));
     Py_XSETREF(self->buffered, Py_NewRef(Py_None));
+    Py_XSETREF(self->parser, Py_NewRef(Py_None));
+    Py_XSETREF(self->owner, Py_NewRef(Py_None));
     self->fd = -1;
     self->enabled = 0;
     self->extended = 0;
+    self->validate = 0;
     self->reply_limit = reply_limit;
     self->seen_epoch = 0;
     self->vectorcall = receiver_vectorcall;
@@ -1029,6 +1129,8 @@ receiver_traverse(Receiver *self, visitproc visit, void *arg)
     Py_VISIT(self->slow);
     Py_VISIT(self->write);
     Py_VISIT(self->buffered);
+    Py_VISIT(self->parser);
+    Py_VISIT(self->owner);
     return 0;
 }
 
@@ -1039,6 +1141,8 @@ receiver_clear(Receiver *self)
     Py_CLEAR(self->slow);
     Py_CLEAR(self->write);
     Py_CLEAR(self->buffered);
+    Py_CLEAR(self->parser);
+    Py_CLEAR(self->owner);
     return 0;
 }
 
@@ -1084,6 +1188,18 @@ static PyMemberDef receiver_members[] = {
      "bool: the next bytes may take the fast path (set by the Python side)"},
     {"extended", T_BOOL, offsetof(Receiver, extended), 0,
      "bool: the client negotiated rdzv's extensions"},
+    {"validate", T_BOOL, offsetof(Receiver, validate), 0,
+     "bool: the connection's first request, VALIDATE, is still to come: the receiver takes "
+     "it when it arrives whole with the right magic (and sets ``parser.validated``), else "
+     "hands it to ``slow``; cleared either way"},
+    {"parser", T_OBJECT, offsetof(Receiver, parser), 0,
+     "the connection's request parser (its ``validated`` is set True when the receiver "
+     "takes VALIDATE), or None"},
+    {"owner", T_OBJECT, offsetof(Receiver, owner), 0,
+     "tuple (connection, ...) or None: the owner of the waiter of a WAIT on one absent key "
+     "sent on this connection, which the receiver parks (the engine's park, then "
+     "``connection.add_waiter(waiter, 1)``) and then disables itself; None: the Python "
+     "path parks"},
     {"fd", T_INT, offsetof(Receiver, fd), 0,
      "int: the plain TCP socket replies may be sent on directly when ``buffered()`` is 0 "
      "(-1: never; TLS connections must keep -1)"},
@@ -1124,6 +1240,12 @@ static struct PyModuleDef fastpath_module = {
 PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
+    validated_name = PyUnicode_InternFromString("validated");
+    add_waiter_name = PyUnicode_InternFromString("add_waiter");
+    one = PyLong_FromLong(1);
+    if (validated_name == NULL || add_waiter_name == NULL || one == NULL) {
+        return NULL;
+    }
     if (PyType_Ready(&ExecutorType) < 0 || PyType_Ready(&ReceiverType) < 0) {
         return NULL;
     }

@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Sequence
 
-from rdzv.engine import FastPathTables
+from rdzv.engine import FastPathTables, Waiter
 
 class Executor:
     @property
@@ -11,6 +11,7 @@ class Executor:
     distinct: int
     polling: bool
     on_activity: Callable[[], object] | None
+    on_fire: Callable[[Waiter], object] | None
     @property
     def counting(self) -> bool: ...
     def enable_counting(self, bounds_ns: Sequence[int], /) -> None: ...
@@ -29,6 +30,9 @@ class Executor:
 class Receiver:
     enabled: bool
     extended: bool
+    validate: bool
+    parser: object
+    owner: tuple[object, ...] | None
     write: Callable[[bytes], object] | None
     buffered: Callable[[], int] | None
     fd: int

@@ -16,7 +16,14 @@ from rdzv.endpoint import format_endpoint
 from rdzv.engine import Waiter
 from rdzv.errors import StoreError
 from rdzv.server.fastpath import REPLY_LIMIT, Receiver
-from rdzv.server.handlers import HANDLERS, IS_WRITE, REFUSED_HANDLERS, UNAUTH_HANDLERS, Close
+from rdzv.server.handlers import (
+    HANDLERS,
+    IS_WRITE,
+    KIND_WAIT,
+    REFUSED_HANDLERS,
+    UNAUTH_HANDLERS,
+    Close,
+)
 from rdzv.wire import Request
 
 if TYPE_CHECKING:
@@ -183,19 +190,25 @@ class Connection(asyncio.Protocol):
         self.auth_timer: asyncio.TimerHandle | None = None
         self.refusal = ""
         fast = server._fast
-        self._receiver: Receiver | None = (
-            None if fast is None else Receiver(fast, self._receive, REPLY_LIMIT)
-        )
+        self._receiver: Receiver | None = None
+        if fast is not None:
+            # The receiver also parks a WAIT on one absent key for this connection (the
+            # waiter's owner as the WAIT handler makes it), and sets the parser's
+            # ``validated`` when it takes VALIDATE.
+            receiver = self._receiver = Receiver(fast, self._receive, REPLY_LIMIT)
+            receiver.parser = self.parser
+            receiver.owner = (self, KIND_WAIT)
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         server = self.server
-        self.write = self.transport.write if server.journal is None else self._hold
+        write = self.transport.write  # one bound method for both (an object per connection)
+        self.write = write if server.journal is None else self._hold
         receiver = self._receiver
         if receiver is not None:
-            receiver.write = self.transport.write
+            receiver.write = write
         peer = transport.get_extra_info("peername")
         # TCP (the peer is an address tuple; a Unix socket's is a path). Both event loops set
         # TCP_NODELAY on their TCP transports themselves (asyncio since Python 3.6, uvloop
@@ -220,6 +233,10 @@ class Connection(asyncio.Protocol):
             self.handlers = UNAUTH_HANDLERS
             loop = asyncio.get_running_loop()
             self.auth_timer = loop.call_later(server.auth_timeout, self._auth_expired)
+        elif receiver is not None:
+            # Served at once: the receiver takes the handshake too (VALIDATE, then a torch
+            # client's PING).
+            receiver.validate = receiver.enabled = True
         server._connection_log(
             True, "connection from %s (%d open)", self.peer, len(server._connections)
         )
@@ -304,7 +321,7 @@ class Connection(asyncio.Protocol):
             self._consume(data)
         if self._input is None and not self._paused and not self._closed:
             self.transport.resume_reading()
-        self._refresh()
+        self.refresh()
 
     @property
     def data_received(self) -> Callable[[bytes], None]:
@@ -338,7 +355,7 @@ class Connection(asyncio.Protocol):
             self._input += data
             return
         self._consume(data)
-        self._refresh()
+        self.refresh()
 
     def _consume(self, data: bytes) -> None:
         """Parse and execute ``data`` a slice at a time; past :data:`TURN_REQUESTS`, keep
@@ -372,7 +389,7 @@ class Connection(asyncio.Protocol):
         if not self._closed:
             self.server._track_partial(self, parsed > 0)
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         """Tell the C receiver whether the next bytes may skip the Python path: only when
         nothing but the engine's state decides their outcome (see rdzv.server.fastpath)."""
         receiver = self._receiver

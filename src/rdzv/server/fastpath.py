@@ -12,6 +12,17 @@ to release, no error to report, no wait to park, no limit exceeded; otherwise it
 changing anything, and the Python path carries on from that request. Replies and state are
 byte-identical either way (tests/server/test_fastpath.py runs both on the same input).
 
+A connection's :class:`Receiver` also takes two requests that change the connection's state,
+so that a torch client's ``init_process_group`` (VALIDATE, PING, ADD, WAIT, GET) runs no
+Python code of the server but the waiter's registration: the connection's first request,
+VALIDATE, when it arrives whole with the right magic (``Receiver.validate``; it then sets the
+parser's ``validated``), and a WAIT on one absent key on a connection with an ``owner``: the
+engine registers the waiter (``FastPathTables.park(key, Executor.on_fire, owner)``), the
+connection records it (``owner[0].add_waiter(waiter, 1)``, as the WAIT handler does), and
+the receiver disables itself until the waiter is woken; the reply on wake-up is the Python
+path's. It parks only on a connection with no parked wait (the receiver is disabled
+otherwise), so the per-connection wait limits (at least 1) cannot be passed.
+
 The server uses it only on connections where nothing else must see each request: no
 durable journal (``--data-dir``), authenticated (or no token), no parked waits, no partial
 request buffered. It is built from ``src/rdzv/server/_fastpath.c`` by ``pip install``

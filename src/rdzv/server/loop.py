@@ -1,12 +1,14 @@
-"""Event-loop helpers of the server: the loop it runs on (uvloop when installed) and the
-descriptor limit it raises (a server holds one descriptor per client)."""
+"""Process helpers of the server: the loop it runs on (uvloop when installed), the
+descriptor limit it raises (a server holds one descriptor per client) and the garbage
+collector's settings of a process that serves."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
-__all__ = ["new_event_loop", "raise_fd_limit"]
+__all__ = ["GC_YOUNG_THRESHOLD", "new_event_loop", "raise_fd_limit", "tune_gc"]
 
 logger = logging.getLogger("rdzv.server")
 
@@ -39,3 +41,28 @@ def raise_fd_limit() -> tuple[int, int] | None:
         except (ValueError, OSError) as exc:
             logger.debug("could not raise RLIMIT_NOFILE to %s: %s", target, exc)
     return soft, hard
+
+
+#: Allocations of container objects (net of deallocations) between two collections of the
+#: youngest generation in a serving process (Python's default: 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Set the garbage collector of a process whose job is serving (``rdzv serve``): freeze
+    what is alive now (modules, configuration: never garbage; no collection scans it again)
+    and collect the youngest generation every :data:`GC_YOUNG_THRESHOLD` allocations instead
+    of 700, the older ones at Python's default ratios to it.
+
+    A server's objects are its connections' and they live as long as the connections: a
+    storm of connects allocates a dozen container objects per connection, and with the
+    default threshold the collector re-scanned each of them several times over (the
+    largest term of the server's own CPU time in a 15,000-connection storm after the
+    kernel's, docs/performance.md). Cycles (an exception's traceback) are still collected,
+    a little later. Not for a server thread inside another program (its process's collector
+    is that program's business).
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)

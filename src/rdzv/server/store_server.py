@@ -269,6 +269,8 @@ class StoreServer:
         )
         self.stats = ServerStats(counting=metrics)
         self._op_counts = self.stats.requests if metrics else None
+        if self._fast is not None:
+            self._fast.on_fire = self.on_fire  # WAITs the receivers park wake through it
         if metrics and self._fast is not None:
             self._fast.enable_counting([round(b * 1e9) for b in REQUEST_BUCKETS])
         self._commit_scheduled = False
@@ -780,6 +782,8 @@ class StoreServer:
         conn.wait_keys -= conn.waiters.pop(waiter, 0)
         if not conn._closed:
             conn.send(wait_reply(kind, waiter.result))
+            if not conn.waiters:
+                conn.refresh()  # its next requests may take the fast path again
 
     # ------------------------------------------------------------------ bound keys, leases
     def set_lease(self, key: bytes, value: bytes, ttl: float) -> None:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from rdzv.server.loop import new_event_loop
+from rdzv.server.loop import new_event_loop, tune_gc
 from rdzv.server.store_server import StoreServer
 
 __all__ = ["ServerThread", "serve"]
@@ -107,7 +107,9 @@ def serve(
 ) -> None:
     """Run a server in this thread until SIGINT or SIGTERM, then shut down gracefully.
 
-    ``on_listening(server)`` is called once the server listens.
+    ``on_listening(server)`` is called once the server listens; then the process's garbage
+    collector is set for serving (:func:`~rdzv.server.loop.tune_gc`): this function owns
+    the process (it handles its signals).
     """
     import signal
 
@@ -123,6 +125,7 @@ def serve(
                 loop.add_signal_handler(sig, stop.set)
         if on_listening is not None:
             on_listening(server)
+        tune_gc()
         await stop.wait()
         logger.info("signal received, shutting down")
         await server.close()

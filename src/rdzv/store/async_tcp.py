@@ -216,7 +216,7 @@ class AsyncTCPStore:
     # ------------------------------------------------------------------ driver
     async def _run(
         self,
-        make: Callable[[], Generator[Any, Any, _T]],
+        make: Callable[[], Generator[Any, Any, _T]] | None,
         unsafe: str | None = None,
         sent: bytes | None = None,
     ) -> _T:
@@ -277,7 +277,7 @@ class AsyncTCPStore:
         self._reader, self._writer = reader, writer
 
     async def _send(self, data: bytes, unsafe: str | None = None) -> None:
-        await self._run(lambda: ops.send(data), unsafe, data)
+        await self._run(None, unsafe, data)
 
     # ------------------------------------------------------------------ Store API
     async def set(self, key: KeyLike, value: ValueLike) -> None:

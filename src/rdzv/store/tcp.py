@@ -348,7 +348,7 @@ class TCPStore(Store):
     # ------------------------------------------------------------------ driver
     def _run(
         self,
-        make: Callable[[], Generator[Any, Any, _T]],
+        make: Callable[[], Generator[Any, Any, _T]] | None,
         unsafe: str | None = None,
         sent: bytes | None = None,
     ) -> _T:
@@ -412,7 +412,7 @@ class TCPStore(Store):
         self._send(wire.encode_set(ops.wire_key(key), value))
 
     def _send(self, data: bytes, unsafe: str | None = None) -> None:
-        self._run(lambda: ops.send(data), unsafe, data)
+        self._run(None, unsafe, data)
 
     def _get(self, key: str, timeout: float) -> bytes:
         deadline = Deadline(timeout)

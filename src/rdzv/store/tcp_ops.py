@@ -43,7 +43,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from rdzv import auth, wire
 from rdzv.errors import (
@@ -365,11 +365,6 @@ def lost_again(s: Session, unacked: Unacked, reason: str) -> NetworkError:
         "full? the server's log says why); those writes were dropped, their outcome is "
         "unknown"
     )
-
-
-def send(request: bytes) -> OpGen[None]:
-    """A request without a reply (SET, APPEND, MULTI_SET, QUEUE_PUSH)."""
-    yield request
 
 
 def connect_error(
@@ -992,7 +987,7 @@ class ClientCore:
 
     def run(
         self,
-        make: Callable[[], OpGen[_T]],
+        make: Callable[[], OpGen[_T]] | None,
         unsafe: str | None = None,
         sent: bytes | None = None,
     ) -> OpGen[_T]:
@@ -1002,8 +997,8 @@ class ClientCore:
         send again the idempotent requests that no reply acknowledged (:class:`Unacked`),
         and perform the operation again, unless ``unsafe`` names it (not idempotent): then
         raise NetworkError saying its outcome is unknown (:func:`outcome_unknown`); lost
-        again at once: :func:`lost_again`. ``sent``: the operation is that request without
-        a reply (it joins the replay window).
+        again at once: :func:`lost_again`. ``sent``: a request without a reply (it joins
+        the replay window); ``make`` None: sending it is the whole operation (result None).
         """
         recovery: Deadline | None = None
         unacked = self.unacked
@@ -1029,7 +1024,11 @@ class ClientCore:
                     yield from self.perform(ping(s))  # acknowledges what came before
                     unacked.clear()
                 if dropped is None:
-                    result = yield from self.perform(make())
+                    if make is None:
+                        yield sent  # the whole operation: a request without a reply
+                        result = cast(_T, None)
+                    else:
+                        result = yield from self.perform(make())
             except Exception as exc:
                 reason = failure_reason(s, exc)
                 if reason is None:
@@ -1070,13 +1069,17 @@ class ClientCore:
                 return result
             value = error = None
             if action.__class__ is Read:
-                try:
-                    value = buf.read(action.decoder)
-                except wire.NeedData as short:
+                need = 1  # an empty buffer decodes nothing: receive first
+                if len(buf):
                     try:
-                        value = yield from self._fill(action, short.need)
-                    except ReadTimeout as exc:
-                        error = exc
+                        value = buf.read(action.decoder)
+                        continue
+                    except wire.NeedData as short:
+                        need = short.need
+                try:
+                    value = yield from self._fill(action, need)
+                except ReadTimeout as exc:
+                    error = exc
             else:
                 yield action
 
