@@ -31,7 +31,11 @@ phases (order rotated every repeat; the idle server is stopped with SIGSTOP), so
 machine's drifting load hits all of them alike. Per variant: the median phase, and the
 median and spread of the per-repeat throughput ratio over no metrics; the CPU per op of the
 store process, the listener process and the scraper (scheduler nanoseconds); the CPU of one
-scrape without load (``scrape_cost_without_load``)::
+scrape without load (``scrape_cost_without_load``). A second server without metrics is an
+A/A control. Paired variants split the clients over two servers at once (no metrics and
+metrics scraped every 100 ms; the A/A pair): the same moment's load hits both, so their
+ratio is immune to other tenants (the listener's and scraper's CPU slows both alike: it is
+in their CPU per op instead)::
 
     python bench/store_ops.py --metrics [--clients 1 16 64] [--seconds 1] [--repeats 15]
                               [--profile]
@@ -242,12 +246,15 @@ class MetricsServers:
         pid = self.procs[name].pid
         return [pid, self.listener] if name == "metrics" else [pid]
 
-    def use(self, name: str) -> tuple[int, int]:
-        """Resume server ``name``, stop the others: its index in :attr:`ports`, its pid."""
+    def use(self, *names: str) -> tuple[list[int], list[int]]:
+        """Resume servers ``names``, stop the others: their indexes in :attr:`ports`, their
+        pids."""
         self._signal(signal.SIGCONT, self._stopped)
-        self._stopped = [pid for other in self.NAMES if other != name for pid in self._pids(other)]
+        self._stopped = [
+            pid for other in self.NAMES if other not in names for pid in self._pids(other)
+        ]
         self._signal(signal.SIGSTOP, self._stopped)
-        return self.NAMES.index(name), self.procs[name].pid
+        return [self.NAMES.index(n) for n in names], [self.procs[n].pid for n in names]
 
     @staticmethod
     def _signal(sig: int, pids: list[int]) -> None:
@@ -267,7 +274,7 @@ def metrics_phase(
     """One phase of ``variant``: the clients' loop on its server for ``seconds``, scraped
     at its interval for the whole phase."""
     server, interval = METRICS_VARIANTS[variant]
-    index, pid = servers.use(server)
+    [index], [pid] = servers.use(server)
     if interval is None:
         return pool.run(index, seconds, pid)
     scraper = Scraper(servers.url, interval)
@@ -283,6 +290,33 @@ def metrics_phase(
         scraped["scraper_cpu_us_per_scrape"] * scraped["scrapes"] / ops, 3
     )
     return result
+
+
+#: --metrics paired variants: name -> (two servers of :class:`MetricsServers` serving half
+#: the clients each at once, seconds between scrapes of the second). The same machine state
+#: hits both: their throughput ratio is immune to other tenants (but not what a listener
+#: and scraper cost the machine, which slows both: read their CPU per op for that).
+PAIRED_VARIANTS: dict[str, tuple[tuple[str, str], float | None]] = {
+    "paired: scraped every 100 ms / no metrics": (("plain", "metrics"), 0.1),
+    "paired: A/A control": (("plain", "control"), None),
+}
+
+
+def paired_phase(
+    servers: MetricsServers, pool: Clients, variant: str, seconds: float
+) -> dict[str, float]:
+    """One phase of a paired variant: the second server's throughput and server CPU per op
+    over the first's."""
+    names, interval = PAIRED_VARIANTS[variant]
+    indexes, pids = servers.use(*names)
+    scraper = None if interval is None else Scraper(servers.url, interval)
+    if scraper is not None:
+        scraper.start()
+    result = pool.run_split(indexes, seconds, pids)
+    if scraper is not None:
+        scraper.stop()
+    ops, cpu = result["ops_per_s"], result["server_cpu_us_per_op"]
+    return {"ops_ratio": ops[1] / ops[0], "server_cpu_ratio": cpu[1] / cpu[0]}
 
 
 def median(values: Sequence[float]) -> float:
@@ -431,7 +465,7 @@ def counting_profile(clients: int, seconds: float, procs: int) -> dict[str, Any]
         with Clients("torch", servers.ports, clients, procs) as pool:
             out: dict[str, Any] = {"clients": clients, "seconds": seconds}
             for name, server in (("no metrics", "plain"), ("metrics", "metrics")):
-                index, pid = servers.use(server)
+                [index], [pid] = servers.use(server)
                 result: dict[str, Any] = {}
 
                 def run(
@@ -456,15 +490,34 @@ def metrics_main(args: argparse.Namespace) -> None:
             with Clients("torch", servers.ports, clients, args.procs) as pool:
                 for variant in variants:  # warm-up, not recorded
                     metrics_phase(servers, pool, variant, min(args.seconds, 0.5))
-                rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+                paired = list(PAIRED_VARIANTS) if clients >= 2 else []
+                rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants + paired}
+                schedule = variants + paired
                 for repeat in range(args.repeats):
-                    turn = repeat % len(variants)
-                    for variant in variants[turn:] + variants[:turn]:
-                        rows[variant].append(metrics_phase(servers, pool, variant, args.seconds))
+                    turn = repeat % len(schedule)
+                    for variant in schedule[turn:] + schedule[:turn]:
+                        if variant in PAIRED_VARIANTS:
+                            rows[variant].append(paired_phase(servers, pool, variant, args.seconds))
+                        else:
+                            rows[variant].append(
+                                metrics_phase(servers, pool, variant, args.seconds)
+                            )
                         loads.append(os.getloadavg()[0])
         finally:
             servers.close()
-        for row in metrics_rows(clients, rows):
+        single = {v: rows[v] for v in variants}
+        for row in metrics_rows(clients, single) + [
+            {
+                "variant": variant,
+                "clients": clients,
+                "phases": len(rows[variant]),
+                **{
+                    k: spread([r[k] for r in rows[variant]])
+                    for k in ("ops_ratio", "server_cpu_ratio")
+                },
+            }
+            for variant in paired
+        ]:
             results.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     print(
@@ -504,11 +557,12 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 
 # --------------------------------------------------------------------------- client worker
-def worker(client: str, ports: list[int], threads: int) -> None:
+def worker(client: str, ports: list[int], threads: int, first: int) -> None:
     """Client process: connects ``threads`` clients to each of ``ports``, prints ``ready``,
-    then runs one phase per line read from stdin (``INDEX START SECONDS``: the clients of
-    ``ports[INDEX]`` loop from ``time.time() == START`` for ``SECONDS``) and prints a JSON
-    summary line per phase; exits at the end of stdin."""
+    then runs one phase per line read from stdin (``INDEX[,INDEX...] START SECONDS``: the
+    clients of ``ports[INDEX]`` loop from ``time.time() == START`` for ``SECONDS``; with
+    several indexes, client ``first + t`` of the run uses the ``(first + t) % k``-th) and
+    prints a JSON summary line per phase; exits at the end of stdin."""
     if client == "torch":
         import datetime
 
@@ -526,8 +580,16 @@ def worker(client: str, ports: list[int], threads: int) -> None:
     stores = [[connect(port) for _ in range(threads)] for port in ports]
     print("ready", flush=True)
     for line in sys.stdin:
-        index, start_at, seconds = line.split()
-        print(json.dumps(phase(stores[int(index)], float(start_at), float(seconds))), flush=True)
+        spec, start_at, seconds = line.split()
+        indexes = [int(i) for i in spec.split(",")]
+        groups = [(first + t) % len(indexes) for t in range(threads)]
+        chosen = [stores[indexes[g]][t] for t, g in enumerate(groups)]
+        report = phase(chosen, float(start_at), float(seconds))
+        report["ops_by_group"] = [
+            sum(n for n, g in zip(report["counts"], groups, strict=True) if g == k)
+            for k in range(len(indexes))
+        ]
+        print(json.dumps(report), flush=True)
 
 
 def phase(stores: list[Any], start_at: float, seconds: float) -> dict[str, Any]:
@@ -569,6 +631,7 @@ def phase(stores: list[Any], start_at: float, seconds: float) -> dict[str, Any]:
         th.join()
     return {
         "ops": sum(counts),
+        "counts": counts,
         "cpu": time.process_time() - cpu,
         "latencies": [x for s in samples for x in s],
     }
@@ -583,15 +646,24 @@ class Clients:
         nproc = max(1, min(procs, clients))
         split = [clients // nproc + (1 if i < clients % nproc else 0) for i in range(nproc)]
         self.procs = nproc
+        ports_arg = ",".join(map(str, ports))
         self.workers = [
             subprocess.Popen(
-                [sys.executable, __file__, "--worker", client, ",".join(map(str, ports)), str(n)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    client,
+                    ports_arg,
+                    str(n),
+                    str(sum(split[:i])),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
                 env=_env(),
             )
-            for n in split
+            for i, n in enumerate(split)
         ]
         for w in self.workers:  # every client connected
             assert w.stdout is not None
@@ -605,33 +677,52 @@ class Clients:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(self, index: int, seconds: float, server_pid: int) -> dict[str, Any]:
-        """One phase on ``ports[index]``: ops/s, p50 and p99 latency per call, and the CPU
-        per op of ``server_pid`` (over the phase's ``seconds``)."""
+    def _phase(
+        self, indexes: Sequence[int], seconds: float, pids: Sequence[int]
+    ) -> tuple[list[dict[str, Any]], list[int], float]:
+        """One phase of every client on its port among ``indexes``: the workers' reports, the
+        CPU nanoseconds of each of ``pids`` and the machine's busy CPU seconds over it."""
         start_at = time.time() + 0.2
         for w in self.workers:
             assert w.stdin is not None
-            w.stdin.write(f"{index} {start_at} {seconds}\n")
+            w.stdin.write(f"{','.join(map(str, indexes))} {start_at} {seconds}\n")
             w.stdin.flush()
         time.sleep(max(0.0, start_at - time.time()))
-        cpu_before = cpu_ns(server_pid)
+        cpu_before = [cpu_ns(pid) for pid in pids]
         busy_before = machine_busy_seconds()
         time.sleep(seconds)
         busy = machine_busy_seconds() - busy_before
-        cpu_used = cpu_ns(server_pid) - cpu_before
-        client_cpu = 0.0
-        ops = 0
-        latencies: list[float] = []
+        cpu_used = [cpu_ns(pid) - b for pid, b in zip(pids, cpu_before, strict=True)]
+        reports = []
         for w in self.workers:
             assert w.stdout is not None
             line = w.stdout.readline()
             if not line:
                 raise RuntimeError(f"client process failed ({w.wait()})")
-            report = json.loads(line)
-            ops += report["ops"]
-            client_cpu += report["cpu"]
-            latencies += report["latencies"]
-        latencies.sort()
+            reports.append(json.loads(line))
+        return reports, cpu_used, busy
+
+    def run_split(
+        self, indexes: Sequence[int], seconds: float, pids: Sequence[int]
+    ) -> dict[str, list[float]]:
+        """One phase with the clients split over ``ports[i]`` for ``i`` in ``indexes`` (the
+        servers' pids ``pids``), all at once: ops/s and server CPU per op of each."""
+        reports, cpu_used, _ = self._phase(indexes, seconds, pids)
+        ops = [sum(r["ops_by_group"][k] for r in reports) for k in range(len(indexes))]
+        return {
+            "ops_per_s": [n / seconds for n in ops],
+            "server_cpu_us_per_op": [
+                c / 1e3 / max(n, 1) for c, n in zip(cpu_used, ops, strict=True)
+            ],
+        }
+
+    def run(self, index: int, seconds: float, server_pid: int) -> dict[str, Any]:
+        """One phase on ``ports[index]``: ops/s, p50 and p99 latency per call, and the CPU
+        per op of ``server_pid`` (over the phase's ``seconds``)."""
+        reports, [cpu_used], busy = self._phase([index], seconds, [server_pid])
+        ops = sum(r["ops"] for r in reports)
+        client_cpu = sum(r["cpu"] for r in reports)
+        latencies = sorted(x for r in reports for x in r["latencies"])
 
         def pct(p: float) -> float:
             return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e6, 1)
@@ -966,7 +1057,7 @@ def security_main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, client, ports, threads = sys.argv
-        worker(client, [int(p) for p in ports.split(",")], int(threads))
+        _, _, client, ports, threads, first = sys.argv
+        worker(client, [int(p) for p in ports.split(",")], int(threads), int(first))
     else:
         main()

@@ -4,7 +4,10 @@ limits, idle connections and failing collectors."""
 
 from __future__ import annotations
 
+import contextlib
+import select
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -217,3 +220,43 @@ def test_a_failing_collector_costs_a_500_not_the_listener() -> None:
             assert read_reply(sock, buffer)[:3:2] == (200, b"{}")
     finally:
         server.close()
+
+
+def test_a_client_flooding_requests_while_one_is_pending_is_not_read() -> None:
+    """While a request waits (here a status document that blocks), the connection's further
+    requests are buffered up to MAX_BUFFERED bytes, then its socket is no longer read: the
+    client's sends block instead of the listener's memory growing."""
+    release = threading.Event()
+
+    def status() -> dict[str, int]:
+        release.wait(30)
+        return {}
+
+    server = ObserveServer("127.0.0.1", 0, registry=registry_for(Counting()), status=status).start()
+    try:
+        with connect(server) as sock:
+            sock.sendall(b"GET /api/status HTTP/1.1\r\n\r\n")
+            sock.setblocking(False)
+            request = b"GET /metrics HTTP/1.1\r\n\r\n" * 4096  # 100 KB
+            sent = 0
+            # Send until the socket stays unwritable for a second (the listener stopped
+            # reading), or 64 MB went through (it did not).
+            while sent < 64 << 20 and select.select([], [sock], [], 1.0)[1]:
+                with contextlib.suppress(BlockingIOError):
+                    sent += sock.send(request)
+            assert sent < 32 << 20, "the listener kept reading"
+            release.set()
+            sock.setblocking(True)
+            assert read_reply(sock, bytearray())[0] == 200
+    finally:
+        release.set()
+        server.close()
+
+
+def test_a_taken_port_raises_oserror(server: ObserveServer) -> None:
+    other = ObserveServer("127.0.0.1", server.port, registry=registry_for(), status=dict)
+    with pytest.raises(OSError):
+        other.start()
+    with connect(server) as sock:  # the first one still serves
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert read_reply(sock, bytearray())[0] == 200

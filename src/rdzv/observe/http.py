@@ -58,6 +58,7 @@ from prometheus_client.registry import CollectorRegistry
 
 __all__ = [
     "KEYS_INTERVAL",
+    "MAX_BUFFERED",
     "MAX_CONCURRENT",
     "MAX_REQUEST_BYTES",
     "RENDER_MAX_AGE",
@@ -81,6 +82,9 @@ REQUEST_TIMEOUT = 10.0
 MAX_REQUEST_BYTES = 64 * 1024
 #: Header lines a request may have (more: 431).
 MAX_HEADERS = 100
+#: Bytes of pipelined requests buffered for a connection while one of its requests is being
+#: answered; beyond that its socket is not read (the client waits).
+MAX_BUFFERED = 4 * MAX_REQUEST_BYTES
 #: Seconds a rendered /metrics or /api/status body is reused when the listener has no
 #: ``version`` of its data (an agent's): rendering costs ~0.3 ms of CPU (and the GIL the
 #: agent needs), so a flood of scrapes renders at most 100 times a
@@ -196,6 +200,7 @@ class _Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._busy = False  # a reply is being prepared in a thread: later requests wait
         self._paused = False  # the client does not read its replies: read no more requests
+        self._reading = True
         self.last_active = 0.0
 
     # ---------------------------------------------------------------- asyncio callbacks
@@ -220,14 +225,22 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._paused = False
-        if self._transport is not None:
-            self._transport.resume_reading()
-            self._process()
+        self._process()
+
+    def _update_reading(self) -> None:
+        """Read the socket unless the client does not read its replies or too many of its
+        requests wait (:data:`MAX_BUFFERED`)."""
+        reading = not self._paused and len(self._buffer) <= MAX_BUFFERED
+        if reading != self._reading and self._transport is not None:
+            self._reading = reading
+            if reading:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
 
     def idle(self, now: float) -> bool:
         """Whether the client sent nothing for :data:`REQUEST_TIMEOUT` seconds (a reply
@@ -240,6 +253,10 @@ class _Connection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- requests
     def _process(self) -> None:
+        self._serve_buffered()
+        self._update_reading()
+
+    def _serve_buffered(self) -> None:
         buffer = self._buffer
         while self._transport is not None and not self._busy and not self._paused:
             while buffer[:2] == b"\r\n":  # empty lines before a request are ignored
@@ -556,6 +573,21 @@ class ObserveServer:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> ObserveServer:
+        """Bind and serve in a daemon thread; raises OSError when the address cannot be
+        resolved or bound (the listener is then closed)."""
+        try:
+            self._bind()
+        except BaseException:
+            self.close()
+            raise
+        self.loop.call_later(1.0, self._close_idle)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="rdzv-metrics", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def _bind(self) -> None:
         infos = socket.getaddrinfo(self.host, self._requested_port, type=socket.SOCK_STREAM)
         family, _, _, _, address = infos[0]
         self.loopback = all(_is_loopback(str(info[4][0])) for info in infos)
@@ -572,12 +604,6 @@ class ObserveServer:
             sock.close()
             raise
         self._port = int(sock.getsockname()[1])
-        self.loop.call_later(1.0, self._close_idle)
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="rdzv-metrics", daemon=True
-        )
-        self._thread.start()
-        return self
 
     def _close_idle(self) -> None:
         now = time.monotonic()
