@@ -76,19 +76,21 @@ class ConnectionLog:
         self._opened = self._closed = 0  # not logged, to summarise
         self._summary: asyncio.TimerHandle | None = None
 
-    def __call__(self, opened: bool, msg: str, *args: object) -> None:
+    def __call__(self, opened: bool, msg: str, conn: Connection, *args: object) -> None:
+        """Log ``msg % (conn.peer, *args)`` at INFO, or count it (``opened``: a connection
+        opened, else closed) past the rate."""
         if not logger.isEnabledFor(logging.INFO):
             return
         loop = self._server._loop  # not asyncio.get_running_loop(): a getpid() call each
         if loop is None:  # not started (a test driving a protocol by hand)
-            logger.info(msg, *args)
+            logger.info(msg, conn.peer, *args)
             return
         now = loop.time()
         if now - self._window >= 1.0:
             self._window, self._lines = now, 0
         if self._lines < CONNECTION_LOG_RATE:
             self._lines += 1
-            logger.info(msg, *args)
+            logger.info(msg, conn.peer, *args)
             return
         if opened:
             self._opened += 1
@@ -125,6 +127,7 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_address",
         "_backlog",
         "_closed",
         "_held_paused",
@@ -146,7 +149,6 @@ class Connection(asyncio.Protocol):
         "partial_progress",
         "partial_since",
         "partial_timer",
-        "peer",
         "refusal",
         "server",
         "transport",
@@ -162,7 +164,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: StoreServer) -> None:
         self.server = server
         self.parser = wire.RequestParser(server.limits, allow_extensions=server.allow_extensions)
-        self.peer = "?"
+        self._address: object = None  # the peer's address, formatted when asked (``peer``)
         self.waiters: dict[Waiter, int] = {}  # parked waiter -> keys it named
         self._backlog: list[Request] | None = None
         self._paused = False  # not reading: one of the two below
@@ -199,6 +201,15 @@ class Connection(asyncio.Protocol):
             receiver.parser = self.parser
             receiver.owner = (self, KIND_WAIT)
 
+    @property
+    def peer(self) -> str:
+        """The client's ``host:port`` ("?" before the connection is made or for a Unix
+        socket), formatted when asked: most connections are never logged."""
+        address = self._address
+        if isinstance(address, tuple):
+            return format_endpoint(str(address[0]), int(address[1]))
+        return "?"
+
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -213,14 +224,13 @@ class Connection(asyncio.Protocol):
         # TCP (the peer is an address tuple; a Unix socket's is a path). Both event loops set
         # TCP_NODELAY on their TCP transports themselves (asyncio since Python 3.6, uvloop
         # always): setting it again cost ~5% of the server's CPU in a connect storm.
-        if isinstance(peer, tuple):
-            self.peer = format_endpoint(str(peer[0]), int(peer[1]))
-            if receiver is not None and server.ssl_context is None:
-                # Plain TCP: the receiver may send replies itself while nothing is queued.
-                sock = transport.get_extra_info("socket")
-                if sock is not None:
-                    receiver.fd = sock.fileno()
-                    receiver.buffered = self.transport.get_write_buffer_size
+        self._address = peer
+        if isinstance(peer, tuple) and receiver is not None and server.ssl_context is None:
+            # Plain TCP: the receiver may send replies itself while nothing is queued.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                receiver.fd = sock.fileno()
+                receiver.buffered = self.transport.get_write_buffer_size
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if len(server._connections) >= server.connection_limit:
             self._refuse(server.connection_limit_reason())
@@ -237,9 +247,7 @@ class Connection(asyncio.Protocol):
             # Served at once: the receiver takes the handshake too (VALIDATE, then a torch
             # client's PING).
             receiver.validate = receiver.enabled = True
-        server._connection_log(
-            True, "connection from %s (%d open)", self.peer, len(server._connections)
-        )
+        server._connection_log(True, "connection from %s (%d open)", self, len(server._connections))
 
     def _refuse(self, reason: str) -> None:
         """Refuse this connection (over the connection limit) without serving it: an rdzv
@@ -279,9 +287,9 @@ class Connection(asyncio.Protocol):
         server.release(self)
         server.owner_closed(self)
         if exc is None:
-            server._connection_log(False, "connection from %s closed", self.peer)
+            server._connection_log(False, "connection from %s closed", self)
         else:
-            server._connection_log(False, "connection from %s lost: %s", self.peer, exc)
+            server._connection_log(False, "connection from %s lost: %s", self, exc)
 
     def pause_writing(self) -> None:
         # The client does not read its replies: stop executing and reading its requests.
