@@ -427,8 +427,11 @@ def perf_shares(pid: int, seconds: float, during: Callable[[], object]) -> dict[
     """``perf record`` (software cpu-clock sampling, 4999 Hz) of process ``pid`` while
     ``during()`` runs: the share of samples (%) per shared object, and of the clock reads
     (``clock_gettime``: vDSO, libc and PLT entries) that time each read when counting."""
+    import shutil
     import tempfile
 
+    if shutil.which("perf") is None:
+        raise SystemExit("--profile needs Linux perf on PATH (Debian: apt-get install linux-perf)")
     with tempfile.TemporaryDirectory(prefix="rdzv-perf-") as tmp:
         data = f"{tmp}/perf.data"
         perf = subprocess.Popen(
