@@ -616,33 +616,3 @@ def test_busy_poll_state() -> None:
     assert StoreServer().busy_poll_state == "off"
     assert StoreServer(busy_poll=50e-6).busy_poll_state == "50 us"
     assert StoreServer(busy_poll=50e-6, fastpath=False).busy_poll_state == "off"
-
-
-def test_peer_address_reads_the_descriptor() -> None:
-    assert fastpath.peer_address is not None
-    a, b = socket.socketpair()  # a Unix socket: not an IP address
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    accepted, address = listener.accept()
-    try:
-        assert fastpath.peer_address(a.fileno()) is None
-        assert fastpath.peer_address(accepted.fileno()) == address
-        assert fastpath.peer_address(listener.fileno()) is None  # not connected
-        assert fastpath.peer_address(-1) is None
-        with pytest.raises(ValueError):
-            fastpath.peer_address(-2)
-    finally:
-        for s in (a, b, listener, client, accepted):
-            s.close()
-    if socket.has_ipv6:
-        try:
-            listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
-        except OSError:
-            return  # no IPv6 loopback here
-        client = socket.create_connection(listener.getsockname()[:2])
-        accepted, address = listener.accept()
-        try:
-            assert fastpath.peer_address(accepted.fileno()) == address[:2]
-        finally:
-            for s in (listener, client, accepted):
-                s.close()

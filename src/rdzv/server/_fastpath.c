@@ -30,8 +30,6 @@
 #include <string.h>
 #include <time.h>
 #ifndef _WIN32
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #define HAVE_SEND 1
@@ -1232,58 +1230,11 @@ static PyTypeObject ReceiverType = {
     .tp_getset = receiver_getset,
 };
 
-/* ------------------------------------------------------------------------ peer_address */
-PyDoc_STRVAR(peer_address_doc,
-"peer_address(fd) -> (host, port) or None\n\n"
-"The IPv4 or IPv6 address of the peer of the connected socket ``fd`` (int), as\n"
-"getpeername() gives it (host text, port int), without building a socket object; None\n"
-"for another family, a socket that is not connected or not a socket, or where the\n"
-"call is unavailable.");
-
-static PyObject *
-peer_address(PyObject *Py_UNUSED(module), PyObject *arg)
-{
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (fd < -1 || fd > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "peer_address(): %ld is not a descriptor", fd);
-        return NULL;
-    }
-#ifdef HAVE_SEND
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof ss;
-    char host[INET6_ADDRSTRLEN];
-    if (fd >= 0 && getpeername((int)fd, (struct sockaddr *)&ss, &len) == 0) {
-        if (ss.ss_family == AF_INET) {
-            struct sockaddr_in *in = (struct sockaddr_in *)&ss;
-            if (inet_ntop(AF_INET, &in->sin_addr, host, sizeof host) != NULL) {
-                return Py_BuildValue("(si)", host, (int)ntohs(in->sin_port));
-            }
-        }
-        else if (ss.ss_family == AF_INET6) {
-            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
-            if (inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host) != NULL) {
-                return Py_BuildValue("(si)", host, (int)ntohs(in6->sin6_port));
-            }
-        }
-    }
-#endif
-    Py_RETURN_NONE;
-}
-
-static PyMethodDef fastpath_functions[] = {
-    {"peer_address", (PyCFunction)peer_address, METH_O, peer_address_doc},
-    {NULL, NULL, 0, NULL},
-};
-
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "rdzv.server._fastpath",
     .m_doc = "The TCPStore server's hot path in C (see rdzv.server.fastpath).",
     .m_size = -1,
-    .m_methods = fastpath_functions,
 };
 
 PyMODINIT_FUNC

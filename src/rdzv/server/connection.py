@@ -15,7 +15,7 @@ from rdzv import wire
 from rdzv.endpoint import format_endpoint
 from rdzv.engine import Waiter
 from rdzv.errors import StoreError
-from rdzv.server.fastpath import REPLY_LIMIT, Receiver, peer_address
+from rdzv.server.fastpath import REPLY_LIMIT, Receiver
 from rdzv.server.handlers import (
     HANDLERS,
     IS_WRITE,
@@ -220,27 +220,17 @@ class Connection(asyncio.Protocol):
         receiver = self._receiver
         if receiver is not None:
             receiver.write = write
-        sock = transport.get_extra_info("socket")
-        fd = -1 if sock is None else sock.fileno()
-        # The peer's address from the descriptor (uvloop's "peername" builds a socket object
-        # and makes two more system calls, a measurable share of a connect storm); the
-        # transport's for what peer_address does not read (a Unix socket's path).
-        peer = None if peer_address is None or fd < 0 else peer_address(fd)
-        if peer is None:
-            peer = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")
         # TCP (the peer is an address tuple; a Unix socket's is a path). Both event loops set
         # TCP_NODELAY on their TCP transports themselves (asyncio since Python 3.6, uvloop
         # always): setting it again cost ~5% of the server's CPU in a connect storm.
         self._address = peer
-        if (
-            isinstance(peer, tuple)
-            and receiver is not None
-            and server.ssl_context is None
-            and fd >= 0
-        ):
+        if isinstance(peer, tuple) and receiver is not None and server.ssl_context is None:
             # Plain TCP: the receiver may send replies itself while nothing is queued.
-            receiver.fd = fd
-            receiver.buffered = self.transport.get_write_buffer_size
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                receiver.fd = sock.fileno()
+                receiver.buffered = self.transport.get_write_buffer_size
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if len(server._connections) >= server.connection_limit:
             self._refuse(server.connection_limit_reason())

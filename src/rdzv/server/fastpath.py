@@ -54,13 +54,12 @@ __all__ = [
     "Executor",
     "Receiver",
     "executor_for",
-    "peer_address",
 ]
 
 try:
-    from rdzv.server._fastpath import Executor, Receiver, peer_address
+    from rdzv.server._fastpath import Executor, Receiver
 except ImportError:  # not compiled (no C compiler at install time): pure Python
-    Executor = Receiver = peer_address = None  # type: ignore[assignment,misc]
+    Executor = Receiver = None  # type: ignore[assignment,misc]
 
 #: The C extension is importable.
 AVAILABLE: bool = Executor is not None
