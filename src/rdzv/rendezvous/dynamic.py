@@ -354,6 +354,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
             return False
         finally:
             self._shut_down = True
+            if self._keep_alive is not None:
+                # closing rang the thread's doorbell (or the store is gone and its wait
+                # failed): it exits at once; as torch's timer, it is gone when we return
+                self._keep_alive.stop(join=True)
         self._record(
             f"The node '{self.node}' has shut down its handler of the rendezvous "
             f"'{self._settings.run_id}'.",
