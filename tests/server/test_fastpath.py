@@ -8,6 +8,7 @@ requires byte-identical replies, the same closed connections and the same final 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import struct
@@ -16,7 +17,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -81,6 +82,70 @@ class FakeTransport:
         self.closed = True
 
 
+class SocketTransport(FakeTransport):
+    """A FakeTransport over one end of a socket pair, so that the receiver may also send on
+    the descriptor itself. ``stalled``: the socket's buffer is full (the client does not
+    read yet): the receiver's own sends fail. ``holding`` (implied by ``stalled``): writes
+    queue in the transport (``get_write_buffer_size`` counts them) and reach the socket, in
+    order, only with :meth:`drain` (or a close), which returns all the peer received."""
+
+    def __init__(self, stalled: bool = False, holding: bool = False) -> None:
+        super().__init__()
+        self.sock, self.peer = socket.socketpair()
+        weakref.finalize(self, self.sock.close)
+        weakref.finalize(self, self.peer.close)
+        self.peer.setblocking(False)
+        self.holding = stalled or holding
+        self.held = bytearray()
+        self.filler = 0  # bytes sent to fill the socket's buffer, not replies
+        if stalled:
+            self.sock.setblocking(False)
+            while True:
+                try:
+                    self.filler += self.sock.send(b"\xff" * 65536)
+                except BlockingIOError:
+                    break
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.writes += 1
+        self.sizes.append(len(data))
+        if self.holding or self.held:
+            self.held += data
+        else:
+            self.sock.sendall(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.sock if name == "socket" else super().get_extra_info(name, default)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.held)
+
+    def abort(self) -> None:
+        self.closed = True
+        self.held.clear()
+
+    def drain(self) -> bytes:
+        """The replies the peer received, once the transport sent what it held (as a close
+        does; an abort drops it)."""
+        received = bytearray()
+        for _ in range(10_000):
+            try:
+                received += self.peer.recv(1 << 16)
+                continue
+            except BlockingIOError:
+                pass
+            if not self.held:
+                break
+            self.sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                del self.held[: self.sock.send(self.held)]
+        self.out += received[self.filler :]
+        self.filler = max(0, self.filler - len(received))
+        return bytes(self.out)
+
+
 class Harness:
     """A StoreServer (never started) with hand-driven connections."""
 
@@ -94,9 +159,9 @@ class Harness:
         self.transports: list[FakeTransport] = []
         self.lost: list[bool] = []
 
-    def connect(self) -> int:
+    def connect(self, transport: FakeTransport | None = None) -> int:
         conn = Connection(self.server)
-        transport = FakeTransport()
+        transport = transport or FakeTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         self.conns.append(conn)
         self.transports.append(transport)
@@ -129,7 +194,10 @@ class Harness:
             "bound": sorted(self.server.engine.bound_keys()),
             "waiters": engine.num_waiters(),
             "parked": [(len(c.waiters), c.wait_keys) for c in self.conns],
-            "replies": [bytes(t.out) for t in self.transports],
+            "replies": [
+                t.drain() if isinstance(t, SocketTransport) else bytes(t.out)
+                for t in self.transports
+            ],
             "closed": [t.closed for t in self.transports],
         }
 
@@ -231,6 +299,93 @@ def test_fast_and_python_paths_agree(plan: list[tuple[int, bytes]]) -> None:
     for h in harnesses:
         h.connect()
         h.connect()
+        for i, chunk in plan:
+            h.feed(i, chunk)
+    fast, slow = (h.state() for h in harnesses)
+    assert fast == slow
+
+
+@st.composite
+def wake_storms(draw: Callable[..., Any]) -> tuple[list[str], list[tuple[int, bytes]]]:
+    """Many connections WAIT on one key, a write from another connection wakes them, each
+    then reads the key: (each connection's transport, the chunks to deliver). Waiters may
+    have replies queued in their transport, requests behind the wait, close or cancel
+    before the write, and the wait may arrive in pieces."""
+    n = draw(st.integers(1, 8))
+    kinds = ["socket", "socket", "full", "holding", "plain"]
+    transports = [draw(st.sampled_from(kinds)) for _ in range(n)]
+    wait = wire.encode_keys(Op.WAIT, [b"/id"])
+    get_id = wire.encode_key(Op.GET, b"/id")
+    before: list[tuple[int, bytes]] = []
+    after: list[tuple[int, bytes]] = []
+    # A SET whose value is a whole GET frame, cut where the value starts: the receiver must
+    # not take the rest as a request of its own.
+    tricky = wire.encode_set(b"/x", get_id)
+    tricky_cut = len(tricky) - len(get_id)
+    get_other = wire.encode_key(Op.GET, b"/other")
+    for i in range(n):
+        chunks = [wire.encode_validate()]
+        before_wait = draw(st.sampled_from(["none", "none", "whole", "pieces"]))
+        if before_wait == "whole":  # a reply before the wait, from the same read
+            chunks[0] += get_other
+        elif before_wait == "pieces":  # a reply from the Python path before the wait
+            chunks[0] += get_other[:5]
+            chunks.append(get_other[5:])
+        chunks.append(wait)
+        if draw(st.integers(0, 3)) == 0:  # the wait in pieces
+            cut = draw(st.integers(1, len(wait) - 1))
+            chunks[-1:] = [wait[:cut], wait[cut:]]
+        events = ["none"] * 4 + ["behind", "begun", "later", "partial", "close", "cancel"]
+        event = draw(st.sampled_from(events))
+        if event == "behind":  # a request in the same read as the wait
+            chunks[-1] += get_other
+        elif event == "begun":  # a request begun in the same read as the wait
+            chunks[-1] += tricky[:tricky_cut]
+        elif event == "later":
+            chunks.append(wire.encode_op(Op.GETNUMKEYS))
+        elif event == "partial":  # a request begun after the wait, ended after the wake-up
+            chunks.append(tricky[:tricky_cut])
+        elif event in ("close", "cancel"):
+            chunks.append(b"" if event == "close" else wire.encode_op(Op.CANCEL_WAIT))
+        before += [(i, c) for c in chunks]
+        rest = tricky[tricky_cut:] if event in ("partial", "begun") else b""
+        after.append((i, rest + get_id + wire.encode_keys(Op.WAIT, [b"/id"])))
+    order = draw(st.permutations(range(len(before))))
+    by_conn: dict[int, list[bytes]] = {}
+    for i, c in before:
+        by_conn.setdefault(i, []).append(c)
+    owners = [before[k][0] for k in order]  # interleaved; each connection's chunks in order
+    plan = [(i, by_conn[i].pop(0)) for i in owners]
+    waker = draw(
+        st.sampled_from(
+            [
+                wire.encode_set(b"/id", b"v" * 64),
+                wire.encode_key_int(Op.ADD, b"/id", 1),
+                wire.encode_set(b"/id", b"x", Op.APPEND),
+                wire.encode_set(b"/id", b"item", Op.QUEUE_PUSH),  # wakes one
+            ]
+        )
+    )
+    plan.append((n, wire.encode_validate() + waker))
+    plan += draw(st.permutations(after))
+    return transports, plan
+
+
+def _transport(kind: str) -> FakeTransport:
+    if kind == "plain":  # no descriptor: the receiver never sends itself
+        return FakeTransport()
+    return SocketTransport(stalled=kind == "full", holding=kind == "holding")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wake_storms())
+def test_woken_waits_are_answered_alike(storm: tuple[list[str], list[tuple[int, bytes]]]) -> None:
+    transports, plan = storm
+    harnesses = [Harness(fast=True), Harness(fast=False)]
+    for h in harnesses:
+        for kind in transports:
+            h.connect(_transport(kind))
+        h.connect(SocketTransport())  # the writer
         for i, chunk in plan:
             h.feed(i, chunk)
     fast, slow = (h.state() for h in harnesses)
@@ -376,6 +531,51 @@ def test_a_single_key_wait_is_parked_without_python(slow_calls: list[bytes]) -> 
     h.feed(waiting, wire.encode_key(Op.GET, b"/id"))
     assert bytes(h.transports[waiting].out) == wire.STOP_WAITING + U64(1) + b"v"
     assert len(slow_calls) == 1
+
+
+def test_a_woken_wait_is_answered_by_the_receiver() -> None:
+    h = Harness(fast=True)
+    executor = h.server._fast
+    assert executor is not None
+    to_python: list[object] = []
+    on_fire = executor.on_fire
+    assert on_fire is not None
+
+    def spy(waiter: Any) -> None:
+        to_python.append(waiter)
+        on_fire(waiter)
+
+    executor.on_fire = spy
+    plain, full, queued, later = (
+        h.connect(SocketTransport()),
+        h.connect(SocketTransport(stalled=True)),
+        h.connect(SocketTransport(stalled=True)),
+        h.connect(SocketTransport()),
+    )
+    writer = h.connect(SocketTransport())
+    get_other = wire.encode_key(Op.GET, b"/other")
+    for i in (plain, full, queued, later):
+        first = get_other if i == queued else b""  # its reply stays queued in the transport
+        h.feed(i, wire.encode_validate() + first + wire.encode_keys(Op.WAIT, [b"/id"]))
+    h.feed(later, wire.encode_op(Op.GETNUMKEYS))  # received after the wait
+    h.feed(writer, wire.encode_validate() + wire.encode_set(b"/id", b"v"))
+    # Answered in C: the plain connection, and the full one (its send fails, the transport
+    # queues the reply); the others take the Python path.
+    assert [w.owner[0] for w in to_python] == [h.conns[queued], h.conns[later]]  # type: ignore[attr-defined]
+    transports = cast(list[SocketTransport], h.transports)
+    assert transports[full].held == wire.STOP_WAITING
+    assert transports[plain].drain() == wire.STOP_WAITING
+    assert transports[full].drain() == wire.STOP_WAITING
+    assert transports[queued].drain() == U64(0) + wire.STOP_WAITING
+    assert transports[later].drain() == U64(0) + wire.STOP_WAITING
+    for i in (plain, full, queued, later):
+        conn = h.conns[i]
+        assert not conn.waiters and conn.wait_keys == 0
+    assert h.server.engine.num_waiters() == 0
+    receiver = h.conns[plain]._receiver
+    assert receiver is not None and receiver.enabled  # the GET that follows is served in C
+    h.feed(plain, wire.encode_key(Op.GET, b"/id"))
+    assert transports[plain].drain() == wire.STOP_WAITING + U64(1) + b"v"
 
 
 def test_requests_behind_a_parked_wait_go_to_python(slow_calls: list[bytes]) -> None:

@@ -74,12 +74,22 @@ enum {
 static PyObject *validated_name;  /* "validated" (interned) */
 static PyObject *add_waiter_name; /* "add_waiter" (interned) */
 static PyObject *one;             /* the int 1 */
+static PyObject *waiters_name;    /* "waiters" (interned) */
+static PyObject *wait_keys_name;  /* "wait_keys" (interned) */
+static PyObject *owner_name;      /* "owner" (interned) */
+static PyObject *transport_name;  /* "transport" (interned) */
+static PyObject *is_closing_name; /* "is_closing" (interned) */
+static PyObject *refresh_name;    /* "refresh" (interned) */
+static PyObject *stop_waiting;    /* b"\x00", the reply to a woken WAIT */
 
 /* What a Receiver lets the executor do beyond the stateless requests. */
 typedef struct {
     PyObject *owner; /* owner of a WAIT waiter parked here, (connection, kind); NULL: none */
+    PyObject *receiver; /* the Receiver parking it (its ``woken`` is the waiter's callback) */
     int parked;      /* set when a WAIT was parked: the executor stops after it */
 } Ctx;
+
+static PyMethodDef receiver_woken_def; /* the callback of the waiters a Receiver parks */
 
 /* ------------------------------------------------------------------------ reply buffer */
 typedef struct {
@@ -402,8 +412,9 @@ done:
 
 /* CHECK, WAIT, MULTI_GET: a u64 count and that many key blobs. */
 /* Park a WAIT on the absent key p[start:start+len]: the engine registers the waiter
- * (``park(key, on_fire, owner)``, FastPathTables.park), then the connection, owner[0],
- * records it (``add_waiter(waiter, 1)``, as the Python WAIT handler does). */
+ * (``park(key, callback, owner)``, FastPathTables.park, the callback the receiver's
+ * ``woken``), then the connection, owner[0], records it (``add_waiter(waiter, 1)``, as the
+ * Python WAIT handler does). */
 static Py_ssize_t
 park_wait(Executor *self, const unsigned char *p, Py_ssize_t start, Py_ssize_t len,
           Py_ssize_t pos, Ctx *ctx)
@@ -412,8 +423,14 @@ park_wait(Executor *self, const unsigned char *p, Py_ssize_t start, Py_ssize_t l
     if (key == NULL) {
         return STEP_ERROR;
     }
+    PyObject *callback = PyCFunction_New(&receiver_woken_def, ctx->receiver);
+    if (callback == NULL) {
+        Py_DECREF(key);
+        return STEP_ERROR;
+    }
     PyObject *owner = Py_NewRef(ctx->owner); /* the receiver's: kept alive for the calls */
-    PyObject *waiter = PyObject_CallFunctionObjArgs(self->park, key, self->on_fire, owner, NULL);
+    PyObject *waiter = PyObject_CallFunctionObjArgs(self->park, key, callback, owner, NULL);
+    Py_DECREF(callback);
     Py_DECREF(key);
     PyObject *added = NULL;
     if (waiter != NULL) {
@@ -489,7 +506,7 @@ step_list(Executor *self, const unsigned char *p, Py_ssize_t pos, Py_ssize_t end
         if (!all) {
             /* One key, on a connection with an owner for its waiter: parked here; more
              * keys, or no owner or callback: the Python path parks the waiter. */
-            if (n == 1 && ctx->owner != NULL && self->on_fire != NULL &&
+            if (n == 1 && ctx->owner != NULL && ctx->receiver != NULL && self->on_fire != NULL &&
                 self->on_fire != Py_None) {
                 return park_wait(self, p, starts[0], lens[0], pos, ctx);
             }
@@ -632,7 +649,7 @@ executor_run(Executor *self, PyObject *const *args, Py_ssize_t nargs)
     Out out;
     out_init(&out);
     PyObject *result = NULL;
-    Ctx ctx = {NULL, 0}; /* run() never parks */
+    Ctx ctx = {NULL, NULL, 0}; /* run() never parks */
     if (execute(self, p, &pos, end, &out, extended, reply_limit, &ctx) == 0) {
         if (out.len == 0) {
             result = Py_BuildValue("(nO)", pos, Py_None);
@@ -915,6 +932,7 @@ typedef struct {
     char enabled;
     char extended;
     char validate;      /* the first request, VALIDATE, is still to come */
+    char parked;        /* a WAIT parked by the last read, nothing received since */
     Py_ssize_t reply_limit;
     unsigned long long seen_epoch; /* the executor's epoch of this receiver's last read */
     vectorcallfunc vectorcall;
@@ -991,6 +1009,7 @@ receiver_feed(Receiver *self, PyObject *data)
         self->seen_epoch = ex->epoch;
         ex->distinct++;
     }
+    self->parked = 0; /* anything received after a parked WAIT: its reply is Python's */
     if (!self->enabled || !PyBytes_CheckExact(data) || self->write == Py_None) {
         self->validate = 0; /* the Python parser checks VALIDATE from now on */
         return PyObject_CallOneArg(self->slow, data);
@@ -1013,7 +1032,7 @@ receiver_feed(Receiver *self, PyObject *data)
         }
         pos = 5; /* no reply (torch's server sends none) */
     }
-    Ctx ctx = {self->owner == Py_None ? NULL : self->owner, 0};
+    Ctx ctx = {self->owner == Py_None ? NULL : self->owner, (PyObject *)self, 0};
     if (ctx.owner != NULL && (!PyTuple_Check(ctx.owner) || PyTuple_GET_SIZE(ctx.owner) < 1)) {
         PyErr_SetString(PyExc_TypeError, "Receiver.owner must be a (connection, ...) tuple");
         return NULL;
@@ -1043,6 +1062,7 @@ receiver_feed(Receiver *self, PyObject *data)
     }
     out_free(&out);
     if (pos == end) {
+        self->parked = (char)ctx.parked;
         Py_RETURN_NONE;
     }
     PyObject *rest = pos == 0 ? Py_NewRef(data)
@@ -1054,6 +1074,134 @@ receiver_feed(Receiver *self, PyObject *data)
     Py_DECREF(rest);
     return result;
 }
+
+/* Answer ``waiter``, a WAIT this receiver parked, woken by another connection's write:
+ * when nothing reached the connection since it was parked (``parked``), the waiter is
+ * still its only one and still owned (not dropped by a close or CANCEL_WAIT), and its
+ * plain TCP transport is open with nothing queued, this is all the Python path
+ * (StoreServer._reply_to) would do: forget the waiter (``connection.waiters``,
+ * ``wait_keys``), send STOP_WAITING and re-enable the receiver (Connection.refresh: the
+ * state that enabled it when the WAIT was parked is unchanged). 1 when answered, 0 when
+ * it must take the Python path (nothing changed), -1 with an exception set. */
+static int
+answer_woken(Receiver *self, PyObject *waiter)
+{
+    if (!self->parked || self->fd < 0 || self->buffered == NULL || self->buffered == Py_None ||
+        self->write == NULL || self->write == Py_None || self->owner == NULL ||
+        !PyTuple_Check(self->owner) || PyTuple_GET_SIZE(self->owner) < 1) {
+        return 0;
+    }
+    PyObject *owner = PyObject_GetAttr(waiter, owner_name);
+    if (owner == NULL) {
+        return -1;
+    }
+    int same = owner == self->owner;
+    Py_DECREF(owner);
+    if (!same) {
+        return 0; /* dropped, or not parked here */
+    }
+    int result = -1;
+    PyObject *conn = Py_NewRef(PyTuple_GET_ITEM(self->owner, 0));
+    PyObject *waiters = NULL, *keys = NULL, *left = NULL, *transport = NULL, *closing = NULL;
+    waiters = PyObject_GetAttr(conn, waiters_name);
+    if (waiters == NULL) {
+        goto done;
+    }
+    if (!PyDict_CheckExact(waiters) || PyDict_GET_SIZE(waiters) != 1) {
+        result = 0;
+        goto done;
+    }
+    PyObject *named = PyDict_GetItemWithError(waiters, waiter); /* borrowed */
+    if (named == NULL) {
+        result = PyErr_Occurred() ? -1 : 0;
+        goto done;
+    }
+    keys = PyObject_GetAttr(conn, wait_keys_name);
+    if (keys == NULL || (left = PyNumber_Subtract(keys, named)) == NULL) {
+        goto done;
+    }
+    transport = PyObject_GetAttr(conn, transport_name);
+    if (transport == NULL || (closing = PyObject_CallMethodNoArgs(transport, is_closing_name)) == NULL) {
+        goto done;
+    }
+    int shut = PyObject_IsTrue(closing);
+    if (shut != 0) {
+        result = shut < 0 ? -1 : 0; /* closing: its descriptor may be gone */
+        goto done;
+    }
+    int busy = transport_busy(self);
+    if (busy != 0) {
+        result = busy < 0 ? -1 : 0; /* queued replies go first: the Python path */
+        goto done;
+    }
+    /* Decided: from here on, act. */
+    self->parked = 0;
+    if (PyDict_DelItem(waiters, waiter) < 0 || PyObject_SetAttr(conn, wait_keys_name, left) < 0) {
+        goto done;
+    }
+#ifdef HAVE_SEND
+    ssize_t n;
+    do {
+        n = send(self->fd, "", 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    if (n == 1) {
+        self->enabled = 1;
+        result = 1;
+        goto done;
+    }
+#endif
+    /* Not sent (a full socket buffer, an error the transport will report): the transport
+     * writes it, and the connection decides whether the receiver may run again. */
+    PyObject *written = PyObject_CallOneArg(self->write, stop_waiting);
+    if (written == NULL) {
+        goto done;
+    }
+    Py_DECREF(written);
+    PyObject *refreshed = PyObject_CallMethodNoArgs(conn, refresh_name);
+    if (refreshed == NULL) {
+        goto done;
+    }
+    Py_DECREF(refreshed);
+    result = 1;
+done:
+    Py_XDECREF(closing);
+    Py_XDECREF(transport);
+    Py_XDECREF(left);
+    Py_XDECREF(keys);
+    Py_XDECREF(waiters);
+    Py_DECREF(conn);
+    return result;
+}
+
+/* The callback of the waiters this receiver parks (``woken(waiter)``, called by the engine
+ * when the key is written): answered here when answer_woken can, else handed to the
+ * executor's ``on_fire`` (the server's, which replies after the waking request). */
+static PyObject *
+receiver_woken(PyObject *op, PyObject *waiter)
+{
+    Receiver *self = (Receiver *)op;
+    Py_INCREF(self);
+    PyObject *result = NULL;
+    int rc = answer_woken(self, waiter);
+    if (rc > 0) {
+        result = Py_NewRef(Py_None);
+    }
+    else if (rc == 0) {
+        PyObject *on_fire = self->executor == NULL ? NULL : ((Executor *)self->executor)->on_fire;
+        if (on_fire == NULL || on_fire == Py_None) {
+            PyErr_SetString(PyExc_RuntimeError, "Receiver.woken: the executor has no on_fire");
+        }
+        else {
+            result = PyObject_CallOneArg(on_fire, waiter);
+        }
+    }
+    Py_DECREF(self);
+    return result;
+}
+
+static PyMethodDef receiver_woken_def = {
+    "woken", (PyCFunction)receiver_woken, METH_O,
+    "woken(waiter): the engine's callback of a WAIT waiter this receiver parked"};
 
 /* receiver_feed, timed into the executor's latency histogram while it counts. */
 static PyObject *
@@ -1116,6 +1264,7 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwds)
     self->enabled = 0;
     self->extended = 0;
     self->validate = 0;
+    self->parked = 0;
     self->reply_limit = reply_limit;
     self->seen_epoch = 0;
     self->vectorcall = receiver_vectorcall;
@@ -1243,7 +1392,17 @@ PyInit__fastpath(void)
     validated_name = PyUnicode_InternFromString("validated");
     add_waiter_name = PyUnicode_InternFromString("add_waiter");
     one = PyLong_FromLong(1);
-    if (validated_name == NULL || add_waiter_name == NULL || one == NULL) {
+    waiters_name = PyUnicode_InternFromString("waiters");
+    wait_keys_name = PyUnicode_InternFromString("wait_keys");
+    owner_name = PyUnicode_InternFromString("owner");
+    transport_name = PyUnicode_InternFromString("transport");
+    is_closing_name = PyUnicode_InternFromString("is_closing");
+    refresh_name = PyUnicode_InternFromString("refresh");
+    stop_waiting = PyBytes_FromStringAndSize("", 1);
+    if (validated_name == NULL || add_waiter_name == NULL || one == NULL ||
+        waiters_name == NULL || wait_keys_name == NULL || owner_name == NULL ||
+        transport_name == NULL || is_closing_name == NULL || refresh_name == NULL ||
+        stop_waiting == NULL) {
         return NULL;
     }
     if (PyType_Ready(&ExecutorType) < 0 || PyType_Ready(&ReceiverType) < 0) {

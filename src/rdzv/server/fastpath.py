@@ -17,11 +17,17 @@ so that a torch client's ``init_process_group`` (VALIDATE, PING, ADD, WAIT, GET)
 Python code of the server but the waiter's registration: the connection's first request,
 VALIDATE, when it arrives whole with the right magic (``Receiver.validate``; it then sets the
 parser's ``validated``), and a WAIT on one absent key on a connection with an ``owner``: the
-engine registers the waiter (``FastPathTables.park(key, Executor.on_fire, owner)``), the
+engine registers the waiter (``FastPathTables.park(key, callback, owner)``), the
 connection records it (``owner[0].add_waiter(waiter, 1)``, as the WAIT handler does), and
-the receiver disables itself until the waiter is woken; the reply on wake-up is the Python
-path's. It parks only on a connection with no parked wait (the receiver is disabled
-otherwise), so the per-connection wait limits (at least 1) cannot be passed.
+the receiver disables itself until the waiter is woken. It parks only on a connection with
+no parked wait (the receiver is disabled otherwise), so the per-connection wait limits (at
+least 1) cannot be passed. The waiter's callback is the receiver's: when the write that
+wakes it comes and nothing reached the connection since the WAIT (no byte, no close, no
+CANCEL_WAIT), the waiter is still the connection's only one and the plain TCP transport is
+open with nothing queued, the receiver does what the Python path would (forgets the waiter,
+sends STOP_WAITING with one ``send`` on the descriptor, runs again, as
+``Connection.refresh`` would decide); otherwise it hands the waiter, unchanged, to
+``Executor.on_fire`` (the server's), which replies after the waking request.
 
 The server uses it only on connections where nothing else must see each request: no
 durable journal (``--data-dir``), authenticated (or no token), no parked waits, no partial
