@@ -1,11 +1,13 @@
 """TCPStore and AsyncTCPStore validate their arguments and explain a closed connection the
-same way (one validation function, one error for the closed connection)."""
+same way (one validation function, tcp.check_arguments; one error for the closed
+connection)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 
@@ -34,6 +36,30 @@ def test_bad_arguments_are_refused_at_construction(
 ) -> None:
     with pytest.raises(error, match=message):
         client("127.0.0.1", 1, timeout=1, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        ((b"127.0.0.1", 1), TypeError, "host_name must be a str"),
+        (("127.0.0.1", "1"), TypeError, "port must be an int"),
+        (("127.0.0.1", 70000), ValueError, "port must be in 0..65535"),
+        (("127.0.0.1", 1, None, False, -1), ValueError, "timeout must be >= 0"),
+        (("127.0.0.1", 1, None, False, "5"), TypeError, "timeout must be a datetime"),
+    ],
+)
+@pytest.mark.parametrize("client", [TCPStore, AsyncTCPStore])
+def test_endpoint_and_timeout_are_checked_alike(
+    client: type, args: tuple[object, ...], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        client(*args)
+
+
+@pytest.mark.parametrize("client", [TCPStore, AsyncTCPStore])
+def test_tls_with_is_master_is_refused_alike(client: type) -> None:
+    with pytest.raises(ValueError, match="tls= is for clients"):
+        client("127.0.0.1", 0, is_master=True, tls=ssl.create_default_context())
 
 
 @pytest.fixture
