@@ -260,3 +260,46 @@ def test_a_taken_port_raises_oserror(server: ObserveServer) -> None:
     with connect(server) as sock:  # the first one still serves
         sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
         assert read_reply(sock, bytearray())[0] == 200
+
+
+def test_a_repeated_request_gets_the_answer_its_headers_ask_for() -> None:
+    """A scraper sends the same bytes every time: a repeat is answered from the memo of the
+    previous identical request, which must still check what the bytes asked for."""
+    collector, version = Counting(), [1]
+    server = ObserveServer(
+        "127.0.0.1",
+        0,
+        registry=registry_for(collector),
+        status=lambda: {"version": version[0]},
+        tokens=[b"secret"],
+        version=lambda: version[0],
+    ).start()
+    try:
+        with connect(server) as sock:
+            buffer = bytearray()
+            for _ in range(3):  # never authorized by repetition
+                sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+                assert read_reply(sock, buffer)[0] == 401
+            assert server.auth_failures == 3
+            good = b"GET /metrics HTTP/1.1\r\nAuthorization: Bearer secret\r\n\r\n"
+            for state in (1, 1, 2, 2):  # a new state after the second request
+                version[0] = state
+                sock.sendall(good)
+                code, _, body = read_reply(sock, buffer)
+                assert code == 200 and renders(body) == state
+            head = b"HEAD /api/status HTTP/1.1\r\nAuthorization: Bearer secret\r\n\r\n"
+            for _ in range(2):
+                sock.sendall(head)
+                code, headers, rest = read_reply_head(sock, buffer)
+                assert code == 200 and int(headers["content-length"]) > 0 and rest == b""
+            sock.sendall(good.replace(b"\r\n\r\n", b"\r\nHost: example.com\r\n\r\n"))
+            assert read_reply(sock, buffer)[0] == 403
+        with connect(server) as sock:
+            buffer = bytearray()
+            closing = good.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+            sock.sendall(closing + closing)  # the second is never read
+            code, headers, _ = read_reply(sock, buffer)
+            assert code == 200 and headers["connection"] == "close"
+            assert closed_by_server(sock) and buffer == b""
+    finally:
+        server.close()

@@ -202,6 +202,10 @@ class _Connection(asyncio.Protocol):
         self._paused = False  # the client does not read its replies: read no more requests
         self._reading = True
         self.last_active = 0.0
+        # The last data request's line and headers (bytes) and its cache key, head_only,
+        # keep-alive and HTTP/1.1: a scraper sends the same request every time, so a repeat
+        # whose body is still current is answered without parsing it again.
+        self._repeat: tuple[bytes, tuple[str, str], bool, bool, bool] | None = None
 
     # ---------------------------------------------------------------- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -273,7 +277,15 @@ class _Connection(asyncio.Protocol):
                             HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "headers too long"
                         )
                     return
-                method, target, http11, headers = _parse(bytes(buffer[:end]))
+                head = bytes(buffer[:end])
+                repeat = self._repeat
+                if repeat is not None and repeat[0] == head:
+                    cached = self._owner.cached(repeat[1])
+                    if cached is not None:
+                        del buffer[: end + 4]
+                        self._send(cached[0], cached[1], repeat[3], repeat[4], repeat[2])
+                        continue
+                method, target, http11, headers = _parse(head)
                 length = self._body_length(headers)
             except _Malformed as exc:
                 self._reply_text(exc.code, str(exc), exc.extra, keep=False, head_only=False)
@@ -284,10 +296,12 @@ class _Connection(asyncio.Protocol):
             connection = headers.get("connection", "").lower()
             keep = "close" not in connection if http11 else "keep-alive" in connection
             try:
-                self._serve(method == "HEAD", target, headers, keep, http11)
+                key = self._serve(method == "HEAD", target, headers, keep, http11)
             except _Malformed as exc:
                 self._reply_text(exc.code, str(exc), exc.extra, keep=False, head_only=False)
                 return
+            if key is not None and length == 0:
+                self._repeat = (head, key, method == "HEAD", keep, http11)
 
     @staticmethod
     def _body_length(headers: dict[str, str]) -> int:
@@ -303,7 +317,10 @@ class _Connection(asyncio.Protocol):
 
     def _serve(
         self, head_only: bool, target: str, headers: dict[str, str], keep: bool, http11: bool
-    ) -> None:
+    ) -> tuple[str, str] | None:
+        """Answer one request; returns the cache key of an authorized ``/metrics`` or
+        ``/api/status`` request (the same bytes get the same answer while it is current),
+        else None."""
         owner = self._owner
         if _log.isEnabledFor(logging.DEBUG):  # every request logs: format only when shown
             _log.debug("%s %s", "HEAD" if head_only else "GET", target[:200])
@@ -315,7 +332,7 @@ class _Connection(asyncio.Protocol):
                 keep,
                 head_only,
             )
-            return
+            return None
         path, _, query = target.partition("?")
         if not path.startswith("/"):  # absolute-form (a proxy's request)
             url = _split(target)
@@ -323,7 +340,7 @@ class _Connection(asyncio.Protocol):
         reply = owner.static_replies.get(path)
         if reply is not None:
             self._send(reply[0], reply[1], keep, http11, head_only)
-            return
+            return None
         if path not in _DATA_PATHS or (path == "/api/keys" and owner.keys is None):
             self._reply_text(
                 HTTPStatus.NOT_FOUND,
@@ -332,7 +349,7 @@ class _Connection(asyncio.Protocol):
                 keep,
                 head_only,
             )
-            return
+            return None
         if not owner.authorized(headers.get("authorization", "")):
             owner.auth_failures += 1
             self._reply_text(
@@ -343,16 +360,17 @@ class _Connection(asyncio.Protocol):
                 keep,
                 head_only,
             )
-            return
+            return None
         if path == "/api/keys":
             self._in_thread(lambda: owner.list_keys(query), keep, http11, head_only)
-            return
+            return None
         key = owner.body_key(path, headers.get("accept", ""))
         cached = owner.cached(key)
         if cached is not None:
             self._send(cached[0], cached[1], keep, http11, head_only)
-            return
-        self._in_thread(lambda: owner.render(key), keep, http11, head_only)
+        else:
+            self._in_thread(lambda: owner.render(key), keep, http11, head_only)
+        return key
 
     def _in_thread(
         self,
@@ -402,8 +420,8 @@ class _Connection(asyncio.Protocol):
             connection = b"Connection: close\r\n"
         else:
             connection = b"" if http11 else b"Connection: keep-alive\r\n"
-        reply = b"".join((head, self._owner.date_line(), connection, b"\r\n"))
-        transport.write(reply if head_only else reply + body)
+        parts = (head, self._owner.date_line(), connection, b"\r\n")
+        transport.write(b"".join(parts if head_only else (*parts, body)))
         if not keep:
             self._buffer.clear()
             self._transport = None  # read no more requests; connection_lost follows

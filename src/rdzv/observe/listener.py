@@ -6,7 +6,8 @@ channel (file descriptor ``FD``), so a scrape costs the store nothing; it asks t
 process for key listings (``/api/keys``) at most every :data:`~rdzv.observe.http.KEYS_INTERVAL`
 seconds, answering a request beyond that from the previous answer to the same query, or 503.
 Bodies are rendered once per published state, whatever the scrape rate; the process runs
-at a lower priority (:data:`NICENESS`). It exits when the channel closes (the store process
+at a lower priority (:data:`NICENESS`) and, on Linux, under ``SCHED_BATCH`` (its wake-ups
+never preempt the store or its clients). It exits when the channel closes (the store process
 exited or closed it).
 """
 
@@ -34,7 +35,8 @@ _log = logging.getLogger("rdzv.observe.listener")
 #: Seconds a key listing may take in the store process before the request gets 503.
 KEYS_TIMEOUT = 5.0
 #: Added to the listener's nice value: on a busy machine, a flood of scrapes slows the
-#: scrapes, not the store (its figures just lag).
+#: scrapes, not the store (its figures just lag). The process also runs under
+#: ``SCHED_BATCH`` where there is one (Linux): same fair share, no wake-up preemption.
 NICENESS = 10
 #: Seconds between two messages telling the store process the page is watched.
 WATCH_RENEW = 1.0
@@ -144,6 +146,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the store, which closes us
     with contextlib.suppress(OSError):  # best effort: under CPU contention the store wins
         os.nice(NICENESS)
+    with contextlib.suppress(OSError, AttributeError):  # Linux; the threads started later inherit
+        # no wake-up preemption: a scrape waits for the running store or client's slice
+        # instead of interrupting its round trip; still a fair share (it keeps up)
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     channel = Channel(socket.socket(fileno=int(argv[0])))
     try:
