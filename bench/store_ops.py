@@ -605,6 +605,7 @@ def phase(stores: list[Any], start_at: float, seconds: float) -> dict[str, Any]:
     and sampled latencies (seconds)."""
     counts = [0] * len(stores)
     samples: list[list[float]] = [[] for _ in stores]
+    errors: list[str] = []
     pid = os.getpid()
     cpu = time.process_time()  # this process's, its threads' included (even once ended)
 
@@ -632,7 +633,13 @@ def phase(stores: list[Any], start_at: float, seconds: float) -> dict[str, Any]:
                 break
         counts[t] = n
 
-    pool = [threading.Thread(target=run, args=(t,)) for t in range(len(stores))]
+    def guarded(t: int) -> None:
+        try:
+            run(t)
+        except Exception as exc:  # reported with the phase: the bench names it and stops
+            errors.append(f"client {t} of process {pid}: {type(exc).__name__}: {exc}")
+
+    pool = [threading.Thread(target=guarded, args=(t,)) for t in range(len(stores))]
     for th in pool:
         th.start()
     for th in pool:
@@ -642,6 +649,7 @@ def phase(stores: list[Any], start_at: float, seconds: float) -> dict[str, Any]:
         "counts": counts,
         "cpu": time.process_time() - cpu,
         "latencies": [x for s in samples for x in s],
+        "errors": errors,
     }
 
 
@@ -708,6 +716,12 @@ class Clients:
             if not line:
                 raise RuntimeError(f"client process failed ({w.wait()})")
             reports.append(json.loads(line))
+        errors = [e for r in reports for e in r["errors"]]
+        if errors:  # a failed client would skew the figures: stop and say which and why
+            raise RuntimeError(
+                f"{len(errors)} client(s) failed in a phase on server(s) {list(pids)}: "
+                + "; ".join(errors[:5])
+            )
         return reports, cpu_used, busy
 
     def run_split(
