@@ -39,7 +39,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
 import signal
 import struct
 import subprocess
@@ -50,7 +49,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from children import receive
+from children import listening_port, receive
 from procstat import cpu_seconds, memory_bytes, user_seconds
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -95,16 +94,7 @@ class Server:
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
         )
-        assert self.proc.stdout is not None
-        for _ in range(50):
-            line = self.proc.stdout.readline()
-            match = re.search(r"listening on [^\s]*:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                break
-        else:
-            self.proc.kill()
-            raise RuntimeError(f"the {kind} server did not report its port")
+        self.port = listening_port(self.proc, f"the {kind} server")
 
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)

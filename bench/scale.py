@@ -39,7 +39,6 @@ import logging
 import multiprocessing as mp
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from children import receive
+from children import listening_port, receive
 from procstat import cpu_ns, memory_bytes
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -71,15 +70,7 @@ class Server:
             text=True,
             env=env,
         )
-        assert self.proc.stdout is not None
-        for _ in range(50):
-            line = self.proc.stdout.readline()
-            match = re.search(r"listening on [^\s]*:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                break
-        else:
-            raise RuntimeError("rdzv serve did not report its port")
+        self.port = listening_port(self.proc, "rdzv serve")
 
     def cpu(self) -> float:
         """CPU seconds of the server so far, at nanosecond resolution (a 1,024-node round

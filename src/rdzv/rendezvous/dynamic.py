@@ -337,7 +337,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def shutdown(self) -> bool:
         """Stop the heartbeats, leave the current round and close the rendezvous (torch's
         behaviour: a launcher calls it when the job ends). True on success, False if the
-        store could not be told (the error is logged and recorded). Idempotent."""
+        store could not be told (the error is logged and recorded). Idempotent. As torch's
+        keep-alive timer, the keep-alive thread has exited when it returns: closing rings
+        its doorbell, and the wait for it is bounded by one keep-alive interval + 1 s."""
         started = time.monotonic()
         if self._keep_alive is not None:
             self._keep_alive.stop()
