@@ -22,9 +22,14 @@ Servers, each in its own process so its CPU seconds and memory are its own (``/p
 
 Figures per server: ``connect_s`` from the release to the last rank's PING reply (all ranks
 connect at once); ``add_wait_get_s`` from the second release (all connected) to the last
-rank holding the id; the server's CPU seconds per phase (``server_cpu_*``: user + system;
-``server_user_*``: user alone, the server's own code); ``idle_rss_mb``, ``peak_rss_mb``
-(VmHWM) and ``rss_per_conn_bytes`` (RSS growth from idle to all connected, per connection).
+rank holding the id; the server's CPU seconds per phase (``server_cpu_*``: user + system,
+nanosecond resolution; ``server_user_*``: user alone, the server's own code, clock ticks);
+``client_cpu_*``: the CPU seconds of the client processes per phase (they share the
+machine's cores with the server, so a phase lasts at least the sum over the cores);
+``listen_overflows``: connection attempts the machine dropped on a full listen queue during
+the connect phase (each costs its rank a SYN retransmit, 1 s); ``idle_rss_mb``,
+``peak_rss_mb`` (VmHWM) and ``rss_per_conn_bytes`` (RSS growth from idle to all connected,
+per connection).
 ``--profile DIR``: ``py-spy record`` samples the server during the trial and writes its
 collapsed stacks (one file per phase, ``DIR/<server>-<phase>.txt``).
 
@@ -50,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from children import listening_port, receive
-from procstat import cpu_seconds, memory_bytes, user_seconds
+from procstat import cpu_ns, memory_bytes, user_seconds
 
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO / "src") not in sys.path:
@@ -97,7 +102,7 @@ class Server:
         self.port = listening_port(self.proc, f"the {kind} server")
 
     def cpu(self) -> float:
-        return cpu_seconds(self.proc.pid)
+        return cpu_ns(self.proc.pid) / 1e9  # ns resolution: a phase lasts well under 1 s
 
     def user(self) -> float:
         return user_seconds(self.proc.pid)
@@ -109,6 +114,18 @@ class Server:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait(30)
+
+
+def listen_overflows() -> int:
+    """The machine's count of connection attempts dropped because a listen queue was full
+    (``TcpExt ListenOverflows``, /proc/net/netstat); each costs its client a SYN retransmit
+    (1 s on Linux)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=True):  # a header, its values
+        if names.startswith("TcpExt:"):
+            fields = zip(names.split()[1:], map(int, values.split()[1:]), strict=True)
+            return dict(fields)["ListenOverflows"]
+    raise KeyError("ListenOverflows")
 
 
 # ---------------------------------------------------------------------------- a rank
@@ -176,12 +193,15 @@ async def _worker_main(port: int, count: int, world: int, pipe: Connection) -> N
 
     pipe.send("ready")
     assert await recv() == "connect"
+    cpu = time.process_time()
     ranks = await asyncio.gather(*(connect() for _ in range(count)))
     connected = time.monotonic()
-    pipe.send({"done": connected})
+    pipe.send({"done": connected, "cpu": time.process_time() - cpu})
     assert await recv() == "init"
+    cpu = time.process_time()
     ids = await asyncio.gather(*(init(rank) for rank in ranks))
-    pipe.send({"done": time.monotonic(), "wrong": sum(1 for i in ids if i != ID_VALUE)})
+    done, cpu = time.monotonic(), time.process_time() - cpu
+    pipe.send({"done": done, "cpu": cpu, "wrong": sum(1 for i in ids if i != ID_VALUE)})
     await recv()
     os._exit(0)  # no orderly goodbye for thousands of connections
 
@@ -252,11 +272,14 @@ def _trial(
         time.sleep(0.5)  # the workers idle: the server's idle RSS
         profiler.phase("connect")
         idle_rss, cpu0, user0 = server.mem("VmRSS"), server.cpu(), server.user()
+        overflows = listen_overflows()
         start = time.monotonic()
         for pipe in pipes:
             pipe.send("connect")
-        connected = max(receive(pipe, timeout)["done"] for pipe in pipes)
+        connects = [receive(pipe, timeout) for pipe in pipes]
+        connected = max(r["done"] for r in connects)
         cpu1, user1, conn_rss = server.cpu(), server.user(), server.mem("VmRSS")
+        overflows = listen_overflows() - overflows
         profiler.phase("add_wait_get")
         cpu1b, user1b = server.cpu(), server.user()
         start2 = time.monotonic()
@@ -274,10 +297,13 @@ def _trial(
             "connect_s": round(connected - start, 3),
             "add_wait_get_s": round(done - start2, 3),
             "wrong_ids": sum(r["wrong"] for r in reports),
-            "server_cpu_connect_s": round(cpu1 - cpu0, 2),
-            "server_cpu_add_wait_get_s": round(cpu2 - cpu1b, 2),
+            "server_cpu_connect_s": round(cpu1 - cpu0, 3),
+            "server_cpu_add_wait_get_s": round(cpu2 - cpu1b, 3),
             "server_user_connect_s": round(user1 - user0, 2),
             "server_user_add_wait_get_s": round(user2 - user1b, 2),
+            "listen_overflows": overflows,
+            "client_cpu_connect_s": round(sum(r["cpu"] for r in connects), 2),
+            "client_cpu_add_wait_get_s": round(sum(r["cpu"] for r in reports), 2),
             "idle_rss_mb": round(idle_rss / 2**20, 1),
             "peak_rss_mb": round(server.mem("VmHWM") / 2**20, 1),
             "rss_per_conn_bytes": round((conn_rss - idle_rss) / ranks),
