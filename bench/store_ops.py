@@ -25,7 +25,9 @@ time (handshake included) and the set/get loop.
 ``--metrics`` measures instead the cost of ``rdzv serve --metrics-port`` (request counting
 and timing, in C on the fast path) with torch's clients: the server without metrics, with
 metrics scraped every 100 ms (Prometheus scrapes every 15 s; 100 ms is a stress), and
-scraped 1,000 times a second (one keep-alive scraper, raw socket). Both servers run for the
+scraped 1,000 times a second (one keep-alive scraper, raw socket); and a control: the
+server without metrics while a ticker wakes 1,000 times a second and sends nothing (what
+any process waking that often costs the store's clients here). Both servers run for the
 whole client count, the same client connections to each; the variants take turns in short
 phases (order rotated every repeat; the idle server is stopped with SIGSTOP), so a shared
 machine's drifting load hits all of them alike. Per variant: the median phase, and the
@@ -148,13 +150,17 @@ class Scraper(threading.Thread):
     """GETs ``url`` every ``interval`` seconds (0: back to back) over one keep-alive
     connection, a raw socket and a request prepared once (``http.client`` costs ~70 us of
     CPU a request, this ~10 us), until stopped or ``count`` scrapes; counts the scrapes and
-    its own CPU time."""
+    its own CPU time. ``url=None``: a ticker, the same wake-ups at the same pace with no
+    request at all (what any process waking that often costs the machine, a control)."""
 
-    def __init__(self, url: str, interval: float, count: int | None = None) -> None:
+    def __init__(self, url: str | None, interval: float, count: int | None = None) -> None:
         super().__init__(daemon=True)
-        parts = urlsplit(url)
-        self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
-        self.request = f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode()
+        self.address: tuple[str, int] | None = None
+        self.request = b""
+        if url is not None:
+            parts = urlsplit(url)
+            self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
+            self.request = f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode()
         self.interval = interval
         self.count = count
         self.scrapes = 0
@@ -174,17 +180,20 @@ class Scraper(threading.Thread):
         # store and its clients on this one (SCHED_BATCH: this thread only)
         with contextlib.suppress(OSError, AttributeError):
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        sock = socket.create_connection(self.address, timeout=30)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = None
+        if self.address is not None:
+            sock = socket.create_connection(self.address, timeout=30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buffer = bytearray()
         cpu = time.thread_time()
         start = time.perf_counter()
         next_at = start
         while not self._done and self.scrapes != self.count:
-            sock.sendall(self.request)
-            status = read_reply(sock, buffer)
-            if status != 200:
-                raise RuntimeError(f"scrape failed: {status}")
+            if sock is not None:
+                sock.sendall(self.request)
+                status = read_reply(sock, buffer)
+                if status != 200:
+                    raise RuntimeError(f"scrape failed: {status}")
             self.scrapes += 1
             next_at += self.interval
             delay = next_at - time.perf_counter()
@@ -194,7 +203,8 @@ class Scraper(threading.Thread):
                 next_at = time.perf_counter()  # behind: do not burst to catch up
         self.seconds = time.perf_counter() - start
         self.cpu = time.thread_time() - cpu
-        sock.close()
+        if sock is not None:
+            sock.close()
 
     def stop(self) -> dict[str, float]:
         self._done = True
@@ -209,11 +219,14 @@ class Scraper(threading.Thread):
 
 
 #: --metrics variants: name -> (server of :class:`MetricsServers`, seconds between scrapes
-#: or None). The control is a second server without metrics: its ratio over the first
-#: shows what the method resolves (an A/A test).
+#: or None). A second server without metrics is a control: its ratio over the first shows
+#: what the method resolves (an A/A test). The ticker is another: the scraper's wake-ups at
+#: 1,000/s with nothing sent (a server without metrics): the cost to the store's clients of
+#: any process waking that often on this machine, whatever it does when awake.
 METRICS_VARIANTS: dict[str, tuple[str, float | None]] = {
     "no metrics": ("plain", None),
     "no metrics, 2nd server (A/A control)": ("control", None),
+    "no metrics, a ticker wakes 1000/s (control)": ("plain", 0.001),
     "scraped every 100 ms": ("metrics", 0.1),
     "scraped 1000/s": ("metrics", 0.001),
 }
@@ -282,7 +295,8 @@ def metrics_phase(
     [index], [pid] = servers.use(server)
     if interval is None:
         return pool.run(index, seconds, pid)
-    scraper = Scraper(servers.url, interval)
+    scraping = server == "metrics"  # else a ticker: the wake-ups alone
+    scraper = Scraper(servers.url if scraping else None, interval)
     listener = cpu_ns(servers.listener)
     scraper.start()
     result = pool.run(index, seconds, pid)
@@ -290,7 +304,8 @@ def metrics_phase(
     listener = cpu_ns(servers.listener) - listener  # over the clients' phase and the scrapes'
     ops = max(result["ops_per_s"] * seconds, 1)
     result.update(scraped)
-    result["listener_cpu_us_per_op"] = round(listener / 1e3 / ops, 3)
+    if scraping:
+        result["listener_cpu_us_per_op"] = round(listener / 1e3 / ops, 3)
     result["scraper_cpu_us_per_op"] = round(
         scraped["scraper_cpu_us_per_scrape"] * scraped["scrapes"] / ops, 3
     )
