@@ -12,6 +12,7 @@ from rdzv.cli.observe import add_observe_arguments, check_observe_host, observe_
 from rdzv.cli.observe import is_loopback as _is_loopback
 from rdzv.errors import RdzvError
 from rdzv.server import (
+    DEFAULT_ACCEPT_QUEUES,
     DEFAULT_AUTH_TIMEOUT,
     DEFAULT_MAX_PARTIAL_BYTES,
     DEFAULT_MAX_WAIT_KEYS_PER_CONNECTION,
@@ -173,6 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
             auth_timeout=args.auth_timeout,
             busy_poll=args.busy_poll_us * 1e-6,
             metrics=args.metrics_port is not None,
+            accept_queues=args.accept_queues,
         )
     except (RdzvError, ValueError, OSError) as exc:
         print(f"rdzv serve: error: {exc}", file=sys.stderr)
@@ -314,6 +316,16 @@ def register(subparsers: Any) -> None:
         "read: lower latency for clients doing one request after another, at the price of "
         f"up to one core while requests come that close together; 0: never "
         f"(default: {DEFAULT_BUSY_POLL_US:g})",
+    )
+    parser.add_argument(
+        "--accept-queues",
+        type=_positive_int,
+        default=DEFAULT_ACCEPT_QUEUES,
+        metavar="N",
+        help="listening sockets per address, sharing the port (SO_REUSEPORT, Linux): a "
+        "storm of up to N x net.core.somaxconn simultaneous connects is accepted without "
+        "dropped SYNs, each of which costs its client a 1 s retransmit; 1: one socket "
+        f"(default: {DEFAULT_ACCEPT_QUEUES})",
     )
     security = parser.add_argument_group("security (see docs/security.md)")
     security.add_argument(

@@ -43,6 +43,7 @@ from __future__ import annotations
 from rdzv.endpoint import format_endpoint
 from rdzv.server.loop import new_event_loop, raise_fd_limit
 from rdzv.server.store_server import (
+    DEFAULT_ACCEPT_QUEUES,
     DEFAULT_AUTH_TIMEOUT,
     DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_MAX_PARTIAL_BYTES,
@@ -55,6 +56,7 @@ from rdzv.server.store_server import (
 from rdzv.server.thread import ServerThread, serve
 
 __all__ = [
+    "DEFAULT_ACCEPT_QUEUES",
     "DEFAULT_AUTH_TIMEOUT",
     "DEFAULT_MAX_OUTPUT_BYTES",
     "DEFAULT_MAX_PARTIAL_BYTES",

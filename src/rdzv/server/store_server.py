@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Iterable
 from typing import cast
@@ -44,6 +45,15 @@ logger = logging.getLogger("rdzv.server")
 #: Listen backlog requested; the kernel caps it at ``net.core.somaxconn`` (torch asks for the
 #: system maximum too).
 LISTEN_BACKLOG = 65535
+#: Default of ``accept_queues``: listening sockets per address. A burst of simultaneous
+#: connects beyond one accept queue (``net.core.somaxconn``, often 4096) has SYNs dropped,
+#: and each costs its client a retransmit one second later (measured: a 15,000-rank init
+#: storm lost a second in 4 of 9 trials with one queue, in none of 5 with four;
+#: docs/performance.md).
+DEFAULT_ACCEPT_QUEUES = 4
+#: Whether several listening sockets can share a port with the kernel spreading the
+#: connections over them (Linux's SO_REUSEPORT; other systems' option does not balance).
+REUSEPORT_BALANCES = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 #: Descriptors kept free for the server's own use (journal, snapshot, log files, the metrics
 #: channel, a refused connection's socket) when the connection limit is derived from the
 #: descriptor limit: past ``RLIMIT_NOFILE - open descriptors - FD_RESERVE`` connections, a
@@ -156,12 +166,19 @@ class StoreServer:
         metrics: count requests by opcode and time them (:attr:`stats`, the fast path's
             counters; read by :mod:`rdzv.observe` through :meth:`snapshot`); the rare
             events (connections, auth failures, limit hits) are counted either way.
+        accept_queues: listening sockets per address (>= 1), sharing the port through
+            SO_REUSEPORT on Linux (elsewhere, and for an adopted ``sock``, always one). The
+            kernel spreads incoming connections over them, each with its own accept queue
+            of up to ``net.core.somaxconn`` connections, so a storm of up to that many times
+            ``accept_queues`` simultaneous connects is absorbed without dropped SYNs (a
+            dropped SYN costs its client a 1 s retransmit). The port is checked free first
+            with an ordinary bind, so a second server cannot join the group by accident.
 
     Raises :class:`~rdzv.errors.NetworkError` from :meth:`start` when binding fails (the
     message names the endpoint and the OS error); :class:`~rdzv.errors.StoreError` from
     :meth:`start` when ``data_dir`` is unusable or corrupt (the message names the file and
     offset); ValueError for a token with ``allow_extensions=False`` (authentication is an
-    extension), a bad network or an unknown ``fsync`` policy.
+    extension), a bad network, an unknown ``fsync`` policy or ``accept_queues < 1``.
     """
 
     def __init__(
@@ -191,7 +208,11 @@ class StoreServer:
         fastpath: bool = True,
         busy_poll: float = 0.0,
         metrics: bool = False,
+        accept_queues: int = DEFAULT_ACCEPT_QUEUES,
     ) -> None:
+        if accept_queues < 1:
+            raise ValueError(f"accept_queues must be >= 1, got {accept_queues}")
+        self.accept_queues = accept_queues
         if token is not None and not allow_extensions:
             raise ValueError("a token requires allow_extensions=True (auth is an extension)")
         for name, value in (
@@ -313,7 +334,9 @@ class StoreServer:
                 )
                 self._servers.append(server)
                 name = sock.getsockname()
-                self._endpoints.append((str(name[0]), int(name[1])))
+                endpoint = (str(name[0]), int(name[1]))
+                if endpoint not in self._endpoints:  # the sockets of one accept-queue group
+                    self._endpoints.append(endpoint)
         except BaseException:
             for sock in socks:
                 sock.close()
@@ -347,26 +370,19 @@ class StoreServer:
                 entry = (int(info[0]), str(info[4][0]))
                 if entry not in addrs:
                     addrs.append(entry)
+        group = self.accept_queues if REUSEPORT_BALANCES else 1
         socks: list[socket.socket] = []
         try:
             for fam, addr in addrs:
-                sock = socket.socket(fam, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if fam == socket.AF_INET6 and host == "":
-                    # "" binds both families explicitly: keep the IPv6 socket IPv6-only.
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    sock.bind((addr, port))
-                except OSError as exc:
-                    name = errno.errorcode.get(exc.errno or 0, "?")
-                    raise NetworkError(
-                        f"{LISTEN_FAILED} Cannot listen on {format_endpoint(addr, port)}: "
-                        f"{exc.strerror} "
-                        f"({name}); pick another port or stop the process using it"
-                    ) from exc
-                if port == 0:
-                    port = sock.getsockname()[1]  # the other addresses share that port
+                if group > 1:
+                    # An ordinary bind first: it fails when anything holds the port, an
+                    # SO_REUSEPORT group of the same user (another rdzv server) included,
+                    # which the group's own binds would join; with port 0, it picks the port.
+                    with _bound(fam, addr, port, host, reuse_port=False) as probe:
+                        port = probe.getsockname()[1]
+                for _ in range(group):
+                    socks.append(_bound(fam, addr, port, host, reuse_port=group > 1))
+                    port = socks[-1].getsockname()[1]  # the other addresses share that port
         except BaseException:
             for sock in socks:
                 sock.close()
@@ -823,6 +839,33 @@ class StoreServer:
             if self.journal is not None:
                 self._schedule_commit()
         self._arm_lease_timer(loop)
+
+
+def _bound(family: int, addr: str, port: int, host: str, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``(addr, port)`` (not listening yet), in an SO_REUSEPORT group
+    with ``reuse_port``; NetworkError naming the endpoint and the OS error when the bind
+    fails."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and host == "":
+            # "" binds both families explicitly: keep the IPv6 socket IPv6-only.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((addr, port))
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, "?")
+            raise NetworkError(
+                f"{LISTEN_FAILED} Cannot listen on {format_endpoint(addr, port)}: "
+                f"{exc.strerror} "
+                f"({name}); pick another port or stop the process using it"
+            ) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _has_family(family: int) -> bool:
