@@ -56,6 +56,8 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
+from rdzv.endpoint import format_endpoint
+
 __all__ = [
     "KEYS_INTERVAL",
     "MAX_BUFFERED",
@@ -107,8 +109,7 @@ def listener_url(host: str, port: int) -> str:
     """``http://host:port/`` (IPv6 literals bracketed; this host's name for a wildcard
     address)."""
     host = socket.getfqdn() if host in ("", "0.0.0.0", "::") else host
-    host = host if ":" not in host else f"[{host}]"
-    return f"http://{host}:{port}/"
+    return f"http://{format_endpoint(host, port)}/"
 
 
 _STATIC = {
