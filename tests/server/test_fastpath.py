@@ -672,20 +672,42 @@ def test_direct_send_on_the_socket_when_nothing_is_queued() -> None:
         slow: list[bytes] = []
         written: list[bytes] = []
         queued = [0]
+        asked = [0]
+
+        def buffered() -> int:
+            asked[0] += 1
+            return queued[0]
+
         receiver = fastpath.Receiver(executor, slow.append, fastpath.REPLY_LIMIT)
         receiver.write = written.append
-        receiver.buffered = lambda: queued[0]
+        receiver.buffered = buffered
         receiver.fd = a.fileno()
         receiver.enabled = True
         receiver(wire.encode_key(Op.GET, b"/k"))
         assert written == []
         assert b.recv(100) == U64(1) + b"v"
-        queued[0] = 10  # the transport holds bytes: they must go first
+        assert asked == [1]
+        # Nothing but the receiver's own sends since the transport said 0: not asked again.
         receiver(wire.encode_key(Op.GET, b"/k"))
-        assert written == [U64(1) + b"v"]
+        assert b.recv(100) == U64(1) + b"v"
+        assert asked == [1]
+        # A turn of the Python path (which ends by setting ``enabled``) left bytes in the
+        # transport: they must go first.
+        queued[0] = 10
+        receiver.enabled = True
+        receiver(wire.encode_key(Op.GET, b"/k"))
+        assert written == [U64(1) + b"v"] and asked == [2]
+        # ... and after that write through the transport, it is asked again.
+        receiver(wire.encode_key(Op.GET, b"/k"))
+        assert written == [U64(1) + b"v"] * 2 and asked == [3]
+        queued[0] = 0
+        receiver(b"\x0d")  # PING: the Python path, which may write
+        assert slow == [b"\x0d"]
+        receiver(wire.encode_key(Op.GET, b"/k"))
+        assert b.recv(100) == U64(1) + b"v" and asked == [4]
         receiver.enabled = False
         receiver(b"\x0d")
-        assert slow == [b"\x0d"]
+        assert slow == [b"\x0d"] * 2
     finally:
         a.close()
         b.close()

@@ -933,22 +933,43 @@ typedef struct {
     char extended;
     char validate;      /* the first request, VALIDATE, is still to come */
     char parked;        /* a WAIT parked by the last read, nothing received since */
+    char maybe_queued;  /* the transport may hold unsent bytes: ask ``buffered`` first */
     Py_ssize_t reply_limit;
     unsigned long long seen_epoch; /* the executor's epoch of this receiver's last read */
     vectorcallfunc vectorcall;
 } Receiver;
 
-/* 1 if the transport holds unsent bytes (they must go first), 0 if not, -1 on error. */
+/* 1 if the transport holds unsent bytes (they must go first), 0 if not, -1 on error.
+ *
+ * The transport is asked (a Python call) only when it may hold any: bytes reach it only
+ * through ``write`` (this receiver's fallback) or the Python path, and every turn of the
+ * Python path for this connection goes through ``slow`` or ends by setting ``enabled``
+ * (Connection.refresh), which set ``maybe_queued``; the C path's own sends go straight to
+ * the socket. Once the transport answers 0, it holds nothing until one of those again. */
 static int
 transport_busy(Receiver *self)
 {
+    if (!self->maybe_queued) {
+        return 0;
+    }
     PyObject *size = PyObject_CallNoArgs(self->buffered);
     if (size == NULL) {
         return -1;
     }
     int busy = PyObject_IsTrue(size);
     Py_DECREF(size);
+    if (busy == 0) {
+        self->maybe_queued = 0;
+    }
     return busy;
+}
+
+/* Hand ``data`` to the Python path, which may write to the transport. */
+static PyObject *
+call_slow(Receiver *self, PyObject *data)
+{
+    self->maybe_queued = 1;
+    return PyObject_CallOneArg(self->slow, data);
 }
 
 /* Send the replies in ``out``: straight to the socket when the transport has nothing
@@ -982,6 +1003,7 @@ deliver(Receiver *self, Out *out)
     if (reply == NULL) {
         return -1;
     }
+    self->maybe_queued = 1;
     /* May call back into the protocol (pause_writing clears ``enabled``). */
     PyObject *written = PyObject_CallOneArg(self->write, reply);
     Py_DECREF(reply);
@@ -1012,7 +1034,7 @@ receiver_feed(Receiver *self, PyObject *data)
     self->parked = 0; /* anything received after a parked WAIT: its reply is Python's */
     if (!self->enabled || !PyBytes_CheckExact(data) || self->write == Py_None) {
         self->validate = 0; /* the Python parser checks VALIDATE from now on */
-        return PyObject_CallOneArg(self->slow, data);
+        return call_slow(self, data);
     }
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t end = PyBytes_GET_SIZE(data);
@@ -1021,7 +1043,7 @@ receiver_feed(Receiver *self, PyObject *data)
         self->validate = 0;
         if (end < 5 || p[0] != OP_VALIDATE || read_u32(p + 1) != VALIDATE_MAGIC) {
             /* In pieces, or not a VALIDATE: the Python parser takes it (and the errors). */
-            return PyObject_CallOneArg(self->slow, data);
+            return call_slow(self, data);
         }
         if (self->parser != NULL && self->parser != Py_None &&
             PyObject_SetAttr(self->parser, validated_name, Py_True) < 0) {
@@ -1070,7 +1092,7 @@ receiver_feed(Receiver *self, PyObject *data)
     if (rest == NULL) {
         return NULL;
     }
-    PyObject *result = PyObject_CallOneArg(self->slow, rest);
+    PyObject *result = call_slow(self, rest);
     Py_DECREF(rest);
     return result;
 }
@@ -1152,6 +1174,7 @@ answer_woken(Receiver *self, PyObject *waiter)
 #endif
     /* Not sent (a full socket buffer, an error the transport will report): the transport
      * writes it, and the connection decides whether the receiver may run again. */
+    self->maybe_queued = 1;
     PyObject *written = PyObject_CallOneArg(self->write, stop_waiting);
     if (written == NULL) {
         goto done;
@@ -1192,6 +1215,7 @@ receiver_woken(PyObject *op, PyObject *waiter)
             PyErr_SetString(PyExc_RuntimeError, "Receiver.woken: the executor has no on_fire");
         }
         else {
+            self->maybe_queued = 1; /* the server's reply goes through the transport */
             result = PyObject_CallOneArg(on_fire, waiter);
         }
     }
@@ -1265,6 +1289,7 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwds)
     self->extended = 0;
     self->validate = 0;
     self->parked = 0;
+    self->maybe_queued = 1;
     self->reply_limit = reply_limit;
     self->seen_epoch = 0;
     self->vectorcall = receiver_vectorcall;
@@ -1322,7 +1347,33 @@ receiver_set_callable(Receiver *self, PyObject *value, void *closure)
     return 0;
 }
 
+static PyObject *
+receiver_get_enabled(Receiver *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->enabled);
+}
+
+/* Set by the Python side (Connection.refresh) after each of its turns, which may have
+ * written to the transport: the next direct send asks the transport first. */
+static int
+receiver_set_enabled(Receiver *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL || !PyBool_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "Receiver.enabled: expected a bool");
+        return -1;
+    }
+    self->enabled = (char)(value == Py_True);
+    self->maybe_queued = 1;
+    return 0;
+}
+
 static PyGetSetDef receiver_getset[] = {
+    {"enabled", (getter)receiver_get_enabled, (setter)receiver_set_enabled,
+     "bool: the next bytes may take the fast path (set by the Python side, which also "
+     "makes the next direct send ask ``buffered`` first)",
+     NULL},
     {"write", (getter)receiver_get_callable, (setter)receiver_set_callable,
      "callable(bytes) writing replies (the transport's write), or None",
      (void *)offsetof(Receiver, write)},
@@ -1333,8 +1384,6 @@ static PyGetSetDef receiver_getset[] = {
 };
 
 static PyMemberDef receiver_members[] = {
-    {"enabled", T_BOOL, offsetof(Receiver, enabled), 0,
-     "bool: the next bytes may take the fast path (set by the Python side)"},
     {"extended", T_BOOL, offsetof(Receiver, extended), 0,
      "bool: the client negotiated rdzv's extensions"},
     {"validate", T_BOOL, offsetof(Receiver, validate), 0,
