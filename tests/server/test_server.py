@@ -78,9 +78,10 @@ def test_accept_queues_are_sockets_sharing_the_port() -> None:
     try:
         assert _listening_sockets(thread.port) == 3
         assert thread.server.endpoints == [f"127.0.0.1:{thread.port}"]  # one endpoint
-        clients = [Raw(thread.port) for _ in range(24)]  # spread over the three by the kernel
+        clients = [Raw(thread.port) for _ in range(24)]  # the kernel spreads them
         for client in clients:
             client.ping()
+            client.close()
     finally:
         thread.stop()
     assert _listening_sockets(thread.port) == 0  # every socket of the group closed

@@ -48,7 +48,7 @@ LISTEN_BACKLOG = 65535
 #: Default of ``accept_queues``: listening sockets per address. A burst of simultaneous
 #: connects beyond one accept queue (``net.core.somaxconn``, often 4096) has SYNs dropped,
 #: and each costs its client a retransmit one second later (measured: a 15,000-rank init
-#: storm lost a second in 4 of 9 trials with one queue, in none of 5 with four;
+#: storm lost a second in 4 of 9 trials with one queue, in none of 23 with four;
 #: docs/performance.md).
 DEFAULT_ACCEPT_QUEUES = 4
 #: Whether several listening sockets can share a port with the kernel spreading the
@@ -382,7 +382,8 @@ class StoreServer:
                         port = probe.getsockname()[1]
                 for _ in range(group):
                     socks.append(_bound(fam, addr, port, host, reuse_port=group > 1))
-                    port = socks[-1].getsockname()[1]  # the other addresses share that port
+                    if port == 0:
+                        port = socks[-1].getsockname()[1]  # the others share that port
         except BaseException:
             for sock in socks:
                 sock.close()
