@@ -3,16 +3,21 @@ sockets, shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from rdzv.errors import NetworkError
-from rdzv.server import DEFAULT_ACCEPT_QUEUES, ServerThread, raise_fd_limit
+from rdzv.server import DEFAULT_ACCEPT_QUEUES, ServerThread, listeners, raise_fd_limit
+from rdzv.server.listeners import port_lock
 from tests.conftest import subprocess_env
+from tests.ports import reserved_port
 from tests.server.helpers import Raw, rdzv_serve
 
 _LINUX = sys.platform.startswith("linux")
@@ -114,6 +119,104 @@ def test_a_second_server_cannot_join_an_accept_queue_group() -> None:
         Raw(thread.port).ping()
     finally:
         thread.stop()
+
+
+def _another_thread_in(function: str, timeout: float = 10.0) -> bool:
+    """Whether a thread other than this one is (or gets, within ``timeout`` seconds) inside
+    ``function``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ident, frame in sys._current_frames().items():
+            if ident == threading.get_ident():
+                continue
+            walk = frame
+            while walk is not None:
+                if walk.f_code.co_name == function:
+                    return True
+                walk = walk.f_back
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.skipif(not _LINUX, reason="SO_REUSEPORT balances connections on Linux only")
+def test_a_server_binding_at_the_same_moment_cannot_join_the_group() -> None:
+    # Agents of one host race to host a rendezvous endpoint, each falling back to a client
+    # when the port is taken (torchrun --nnodes 1:2). Server A is caught between its port
+    # check and its listen: its SO_REUSEPORT socket bound, not listening yet. Server B's
+    # ordinary bind would pass then (nothing listens) and its group would join A's: both
+    # would serve, splitting the clients. The bind lock, held by A until it listens, makes
+    # B check after A listens: EADDRINUSE.
+    with reserved_port() as port:
+        outcome: list[BaseException | ServerThread] = []
+
+        def server_b() -> None:
+            try:
+                outcome.append(ServerThread("127.0.0.1", port).start())
+            except BaseException as exc:
+                outcome.append(exc)
+
+        with port_lock(port):  # server A's binds
+            group_a = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            group_a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            group_a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            group_a.bind(("127.0.0.1", port))
+            b = threading.Thread(target=server_b)
+            b.start()
+            waited = _another_thread_in("port_lock")  # B, waiting for A
+            group_a.listen(16)
+        b.join(timeout=30)
+        try:
+            assert waited, f"server B did not wait for the bind lock: {outcome}"
+            assert len(outcome) == 1 and isinstance(outcome[0], NetworkError), outcome
+            assert "EADDRINUSE" in str(outcome[0])
+            assert _listening_sockets(port) == 1  # A's alone
+        finally:
+            group_a.close()
+            for started in outcome:
+                if isinstance(started, ServerThread):
+                    started.stop()
+
+
+@pytest.mark.skipif(not _LINUX, reason="SO_REUSEPORT balances connections on Linux only")
+def test_port_0_takes_another_port_when_the_proposed_one_is_taken_before_the_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With port 0 the kernel proposes a free port, which another server may take before
+    # the lock is ours: the locked check refuses it and the group is formed on another.
+    taken: list[socket.socket] = []
+    real_lock = listeners.port_lock
+
+    def lock_after_another_server_took_it(port: int) -> contextlib.AbstractContextManager[None]:
+        if not taken:
+            other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            other.bind(("127.0.0.1", port))
+            other.listen(1)
+            taken.append(other)
+        return real_lock(port)
+
+    monkeypatch.setattr(listeners, "port_lock", lock_after_another_server_took_it)
+    socks = listeners.listen("127.0.0.1", 0, 3)
+    try:
+        ports = {sock.getsockname()[1] for sock in socks}
+        assert len(socks) == 3 and len(ports) == 1
+        assert ports != {taken[0].getsockname()[1]}
+        assert _listening_sockets(taken[0].getsockname()[1]) == 1  # the other server's alone
+    finally:
+        for sock in [*socks, *taken]:
+            sock.close()
+
+
+def test_port_lock_held_elsewhere_times_out_with_a_clear_error() -> None:
+    with reserved_port() as port:
+        pattern = rf"port {port}: another process .*bind lock"
+        with (
+            port_lock(port),
+            pytest.raises(NetworkError, match=pattern),
+            port_lock(port, timeout=0.05),
+        ):
+            pass
+        with port_lock(port, timeout=0.05):  # released when its holder leaves the block
+            pass
 
 
 def test_accept_queues_must_be_positive() -> None:

@@ -28,8 +28,10 @@ background thread with its own loop (what ``TCPStore(is_master=True)`` uses);
 
 The package, one concept per module:
 
-* :mod:`rdzv.server.store_server`: :class:`StoreServer` (binding, accept, limits over all
+* :mod:`rdzv.server.store_server`: :class:`StoreServer` (accept, limits over all
   connections, replies to woken waiters, the lease clock, group commit);
+* :mod:`rdzv.server.listeners`: the listening sockets (addresses, accept-queue groups, the
+  per-port bind lock);
 * :mod:`rdzv.server.connection`: one client connection (buffers, flow control, limits);
 * :mod:`rdzv.server.handlers`: the opcode -> handler tables;
 * :mod:`rdzv.server.fastpath` (and its C source ``_fastpath.c``): the optional C hot path;
@@ -41,9 +43,9 @@ The package, one concept per module:
 from __future__ import annotations
 
 from rdzv.endpoint import format_endpoint
+from rdzv.server.listeners import DEFAULT_ACCEPT_QUEUES
 from rdzv.server.loop import new_event_loop, raise_fd_limit
 from rdzv.server.store_server import (
-    DEFAULT_ACCEPT_QUEUES,
     DEFAULT_AUTH_TIMEOUT,
     DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_MAX_PARTIAL_BYTES,

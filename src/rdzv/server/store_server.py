@@ -1,8 +1,8 @@
-"""The TCPStore server (:class:`StoreServer`): binding and accepting, the connection and
-output limits over all connections, waiter dispatch (the results the engine handed woken
-waiters, carried to their connections), the clock of the engine's leases (a timer at the next
-deadline) and the news of closed connections (their bound keys), and group commit of the
-durable journal. Connections are
+"""The TCPStore server (:class:`StoreServer`): accepting on the sockets of
+:mod:`rdzv.server.listeners`, the connection and output limits over all connections, waiter
+dispatch (the results the engine handed woken waiters, carried to their connections), the
+clock of the engine's leases (a timer at the next deadline) and the news of closed
+connections (their bound keys), and group commit of the durable journal. Connections are
 :mod:`rdzv.server.connection`, request handlers :mod:`rdzv.server.handlers`."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Iterable
 from typing import cast
@@ -24,7 +23,7 @@ from rdzv import auth, wire
 from rdzv.endpoint import format_endpoint
 from rdzv.engine import QUEUE_POP, Engine, Waiter
 from rdzv.errors import NetworkError
-from rdzv.server import fastpath
+from rdzv.server import fastpath, listeners
 from rdzv.server.connection import Connection, ConnectionLog
 from rdzv.server.fastpath import BusyPoller, executor_for
 from rdzv.server.handlers import (
@@ -33,6 +32,7 @@ from rdzv.server.handlers import (
     Close,
     wait_reply,
 )
+from rdzv.server.listeners import DEFAULT_ACCEPT_QUEUES, LISTEN_BACKLOG
 from rdzv.server.loop import raise_fd_limit
 from rdzv.server.persistence import DurableJournal
 from rdzv.stats import REQUEST_BUCKETS, ServerSnapshot, ServerStats
@@ -42,26 +42,12 @@ __all__ = ["StoreServer"]
 
 logger = logging.getLogger("rdzv.server")
 
-#: Listen backlog requested; the kernel caps it at ``net.core.somaxconn`` (torch asks for the
-#: system maximum too).
-LISTEN_BACKLOG = 65535
-#: Default of ``accept_queues``: listening sockets per address. A burst of simultaneous
-#: connects beyond one accept queue (``net.core.somaxconn``, often 4096) has SYNs dropped,
-#: and each costs its client a retransmit one second later (measured: a 15,000-rank init
-#: storm lost a second in 4 of 9 trials with one queue, in none of 23 with four;
-#: docs/performance.md).
-DEFAULT_ACCEPT_QUEUES = 4
-#: Whether several listening sockets can share a port with the kernel spreading the
-#: connections over them (Linux's SO_REUSEPORT; other systems' option does not balance).
-REUSEPORT_BALANCES = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 #: Descriptors kept free for the server's own use (journal, snapshot, log files, the metrics
 #: channel, a refused connection's socket) when the connection limit is derived from the
 #: descriptor limit: past ``RLIMIT_NOFILE - open descriptors - FD_RESERVE`` connections, a
 #: connection is refused with an error naming the limit, never left to fail in accept()
 #: (EMFILE), which a client sees as an unexplained reset.
 FD_RESERVE = 64
-#: torch's sentence for a server that cannot bind; rdzv's detail follows it.
-LISTEN_FAILED = "The server socket has failed to listen on any local network address."
 #: Seconds by which a lease may expire before its deadline: the lease timer's tolerance for a
 #: timer that fires early (uvloop's clock ticks in milliseconds).
 LEASE_TIMER_SLACK = 0.001
@@ -172,7 +158,9 @@ class StoreServer:
             of up to ``net.core.somaxconn`` connections, so a storm of up to that many times
             ``accept_queues`` simultaneous connects is absorbed without dropped SYNs (a
             dropped SYN costs its client a 1 s retransmit). The port is checked free first
-            with an ordinary bind, so a second server cannot join the group by accident.
+            with an ordinary bind, under a per-port lock held until the group listens, so a
+            second server cannot join the group, even one started at the same moment
+            (:func:`rdzv.server.listeners.listen`).
 
     Raises :class:`~rdzv.errors.NetworkError` from :meth:`start` when binding fails (the
     message names the endpoint and the OS error); :class:`~rdzv.errors.StoreError` from
@@ -318,7 +306,11 @@ class StoreServer:
             )
         self._closed = asyncio.Event()
         self._limit_connections_by_fds(raise_fd_limit())
-        socks = [self._sock] if self._sock is not None else self._bind()
+        socks = (
+            [self._sock]
+            if self._sock is not None
+            else listeners.listen(self.host, self._requested_port, self.accept_queues)
+        )
         try:
             for sock in socks:
                 if sock.type != socket.SOCK_STREAM:
@@ -344,51 +336,6 @@ class StoreServer:
         logger.info("listening on %s", ", ".join(self.endpoints))
         if self.busy_poll > 0 and self._fast is not None and self._poller is None:
             self._poller = BusyPoller(loop, self._fast, self.busy_poll)
-
-    def _bind(self) -> list[socket.socket]:
-        host = self.host
-        port = self._requested_port
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {port}")
-        addrs: list[tuple[int, str]]
-        if host == "":
-            wildcards = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
-            addrs = [(fam, addr) for fam, addr in wildcards if _has_family(fam)]
-        else:
-            try:
-                infos = socket.getaddrinfo(
-                    host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-                )
-            except socket.gaierror as exc:
-                raise NetworkError(
-                    f"{LISTEN_FAILED} Cannot listen on {format_endpoint(host, port)}: the host "
-                    "name does not "
-                    f"resolve ({exc}); pass an IP address or a resolvable name"
-                ) from exc
-            addrs = []
-            for info in infos:
-                entry = (int(info[0]), str(info[4][0]))
-                if entry not in addrs:
-                    addrs.append(entry)
-        group = self.accept_queues if REUSEPORT_BALANCES else 1
-        socks: list[socket.socket] = []
-        try:
-            for fam, addr in addrs:
-                if group > 1:
-                    # An ordinary bind first: it fails when anything holds the port, an
-                    # SO_REUSEPORT group of the same user (another rdzv server) included,
-                    # which the group's own binds would join; with port 0, it picks the port.
-                    with _bound(fam, addr, port, host, reuse_port=False) as probe:
-                        port = probe.getsockname()[1]
-                for _ in range(group):
-                    socks.append(_bound(fam, addr, port, host, reuse_port=group > 1))
-                    if port == 0:
-                        port = socks[-1].getsockname()[1]  # the others share that port
-        except BaseException:
-            for sock in socks:
-                sock.close()
-            raise
-        return socks
 
     @property
     def port(self) -> int:
@@ -840,38 +787,3 @@ class StoreServer:
             if self.journal is not None:
                 self._schedule_commit()
         self._arm_lease_timer(loop)
-
-
-def _bound(family: int, addr: str, port: int, host: str, reuse_port: bool) -> socket.socket:
-    """A TCP socket bound to ``(addr, port)`` (not listening yet), in an SO_REUSEPORT group
-    with ``reuse_port``; NetworkError naming the endpoint and the OS error when the bind
-    fails."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6 and host == "":
-            # "" binds both families explicitly: keep the IPv6 socket IPv6-only.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.bind((addr, port))
-        except OSError as exc:
-            name = errno.errorcode.get(exc.errno or 0, "?")
-            raise NetworkError(
-                f"{LISTEN_FAILED} Cannot listen on {format_endpoint(addr, port)}: "
-                f"{exc.strerror} "
-                f"({name}); pick another port or stop the process using it"
-            ) from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _has_family(family: int) -> bool:
-    try:
-        socket.socket(family, socket.SOCK_STREAM).close()
-    except OSError:
-        return False
-    return True
