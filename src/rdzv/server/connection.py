@@ -24,6 +24,7 @@ from rdzv.server.handlers import (
     UNAUTH_HANDLERS,
     Close,
 )
+from rdzv.server.loop import gc_follow_connections
 from rdzv.wire import Request
 
 if TYPE_CHECKING:
@@ -236,6 +237,7 @@ class Connection(asyncio.Protocol):
             self._refuse(server.connection_limit_reason())
             return
         server._connections.add(self)
+        gc_follow_connections(len(server._connections))
         server.stats.accepted += 1
         if server.token is not None and not (
             isinstance(peer, tuple) and server.allow_unauthenticated.allows(str(peer[0]))
@@ -283,6 +285,7 @@ class Connection(asyncio.Protocol):
         server._drained(self)
         if self in server._connections:
             server._connections.discard(self)
+            gc_follow_connections(len(server._connections))
             server.stats.closed["rdzv" if self.parser.extended else "torch"] += 1
         server.release(self)
         server.owner_closed(self)

@@ -8,7 +8,14 @@ import asyncio
 import gc
 import logging
 
-__all__ = ["GC_YOUNG_THRESHOLD", "new_event_loop", "raise_fd_limit", "tune_gc"]
+__all__ = [
+    "GC_OBJECTS_PER_CONNECTION",
+    "GC_YOUNG_THRESHOLD",
+    "gc_follow_connections",
+    "new_event_loop",
+    "raise_fd_limit",
+    "tune_gc",
+]
 
 logger = logging.getLogger("rdzv.server")
 
@@ -46,6 +53,13 @@ def raise_fd_limit() -> tuple[int, int] | None:
 #: Allocations of container objects (net of deallocations) between two collections of the
 #: youngest generation in a serving process (Python's default: 700).
 GC_YOUNG_THRESHOLD = 50_000
+#: Allocations of container objects per open connection between two collections of the
+#: youngest generation in a serving process (:func:`gc_follow_connections`): twice what a
+#: connection and a parked wait hold (counted with ``gc.get_objects()``: 12 for a
+#: connection, 4 more for a parked WAIT).
+GC_OBJECTS_PER_CONNECTION = 32
+
+_tuned = False  # tune_gc() has set this process's collector for serving
 
 
 def tune_gc() -> None:
@@ -62,7 +76,31 @@ def tune_gc() -> None:
     a little later. Not for a server thread inside another program (its process's collector
     is that program's business).
     """
+    global _tuned
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    _tuned = True
+
+
+def gc_follow_connections(connections: int) -> None:
+    """In a process set for serving (:func:`tune_gc`; otherwise nothing is changed), collect
+    the youngest generation every ``max(GC_YOUNG_THRESHOLD, GC_OBJECTS_PER_CONNECTION x
+    connections)`` allocations, ``connections`` being the number open now: the young
+    generation holds two waves of connections' objects.
+
+    A storm of N connects and waits (``init_process_group`` on every rank at once) allocates
+    ~16 long-lived objects per rank within a second. With a fixed threshold the collector
+    ran several times during the storm, each pass scanning up to 50,000 of those objects
+    (5 passes, 31 ms of a 15,000-rank storm's server CPU; ~15 ms of its add+wait+get phase),
+    and a parked wait's objects, gone once it is woken, were scanned too. Following the
+    connection count, no pass comes during the storm; a later pass scans up to 32 objects
+    per connection (~5 ms per 1,000 connections, measured as ~0.15 us per object).
+    """
+    if not _tuned:
+        return
+    young = max(GC_YOUNG_THRESHOLD, GC_OBJECTS_PER_CONNECTION * connections)
+    current, older, oldest = gc.get_threshold()
+    if young != current:
+        gc.set_threshold(young, older, oldest)
