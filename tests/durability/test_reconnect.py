@@ -144,6 +144,35 @@ def test_reconnect_false_keeps_torch_behaviour(client: Client) -> None:
         server.stop()
 
 
+def test_tcpstore_reconnect_can_be_switched_off_and_on() -> None:
+    # TCPStore.reconnect, settable (DynamicRendezvousHandler.shutdown switches it off for its
+    # last calls): off, a connection lost earlier is not reconnected and the call fails at
+    # once; on again, it is. A connection lost while it is off is broken, as torch's.
+    server = ServerThread("127.0.0.1", 0).start()
+    store = TCPStore("127.0.0.1", server.port, timeout=30)
+    try:
+        store.set("k", b"v")
+        server = restart(server)
+        with pytest.raises(NetworkError, match="reconnects on its next call"):
+            store.add("n", 1)  # finds the connection lost; its outcome is unknown
+        store.reconnect = False
+        with pytest.raises(NetworkError, match="cannot be used"):
+            store.set("k", b"w")  # not reconnected, although the server is back
+        store.reconnect = True
+        store.set("k", b"w")  # reconnected
+        assert store.get("k") == b"w"
+        server = restart(server)
+        store.reconnect = False
+        with pytest.raises(NetworkError, match="closed the connection"):
+            store.get("k")
+        store.reconnect = True
+        with pytest.raises(NetworkError, match="cannot be used"):
+            store.get("k")
+    finally:
+        store.close()
+        server.stop()
+
+
 def test_reconnect_gives_up_after_the_timeout(client: Client) -> None:
     server = ServerThread("127.0.0.1", 0).start()
     store = client(server.port, timeout=1)

@@ -13,6 +13,7 @@ from bench.counting import CountingStore, OpCounter
 
 from rdzv import HashStore, events
 from rdzv.errors import (
+    NetworkError,
     RendezvousClosedError,
     RendezvousGracefulExitError,
     RendezvousTimeoutError,
@@ -24,6 +25,8 @@ from rdzv.rendezvous.dynamic import (
     RendezvousTimeout,
     create_handler,
 )
+from rdzv.server import ServerThread
+from rdzv.store.tcp import TCPStore
 from tests.rendezvous.conftest import (
     EXPIRY,
     INTERVAL,
@@ -351,6 +354,31 @@ def test_shutdown_closes_and_stops_heartbeats(backend: Backend) -> None:
     assert not hs[0]._keep_alive.is_alive()
     with pytest.raises(RendezvousClosedError):
         hs[1].next_rendezvous()
+
+
+def test_shutdown_does_not_wait_for_a_store_server_that_is_gone() -> None:
+    # When torchrun's job ends, the agent hosting the store may exit first. The others'
+    # shutdown must fail at once (logged, False), as with torch's client, instead of
+    # reconnecting to the gone server for the store timeout (60 s here), once per call.
+    server = ServerThread("127.0.0.1", 0).start()
+    stores = [TCPStore("127.0.0.1", server.port, timeout=60) for _ in range(2)]
+    hs = [make_handler(store, 2, 2, index=i) for i, store in enumerate(stores)]
+    join_all(hs)
+    server.stop()
+    try:
+        # The connection is found lost by a call whose outcome is unknown: reconnectable.
+        with pytest.raises(NetworkError, match="reconnects on its next call"):
+            stores[1].add("elsewhere", 1)
+        started = time.monotonic()
+        assert hs[1].shutdown() is False  # leaving: not reconnected
+        assert hs[1].shutdown() is False  # closing: no control connection opened
+        assert time.monotonic() - started < 20, "shutdown waited for the gone server"
+        assert stores[1].reconnect is True  # switched off for the last calls only
+    finally:
+        for h in hs:
+            h.shutdown()
+        for store in stores:
+            store.close()
 
 
 def test_bootstrap_endpoint_follows_the_new_rank0(backend: Backend) -> None:

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -337,15 +337,23 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def shutdown(self) -> bool:
         """Stop the heartbeats, leave the current round and close the rendezvous (torch's
         behaviour: a launcher calls it when the job ends). True on success, False if the
-        store could not be told (the error is logged and recorded). Idempotent. As torch's
+        store could not be told (the error is logged and recorded): a lost connection to
+        the store is not reconnected here, so a server that is gone (its host agent exited
+        first) fails the call at once, as with torch's client, and the connection stays
+        closed. Idempotent. As torch's
         keep-alive timer, the keep-alive thread has exited when it returns: closing rings
         its doorbell, and the wait for it is bounded by one keep-alive interval + 1 s."""
         started = time.monotonic()
         if self._keep_alive is not None:
             self._keep_alive.stop()
         try:
-            self._guard(self._leave_all)
-            self._guard(self._close)
+            # A control connection not opened yet is not opened now (to a server that may
+            # be gone, its connect would retry for the store timeout): the handler's own
+            # connection closes the rendezvous, as torch's single store does.
+            control = self._control_store or self._store
+            with _without_reconnecting(self._store, control):
+                self._guard(self._leave_all)
+                self._guard(lambda: self._close(control))
         except RendezvousError as exc:
             msg = (
                 f"The node '{self.node}' has failed to shutdown the rendezvous "
@@ -518,8 +526,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _leave_all(self) -> None:
         self._run(self._core.leave_all())
 
-    def _close(self) -> None:
-        self._run(self._core.close(), self._control())
+    def _close(self, store: Store | None = None) -> None:
+        self._run(self._core.close(), self._control() if store is None else store)
 
     # ------------------------------------------------------------------ clean-up
     def _clean_up_later(self, number: int) -> None:
@@ -530,6 +538,30 @@ class DynamicRendezvousHandler(RendezvousHandler):
             daemon=True,
         )
         thread.start()
+
+
+@contextlib.contextmanager
+def _without_reconnecting(*stores: Store | None) -> Iterator[None]:
+    """Within the block, the stores among ``stores`` that reconnect a lost connection
+    (TCPStore's ``reconnect``, also under a PrefixStore) raise at once instead.
+
+    For shutdown's last calls: when a launcher's job ends, the agent hosting the store may
+    exit first, and the others' shutdown must not spend the store timeout reconnecting to
+    a server that is gone (torch's client, which never reconnects, fails at once there, and
+    so does this shutdown: it returns False with the error logged).
+    """
+    switched = []
+    for store in stores:
+        while isinstance(store, PrefixStore):
+            store = store.underlying_store
+        if store is not None and getattr(store, "reconnect", None) is True:
+            store.reconnect = False  # type: ignore[attr-defined]  # TCPStore's property
+            switched.append(store)
+    try:
+        yield
+    finally:
+        for store in switched:
+            store.reconnect = True  # type: ignore[attr-defined]
 
 
 def _record_keep_alive(

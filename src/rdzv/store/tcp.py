@@ -286,6 +286,22 @@ class TCPStore(Store):
         return self._port
 
     @property
+    def reconnect(self) -> bool:
+        """Whether a lost connection (the server closed or reset it) is reconnected within
+        the store timeout (the ``reconnect`` argument; see the module docstring). Settable,
+        from any thread: while False, a call that finds the connection lost raises
+        :class:`~rdzv.errors.NetworkError` at once, as torch's client does (a connection
+        lost while it was True stays reconnectable once it is True again); a best-effort
+        last call (``DynamicRendezvousHandler.shutdown``) uses it not to wait out a server
+        that is gone."""
+        return self._reconnect
+
+    @reconnect.setter
+    def reconnect(self, value: bool) -> None:
+        self._reconnect = bool(value)
+        self._core.reconnect = self._reconnect
+
+    @property
     def libuvBackend(self) -> bool:
         """The ``use_libuv`` flag given (torch's property; rdzv has one server)."""
         return self._use_libuv

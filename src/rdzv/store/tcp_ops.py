@@ -1010,7 +1010,7 @@ class ClientCore:
                 raise copy.copy(self.interrupted)
             fresh = False
             if not self.connected:
-                if not self.lost:
+                if not (self.lost and self.reconnect):  # lost: reconnectable once allowed
                     raise NetworkError(f"{s.where} cannot be used: {self.broken}")
                 recovery = recovery or Deadline(self.timeout)
                 yield from self.connect(recovery.remaining())  # NetworkError when out of time
