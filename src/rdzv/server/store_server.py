@@ -306,18 +306,20 @@ class StoreServer:
             )
         self._closed = asyncio.Event()
         self._limit_connections_by_fds(raise_fd_limit())
+        adopted = self._sock
         socks = (
-            [self._sock]
-            if self._sock is not None
+            [adopted]
+            if adopted is not None
             else listeners.listen(self.host, self._requested_port, self.accept_queues)
         )
         try:
-            for sock in socks:
-                if sock.type != socket.SOCK_STREAM:
-                    raise NetworkError(f"the socket {sock!r} to adopt is not a TCP socket")
-                sock.setblocking(False)
+            if adopted is not None:  # the listeners' sockets come listening, non-blocking
+                if adopted.type != socket.SOCK_STREAM:
+                    raise NetworkError(f"the socket {adopted!r} to adopt is not a TCP socket")
+                adopted.setblocking(False)
                 with contextlib.suppress(OSError):
-                    sock.listen(LISTEN_BACKLOG)
+                    adopted.listen(LISTEN_BACKLOG)
+            for sock in socks:
                 server = await loop.create_server(
                     lambda: Connection(self),
                     sock=sock,
